@@ -1,0 +1,1 @@
+"""Reasoning over stored spans and logs: transactions, edges, findings, recommendations."""

@@ -1,0 +1,1 @@
+"""Receiving and storing telemetry: OTLP receivers, file importers, redaction and the store."""

@@ -1,0 +1,293 @@
+"""Reading trace files: OTLP JSON (file exporter), Jaeger JSON and Zipkin v2 JSON."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from payscope.errors import InputError
+from payscope.model import STATUS_ERROR, STATUS_OK, STATUS_UNSET, LogRecord, Span
+
+from .otlp import logs_from_request, parse_json_message, spans_from_request
+from .redaction import redact_attributes, redact_text
+
+FORMATS = ("otlp", "jaeger", "zipkin")
+
+
+@dataclass
+class ImportReport:
+    """What one file gave: its format, what was read and what could not be."""
+
+    path: str
+    format: str = ""
+    spans: int = 0
+    logs: int = 0
+    new_spans: int = 0
+    rejected: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def problem(self, where: str, reason: str) -> None:
+        self.rejected += 1
+        if len(self.problems) < 10:
+            self.problems.append(f"{where}: {reason}")
+
+
+@dataclass
+class Batch:
+    spans: list[Span] = field(default_factory=list)
+    logs: list[LogRecord] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def open_text(path: Path) -> IO[bytes]:
+    """The file's bytes, gunzipped when it is gzip (by its magic number, not its name)."""
+    try:
+        raw = path.open("rb")
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    magic = raw.read(2)
+    raw.seek(0)
+    if magic == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+    return raw
+
+
+def detect_format(document: Any) -> str:
+    if isinstance(document, dict):
+        if "resourceSpans" in document or "resource_spans" in document or "resourceLogs" in document \
+                or "resourceMetrics" in document:
+            return "otlp"
+        if isinstance(document.get("data"), list):
+            return "jaeger"
+        if "traceID" in document and "spans" in document:
+            return "jaeger"
+    if isinstance(document, list):
+        if not document:
+            return "zipkin"
+        head = document[0]
+        if isinstance(head, dict) and "traceId" in head and ("id" in head or "localEndpoint" in head):
+            return "zipkin"
+        if isinstance(head, list):
+            return "zipkin"
+    raise InputError("not a trace file payscope knows: expected OTLP JSON, Jaeger JSON or Zipkin v2 JSON")
+
+
+# --- OTLP JSON --------------------------------------------------------------
+
+def _otlp_document(doc: dict[str, Any], where: str, report: ImportReport) -> Batch:
+    batch = Batch()
+    if "resourceSpans" in doc or "resource_spans" in doc:
+        spans_doc = {k: v for k, v in doc.items() if k in ("resourceSpans", "resource_spans")}
+        decoded = spans_from_request(parse_json_message(spans_doc, ExportTraceServiceRequest))
+        batch.spans = decoded.spans
+        for reason in decoded.reasons:
+            report.problem(where, reason)
+        report.rejected += decoded.rejected - len(decoded.reasons)
+    if "resourceLogs" in doc or "resource_logs" in doc:
+        logs_doc = {k: v for k, v in doc.items() if k in ("resourceLogs", "resource_logs")}
+        batch.logs = logs_from_request(parse_json_message(logs_doc, ExportLogsServiceRequest)).logs
+    return batch
+
+
+# --- Jaeger JSON ------------------------------------------------------------
+
+def _tag_value(tag: dict[str, Any]) -> Any:
+    value = tag.get("value")
+    kind = str(tag.get("type", "")).lower()
+    if kind in ("int64", "int") and value is not None:
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return value
+    if kind in ("float64", "float") and value is not None:
+        return float(value)
+    if kind == "bool" and isinstance(value, str):
+        return value.lower() == "true"
+    return value
+
+
+def _status_from_tags(tags: dict[str, Any]) -> tuple[int, str]:
+    code = str(tags.pop("otel.status_code", "")).upper()
+    message = str(tags.pop("otel.status_description", "") or "")
+    error = tags.pop("error", None)
+    if code == "ERROR" or error in (True, "true", "True", "1"):
+        return STATUS_ERROR, message or (str(error) if error not in (True, "true", "True", "1") else "")
+    if code == "OK":
+        return STATUS_OK, message
+    return STATUS_UNSET, message
+
+
+def _norm_id(value: Any, width: int) -> str:
+    text = str(value or "").lower().strip()
+    return text.rjust(width, "0") if text else ""
+
+
+def _jaeger_trace(trace: dict[str, Any]) -> list[Span]:
+    processes = trace.get("processes") or {}
+    out = []
+    for raw in trace.get("spans") or []:
+        proc = processes.get(raw.get("processID"), raw.get("process") or {})
+        resource = {t["key"]: _tag_value(t) for t in proc.get("tags") or []}
+        resource["service.name"] = proc.get("serviceName", "unknown_service")
+        tags = {t["key"]: _tag_value(t) for t in raw.get("tags") or []}
+        kind = str(tags.pop("span.kind", "internal")).lower()
+        status, message = _status_from_tags(tags)
+        parent = None
+        for ref in raw.get("references") or []:
+            if ref.get("refType", "CHILD_OF") == "CHILD_OF":
+                parent = _norm_id(ref.get("spanID"), 16)
+                break
+        start_ns = int(raw["startTime"]) * 1000
+        events = [{"name": str({f["key"]: f.get("value") for f in lg.get("fields") or []}.get("event", "log")),
+                   "time_ns": int(lg.get("timestamp", 0)) * 1000,
+                   "attributes": redact_attributes({f["key"]: _tag_value(f) for f in lg.get("fields") or []})}
+                  for lg in raw.get("logs") or []]
+        out.append(Span(
+            _norm_id(raw.get("traceID"), 32), _norm_id(raw.get("spanID"), 16), parent,
+            resource["service.name"], raw.get("operationName", ""),
+            kind if kind in ("server", "client", "producer", "consumer", "internal") else "internal",
+            start_ns, start_ns + int(raw.get("duration", 0)) * 1000, status, redact_text(message),
+            redact_attributes(tags), events, redact_attributes(resource)))
+    return out
+
+
+# --- Zipkin v2 --------------------------------------------------------------
+
+def _zipkin_span(raw: dict[str, Any]) -> Span:
+    tags = dict(raw.get("tags") or {})
+    local = raw.get("localEndpoint") or {}
+    remote = raw.get("remoteEndpoint") or {}
+    service = local.get("serviceName") or "unknown_service"
+    if remote.get("serviceName"):
+        tags.setdefault("peer.service", remote["serviceName"])
+    if remote.get("ipv4") or remote.get("ipv6"):
+        tags.setdefault("server.address", remote.get("ipv4") or remote.get("ipv6"))
+    if remote.get("port"):
+        tags.setdefault("server.port", remote["port"])
+    if "http.status_code" in tags:
+        try:
+            tags["http.status_code"] = int(tags["http.status_code"])
+        except (TypeError, ValueError):
+            pass
+    status, message = _status_from_tags(tags)
+    if status == STATUS_ERROR and not message:
+        message = str(raw.get("tags", {}).get("error", ""))
+    start_ns = int(raw.get("timestamp", 0)) * 1000
+    kind = str(raw.get("kind", "")).lower() or "internal"
+    events = [{"name": str(a.get("value", "")), "time_ns": int(a.get("timestamp", 0)) * 1000, "attributes": {}}
+              for a in raw.get("annotations") or []]
+    return Span(_norm_id(raw.get("traceId"), 32), _norm_id(raw.get("id"), 16),
+                _norm_id(raw.get("parentId"), 16) or None, service, raw.get("name", "") or "",
+                kind, start_ns, start_ns + int(raw.get("duration", 0) or 0) * 1000, status,
+                redact_text(message), redact_attributes(tags), events, {"service.name": service})
+
+
+def _zipkin_document(doc: list[Any]) -> list[Span]:
+    items: list[Any] = []
+    for entry in doc:
+        items.extend(entry if isinstance(entry, list) else [entry])
+    return [_zipkin_span(raw) for raw in items if isinstance(raw, dict)]
+
+
+def _shared_span_merge(spans: list[Span]) -> list[Span]:
+    """Zipkin may log a client and server half under one span id: keep both as parent and child."""
+    seen: dict[tuple[str, str], Span] = {}
+    out = []
+    for span in spans:
+        key = (span.trace_id, span.span_id)
+        other = seen.get(key)
+        if other is None:
+            seen[key] = span
+            out.append(span)
+            continue
+        # Same id twice: the server half becomes a child of the client half.
+        if span.kind == "server":
+            span.parent_id = other.span_id
+            span.span_id = format((int(span.span_id, 16) ^ 0x5A5A5A5A5A5A5A5A) or 1, "016x")
+            out.append(span)
+        elif other.kind == "server":
+            other.parent_id = span.span_id
+            other.span_id = format((int(other.span_id, 16) ^ 0x5A5A5A5A5A5A5A5A) or 1, "016x")
+            out.append(span)
+    return out
+
+
+def _document_batch(doc: Any, fmt: str, where: str, report: ImportReport) -> Batch:
+    if fmt == "otlp":
+        return _otlp_document(doc, where, report)
+    if fmt == "jaeger":
+        traces = doc.get("data") if isinstance(doc.get("data"), list) else [doc]
+        return Batch(spans=[s for t in traces for s in _jaeger_trace(t)])
+    return Batch(spans=_shared_span_merge(_zipkin_document(doc)))
+
+
+def read_trace_file(path: Path, report: ImportReport,
+                    on_progress: Callable[[int], None] | None = None) -> Iterator[Batch]:
+    """Batches of spans (and logs) from one file; bad lines are reported, never fatal."""
+    stream = open_text(path)
+    try:
+        first = stream.readline()
+        while first and not first.strip():
+            first = stream.readline()
+        if not first:
+            raise InputError(f"{path} is empty")
+        try:
+            head = json.loads(first)
+        except ValueError:
+            head = None
+        if isinstance(head, dict) and detect_format(head) == "otlp":
+            report.format = "otlp"
+            lineno = 1
+            line: bytes | None = first
+            while line:
+                if line.strip():
+                    try:
+                        batch = _otlp_document(json.loads(line), f"{path}:{lineno}", report)
+                    except (ValueError, InputError) as exc:
+                        report.problem(f"{path}:{lineno}", str(exc).splitlines()[0][:200])
+                    else:
+                        batch.bytes_read = len(line)
+                        yield batch
+                if on_progress:
+                    on_progress(len(line))
+                line = stream.readline()
+                lineno += 1
+            return
+        rest = stream.read()
+        text = first + rest
+        try:
+            document = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"{path} is not JSON: {exc}") from None
+        report.format = detect_format(document)
+        batch = _document_batch(document, report.format, str(path), report)
+        batch.bytes_read = len(text)
+        if on_progress:
+            on_progress(len(text))
+        yield batch
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
+        report.problem(str(path), f"file is truncated or corrupt ({exc}); what came before was kept")
+    finally:
+        stream.close()
+
+
+def file_size(path: Path) -> int:
+    """Bytes of the file as read (uncompressed size for gzip when it is cheap to know)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    with path.open("rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            f.seek(-4, io.SEEK_END)
+            return int.from_bytes(f.read(4), "little") or size
+    return size

@@ -1,0 +1,72 @@
+"""Keep card numbers, CVVs and credentials out of storage."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+REDACTED = "[REDACTED]"
+
+# Attribute keys whose values are secrets whatever they hold.
+_SECRET_KEY = re.compile(
+    r"(authorization|cookie|set-cookie|proxy-authorization|x-api-key|api[_-]?key|password|passwd|secret|"
+    r"\bcvv|\bcvc|cvv2|cvc2|card[_.-]?verification|security[_.-]?code|\bpan\b|card[_.-]?number|"
+    r"idempotency[_-]key$)",
+    re.IGNORECASE,
+)
+# A run of 13-19 digits, optionally split by single spaces or dashes, as card numbers are written.
+_DIGIT_RUN = re.compile(r"(?<![\d])(?:\d[ -]?){12,18}\d(?![\d])")
+# "cvv": "123", cvc=123, "card_cvv":"1234" inside free text (JSON bodies, query strings, log lines).
+_CVV_TEXT = re.compile(r"""(?i)(["']?\b(?:card[_.-]?)?(?:cvv2?|cvc2?|security[_.-]?code)["']?\s*[:=]\s*["']?)(\d{3,4})""")
+_AUTH_TEXT = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:bearer |basic )?[^\s\"',;]+")
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _mask_pan(match: re.Match[str]) -> str:
+    digits = re.sub(r"[ -]", "", match.group(0))
+    if 13 <= len(digits) <= 19 and luhn_valid(digits):
+        return REDACTED
+    return match.group(0)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with Luhn-valid card numbers, CVV values and Authorization values masked."""
+    if not text:
+        return text
+    has_digits = any(c.isdigit() for c in text)
+    if has_digits:
+        text = _DIGIT_RUN.sub(_mask_pan, text)
+        text = _CVV_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
+    if "uthorization" in text or "UTHORIZATION" in text:
+        text = _AUTH_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
+def redact_value(key: str, value: Any) -> Any:
+    if _SECRET_KEY.search(key):
+        return REDACTED
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10**12:
+        return redact_text(str(value)) if redact_text(str(value)) == REDACTED else value
+    if isinstance(value, list):
+        return [redact_value(key, v) for v in value]
+    if isinstance(value, dict):
+        return redact_attributes(value)
+    return value
+
+
+def redact_attributes(attrs: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``attrs`` that is safe to store (keys kept, secret values masked)."""
+    return {k: redact_value(k, v) for k, v in attrs.items()}

@@ -1,0 +1,33 @@
+"""Where spans and logs live: the storage interface and its backends."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from payscope.errors import StoreError
+
+from .api import LogQuery, Store, Unsupported
+
+DEFAULT_STORE = "payscope.db"
+
+__all__ = ["DEFAULT_STORE", "LogQuery", "Store", "Unsupported", "open_store", "resolve_store_url"]
+
+
+def resolve_store_url(url: str | None) -> str:
+    """The store to use: the argument, else ``PAYSCOPE_STORE``, else ``./payscope.db``."""
+    return url or os.environ.get("PAYSCOPE_STORE") or DEFAULT_STORE
+
+
+def open_store(url: str | None = None, *, readonly: bool = False) -> Store:
+    """Open the store named by ``url`` (a file path, or ``es://host:port``)."""
+    url = resolve_store_url(url)
+    if url.startswith(("es://", "http://", "https://")):
+        raise StoreError(f"cannot open {url}: the Elasticsearch backend is not part of this "
+                         "version of payscope; use a file path for the embedded store")
+    from .embedded import EmbeddedStore
+
+    path = Path(url)
+    if path.is_dir():
+        raise StoreError(f"--store {url} is a directory; give a file path such as {path / DEFAULT_STORE}")
+    return EmbeddedStore(path, readonly=readonly)

@@ -1,0 +1,125 @@
+"""The storage interface every backend implements, and the rules it keeps.
+
+Rules (the conformance suite in ``tests/test_store_conformance.py`` checks them):
+
+* Writes are idempotent: the same span (trace id, span id) or log record written
+  twice is stored once.
+* A write is durable when it returns: a process killed right after keeps it.
+* A batch is visible to readers whole or not at all.
+* Reads never block on the writer and never see "database is locked".
+* A backend that cannot do something raises :class:`Unsupported`, it never
+  silently returns less.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from payscope.errors import PayscopeError
+from payscope.model import LogRecord, Span, TraceSummary
+
+
+class Unsupported(PayscopeError):
+    """The backend does not implement this operation."""
+
+
+@dataclass(slots=True)
+class LogQuery:
+    """What ``search_logs`` filters on; every field left as None matches everything."""
+
+    service: str | None = None
+    trace_id: str | None = None
+    text: str | None = None
+    severity: str | None = None
+    since_ns: int | None = None
+    until_ns: int | None = None
+    unlinked_only: bool = False
+    limit: int | None = 100
+
+
+class Store(abc.ABC):
+    """A reader and a writer of spans and log records."""
+
+    url: str
+
+    # --- writing -----------------------------------------------------------
+    @abc.abstractmethod
+    def write(self, spans: Iterable[Span] = (), logs: Iterable[LogRecord] = ()) -> tuple[int, int]:
+        """Store spans and log records as one batch; return how many of each were new."""
+
+    @abc.abstractmethod
+    def update_log_links(self, links: Iterable[tuple[int, str | None, str | None, str, float]]) -> None:
+        """Set (log id, trace id, span id, method, confidence) on stored log records."""
+
+    # --- reading spans -----------------------------------------------------
+    @abc.abstractmethod
+    def trace(self, trace_id: str) -> list[Span]:
+        """All spans of one trace ordered by start time; empty when unknown."""
+
+    @abc.abstractmethod
+    def trace_summary(self, trace_id: str) -> TraceSummary | None:
+        """The summary of one trace, or None."""
+
+    @abc.abstractmethod
+    def failed_traces(self, since_ns: int | None = None, until_ns: int | None = None,
+                      limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
+        """Traces with at least one error span, newest first."""
+
+    @abc.abstractmethod
+    def traces(self, since_ns: int | None = None, until_ns: int | None = None,
+               limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
+        """All trace summaries, newest first."""
+
+    @abc.abstractmethod
+    def edge_spans(self, caller: str, callee: str) -> list[Span]:
+        """Client spans of ``caller`` whose callee is ``callee``, by start time."""
+
+    @abc.abstractmethod
+    def edges(self) -> list[tuple[str, str, int]]:
+        """Every (caller, callee, client span count) seen."""
+
+    @abc.abstractmethod
+    def iter_spans(self, batch_size: int = 10_000) -> Iterator[list[Span]]:
+        """Every span, in batches, grouped so that a trace's spans are contiguous."""
+
+    @abc.abstractmethod
+    def traces_by_key(self, key: str) -> list[str]:
+        """Trace ids that carry the business key (order id, payment id) ``key``."""
+
+    @abc.abstractmethod
+    def write_keys(self, pairs: Iterable[tuple[str, str]]) -> None:
+        """Record (business key, trace id) pairs."""
+
+    @abc.abstractmethod
+    def counts(self) -> dict[str, int]:
+        """Numbers of spans, traces and log records stored."""
+
+    # --- reading logs ------------------------------------------------------
+    @abc.abstractmethod
+    def logs_of_trace(self, trace_id: str) -> list[LogRecord]:
+        """Log records linked to the trace, by time."""
+
+    @abc.abstractmethod
+    def search_logs(self, query: LogQuery) -> list[tuple[int, LogRecord]]:
+        """(log id, record) pairs matching the query, by time."""
+
+    # --- meta ----------------------------------------------------------------
+    @abc.abstractmethod
+    def get_meta(self, key: str) -> str | None:
+        """A stored setting (schema version, clock offsets, declared timeouts)."""
+
+    @abc.abstractmethod
+    def set_meta(self, key: str, value: str) -> None:
+        """Store a setting."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections; safe to call twice."""
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,380 @@
+"""The embedded store: one SQLite file in WAL mode, one writer and many readers.
+
+Why SQLite: it is a single file that needs no server, WAL lets readers in other
+processes read while the collector writes without ever seeing half a batch, and
+``synchronous=FULL`` makes a committed batch survive ``kill -9`` and power loss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from payscope import semconv
+from payscope.errors import StoreError
+from payscope.model import LogRecord, Span, TraceSummary
+
+from .api import LogQuery, Store
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS resources(id INTEGER PRIMARY KEY, body TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS spans(
+    trace_id TEXT NOT NULL, span_id TEXT NOT NULL, parent_id TEXT,
+    service TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
+    start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
+    status_code INTEGER NOT NULL, status_message TEXT NOT NULL,
+    error_class TEXT, callee TEXT,
+    attributes TEXT NOT NULL, events TEXT NOT NULL, resource_id INTEGER NOT NULL,
+    PRIMARY KEY(trace_id, span_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS spans_edge ON spans(service, callee, start_ns) WHERE callee IS NOT NULL;
+CREATE TABLE IF NOT EXISTS traces(
+    trace_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
+    root_service TEXT NOT NULL, root_name TEXT NOT NULL,
+    span_count INTEGER NOT NULL, error_count INTEGER NOT NULL,
+    error_class TEXT, error_service TEXT, services TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS traces_start ON traces(start_ns);
+CREATE INDEX IF NOT EXISTS traces_failed ON traces(start_ns) WHERE error_count > 0;
+CREATE TABLE IF NOT EXISTS keys(key TEXT NOT NULL, trace_id TEXT NOT NULL,
+    PRIMARY KEY(key, trace_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS logs(
+    id INTEGER PRIMARY KEY, uid TEXT NOT NULL UNIQUE, time_ns INTEGER NOT NULL,
+    service TEXT NOT NULL, host TEXT NOT NULL, severity TEXT NOT NULL, message TEXT NOT NULL,
+    attributes TEXT NOT NULL, source TEXT NOT NULL,
+    trace_id TEXT, span_id TEXT, link_method TEXT NOT NULL, link_confidence REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_trace ON logs(trace_id) WHERE trace_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS logs_service_time ON logs(service, time_ns);
+CREATE INDEX IF NOT EXISTS logs_time ON logs(time_ns);
+"""
+
+_SPAN_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, "
+                 "status_code, status_message, error_class, callee, attributes, events, resource_id")
+_SPAN_SELECT = ("SELECT s.trace_id, s.span_id, s.parent_id, s.service, s.name, s.kind, s.start_ns, "
+                "s.end_ns, s.status_code, s.status_message, s.attributes, s.events, r.body "
+                "FROM spans s JOIN resources r ON r.id = s.resource_id")
+_TRACE_COLUMNS = ("trace_id, start_ns, end_ns, root_service, root_name, span_count, error_count, "
+                  "services, error_class, error_service")
+_LOG_COLUMNS = ("id, time_ns, service, host, severity, message, attributes, source, trace_id, "
+                "span_id, link_method, link_confidence")
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
+def _span_from_row(row: tuple[Any, ...]) -> Span:
+    return Span(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
+                json.loads(row[10]), json.loads(row[11]), json.loads(row[12]))
+
+
+def _summary_from_row(row: tuple[Any, ...]) -> TraceSummary:
+    return TraceSummary(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
+                        row[7].split(",") if row[7] else [], row[8], row[9])
+
+
+def _log_from_row(row: tuple[Any, ...]) -> tuple[int, LogRecord]:
+    return row[0], LogRecord(time_ns=row[1], service=row[2], host=row[3], severity=row[4],
+                             message=row[5], attributes=json.loads(row[6]), source=row[7],
+                             trace_id=row[8], span_id=row[9], link_method=row[10],
+                             link_confidence=row[11])
+
+
+def log_uid(record: LogRecord) -> str:
+    """The identity of a log record: the same line ingested twice is one record."""
+    digest = hashlib.blake2b(record.message.encode("utf-8", "replace"), digest_size=8).hexdigest()
+    return f"{record.time_ns}|{record.service}|{record.source}|{digest}"
+
+
+class EmbeddedStore(Store):
+    """A :class:`Store` in one SQLite file (see the module docstring for why)."""
+
+    def __init__(self, path: str | Path, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        self.url = str(self.path)
+        self._readonly = readonly
+        self._local = threading.local()
+        self._write_lock = threading.Lock()
+        self._resource_ids: dict[str, int] = {}
+        if readonly and not self.path.exists():
+            raise StoreError(f"no payscope store at {self.path} (run `payscope collect` or "
+                             "`payscope import traces` first, or pass --store)")
+        try:
+            conn = self._conn()
+            if not readonly:
+                with self._write_lock:
+                    conn.executescript(_SCHEMA)
+                    version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                    if version is None:
+                        conn.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
+                    conn.commit()
+            version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a payscope store ({exc})") from None
+        if version is None or int(version[0]) != SCHEMA_VERSION:
+            found = version[0] if version else "none"
+            raise StoreError(f"{self.path} has schema version {found}; this payscope reads "
+                             f"version {SCHEMA_VERSION}")
+
+    # --- connections ---------------------------------------------------------
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            try:
+                conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False,
+                                       isolation_level=None if self._readonly else "DEFERRED")
+            except sqlite3.OperationalError as exc:
+                raise StoreError(f"cannot open store {self.path}: {exc}") from None
+            conn.execute("PRAGMA busy_timeout=30000")
+            if not self._readonly:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA cache_size=-65536")
+            self._local.conn = conn
+            if not hasattr(self, "_all_conns"):
+                self._all_conns: list[sqlite3.Connection] = []
+            self._all_conns.append(conn)
+        return conn
+
+    def close(self) -> None:
+        for conn in getattr(self, "_all_conns", []):
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._all_conns = []
+        self._local = threading.local()
+
+    # --- writing -------------------------------------------------------------
+    def _resource_id(self, conn: sqlite3.Connection, resource: dict[str, Any]) -> int:
+        body = _dumps(resource)
+        rid = self._resource_ids.get(body)
+        if rid is None:
+            conn.execute("INSERT OR IGNORE INTO resources(body) VALUES(?)", (body,))
+            rid = conn.execute("SELECT id FROM resources WHERE body=?", (body,)).fetchone()[0]
+            self._resource_ids[body] = rid
+        return rid
+
+    def write(self, spans: Iterable[Span] = (), logs: Iterable[LogRecord] = ()) -> tuple[int, int]:
+        if self._readonly:
+            raise StoreError("this store was opened read-only")
+        spans = list(spans)
+        logs = list(logs)
+        with self._write_lock:
+            conn = self._conn()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                new_spans = self._write_spans(conn, spans) if spans else 0
+                new_logs = self._write_logs(conn, logs) if logs else 0
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return new_spans, new_logs
+
+    def _write_spans(self, conn: sqlite3.Connection, spans: list[Span]) -> int:
+        resource_cache: dict[int, int] = {}
+        server_parent: dict[tuple[str, str], str] = {}
+        for span in spans:
+            if span.parent_id and span.kind in ("server", "consumer"):
+                server_parent[(span.trace_id, span.parent_id)] = span.service
+        rows = []
+        keys = []
+        for span in spans:
+            rkey = id(span.resource)
+            rid = resource_cache.get(rkey)
+            if rid is None:
+                rid = resource_cache[rkey] = self._resource_id(conn, span.resource)
+            callee = None
+            if span.kind in ("client", "producer"):
+                callee = server_parent.get((span.trace_id, span.span_id))
+                if callee is None:
+                    found = conn.execute(
+                        "SELECT service FROM spans WHERE trace_id=? AND parent_id=? "
+                        "AND kind IN ('server','consumer') LIMIT 1",
+                        (span.trace_id, span.span_id)).fetchone()
+                    callee = found[0] if found else semconv.peer_of(span) or "(unknown)"
+            rows.append((span.trace_id, span.span_id, span.parent_id, span.service, span.name,
+                         span.kind, span.start_ns, span.end_ns, span.status_code,
+                         span.status_message, semconv.error_class(span), callee,
+                         _dumps(span.attributes), _dumps(span.events), rid))
+            for key in semconv.business_keys(span):
+                keys.append((key, span.trace_id))
+        before = conn.total_changes
+        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) "
+                         f"VALUES({','.join('?' * 15)})", rows)
+        inserted = conn.total_changes - before
+        if server_parent:
+            conn.executemany(
+                "UPDATE spans SET callee=? WHERE trace_id=? AND span_id=? "
+                "AND kind IN ('client','producer') AND callee IS NOT ?",
+                [(svc, tid, pid, svc) for (tid, pid), svc in server_parent.items()])
+        if keys:
+            conn.executemany("INSERT OR IGNORE INTO keys VALUES(?, ?)", keys)
+        self._refresh_traces(conn, {span.trace_id for span in spans})
+        return inserted
+
+    @staticmethod
+    def _refresh_traces(conn: sqlite3.Connection, trace_ids: set[str]) -> None:
+        rows = []
+        for tid in trace_ids:
+            agg = conn.execute(
+                "SELECT min(start_ns), max(end_ns), count(*), sum(status_code=2 OR error_class IS NOT NULL), "
+                "group_concat(DISTINCT service) FROM spans WHERE trace_id=?", (tid,)).fetchone()
+            root = conn.execute(
+                "SELECT service, name FROM spans WHERE trace_id=? "
+                "ORDER BY parent_id IS NOT NULL, start_ns LIMIT 1", (tid,)).fetchone()
+            err = conn.execute(
+                "SELECT error_class, service FROM spans WHERE trace_id=? AND error_class IS NOT NULL "
+                "ORDER BY start_ns DESC LIMIT 1", (tid,)).fetchone() or (None, None)
+            rows.append((tid, agg[0], agg[1], root[0], root[1], agg[2], agg[3] or 0, agg[4],
+                         err[0], err[1]))
+        conn.executemany(f"INSERT OR REPLACE INTO traces({_TRACE_COLUMNS}) "
+                         f"VALUES(?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def _write_logs(self, conn: sqlite3.Connection, logs: list[LogRecord]) -> int:
+        before = conn.total_changes
+        conn.executemany(
+            "INSERT OR IGNORE INTO logs(uid, time_ns, service, host, severity, message, attributes, "
+            "source, trace_id, span_id, link_method, link_confidence) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+            [(log_uid(r), r.time_ns, r.service, r.host, r.severity, r.message, _dumps(r.attributes),
+              r.source, r.trace_id, r.span_id, r.link_method, r.link_confidence) for r in logs])
+        return conn.total_changes - before
+
+    def update_log_links(self, links: Iterable[tuple[int, str | None, str | None, str, float]]) -> None:
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("UPDATE logs SET trace_id=?, span_id=?, link_method=?, link_confidence=? "
+                             "WHERE id=?", [(t, s, m, c, i) for i, t, s, m, c in links])
+            conn.execute("COMMIT")
+
+    def write_keys(self, pairs: Iterable[tuple[str, str]]) -> None:
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("INSERT OR IGNORE INTO keys VALUES(?, ?)", list(pairs))
+            conn.execute("COMMIT")
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
+            conn.execute("COMMIT")
+
+    # --- reading -------------------------------------------------------------
+    def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        return self._conn().execute(sql, params).fetchall()
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._read("SELECT value FROM meta WHERE key=?", (key,))
+        return rows[0][0] if rows else None
+
+    def trace(self, trace_id: str) -> list[Span]:
+        rows = self._read(f"{_SPAN_SELECT} WHERE s.trace_id=? ORDER BY s.start_ns", (trace_id.lower(),))
+        return [_span_from_row(r) for r in rows]
+
+    def trace_summary(self, trace_id: str) -> TraceSummary | None:
+        rows = self._read(f"SELECT {_TRACE_COLUMNS} FROM traces WHERE trace_id=?", (trace_id.lower(),))
+        return _summary_from_row(rows[0]) if rows else None
+
+    def _summaries(self, where: str, since_ns: int | None, until_ns: int | None,
+                   limit: int | None, offset: int) -> list[TraceSummary]:
+        clauses, params = [where] if where else [], []
+        if since_ns is not None:
+            clauses.append("start_ns >= ?")
+            params.append(since_ns)
+        if until_ns is not None:
+            clauses.append("start_ns < ?")
+            params.append(until_ns)
+        sql = f"SELECT {_TRACE_COLUMNS} FROM traces"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY start_ns DESC LIMIT ? OFFSET ?"
+        params += [-1 if limit is None else limit, offset]
+        return [_summary_from_row(r) for r in self._read(sql, tuple(params))]
+
+    def failed_traces(self, since_ns: int | None = None, until_ns: int | None = None,
+                      limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
+        return self._summaries("error_count > 0", since_ns, until_ns, limit, offset)
+
+    def traces(self, since_ns: int | None = None, until_ns: int | None = None,
+               limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
+        return self._summaries("", since_ns, until_ns, limit, offset)
+
+    def edge_spans(self, caller: str, callee: str) -> list[Span]:
+        rows = self._read(f"{_SPAN_SELECT} WHERE s.service=? AND s.callee=? ORDER BY s.start_ns",
+                          (caller, callee))
+        return [_span_from_row(r) for r in rows]
+
+    def edges(self) -> list[tuple[str, str, int]]:
+        return [tuple(r) for r in self._read(  # type: ignore[misc]
+            "SELECT service, callee, count(*) FROM spans WHERE callee IS NOT NULL "
+            "GROUP BY service, callee ORDER BY service, callee")]
+
+    def iter_spans(self, batch_size: int = 10_000) -> Iterator[list[Span]]:
+        cursor = self._conn().execute(f"{_SPAN_SELECT} ORDER BY s.trace_id")
+        resources: dict[str, dict[str, Any]] = {}
+        loads = json.loads
+        while True:
+            rows = cursor.fetchmany(batch_size)
+            if not rows:
+                return
+            batch = []
+            for r in rows:
+                res = resources.get(r[12])
+                if res is None:
+                    res = resources[r[12]] = loads(r[12])
+                batch.append(Span(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                                  loads(r[10]), loads(r[11]), res))
+            yield batch
+
+    def traces_by_key(self, key: str) -> list[str]:
+        return [r[0] for r in self._read("SELECT trace_id FROM keys WHERE key=?", (key,))]
+
+    def counts(self) -> dict[str, int]:
+        conn = self._conn()
+        return {
+            "spans": conn.execute("SELECT count(*) FROM spans").fetchone()[0],
+            "traces": conn.execute("SELECT count(*) FROM traces").fetchone()[0],
+            "logs": conn.execute("SELECT count(*) FROM logs").fetchone()[0],
+        }
+
+    def logs_of_trace(self, trace_id: str) -> list[LogRecord]:
+        rows = self._read(f"SELECT {_LOG_COLUMNS} FROM logs WHERE trace_id=? ORDER BY time_ns",
+                          (trace_id.lower(),))
+        return [_log_from_row(r)[1] for r in rows]
+
+    def search_logs(self, query: LogQuery) -> list[tuple[int, LogRecord]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in (("service", query.service), ("trace_id", query.trace_id),
+                              ("severity", query.severity)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value.lower() if column == "trace_id" else value)
+        if query.text:
+            clauses.append("instr(message, ?) > 0")
+            params.append(query.text)
+        if query.since_ns is not None:
+            clauses.append("time_ns >= ?")
+            params.append(query.since_ns)
+        if query.until_ns is not None:
+            clauses.append("time_ns < ?")
+            params.append(query.until_ns)
+        if query.unlinked_only:
+            clauses.append("trace_id IS NULL")
+        sql = f"SELECT {_LOG_COLUMNS} FROM logs"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        sql += " ORDER BY time_ns LIMIT ?"
+        params.append(-1 if not query.limit else query.limit)
+        return [_log_from_row(r) for r in self._read(sql, tuple(params))]

@@ -1,0 +1,5 @@
+"""Entry point for ``python -m payscope``."""
+
+from payscope.cli import main
+
+main()

@@ -1,0 +1,198 @@
+"""The payscope command line: one Typer app, a thin layer over the collector and analyzers."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from payscope import __version__
+from payscope.errors import PayscopeError
+
+app = typer.Typer(
+    name="payscope",
+    help="Find out why payments fail: traces, logs, timeouts and retries across your services.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+import_app = typer.Typer(help="Import telemetry files into the store.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False)
+
+StoreOption = Annotated[
+    Optional[str],
+    typer.Option("--store", envvar="PAYSCOPE_STORE",
+                 help="Store: a file path (embedded, default ./payscope.db)."),
+]
+FormatOption = Annotated[str, typer.Option("--format", "-f", help="Output format: table or json.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        out.print(f"payscope {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """payscope: why do payments fail?"""
+
+
+def _check_format(value: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise PayscopeError(f"--format {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
+def _emit_json(document: Any) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
+
+
+# --- collect -------------------------------------------------------------------
+
+@app.command()
+def collect(
+    store: StoreOption = None,
+    http: Annotated[str, typer.Option(help="OTLP/HTTP listen address; 'off' to disable.")] = "127.0.0.1:4318",
+    grpc: Annotated[str, typer.Option(help="OTLP/gRPC listen address; 'off' to disable.")] = "127.0.0.1:4317",
+) -> None:
+    """Receive OTLP spans and logs (HTTP and gRPC) and store them until stopped (Ctrl-C)."""
+    from payscope.collector.service import run_collector
+    from payscope.collector.store import open_store
+
+    with open_store(store) as opened:
+        run_collector(opened, None if http == "off" else http, None if grpc == "off" else grpc)
+
+
+# --- import ----------------------------------------------------------------------
+
+@import_app.command("traces")
+def import_traces(
+    files: Annotated[list[Path], typer.Argument(help="OTLP JSON, Jaeger JSON or Zipkin v2 JSON files (gzip too).")],
+    store: StoreOption = None,
+    output_format: FormatOption = "table",
+) -> None:
+    """Import trace files; the format is detected, importing a file twice stores it once."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    from payscope.collector.importers import ImportReport, file_size, read_trace_file
+    from payscope.collector.store import open_store
+
+    _check_format(output_format, ("table", "json"))
+    reports = []
+    with open_store(store) as opened:
+        for path in files:
+            if not path.exists():
+                raise PayscopeError(f"{path}: no such file")
+            report = ImportReport(str(path))
+            total = file_size(path)
+            with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                          console=err, transient=True, disable=total < 2_000_000) as progress:
+                task = progress.add_task(f"importing {path.name}", total=total)
+                for batch in read_trace_file(path, report, lambda n: progress.advance(task, n)):
+                    new_spans, _ = opened.write(batch.spans, batch.logs)
+                    report.spans += len(batch.spans)
+                    report.logs += len(batch.logs)
+                    report.new_spans += new_spans
+            reports.append(report)
+    if output_format == "json":
+        _emit_json({"files": [vars(r) for r in reports]})
+        return
+    for r in reports:
+        out.print(f"{r.path}: {r.format}, {r.spans} spans ({r.new_spans} new)"
+                  + (f", {r.logs} log records" if r.logs else "")
+                  + (f", {r.rejected} rejected" if r.rejected else ""))
+        for problem in r.problems:
+            err.print(f"  rejected {problem}")
+
+
+# --- failures / show -----------------------------------------------------------
+
+@app.command()
+def failures(
+    store: StoreOption = None,
+    since: Annotated[Optional[str], typer.Option(help="Only the last DURATION (30m, 1h, 2d).")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many (0 for all).")] = 50,
+    output_format: FormatOption = "table",
+) -> None:
+    """Failed transactions, newest first, one a line."""
+    from payscope.analyzers.views import failure_rows
+    from payscope.collector.store import open_store
+    from payscope.timeparse import parse_duration_s
+
+    _check_format(output_format, ("table", "json"))
+    since_ns = None
+    if since:
+        since_ns = time.time_ns() - int(parse_duration_s(since, "--since") * 1e9)
+    with open_store(store, readonly=True) as opened:
+        rows = failure_rows(opened, since_ns=since_ns, limit=limit or None)
+    if output_format == "json":
+        _emit_json({"failures": rows})
+        return
+    if not rows:
+        out.print("no failed transactions" + (f" in the last {since}" if since else ""))
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for column in ("time", "entry", "outcome", "failing hop", "error", "duration", "services", "trace id"):
+        table.add_column(column, no_wrap=column in ("time", "trace id"))
+    for row in rows:
+        table.add_row(row["time"], row["entry"], row["outcome"], row["failing_hop"] or "",
+                      row["error_class"] or "", row["duration"], ",".join(row["services"]), row["trace_id"])
+    out.print(table)
+
+
+@app.command()
+def show(
+    transaction: Annotated[str, typer.Argument(metavar="ID", help="Trace id, order id or payment id.")],
+    store: StoreOption = None,
+    output_format: FormatOption = "table",
+) -> None:
+    """One transaction: a waterfall of its spans with status and errors."""
+    from payscope.analyzers.views import transaction_view
+    from payscope.collector.store import open_store
+
+    _check_format(output_format, ("table", "json"))
+    with open_store(store, readonly=True) as opened:
+        view = transaction_view(opened, transaction)
+    if output_format == "json":
+        _emit_json(view)
+        return
+    from payscope.analyzers.views import render_waterfall
+
+    out.print(render_waterfall(view))
+
+
+def main() -> None:
+    """Console-script entry point: PayscopeError becomes one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except PayscopeError as exc:
+        err.print(f"payscope: error: {exc}")
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("payscope: aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors carry their own exit code
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise

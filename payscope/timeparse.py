@@ -1,0 +1,46 @@
+"""Durations and instants as the command line writes them (``90s``, ``15m``, ``1h``, ISO 8601)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+from payscope.errors import InputError
+
+_UNITS = {"ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+
+
+def parse_duration_s(text: str, option: str = "duration") -> float:
+    """Seconds in ``text`` such as ``1h`` or ``250ms``."""
+    match = _DURATION.match(text)
+    if not match:
+        raise InputError(f"{option} {text!r} is not a duration such as 30s, 15m, 1h or 2d")
+    return float(match.group(1)) * _UNITS[match.group(2)]
+
+
+def parse_instant_ns(text: str, option: str = "time") -> int:
+    """Nanoseconds since the epoch for an ISO 8601 time (UTC when it names no zone)."""
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise InputError(f"{option} {text!r} is not an ISO 8601 time such as 2026-11-25T10:00:00Z") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1e9)
+
+
+def format_ns(ns: int) -> str:
+    """An ISO 8601 UTC time with milliseconds."""
+    return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def format_duration_ns(ns: int) -> str:
+    ms = ns / 1e6
+    if ms >= 10_000:
+        return f"{ms / 1000:.1f}s"
+    if ms >= 1000:
+        return f"{ms / 1000:.2f}s"
+    if ms >= 10:
+        return f"{ms:.0f}ms"
+    return f"{ms:.1f}ms"
