@@ -1,1 +1,152 @@
-"""Placeholder replaced below."""
+"""What the read commands and the TUI show: failure rows and one transaction, as plain data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from payscope import semconv
+from payscope.errors import InputError
+from payscope.model import Span, TraceSummary
+from payscope.timeparse import format_duration_ns, format_ns
+
+from . import engine, findings
+
+
+def resolve_trace_ids(store: Any, ident: str) -> list[str]:
+    """Trace ids for a trace id (any case, dashes allowed) or a business key (order or payment id)."""
+    cleaned = ident.strip().lower().replace("-", "")
+    if len(cleaned) in (16, 32) and all(c in "0123456789abcdef" for c in cleaned):
+        candidate = cleaned.rjust(32, "0")
+        if store.trace_summary(candidate) is not None:
+            return [candidate]
+    ids = store.traces_by_key(ident.strip())
+    if ids:
+        return sorted(ids)
+    raise InputError(f"no transaction {ident!r} in {store.url}: not a stored trace id, order id or payment id")
+
+
+def _trace_outcome(store: Any, trace_id: str, summary: TraceSummary) -> tuple[str, str | None, str | None]:
+    """Outcome, failing hop and error class of one trace, from the analyzer (the trace and its relatives)."""
+    analysis = engine.run([store.trace(trace_id)])
+    tx = analysis.transactions.get(trace_id)
+    if tx is None:
+        return "failed" if summary.error_count else "ok", None, summary.error_class
+    hop = f"{tx.failing_hop[0]} -> {tx.failing_hop[1]}" if tx.failing_hop else None
+    return tx.outcome, hop, tx.error_class
+
+
+def failure_rows(store: Any, *, since_ns: int | None = None, limit: int | None = 50) -> list[dict[str, Any]]:
+    """Failed transactions, newest first, each as a flat dict (the JSON of `payscope failures`)."""
+    rows = []
+    for summary in store.failed_traces(since_ns=since_ns, limit=limit):
+        outcome, hop, error_class = _trace_outcome(store, summary.trace_id, summary)
+        if outcome == "ok":
+            outcome = "recovered"  # errors inside, but the transaction itself succeeded (a retry worked)
+        rows.append({
+            "time": format_ns(summary.start_ns), "trace_id": summary.trace_id,
+            "entry": f"{summary.root_service}: {summary.root_name}", "outcome": outcome,
+            "failing_hop": hop, "error_class": error_class or summary.error_class,
+            "duration_ms": round(summary.duration_ns / 1e6, 3),
+            "duration": format_duration_ns(summary.duration_ns), "services": summary.services,
+            "spans": summary.span_count, "errors": summary.error_count,
+        })
+    return rows
+
+
+def _depths(spans: list[Span]) -> list[tuple[Span, int]]:
+    by_id = {s.span_id: s for s in spans}
+    children: dict[str | None, list[Span]] = {}
+    for s in spans:
+        parent = s.parent_id if s.parent_id in by_id else None
+        children.setdefault(parent, []).append(s)
+    out: list[tuple[Span, int]] = []
+    stack = [(s, 0) for s in sorted(children.get(None, []), key=lambda s: s.start_ns, reverse=True)]
+    seen = set()
+    while stack:
+        span, depth = stack.pop()
+        if span.span_id in seen:
+            continue
+        seen.add(span.span_id)
+        out.append((span, depth))
+        for child in sorted(children.get(span.span_id, []), key=lambda s: s.start_ns, reverse=True):
+            stack.append((child, depth + 1))
+    return out
+
+
+def transaction_view(store: Any, ident: str) -> dict[str, Any]:
+    """One transaction: its traces' spans as a tree, its log lines, outcome and findings."""
+    trace_ids = resolve_trace_ids(store, ident)
+    spans = [s for tid in trace_ids for s in store.trace(tid)]
+    analysis = engine.run([store.trace(tid) for tid in trace_ids])
+    found = [f.to_json() for f in findings.find(analysis)]
+    shift = {o.service: int(o.offset_ms * 1e6) for o in analysis.offsets}
+    for span in spans:  # show every span on the reference clock, as the analysis saw it
+        span.start_ns -= shift.get(span.service, 0)
+        span.end_ns -= shift.get(span.service, 0)
+    t0 = min(s.start_ns for s in spans)
+    rows = []
+    for span, depth in _depths(spans):
+        rows.append({
+            "trace_id": span.trace_id, "span_id": span.span_id, "parent_id": span.parent_id, "depth": depth,
+            "service": span.service, "name": span.name, "kind": span.kind,
+            "offset_ms": round((span.start_ns - t0) / 1e6, 3), "duration_ms": round(span.duration_ns / 1e6, 3),
+            "status": {0: "unset", 1: "ok", 2: "error"}.get(span.status_code, "unset"),
+            "error_class": semconv.error_class(span), "message": span.status_message,
+        })
+    logs = []
+    for tid in trace_ids:
+        for rec in store.logs_of_trace(tid):
+            logs.append({"time": format_ns(rec.time_ns), "service": rec.service, "level": rec.severity,
+                         "message": rec.message, "source": rec.source, "trace_id": rec.trace_id,
+                         "span_id": rec.span_id,
+                         "link": {"method": rec.link_method, "confidence": rec.link_confidence}})
+    logs.sort(key=lambda r: r["time"])
+    transactions = []
+    for tid in trace_ids:
+        tx = analysis.transactions.get(tid)
+        if tx:
+            transactions.append({"trace_id": tid, "outcome": tx.outcome, "error_class": tx.error_class,
+                                 "failing_hop": None if not tx.failing_hop else
+                                 {"caller": tx.failing_hop[0], "callee": tx.failing_hop[1],
+                                  "operation": tx.failing_hop[2]},
+                                 "business_keys": tx.facts.keys})
+    return {"id": ident, "trace_ids": trace_ids, "transactions": transactions,
+            "start": format_ns(t0), "duration_ms": round((max(s.end_ns for s in spans) - t0) / 1e6, 3),
+            "spans": rows, "logs": logs, "findings": found,
+            "clock_skew": [o.to_json() for o in analysis.offsets]}
+
+
+def render_waterfall(view: dict[str, Any], width: int = 32) -> str:
+    """The text waterfall of `payscope show`."""
+    total = max(view["duration_ms"], 0.001)
+    lines = []
+    for tx in view["transactions"]:
+        hop = tx["failing_hop"]
+        where = f" at {hop['caller']} -> {hop['callee']} ({hop['operation']})" if hop else ""
+        lines.append(f"trace {tx['trace_id']}: {tx['outcome']}{where}"
+                     + (f" [{tx['error_class']}]" if tx["error_class"] else "")
+                     + (f"  keys: {', '.join(tx['business_keys'])}" if tx["business_keys"] else ""))
+    lines.append("")
+    for row in view["spans"]:
+        start = int(row["offset_ms"] / total * width)
+        length = max(1, int(row["duration_ms"] / total * width))
+        bar = " " * start + "#" * min(length, width - start)
+        status = row["status"].upper() if row["status"] == "error" else ""
+        cls = f" [{row['error_class']}]" if row["error_class"] else ""
+        msg = f" {row['message']}" if row["message"] else ""
+        label = "  " * row["depth"] + f"{row['service']}: {row['name']} ({row['kind']})"
+        lines.append(f"{bar:<{width}} {row['duration_ms']:>10.1f} ms  {label} {status}{cls}{msg}".rstrip())
+    if view["logs"]:
+        lines.append("")
+        lines.append("logs:")
+        for rec in view["logs"]:
+            lines.append(f"  {rec['time']} {rec['service']} {rec['level']} {rec['message']}  "
+                         f"({rec['source']}, linked by {rec['link']['method']})")
+    if view["findings"]:
+        lines.append("")
+        lines.append("findings:")
+        for f in view["findings"]:
+            lines.append(f"  [{f['severity']}] {f['kind']}: {f['summary']}")
+    for skew in view["clock_skew"]:
+        lines.append(f"(clock of {skew['service']} corrected by {skew['offset_ms']:+.1f} ms)")
+    return "\n".join(lines)

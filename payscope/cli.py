@@ -23,6 +23,8 @@ app = typer.Typer(
 )
 import_app = typer.Typer(help="Import telemetry files into the store.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
+recommend_app = typer.Typer(help="Recommend settings from what was recorded.", no_args_is_help=True)
+app.add_typer(recommend_app, name="recommend")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False)
@@ -143,15 +145,12 @@ def failures(
     if not rows:
         out.print("no failed transactions" + (f" in the last {since}" if since else ""))
         return
-    from rich.table import Table
-
-    table = Table(box=None, pad_edge=False)
-    for column in ("time", "entry", "outcome", "failing hop", "error", "duration", "services", "trace id"):
-        table.add_column(column, no_wrap=column in ("time", "trace id"))
+    out.print(f"{'time':<29} {'outcome':<16} {'failing hop':<32} {'error':<10} {'duration':>9}  "
+              f"{'trace id':<32}  entry", markup=False)
     for row in rows:
-        table.add_row(row["time"], row["entry"], row["outcome"], row["failing_hop"] or "",
-                      row["error_class"] or "", row["duration"], ",".join(row["services"]), row["trace_id"])
-    out.print(table)
+        out.print(f"{row['time']:<29} {row['outcome']:<16} {row['failing_hop'] or '-':<32} "
+                  f"{row['error_class'] or '-':<10} {row['duration']:>9}  {row['trace_id']:<32}  {row['entry']}",
+                  markup=False)
 
 
 @app.command()
@@ -172,13 +171,66 @@ def show(
         return
     from payscope.analyzers.views import render_waterfall
 
-    out.print(render_waterfall(view))
+    out.print(render_waterfall(view), markup=False)
+
+
+# --- analyze / recommend ---------------------------------------------------------
+
+@app.command()
+def analyze(
+    store: StoreOption = None,
+    output_format: Annotated[str, typer.Option("--format", "-f", help="table, json or markdown.")] = "table",
+    fail_on: Annotated[Optional[str], typer.Option(
+        "--fail-on", help="Exit 1 when a finding at or above this severity exists (low, medium, high, critical).")
+    ] = None,
+) -> None:
+    """Timeout and retry findings over everything in the store."""
+    from payscope.analyzers import report
+    from payscope.analyzers.findings import SEVERITIES, severity_at_least
+    from payscope.collector.store import open_store
+
+    _check_format(output_format, ("table", "json", "markdown"))
+    if fail_on is not None and fail_on not in SEVERITIES:
+        raise PayscopeError(f"--fail-on {fail_on!r} is not one of {', '.join(SEVERITIES)}")
+    with open_store(store, readonly=True) as opened:
+        document = report.analysis_document(opened, now_ns=time.time_ns())
+    if output_format == "json":
+        _emit_json(document)
+    elif output_format == "markdown":
+        sys.stdout.write(report.markdown(document))
+    else:
+        report.print_table(document, out)
+    if fail_on and any(severity_at_least(f["severity"], fail_on) for f in document["findings"]):
+        raise typer.Exit(1)
+
+
+@recommend_app.command("timeouts")
+def recommend_timeouts(
+    store: StoreOption = None,
+    output_format: Annotated[str, typer.Option("--format", "-f", help="table, json or yaml.")] = "table",
+    simulate: Annotated[bool, typer.Option("--simulate", help="Replay recorded latencies under the "
+                                           "current and recommended settings.")] = False,
+    snippets: Annotated[bool, typer.Option("--snippets", help="Print config snippets per edge.")] = False,
+) -> None:
+    """Per-edge timeouts and retries from the healthy latency tail, deadlines shrinking down the chain."""
+    from payscope.analyzers import report
+    from payscope.collector.store import open_store
+
+    _check_format(output_format, ("table", "json", "yaml"))
+    with open_store(store, readonly=True) as opened:
+        document = report.recommendation_document(opened, simulate=simulate)
+    if output_format == "json":
+        _emit_json(document)
+    elif output_format == "yaml":
+        sys.stdout.write(report.yaml(document))
+    else:
+        report.print_recommendations(document, out, snippets=snippets)
 
 
 def main() -> None:
     """Console-script entry point: PayscopeError becomes one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except PayscopeError as exc:
         err.print(f"payscope: error: {exc}")
         sys.exit(2)
@@ -196,3 +248,5 @@ def main() -> None:
             exc.show()
             sys.exit(2)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)

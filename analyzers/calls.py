@@ -1,0 +1,289 @@
+"""From spans to calls: each client span with what answered it, where it sits, and what it ran under.
+
+This is the one pass over the spans; everything else works on the compact
+:class:`Call` and :class:`TraceFacts` records it produces, so that a million
+spans fit in memory as a few hundred thousand small objects.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from payscope import semconv
+from payscope.model import STATUS_ERROR, Span
+
+# Attribute names written by `payscope run` (documented in docs/attributes.md).
+ATTR_TIMEOUT_CONNECT = "payscope.timeout.connect_ms"
+ATTR_TIMEOUT_READ = "payscope.timeout.read_ms"
+ATTR_TIMEOUT_TOTAL = "payscope.timeout.total_ms"
+ATTR_TIMEOUT_SOURCE = "payscope.timeout.source"
+ATTR_RETRY_MAX = "payscope.retry.max_attempts"
+ATTR_IDEMPOTENCY_HASH = "payscope.idempotency_key.hash"
+ATTR_BUDGET_MS = "payscope.caller_budget_ms"
+ATTR_AMOUNT = ("payscope.amount", "app.payment.amount", "payment.amount", "amount", "app.order.amount")
+
+_ID_SEGMENT = re.compile(r"^(?:\d+|[0-9a-fA-F-]{16,}|[0-9a-fA-F]{8,}|[A-Za-z]{2,4}_[A-Za-z0-9]{6,})$")
+_IDEMPOTENT_METHODS = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"}
+_CHARGE_WORDS = re.compile(r"charge|pay|debit|capture|refund|transfer|authori[sz]e|settle|withdraw|purchase|"
+                           r"order|checkout|renew|entries|ledger|wallet|billing", re.IGNORECASE)
+
+
+def template_path(path: str) -> str:
+    """A URL path with ids replaced by ``{id}``, so calls to one endpoint group together."""
+    path = path.split("?", 1)[0]
+    return "/".join("{id}" if _ID_SEGMENT.match(seg) else seg for seg in path.split("/"))
+
+
+def _url_path(url: str) -> str:
+    match = re.match(r"^[a-z][a-z0-9+.-]*://[^/]*(/[^?#]*)?", url, re.IGNORECASE)
+    return (match.group(1) or "/") if match else url
+
+
+def client_operation(span: Span) -> str:
+    """What a client span calls, from its own attributes (used when the callee has no span)."""
+    attrs = span.attributes
+    if attrs.get("rpc.service") and attrs.get("rpc.method"):
+        return f"{attrs['rpc.service']}/{attrs['rpc.method']}"
+    method = semconv.http_method(span)
+    route = semconv.first(attrs, "url.template", "http.route")
+    if route is None:
+        url = semconv.first(attrs, "url.full", "http.url", "http.target", "url.path")
+        if url is not None:
+            route = template_path(_url_path(str(url)) if "://" in str(url) else str(url))
+    if method and route:
+        return f"{method} {route}"
+    if method and span.name.upper() != method:
+        return span.name
+    return span.name if not method else method
+
+
+def has_idempotency_key(span: Span) -> bool:
+    for key in span.attributes:
+        lowered = key.lower()
+        if "idempotency" in lowered or lowered.endswith(("x-request-id-idem", "idempotency_key")):
+            return True
+    return False
+
+
+def is_charge_like(operation: str, callee: str) -> bool:
+    return bool(_CHARGE_WORDS.search(operation) or _CHARGE_WORDS.search(callee))
+
+
+_READ_RPC = re.compile(r"(?:^|[/.])(?:Get|List|Find|Read|Query|Search|Check|Lookup|Fetch|Describe)[A-Z_]?")
+
+
+def is_idempotent(method: str | None, key: bool, operation: str = "") -> bool:
+    """Safe to retry: an idempotent HTTP method, an idempotency key, or a read-only RPC by its name."""
+    if key:
+        return True
+    if method is not None:
+        return method in _IDEMPOTENT_METHODS
+    return bool(_READ_RPC.search(operation))
+
+
+@dataclass(slots=True)
+class Captured:
+    """Timeouts recorded on the span by `payscope run` (milliseconds; None = not known)."""
+
+    connect_ms: float | None = None
+    read_ms: float | None = None
+    total_ms: float | None = None
+    source: str | None = None
+    retry_max: int | None = None
+
+
+@dataclass(slots=True)
+class Call:
+    """One client span (an attempt of a call) and the server span that answered it, if any."""
+
+    trace_id: str
+    span_id: str
+    parent_id: str | None
+    caller: str
+    callee: str
+    operation: str
+    method: str | None
+    start_ns: int
+    end_ns: int
+    error_class: str | None
+    attempt: int = 0
+    idempotency_key: bool = False
+    captured: Captured | None = None
+    server_service: str | None = None
+    server_start_ns: int | None = None
+    server_end_ns: int | None = None
+    server_ok: bool | None = None
+    upstream: str | None = None        # span id of the client call that led into the caller
+    entry_start_ns: int | None = None  # the caller's server span that this call is made under
+    entry_end_ns: int | None = None
+    amount: float | None = None
+    http_status: int | None = None
+    late_success: bool = False         # set after clock correction
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    @property
+    def ok(self) -> bool:
+        return self.error_class is None
+
+    @property
+    def timed_out(self) -> bool:
+        return self.error_class == "timeout"
+
+    @property
+    def gave_up(self) -> bool:
+        """The caller's own timer fired (not a 504 or deadline error relayed by the callee)."""
+        if not self.timed_out or self.http_status is not None:
+            return False
+        if self.server_end_ns is not None and not self.server_ok:
+            margin = max(2_000_000, self.duration_ns // 50)
+            return self.server_end_ns >= self.end_ns - margin
+        return True
+
+    @property
+    def edge(self) -> tuple[str, str, str]:
+        return (self.caller, self.callee, self.operation)
+
+
+@dataclass(slots=True)
+class TraceFacts:
+    """What the analysis keeps of one trace beyond its calls."""
+
+    trace_id: str
+    start_ns: int
+    end_ns: int
+    root_service: str
+    root_operation: str
+    root_ok: bool
+    root_error_class: str | None
+    root_missing: bool
+    span_count: int
+    services: list[str]
+    keys: list[str] = field(default_factory=list)
+    amount: float | None = None
+
+
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _captured(span: Span) -> Captured | None:
+    attrs = span.attributes
+    if not any(k.startswith("payscope.timeout") or k == ATTR_RETRY_MAX for k in attrs):
+        return None
+    retry = attrs.get(ATTR_RETRY_MAX)
+    return Captured(_number(attrs.get(ATTR_TIMEOUT_CONNECT)), _number(attrs.get(ATTR_TIMEOUT_READ)),
+                    _number(attrs.get(ATTR_TIMEOUT_TOTAL)), attrs.get(ATTR_TIMEOUT_SOURCE),
+                    int(retry) if retry is not None else None)
+
+
+def _amount(span: Span) -> float | None:
+    for key in ATTR_AMOUNT:
+        if key in span.attributes:
+            return _number(span.attributes[key])
+    return None
+
+
+def _route_keys(span: Span) -> list[str]:
+    """Business keys read off a route template matched against the path (``/orders/{order_id}``)."""
+    route = span.attributes.get("http.route")
+    path = semconv.first(span.attributes, "url.path", "http.target")
+    if not route or not path or "{" not in str(route):
+        return []
+    keys = []
+    for tmpl, actual in zip(str(route).split("/"), str(path).split("?")[0].split("/")):
+        if tmpl.startswith("{") and tmpl.endswith("}") and re.search(r"order|payment|charge|transaction|invoice",
+                                                                        tmpl, re.IGNORECASE):
+            keys.append(actual)
+    return keys
+
+
+def trace_calls(spans: list[Span], alias_votes: dict[str, dict[str, int]]) -> tuple[TraceFacts, list[Call]]:
+    """The calls and facts of one trace (all spans of the trace, any order).
+
+    A call whose callee has no span is named by the address the caller used;
+    ``alias_votes`` collects which service answers at which address, so that
+    :func:`resolve_aliases` can rename those calls once every trace is read.
+    """
+    by_id = {s.span_id: s for s in spans}
+    servers_by_parent: dict[str, Span] = {}
+    for s in spans:
+        if s.parent_id and s.kind in ("server", "consumer"):
+            servers_by_parent.setdefault(s.parent_id, s)
+    roots = [s for s in spans if not s.parent_id or s.parent_id not in by_id]
+    roots.sort(key=lambda s: (s.parent_id is not None, s.start_ns))
+    root = roots[0]
+
+    def entry_of(span: Span) -> Span | None:
+        cur = by_id.get(span.parent_id) if span.parent_id else None
+        hops = 0
+        while cur is not None and hops < 256:
+            if cur.kind in ("server", "consumer") or cur.service != span.service:
+                return cur
+            cur = by_id.get(cur.parent_id) if cur.parent_id else None
+            hops += 1
+        return None
+
+    calls: list[Call] = []
+    keys: list[str] = []
+    amount = None
+    for s in spans:
+        keys.extend(semconv.business_keys(s))
+        keys.extend(_route_keys(s))
+        if amount is None:
+            amount = _amount(s)
+        if s.kind not in ("client", "producer"):
+            continue
+        server = servers_by_parent.get(s.span_id)
+        peer = semconv.peer_of(s)
+        if server is not None:
+            callee = server.service
+            operation = semconv.route_of(server)
+            if peer:
+                votes = alias_votes.setdefault(peer, {})
+                votes[callee] = votes.get(callee, 0) + 1
+        else:
+            callee = peer or "(unknown)"
+            operation = client_operation(s)
+        entry = entry_of(s)
+        upstream = entry.parent_id if entry is not None and entry.kind in ("server", "consumer") else None
+        resend = s.attributes.get("http.request.resend_count")
+        calls.append(Call(
+            trace_id=s.trace_id, span_id=s.span_id, parent_id=s.parent_id, caller=s.service,
+            callee=callee, operation=operation, method=semconv.http_method(s),
+            start_ns=s.start_ns, end_ns=s.end_ns, error_class=semconv.error_class(s),
+            attempt=int(resend) if isinstance(resend, int) else 0,
+            idempotency_key=has_idempotency_key(s), captured=_captured(s),
+            server_service=server.service if server else None,
+            server_start_ns=server.start_ns if server else None,
+            server_end_ns=server.end_ns if server else None,
+            server_ok=(server.status_code != STATUS_ERROR and semconv.error_class(server) is None)
+            if server else None,
+            upstream=upstream,
+            entry_start_ns=entry.start_ns if entry else None,
+            entry_end_ns=entry.end_ns if entry else None,
+            amount=_amount(s), http_status=semconv.http_status(s)))
+    root_error = semconv.error_class(root)
+    facts = TraceFacts(
+        trace_id=root.trace_id, start_ns=min(s.start_ns for s in spans), end_ns=max(s.end_ns for s in spans),
+        root_service=root.service, root_operation=semconv.route_of(root),
+        root_ok=root_error is None and root.status_code != STATUS_ERROR,
+        root_error_class=root_error or ("business" if root.status_code == STATUS_ERROR else None),
+        root_missing=root.parent_id is not None, span_count=len(spans),
+        services=sorted({s.service for s in spans}), keys=sorted(set(keys)), amount=amount)
+    return facts, calls
+
+
+def resolve_aliases(calls: list[Call], alias_votes: dict[str, dict[str, int]]) -> None:
+    """Rename calls to uninstrumented addresses after the service seen answering there."""
+    aliases = {peer: max(v, key=v.__getitem__) for peer, v in alias_votes.items()}
+    for call in calls:
+        if call.server_service is None and call.callee in aliases:
+            call.callee = aliases[call.callee]

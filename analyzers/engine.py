@@ -1,0 +1,442 @@
+"""The analysis: calls grouped into edges and transactions, clocks aligned, timeouts inferred.
+
+``analyze(store, now_ns=...)`` reads every span once through the storage
+interface and returns an :class:`Analysis`; nothing here prints or reads the clock.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from payscope.model import Span
+
+from .calls import Call, TraceFacts, is_charge_like, is_idempotent, resolve_aliases, trace_calls
+from .stats import median, ms, percentile
+
+EdgeKey = tuple[str, str, str]
+
+# Two timed-out calls ending within this share of each other ran under the same timeout.
+CLUSTER_TOLERANCE = 0.04
+CLUSTER_MIN_MS = 3.0
+SKEW_MIN_MS = 2.0
+
+
+@dataclass(slots=True)
+class ClockOffset:
+    """How far a service's clock runs ahead of the reference (the entry services)."""
+
+    service: str
+    offset_ms: float
+    reference: str
+    samples: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "offset_ms": round(self.offset_ms, 3), "reference": self.reference,
+                "samples": self.samples, "corrected": True}
+
+
+@dataclass(slots=True)
+class TimeoutValue:
+    """The timeout in force on an edge, where it comes from, and why we believe it."""
+
+    value_ms: float | None
+    source: str  # captured | declared | inferred | lower_bound | none
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def known(self) -> bool:
+        return self.value_ms is not None and self.source in ("captured", "declared", "inferred")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value_ms": None if self.value_ms is None else round(self.value_ms, 1),
+                "source": self.source, "evidence": self.evidence}
+
+
+@dataclass
+class Edge:
+    """Caller -> callee + operation, with what was seen on it."""
+
+    caller: str
+    callee: str
+    operation: str
+    calls: list[Call] = field(default_factory=list)
+    healthy_ms: list[float] = field(default_factory=list)     # client-side durations of successes
+    server_ms: list[float] = field(default_factory=list)      # callee-side durations of successes
+    timed_out_ms: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    retries: int = 0
+    max_attempts: int = 1
+    backoff_ms: float = 0.0
+    timeout: TimeoutValue = field(default_factory=lambda: TimeoutValue(None, "none"))
+    connect_timeout_ms: float | None = None
+    idempotent: bool = False
+    charge_like: bool = False
+    key_share: float = 0.0
+    instrumented_callee: bool = False
+    upstream: Counter[EdgeKey] = field(default_factory=Counter)
+    downstream: Counter[EdgeKey] = field(default_factory=Counter)
+    late_successes: list[Call] = field(default_factory=list)
+    duplicate_chains: list[list[Call]] = field(default_factory=list)
+    self_ms: list[float] = field(default_factory=list)        # callee time not spent in its own calls
+
+    @property
+    def key(self) -> EdgeKey:
+        return (self.caller, self.callee, self.operation)
+
+    def latency(self) -> list[float]:
+        """The healthy latency of the callee as the caller would see it, uncensored where possible."""
+        if len(self.server_ms) >= max(10, len(self.healthy_ms) // 2):
+            return self.server_ms
+        return self.healthy_ms
+
+    def percentiles(self) -> dict[str, float | None]:
+        values = self.latency()
+        return {"p50": percentile(values, 50), "p90": percentile(values, 90), "p99": percentile(values, 99),
+                "p99.9": percentile(values, 99.9), "max": values[-1] if values else None}
+
+    def to_json(self) -> dict[str, Any]:
+        pct = self.percentiles()
+        return {
+            "caller": self.caller, "callee": self.callee, "operation": self.operation,
+            "calls": len(self.calls), "healthy_samples": len(self.latency()),
+            "latency_ms": {k: None if v is None else round(v, 2) for k, v in pct.items()},
+            "errors": dict(self.errors), "retries": self.retries, "max_attempts": self.max_attempts,
+            "timeout": self.timeout.to_json(),
+            "timeout_rate": round(len(self.timed_out_ms) / len(self.calls), 4) if self.calls else 0.0,
+            "idempotent": self.idempotent, "late_successes": len(self.late_successes),
+        }
+
+
+@dataclass
+class Transaction:
+    """One trace (plus the traces sharing its business key) and how it ended."""
+
+    trace_id: str
+    facts: TraceFacts
+    outcome: str
+    failing_hop: EdgeKey | None
+    error_class: str | None
+    related: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Analysis:
+    traces: dict[str, TraceFacts]
+    calls: list[Call]
+    edges: dict[EdgeKey, Edge]
+    offsets: list[ClockOffset]
+    transactions: dict[str, Transaction]
+    declared: dict[EdgeKey, TimeoutValue] = field(default_factory=dict)
+    now_ns: int | None = None
+
+    def edges_from(self, service: str) -> list[Edge]:
+        return [e for e in self.edges.values() if e.caller == service]
+
+
+# --- reading -------------------------------------------------------------------
+
+def group_traces(batches: Iterable[list[Span]]) -> Iterator[list[Span]]:
+    """Spans arrive sorted by trace id; yield one trace at a time."""
+    current: list[Span] = []
+    for batch in batches:
+        for span in batch:
+            if current and span.trace_id != current[0].trace_id:
+                yield current
+                current = []
+            current.append(span)
+    if current:
+        yield current
+
+
+def collect_calls(traces: Iterable[list[Span]]) -> tuple[dict[str, TraceFacts], list[Call]]:
+    facts: dict[str, TraceFacts] = {}
+    calls: list[Call] = []
+    votes: dict[str, dict[str, int]] = {}
+    for spans in traces:
+        trace_facts, trace_calls_ = trace_calls(spans, votes)
+        facts[trace_facts.trace_id] = trace_facts
+        calls.extend(trace_calls_)
+    resolve_aliases(calls, votes)
+    return facts, calls
+
+
+# --- clocks --------------------------------------------------------------------
+
+def estimate_offsets(calls: list[Call], entry_services: set[str]) -> list[ClockOffset]:
+    """Per-service clock offsets from client/server pairs (midpoint method, median over calls)."""
+    deltas: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for c in calls:
+        if c.server_start_ns is None or c.server_end_ns is None or not c.ok or c.server_service == c.caller:
+            continue
+        server_mid = (c.server_start_ns + c.server_end_ns) / 2
+        client_mid = (c.start_ns + c.end_ns) / 2
+        deltas[(c.caller, c.server_service or c.callee)].append(ms(server_mid - client_mid))
+    graph: dict[str, list[tuple[str, float, int]]] = defaultdict(list)
+    for (caller, callee), values in deltas.items():
+        delta = median(values) or 0.0
+        graph[caller].append((callee, delta, len(values)))
+        graph[callee].append((caller, -delta, len(values)))
+    offsets: dict[str, tuple[float, str, int]] = {}
+    order = sorted(entry_services) + sorted(graph)
+    for start in order:
+        if start in offsets:
+            continue
+        offsets[start] = (0.0, start, 0)
+        queue = [start]
+        while queue:
+            node = queue.pop(0)
+            base = offsets[node][0]
+            for nxt, delta, n in sorted(graph[node], key=lambda t: -t[2]):
+                if nxt not in offsets:
+                    offsets[nxt] = (base + delta, offsets[start][1], n)
+                    queue.append(nxt)
+    return [ClockOffset(svc, off, ref, n) for svc, (off, ref, n) in sorted(offsets.items())
+            if abs(off) >= SKEW_MIN_MS]
+
+
+def apply_offsets(calls: list[Call], offsets: list[ClockOffset]) -> None:
+    shift = {o.service: int(o.offset_ms * 1e6) for o in offsets}
+    if not shift:
+        return
+    for c in calls:
+        d = shift.get(c.caller, 0)
+        if d:
+            c.start_ns -= d
+            c.end_ns -= d
+            if c.entry_start_ns is not None and c.entry_end_ns is not None:
+                c.entry_start_ns -= d
+                c.entry_end_ns -= d
+        if c.server_start_ns is not None and c.server_end_ns is not None:
+            s = shift.get(c.server_service or "", 0)
+            c.server_start_ns -= s
+            c.server_end_ns -= s
+
+
+# --- retries -------------------------------------------------------------------
+
+def retry_chains(calls: list[Call]) -> list[list[Call]]:
+    """Attempts of one logical call: same parent span, callee and operation, each after a failure."""
+    groups: dict[tuple[str, str | None, str, str], list[Call]] = defaultdict(list)
+    for c in calls:
+        groups[(c.trace_id, c.parent_id, c.callee, c.operation)].append(c)
+    chains: list[list[Call]] = []
+    for group in groups.values():
+        group.sort(key=lambda c: c.start_ns)
+        chain = [group[0]]
+        for c in group[1:]:
+            prev = chain[-1]
+            follows_failure = not prev.ok and c.start_ns >= prev.end_ns - 1_000_000
+            if follows_failure or c.attempt > 0:
+                chain.append(c)
+            else:
+                chains.append(chain)
+                chain = [c]
+        chains.append(chain)
+    for chain in chains:
+        for i, c in enumerate(chain):
+            c.attempt = max(c.attempt, i)
+    return chains
+
+
+# --- timeouts ------------------------------------------------------------------
+
+def infer_timeout(timed_out_ms: list[float], healthy_ms: list[float]) -> TimeoutValue:
+    """A timeout from where timed-out calls end; else the longest success as a lower bound."""
+    if len(timed_out_ms) >= 2:
+        values = sorted(timed_out_ms)
+        # The densest cluster: for each value, how many lie within tolerance above it.
+        best_start, best_count = 0, 0
+        j = 0
+        for i, v in enumerate(values):
+            limit = v + max(CLUSTER_MIN_MS, v * CLUSTER_TOLERANCE)
+            while j < len(values) and values[j] <= limit:
+                j += 1
+            if j - i > best_count:
+                best_start, best_count = i, j - i
+        cluster = values[best_start:best_start + best_count]
+        if best_count >= 2 and best_count >= 0.5 * len(values):
+            value = cluster[0]
+            return TimeoutValue(value, "inferred", {
+                "timed_out_calls": len(values), "in_cluster": best_count,
+                "cluster_ms": [round(cluster[0], 1), round(cluster[-1], 1)],
+                "rule": "timed-out calls end at a common duration"})
+    if healthy_ms:
+        return TimeoutValue(max(healthy_ms), "lower_bound", {
+            "successful_calls": len(healthy_ms), "rule": "no timeout fired; the longest success is a lower bound"})
+    return TimeoutValue(None, "none", {})
+
+
+def _captured_timeout(edge: Edge) -> TimeoutValue | None:
+    values = [c.captured for c in edge.calls if c.captured is not None]
+    if not values:
+        return None
+    sources = Counter(v.source or "unknown" for v in values)
+    source = sources.most_common(1)[0][0]
+    if source == "none":
+        return TimeoutValue(None, "captured", {"captured_source": "none", "calls": len(values),
+                                               "rule": "the client waits forever"})
+    per_try = [v.read_ms if v.read_ms is not None else v.total_ms for v in values]
+    known = [p for p in per_try if p is not None]
+    if not known:
+        return None
+    connects = [v.connect_ms for v in values if v.connect_ms is not None]
+    if connects:
+        edge.connect_timeout_ms = median(connects)
+    retry_max = [v.retry_max for v in values if v.retry_max is not None]
+    if retry_max:
+        edge.max_attempts = max(edge.max_attempts, max(retry_max))
+    return TimeoutValue(median(known), "captured", {"captured_source": source, "calls": len(values)})
+
+
+# --- edges and transactions --------------------------------------------------
+
+def build_edges(calls: list[Call], chains: list[list[Call]],
+                declared: dict[EdgeKey, TimeoutValue]) -> dict[EdgeKey, Edge]:
+    edges: dict[EdgeKey, Edge] = {}
+    by_span = {(c.trace_id, c.span_id): c for c in calls}
+    children: dict[tuple[str, str], list[Call]] = defaultdict(list)
+    for c in calls:
+        edge = edges.get(c.edge)
+        if edge is None:
+            edge = edges[c.edge] = Edge(*c.edge)
+        edge.calls.append(c)
+        if c.ok:
+            edge.healthy_ms.append(ms(c.duration_ns))
+        elif c.error_class:
+            edge.errors[c.error_class] += 1
+            if c.gave_up:
+                edge.timed_out_ms.append(ms(c.duration_ns))
+        if c.server_ok and c.server_start_ns is not None and c.server_end_ns is not None:
+            edge.server_ms.append(ms(c.server_end_ns - c.server_start_ns))
+        if c.upstream is not None:
+            parent = by_span.get((c.trace_id, c.upstream))
+            if parent is not None:
+                edge.upstream[parent.edge] += 1
+                children[(parent.trace_id, parent.span_id)].append(c)
+    for c in calls:
+        kids = children.get((c.trace_id, c.span_id))
+        if kids:
+            for k in kids:
+                edges[c.edge].downstream[k.edge] += 1
+        if c.server_ok and c.server_start_ns is not None and c.server_end_ns is not None:
+            busy = _union_ms([(k.start_ns, k.end_ns) for k in kids or []])
+            edges[c.edge].self_ms.append(max(0.0, ms(c.server_end_ns - c.server_start_ns) - busy))
+    for chain in chains:
+        edge = edges[chain[0].edge]
+        if len(chain) > 1:
+            edge.retries += len(chain) - 1
+            edge.max_attempts = max(edge.max_attempts, len(chain))
+            gaps = [ms(b.start_ns - a.end_ns) for a, b in zip(chain, chain[1:])]
+            edge.backoff_ms = max(edge.backoff_ms, median(gaps) or 0.0)
+            successes = [c for c in chain if c.server_ok]
+            if len(successes) >= 2 and not any(c.idempotency_key for c in chain):
+                edge.duplicate_chains.append(chain)
+    for edge in edges.values():
+        edge.healthy_ms.sort()
+        edge.server_ms.sort()
+        edge.instrumented_callee = any(c.server_service is not None for c in edge.calls)
+        method = Counter(c.method for c in edge.calls).most_common(1)[0][0]
+        edge.key_share = sum(c.idempotency_key for c in edge.calls) / len(edge.calls)
+        edge.idempotent = is_idempotent(method, edge.key_share >= 0.99, edge.operation)
+        edge.charge_like = is_charge_like(edge.operation, edge.callee) and not (method in ("GET", "HEAD"))
+        edge.late_successes = [c for c in edge.calls if c.late_success]
+        edge.timeout = (_captured_timeout(edge) or declared.get(edge.key)
+                        or declared.get((edge.caller, edge.callee, "*"))
+                        or infer_timeout(edge.timed_out_ms, edge.healthy_ms))
+    return edges
+
+
+def _union_ms(intervals: list[tuple[int, int]]) -> float:
+    total = 0
+    end = None
+    for s, e in sorted(intervals):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return ms(total)
+
+
+def mark_late_successes(calls: list[Call]) -> None:
+    """A call whose caller gave up (timeout) while the callee went on to succeed."""
+    for c in calls:
+        c.late_success = bool(c.gave_up and c.server_ok and c.server_end_ns is not None
+                              and c.server_end_ns > c.end_ns)
+
+
+def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[Call]]) -> dict[str, Transaction]:
+    by_trace: dict[str, list[Call]] = defaultdict(list)
+    for c in calls:
+        by_trace[c.trace_id].append(c)
+    final_attempt: set[tuple[str, str]] = {(ch[-1].trace_id, ch[-1].span_id) for ch in chains}
+    duplicate: set[str] = set()
+    for chain in chains:
+        successes = [c for c in chain if c.server_ok]
+        if len(successes) >= 2 and not any(c.idempotency_key for c in chain) \
+                and not is_idempotent(chain[0].method, False, chain[0].operation):
+            duplicate.add(chain[0].trace_id)
+    depth_cache: dict[tuple[str, str], int] = {}
+    by_span = {(c.trace_id, c.span_id): c for c in calls}
+
+    def depth(c: Call) -> int:
+        key = (c.trace_id, c.span_id)
+        if key not in depth_cache:
+            depth_cache[key] = 0
+            parent = by_span.get((c.trace_id, c.upstream)) if c.upstream else None
+            depth_cache[key] = depth(parent) + 1 if parent is not None else 0
+        return depth_cache[key]
+
+    out: dict[str, Transaction] = {}
+    for trace_id, f in facts.items():
+        trace_calls_ = by_trace.get(trace_id, [])
+        failed = [c for c in trace_calls_ if not c.ok and (c.trace_id, c.span_id) in final_attempt]
+        hop = max(failed, key=lambda c: (depth(c), c.start_ns)) if failed else None
+        late = [c for c in trace_calls_ if c.late_success]
+        if late and hop is None:
+            hop = late[0]
+        if trace_id in duplicate:
+            outcome = "duplicate_charge"
+        elif late and not f.root_ok:
+            outcome = "late_success"
+        elif not f.root_ok or hop is not None and not f.root_ok:
+            cls = hop.error_class if hop is not None else f.root_error_class
+            outcome = "timeout" if cls == "timeout" or f.root_error_class == "timeout" else "failed"
+        else:
+            outcome = "ok"
+        out[trace_id] = Transaction(trace_id, f, outcome, hop.edge if hop else None,
+                                    hop.error_class if hop else f.root_error_class)
+    by_key: dict[str, list[str]] = defaultdict(list)
+    for trace_id, f in facts.items():
+        for key in f.keys:
+            by_key[key].append(trace_id)
+    for ids in by_key.values():
+        if 1 < len(ids) <= 20:
+            for tid in ids:
+                out[tid].related = sorted(set(out[tid].related) | (set(ids) - {tid}))
+    return out
+
+
+def run(traces: Iterable[list[Span]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
+        now_ns: int | None = None) -> Analysis:
+    """The whole analysis over traces (each a list of the spans of one trace)."""
+    facts, calls = collect_calls(traces)
+    entries = {f.root_service for f in facts.values() if not f.root_missing}
+    offsets = estimate_offsets(calls, entries)
+    apply_offsets(calls, offsets)
+    chains = retry_chains(calls)
+    mark_late_successes(calls)
+    edges = build_edges(calls, chains, declared or {})
+    transactions = classify(facts, calls, chains)
+    return Analysis(facts, calls, edges, offsets, transactions, declared or {}, now_ns)
+
+
+def analyze(store: Any, *, now_ns: int | None = None) -> Analysis:
+    """Analyse everything in ``store`` (any :class:`~payscope.collector.store.Store`)."""
+    from .declared import declared_timeouts
+
+    return run(group_traces(store.iter_spans()), declared=declared_timeouts(store), now_ns=now_ns)

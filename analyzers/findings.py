@@ -1,0 +1,359 @@
+"""The timeout and retry findings: each rule names its evidence, or it does not fire."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .engine import Analysis, Edge, EdgeKey
+from .recommend import tail_timeout
+from .stats import fraction_above, nice_ceil_ms, percentile
+
+SEVERITIES = ("info", "low", "medium", "high", "critical")
+EVIDENCE_IDS = 5
+# A timeout below the callee's healthy tail kills at least this share of healthy calls.
+BELOW_TAIL_MIN_RATE = 0.01
+MIN_SAMPLES = 20
+
+
+@dataclass
+class Finding:
+    kind: str
+    severity: str
+    edge: EdgeKey
+    summary: str
+    explanation: str
+    metrics: dict[str, Any] = field(default_factory=dict)
+    trace_ids: list[str] = field(default_factory=list)
+    recommendation: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "severity": self.severity,
+            "edge": {"caller": self.edge[0], "callee": self.edge[1], "operation": self.edge[2]},
+            "summary": self.summary, "explanation": self.explanation,
+            "metrics": self.metrics, "evidence": {"trace_ids": self.trace_ids[:EVIDENCE_IDS]},
+            "recommendation": self.recommendation,
+        }
+
+
+def severity_at_least(severity: str, threshold: str) -> bool:
+    return SEVERITIES.index(severity) >= SEVERITIES.index(threshold)
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
+
+
+def _name(edge: Edge) -> str:
+    return f"{edge.caller} -> {edge.callee} ({edge.operation})"
+
+
+# --- rules -------------------------------------------------------------------------
+
+def late_success(edge: Edge) -> Finding | None:
+    late = edge.late_successes
+    if not late:
+        return None
+    amount = sum(c.amount or 0.0 for c in late)
+    after = sorted((c.server_end_ns or 0) - c.end_ns for c in late)
+    metrics: dict[str, Any] = {
+        "late_successes": len(late), "calls": len(edge.calls),
+        "median_ms_after_caller_gave_up": round(after[len(after) // 2] / 1e6, 1),
+        "timeout_ms": edge.timeout.value_ms,
+    }
+    if amount:
+        metrics["amount_at_risk"] = round(amount, 2)
+    return Finding(
+        "late_success", "critical" if edge.charge_like else "high", edge.key,
+        f"{len(late)} calls {_name(edge)} succeeded after {edge.caller} had timed out",
+        f"{edge.caller} gave up waiting, but {edge.callee} carried on and finished the work "
+        f"{metrics['median_ms_after_caller_gave_up']:.0f} ms later (median). "
+        f"{edge.caller} reports a failure for something that happened"
+        + (" - for a charge this means a customer was charged for an order marked failed." if edge.charge_like
+           else "."),
+        metrics, [c.trace_id for c in late],
+        {"action": f"raise the timeout of {edge.caller} -> {edge.callee} above the callee's healthy tail, "
+                   "and reconcile late results (or make the call idempotent and retry with the same key)",
+         "timeout_ms": tail_timeout(edge)})
+
+
+def timeout_below_tail(edge: Edge) -> Finding | None:
+    timeout = edge.timeout
+    if not timeout.known or timeout.value_ms is None or len(edge.timed_out_ms) < 2:
+        return None
+    t = timeout.value_ms
+    if edge.instrumented_callee and len(edge.server_ms) >= MIN_SAMPLES:
+        values = edge.server_ms
+        p99 = percentile(values, 99) or 0.0
+        rate = fraction_above(values, t)
+        if p99 <= t or rate < BELOW_TAIL_MIN_RATE:
+            return None
+        basis = f"{edge.callee}'s own spans of successful requests"
+    else:
+        # The callee has no spans: successes are cut off at the timeout. Their tail reaching up to it,
+        # with timeouts spread over the whole period rather than in one burst, says the same thing.
+        values = edge.healthy_ms
+        if len(values) < MIN_SAMPLES:
+            return None
+        p99 = percentile(values, 99) or 0.0
+        rate = len(edge.timed_out_ms) / len(edge.calls)
+        starts = sorted(c.start_ns for c in edge.calls)
+        timeout_starts = sorted(c.start_ns for c in edge.calls if c.gave_up)
+        window = starts[-1] - starts[0]
+        spread = timeout_starts[-1] - timeout_starts[0]
+        if p99 < 0.6 * t or rate < BELOW_TAIL_MIN_RATE or window <= 0 or spread < 0.5 * window:
+            return None
+        basis = f"successful calls (censored at the timeout: {edge.callee} has no spans)"
+    recommended = tail_timeout(edge)
+    return Finding(
+        "timeout_below_tail", "high" if rate >= 0.05 else "medium", edge.key,
+        f"{_name(edge)} times out at {_ms(t)}, inside {edge.callee}'s normal latency (p99 {_ms(p99)})",
+        f"The timeout cuts off {rate:.1%} of calls that {edge.callee} would have answered successfully "
+        f"(from {basis}). These are healthy but slow requests being turned into failures.",
+        {"timeout_ms": round(t, 1), "timeout_source": timeout.source, "callee_p99_ms": round(p99, 1),
+         "callee_p50_ms": round(percentile(values, 50) or 0.0, 1),
+         "expected_false_timeout_rate": round(rate, 4), "samples": len(values)},
+        [c.trace_id for c in edge.calls if c.gave_up],
+        {"timeout_ms": recommended, "action": f"raise the per-try timeout to {_ms(recommended)}"})
+
+
+def _waits(down: Edge) -> str:
+    if down.timeout.source == "lower_bound":
+        return "has waited"
+    return "waits up to"
+
+
+def _downstream_wait_ms(analysis: Analysis, edge: Edge) -> tuple[float, Edge] | None:
+    """How long the callee is prepared to wait on its own slowest downstream call, per request."""
+    best: tuple[float, Edge] | None = None
+    for key in edge.downstream:
+        down = analysis.edges.get(key)
+        if down is None:
+            continue
+        if down.timeout.known and down.timeout.value_ms is not None:
+            wait = down.timeout.value_ms * max(1, down.max_attempts) + down.backoff_ms * (down.max_attempts - 1)
+        elif down.timeout.source == "lower_bound" and down.timeout.value_ms is not None:
+            # It waited this long and succeeded, so its timeout is at least this.
+            wait = down.timeout.value_ms
+        else:
+            continue
+        if best is None or wait > best[0]:
+            best = (wait, down)
+    return best
+
+
+def timeout_inversion(analysis: Analysis, edge: Edge) -> Finding | None:
+    if not edge.timeout.known or edge.timeout.value_ms is None or len(edge.timed_out_ms) < 2:
+        return None
+    found = _downstream_wait_ms(analysis, edge)
+    if found is None:
+        return None
+    wait, down = found
+    self_ms = percentile(sorted(edge.self_ms), 50) or 0.0
+    t = edge.timeout.value_ms
+    if t > wait + self_ms:
+        return None
+    evidence = [c.trace_id for c in edge.calls if c.gave_up]
+    return Finding(
+        "timeout_inversion", "high", edge.key,
+        f"{edge.caller} gives up on {edge.callee} after {_ms(t)}, but {edge.callee} {_waits(down)} "
+        f"{_ms(wait)} on {down.callee}",
+        f"{edge.callee} {_waits(down)} {_ms(wait)} for {down.callee} "
+        f"({down.max_attempts} attempt(s), timeout {_ms(down.timeout.value_ms)}, {down.timeout.source}), "
+        f"plus about {_ms(self_ms)} of its own "
+        f"work, while its caller {edge.caller} stops waiting at {_ms(t)}. Whenever {down.callee} is slow, "
+        f"{edge.caller} fails first and {edge.callee}'s work is wasted or completes unseen.",
+        {"caller_timeout_ms": round(t, 1), "callee_downstream_wait_ms": round(wait, 1),
+         "callee_self_ms": round(self_ms, 1), "downstream_edge": f"{down.caller} -> {down.callee}",
+         "timeout_source": edge.timeout.source, "downstream_timeout_source": down.timeout.source},
+        evidence,
+        {"action": f"make {edge.caller}'s timeout larger than {edge.callee}'s whole downstream budget, or "
+                   f"shrink {down.caller} -> {down.callee} so deadlines decrease down the chain",
+         "timeout_ms": nice_ceil_ms((wait + self_ms) * 1.1)})
+
+
+def _deadline_of(analysis: Analysis, edge: Edge) -> tuple[float, Edge] | None:
+    """The tightest known timeout the caller's own callers apply to it."""
+    best: tuple[float, Edge] | None = None
+    for key in edge.upstream:
+        up = analysis.edges.get(key)
+        if up is not None and up.timeout.known and up.timeout.value_ms is not None:
+            if best is None or up.timeout.value_ms < best[0]:
+                best = (up.timeout.value_ms, up)
+    return best
+
+
+def retry_budget_overrun(analysis: Analysis, edge: Edge) -> Finding | None:
+    if edge.max_attempts < 2 or not edge.timeout.known or edge.timeout.value_ms is None:
+        return None
+    worst = edge.timeout.value_ms * edge.max_attempts + edge.backoff_ms * (edge.max_attempts - 1)
+    deadline = _deadline_of(analysis, edge)
+    multiplied = [analysis.edges[k] for k in edge.upstream if k in analysis.edges
+                  and analysis.edges[k].max_attempts >= 2]
+    if deadline is not None and worst > deadline[0]:
+        d, up = deadline
+        chains = [c.trace_id for c in edge.calls if c.attempt >= 1]
+        return Finding(
+            "retry_budget_overrun", "high" if edge.charge_like else "medium", edge.key,
+            f"{edge.caller} may spend {_ms(worst)} on {edge.callee} ({edge.max_attempts} attempts of "
+            f"{_ms(edge.timeout.value_ms)}), more than the {_ms(d)} its caller {up.caller} waits",
+            f"Retries are only useful while someone is still waiting for the answer. {up.caller} stops waiting "
+            f"for {edge.caller} after {_ms(d)}, but {edge.caller}'s retries to {edge.callee} can run to "
+            f"{_ms(worst)}: the last attempts work for nobody and add load during an incident.",
+            {"attempts": edge.max_attempts, "per_try_timeout_ms": round(edge.timeout.value_ms, 1),
+             "backoff_ms": round(edge.backoff_ms, 1), "worst_case_ms": round(worst, 1),
+             "caller_deadline_ms": round(d, 1), "deadline_edge": f"{up.caller} -> {up.callee}"},
+            chains,
+            {"action": "fit attempts x per-try timeout + backoff inside the caller's deadline",
+             "max_attempts": max(1, int((d * 0.9 + edge.backoff_ms) // (edge.timeout.value_ms + edge.backoff_ms)))})
+    if multiplied:
+        up = max(multiplied, key=lambda e: e.max_attempts)
+        total = up.max_attempts * edge.max_attempts
+        return Finding(
+            "retry_budget_overrun", "medium", edge.key,
+            f"retries multiply: {up.caller} retries {edge.caller} x{up.max_attempts} and {edge.caller} retries "
+            f"{edge.callee} x{edge.max_attempts} ({total} calls for one request)",
+            "Retrying at more than one layer multiplies the load on the deepest service exactly when it is "
+            "struggling. Retry at one layer only, usually the one closest to the user.",
+            {"upstream_attempts": up.max_attempts, "attempts": edge.max_attempts, "total_attempts": total},
+            [c.trace_id for c in edge.calls if c.attempt >= 1],
+            {"action": f"retry at one layer only (keep {up.caller}'s retries or {edge.caller}'s, not both)"})
+    return None
+
+
+def non_idempotent_retry(edge: Edge) -> Finding | None:
+    if edge.retries == 0 or edge.idempotent:
+        return None
+    retried = [c for c in edge.calls if c.attempt >= 1 and not c.idempotency_key]
+    if not retried:
+        return None
+    dup = edge.duplicate_chains
+    severity = "critical" if dup else ("high" if edge.charge_like else "medium")
+    return Finding(
+        "non_idempotent_retry", severity, edge.key,
+        f"{edge.caller} retries {edge.operation} on {edge.callee} without an idempotency key"
+        + (f"; {len(dup)} duplicate charges" if dup else ""),
+        f"A retried {edge.operation} is a new request to {edge.callee}: if the first attempt was processed "
+        f"(for example, it only timed out on the way back), the retry does the work twice"
+        + (f". This happened {len(dup)} times: two attempts both succeeded." if dup else "."),
+        {"retried_calls": len(retried), "duplicate_charges": len(dup), "max_attempts": edge.max_attempts,
+         "calls_with_idempotency_key": round(edge.key_share, 3)},
+        [ch[0].trace_id for ch in dup] + [c.trace_id for c in retried],
+        {"action": "send an Idempotency-Key header (the same on every attempt) or stop retrying this call",
+         "retries": 0})
+
+
+def timeout_missing(analysis: Analysis, edge: Edge) -> Finding | None:
+    timeout = edge.timeout
+    if timeout.source == "captured" and timeout.value_ms is None:
+        tail = tail_timeout(edge)
+        return Finding(
+            "timeout_missing", "high", edge.key,
+            f"{_name(edge)} has no timeout: the client waits forever",
+            f"When {edge.callee} hangs, every {edge.caller} worker calling it hangs too, until the pool is "
+            "exhausted and unrelated requests fail.",
+            {"calls": len(edge.calls), "worst_ms": edge.healthy_ms[-1] if edge.healthy_ms else None},
+            [c.trace_id for c in edge.calls[:EVIDENCE_IDS]],
+            {"timeout_ms": tail, "action": f"set a timeout of {_ms(tail)}"})
+    if timeout.known and timeout.value_ms is not None:
+        worst = edge.latency()[-1] if edge.latency() else None
+        deadline = _deadline_of(analysis, edge)
+        if worst and deadline and timeout.value_ms > 10 * worst and timeout.value_ms > deadline[0]:
+            return Finding(
+                "timeout_missing", "medium", edge.key,
+                f"{_name(edge)} waits {_ms(timeout.value_ms)}, far above its worst healthy call ({_ms(worst)}) "
+                f"and above its caller's {_ms(deadline[0])}",
+                "A timeout this long protects nothing: the caller's own caller has long given up.",
+                {"timeout_ms": timeout.value_ms, "worst_healthy_ms": worst, "caller_deadline_ms": deadline[0]},
+                [c.trace_id for c in edge.calls[:EVIDENCE_IDS]],
+                {"timeout_ms": tail_timeout(edge)})
+    return None
+
+
+def deadline_not_propagated(analysis: Analysis, edge: Edge) -> Finding | None:
+    """The callee starts new downstream work after its caller has given up on it."""
+    by_span = {(c.trace_id, c.span_id): c for c in edge.calls if c.gave_up}
+    if not by_span:
+        return None
+    orphans = []
+    for key in edge.downstream:
+        down = analysis.edges.get(key)
+        if down is None:
+            continue
+        for c in down.calls:
+            parent = by_span.get((c.trace_id, c.upstream or ""))
+            if parent is not None and c.start_ns > parent.end_ns + 1_000_000:
+                orphans.append(c)
+    if len(orphans) < 2:
+        return None
+    return Finding(
+        "deadline_not_propagated", "medium", edge.key,
+        f"{edge.callee} starts {len(orphans)} downstream calls after {edge.caller} has already given up",
+        f"{edge.caller} does not tell {edge.callee} how long it will wait (no deadline header), so "
+        f"{edge.callee} keeps working - and calling others - for a request nobody is waiting for.",
+        {"calls_after_deadline": len(orphans)}, [c.trace_id for c in orphans],
+        {"action": "propagate the remaining budget (grpc-timeout, x-envoy-expected-rq-timeout-ms) and "
+                   "check it before each downstream call"})
+
+
+def uniform_timeout(analysis: Analysis) -> list[Finding]:
+    groups: dict[float, list[Edge]] = {}
+    for edge in analysis.edges.values():
+        if edge.timeout.source in ("captured", "declared") and edge.timeout.value_ms:
+            groups.setdefault(round(edge.timeout.value_ms), []).append(edge)
+    out = []
+    for value, edges in groups.items():
+        p50s = [(percentile(e.latency(), 50), e) for e in edges if len(e.latency()) >= MIN_SAMPLES]
+        p50s = [(p, e) for p, e in p50s if p]
+        if len(p50s) < 3:
+            continue
+        lo, hi = min(p50s, key=lambda t: t[0]), max(p50s, key=lambda t: t[0])
+        if hi[0] < 10 * lo[0]:  # type: ignore[operator]
+            continue
+        out.append(Finding(
+            "uniform_timeout", "low", lo[1].key,
+            f"the same {_ms(value)} timeout is set on {len(p50s)} edges whose latency differs "
+            f"{hi[0] / lo[0]:.0f}x",  # type: ignore[operator]
+            "One value copied everywhere is too long for fast callees (slow failure) or too short for slow "
+            "ones. Set each edge from its own latency.",
+            {"timeout_ms": value, "edges": [f"{e.caller} -> {e.callee}" for _, e in p50s],
+             "fastest_p50_ms": lo[0], "slowest_p50_ms": hi[0]},
+            [], {"action": "see `payscope recommend timeouts` for per-edge values"}))
+    return out
+
+
+def connect_timeout_too_long(edge: Edge) -> Finding | None:
+    connect = edge.connect_timeout_ms
+    read = edge.timeout.value_ms
+    if connect is None or read is None:
+        return None
+    if connect < read and connect < 3000:
+        return None
+    return Finding(
+        "connect_timeout_too_long", "low", edge.key,
+        f"{_name(edge)} waits {_ms(connect)} to connect (read timeout {_ms(read)})",
+        "A TCP connection on a LAN opens in about a millisecond; a connect timeout of seconds only delays "
+        "noticing that the callee is down, and retries to a healthy replica start late.",
+        {"connect_timeout_ms": connect, "read_timeout_ms": read}, [],
+        {"connect_timeout_ms": 500 if read >= 1000 else max(50, int(read // 4)), "action": "shorten the connect "
+         "timeout"})
+
+
+def find(analysis: Analysis) -> list[Finding]:
+    """Every finding, most severe first."""
+    out: list[Finding] = []
+    for edge in analysis.edges.values():
+        for rule in (late_success, timeout_below_tail, non_idempotent_retry, connect_timeout_too_long):
+            found = rule(edge)
+            if found:
+                out.append(found)
+        for rule2 in (timeout_inversion, retry_budget_overrun, timeout_missing, deadline_not_propagated):
+            found = rule2(analysis, edge)
+            if found:
+                out.append(found)
+    out.extend(uniform_timeout(analysis))
+    out.sort(key=lambda f: (-SEVERITIES.index(f.severity), f.kind, f.edge))
+    return out

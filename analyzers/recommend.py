@@ -1,0 +1,301 @@
+"""Timeout and retry recommendations per edge, and a replay of recorded latencies under them."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .calls import Call
+from .engine import Analysis, Edge, EdgeKey
+from .stats import fraction_above, median, ms, nice_ceil_ms, percentile
+
+MARGIN = 1.25          # over the healthy p99
+NESTED_MARGIN = 1.1    # a caller waits this much longer than its callee's whole budget
+MIN_TIMEOUT_MS = 10.0
+OUTLIER_FACTOR = 4.0   # a success slower than this many p99s is an outlier, not the tail to cover
+
+
+@dataclass
+class Setting:
+    """What an edge runs under: per-try timeout (None = waits forever), attempts, backoff."""
+
+    per_try_ms: float | None
+    attempts: int = 1
+    backoff_ms: float = 0.0
+
+    def budget_ms(self) -> float | None:
+        if self.per_try_ms is None:
+            return None
+        return self.per_try_ms * self.attempts + self.backoff_ms * (self.attempts - 1)
+
+
+@dataclass
+class Recommendation:
+    edge: Edge
+    current: Setting
+    recommended: Setting
+    reason: str
+    timeout_rate_before: float
+    timeout_rate_after: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        e = self.edge
+        pct = e.percentiles()
+        return {
+            "edge": {"caller": e.caller, "callee": e.callee, "operation": e.operation},
+            "current": {"timeout_ms": e.timeout.value_ms and round(e.timeout.value_ms, 1),
+                        "source": e.timeout.source, "attempts": self.current.attempts},
+            "latency_ms": {k: None if v is None else round(v, 1) for k, v in pct.items()},
+            "samples": len(e.latency()),
+            "recommended": {"timeout_ms": self.recommended.per_try_ms, "attempts": self.recommended.attempts,
+                            "retries": self.recommended.attempts - 1,
+                            "backoff_ms": self.recommended.backoff_ms,
+                            "budget_ms": self.recommended.budget_ms()},
+            "idempotent": e.idempotent,
+            "expected_timeout_rate": {"before": round(self.timeout_rate_before, 4),
+                                      "after": round(self.timeout_rate_after, 4)},
+            "reason": self.reason, "notes": self.notes,
+            "snippets": snippets(e, self.recommended),
+        }
+
+
+def current_setting(edge: Edge) -> Setting:
+    value = edge.timeout.value_ms if edge.timeout.known else None
+    return Setting(value, max(1, edge.max_attempts), edge.backoff_ms)
+
+
+def recommend(analysis: Analysis) -> list[Recommendation]:
+    """One recommendation per edge; callers' timeouts cover their callees' whole budgets."""
+    edges = analysis.edges
+    memo: dict[EdgeKey, Setting] = {}
+    visiting: set[EdgeKey] = set()
+    reasons: dict[EdgeKey, str] = {}
+
+    def setting(key: EdgeKey) -> Setting:
+        if key in memo:
+            return memo[key]
+        edge = edges[key]
+        if key in visiting:  # a cycle: fall back to the edge's own tail
+            return Setting(tail_timeout(edge))
+        visiting.add(key)
+        tail = tail_timeout(edge)
+        # The callee makes its downstream calls one after another: their budgets add up.
+        downstream = sum(setting(k).budget_ms() or 0.0 for k in edge.downstream if k in edges)
+        self_p99 = percentile(sorted(edge.self_ms), 99) or 0.0
+        nested = (downstream + self_p99) * NESTED_MARGIN if downstream else 0.0
+        per_try = tail
+        reason = "healthy p99 x 1.25 (p99.9 where there are 1000+ samples)"
+        if per_try is None:
+            per_try = edge.timeout.value_ms if edge.timeout.known else None
+            reason = "no healthy samples: keep the current value"
+        if per_try is not None and nested > per_try:
+            per_try = nice_ceil_ms(nested)
+            reason = f"covers {edge.callee}'s own downstream budget ({nested:.0f} ms with margin)"
+        attempts = 1
+        backoff = 0.0
+        if edge.idempotent and per_try is not None:
+            attempts = 2
+            backoff = nice_ceil_ms(max(MIN_TIMEOUT_MS, (percentile(edge.latency(), 50) or 10.0) / 2))
+        result = Setting(None if per_try is None else max(MIN_TIMEOUT_MS, per_try), attempts, backoff)
+        memo[key] = result
+        reasons[key] = reason
+        visiting.discard(key)
+        return result
+
+    out = []
+    for key, edge in sorted(edges.items()):
+        rec = setting(key)
+        cur = current_setting(edge)
+        values = edge.latency()
+        before = fraction_above(values, cur.per_try_ms) if cur.per_try_ms is not None else 0.0
+        after = fraction_above(values, rec.per_try_ms) if rec.per_try_ms is not None else 0.0
+        notes = []
+        if not edge.idempotent and cur.attempts > 1:
+            notes.append("retries removed: the call is not idempotent (send an Idempotency-Key to retry safely)")
+        if not edge.instrumented_callee and edge.timed_out_ms:
+            notes.append(f"{edge.callee} has no spans: latency above the current timeout was never observed, "
+                         "so the tail may be longer than shown")
+        if rec.per_try_ms is not None:
+            p99 = percentile(values, 99)
+            if p99 is not None and rec.per_try_ms < p99:  # never: kept as a guard on the rule above
+                rec.per_try_ms = nice_ceil_ms(p99)
+        out.append(Recommendation(edge, cur, rec, reasons[key], before, after ** rec.attempts, notes))
+    return out
+
+
+def tail_timeout(edge: Edge) -> float | None:
+    """A per-try timeout from the callee's healthy latency tail."""
+    values = edge.latency()
+    p99 = percentile(values, 99)
+    if p99 is None:
+        return None
+    target = p99 * MARGIN
+    if len(values) >= 1000:
+        target = max(target, percentile(values, 99.9) or target)
+    worst = values[-1]
+    if worst <= OUTLIER_FACTOR * p99:
+        # Cutting off a call that succeeded in the recorded data would turn a success into a failure.
+        target = max(target, worst * 1.05)
+    if not edge.instrumented_callee and edge.timed_out_ms and edge.timeout.value_ms:
+        # Successes are censored at the current timeout: the real tail lies beyond it.
+        target = max(target, edge.timeout.value_ms * 2)
+    return nice_ceil_ms(max(MIN_TIMEOUT_MS, target))
+
+
+# --- snippets ------------------------------------------------------------------
+
+def snippets(edge: Edge, rec: Setting) -> dict[str, str]:
+    """Ready-to-paste configuration for the clients that could own this edge."""
+    if rec.per_try_ms is None:
+        return {}
+    t = rec.per_try_ms / 1000
+    connect = min(0.5, t)
+    retries = rec.attempts - 1
+    out = {
+        "requests": (f"session.post(url, json=body, timeout=({connect:g}, {t:g}))"
+                     + (f"\n# retries: HTTPAdapter(max_retries=Retry(total={retries}, backoff_factor="
+                        f"{rec.backoff_ms / 1000:g}, allowed_methods=None))" if retries else "")),
+        "httpx": f"httpx.Client(timeout=httpx.Timeout({t:g}, connect={connect:g}))"
+                 + (f"\n# transport=httpx.HTTPTransport(retries={retries})" if retries else ""),
+        "aiohttp": f"aiohttp.ClientTimeout(total={t:g}, sock_connect={connect:g})",
+        "grpc": f"stub.Method(request, timeout={t:g})",
+        "nginx": (f"proxy_connect_timeout {int(connect * 1000)}ms;\nproxy_read_timeout {int(t * 1000)}ms;\n"
+                  f"proxy_next_upstream_tries {rec.attempts};"),
+        "envoy": (f"timeout: {rec.budget_ms() / 1000:g}s\nretry_policy:\n  num_retries: {retries}\n"
+                  f"  per_try_timeout: {t:g}s" if rec.budget_ms() else ""),
+    }
+    return out
+
+
+# --- replay --------------------------------------------------------------------
+
+@dataclass
+class ReplayResult:
+    transactions: int
+    failed: int
+    late_success: int
+    duplicate_charge: int
+
+    def to_json(self) -> dict[str, int]:
+        return {"transactions": self.transactions, "failed": self.failed, "late_success": self.late_success,
+                "duplicate_charge": self.duplicate_charge}
+
+
+def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult:
+    """Replay each recorded transaction's latencies under ``settings``.
+
+    A callee's time is its recorded server time with its own downstream calls
+    replayed in turn. Retries past the recorded attempts take the edge's median
+    healthy latency. A timed-out call whose callee has no spans is assumed to
+    have taken longer than any timeout (its real latency was never seen).
+    """
+    chains_by_parent: dict[tuple[str, str | None], list[list[Call]]] = defaultdict(list)
+    groups: dict[tuple[str, str | None, str, str], list[Call]] = defaultdict(list)
+    for c in analysis.calls:
+        groups[(c.trace_id, c.parent_id, c.callee, c.operation)].append(c)
+    for (trace_id, _, _, _), calls in groups.items():
+        calls.sort(key=lambda c: c.start_ns)
+        # the server span of the caller that made these calls: its upstream client span id
+        chains_by_parent[(trace_id, calls[0].upstream)].append(calls)
+    net_ms: dict[EdgeKey, float] = {}
+    for key, edge in analysis.edges.items():
+        gaps = [ms(c.duration_ns - (c.server_end_ns - c.server_start_ns)) for c in edge.calls
+                if c.ok and c.server_end_ns is not None and c.server_start_ns is not None]
+        net_ms[key] = max(0.0, median(gaps) or 1.0)
+
+    def run_chain(chain: list[Call]) -> tuple[float, bool, bool, bool]:
+        """(time the caller spent, success, a late success happened, a duplicate happened)."""
+        edge = analysis.edges[chain[0].edge]
+        setting = settings.get(edge.key) or current_setting(edge)
+        spent = 0.0
+        server_successes = 0
+        late = False
+        for i in range(setting.attempts):
+            if i:
+                spent += setting.backoff_ms
+            recorded = chain[i] if i < len(chain) else None
+            latency, server_ok = attempt_latency(edge, recorded)
+            limit = setting.per_try_ms
+            if limit is None or latency <= limit:
+                spent += latency
+                if server_ok:
+                    server_successes += 1
+                    dup = server_successes >= 2 and not edge.idempotent
+                    return spent, True, late, dup
+                continue
+            spent += limit
+            if server_ok:
+                server_successes += 1
+                late = True
+        dup = server_successes >= 2 and not edge.idempotent
+        return spent, False, late, dup
+
+    def attempt_latency(edge: Edge, call: Call | None) -> tuple[float, bool]:
+        if call is None:
+            return (percentile(edge.latency(), 50) or 0.0), True
+        if call.server_start_ns is None or call.server_end_ns is None:
+            if call.gave_up:  # the callee has no spans: how long it would have taken was never seen
+                return float("inf"), False
+            return ms(call.duration_ns), call.ok
+        own = ms(call.server_end_ns - call.server_start_ns)
+        children = chains_by_parent.get((call.trace_id, call.span_id), [])
+        recorded_children = sum(ms(ch[-1].end_ns - ch[0].start_ns) for ch in children)
+        replayed = 0.0
+        children_ok = True
+        for ch in children:
+            spent, child_ok, _, _ = run_chain(ch)
+            replayed += spent
+            if not child_ok:
+                children_ok = False
+                break
+        # A callee that failed only because one of its own calls failed succeeds when that call now does.
+        failed_by_child = any(not ch[-1].ok for ch in children)
+        ok = children_ok and (bool(call.server_ok) or failed_by_child)
+        return max(0.0, own - recorded_children + replayed) + net_ms.get(edge.key, 1.0), ok
+
+    failed = late_total = dup_total = 0
+    for trace_id, facts in analysis.traces.items():
+        top = chains_by_parent.get((trace_id, None), [])
+        any_fail = any_late = any_dup = False
+        for ch in top:
+            _, ok, late, dup = _walk(ch, run_chain, chains_by_parent)
+            any_fail |= not ok
+            any_late |= late
+            any_dup |= dup
+        if not top and not facts.root_ok:
+            any_fail = True
+        failed += any_fail
+        late_total += any_late and any_fail
+        dup_total += any_dup
+    return ReplayResult(len(analysis.traces), failed, late_total, dup_total)
+
+
+def _walk(chain: list[Call], run_chain: Any, chains_by_parent: dict[tuple[str, str | None], list[list[Call]]]
+          ) -> tuple[float, bool, bool, bool]:
+    """Run a top-level chain and gather late/duplicate flags from every call below it."""
+    spent, ok, late, dup = run_chain(chain)
+    stack = [c for c in chain]
+    while stack:
+        call = stack.pop()
+        for child in chains_by_parent.get((call.trace_id, call.span_id), []):
+            _, _, child_late, child_dup = run_chain(child)
+            late |= child_late
+            dup |= child_dup
+            stack.extend(child)
+    return spent, ok, late, dup
+
+
+def simulate(analysis: Analysis, recommendations: list[Recommendation]) -> dict[str, Any]:
+    before = replay(analysis, {r.edge.key: r.current for r in recommendations})
+    after = replay(analysis, {r.edge.key: r.recommended for r in recommendations})
+    recorded = Counter(t.outcome for t in analysis.transactions.values())
+    return {
+        "recorded": {"transactions": len(analysis.transactions),
+                     "failed": sum(recorded.get(k, 0) for k in ("failed", "timeout", "late_success")),
+                     "late_success": recorded.get("late_success", 0),
+                     "duplicate_charge": recorded.get("duplicate_charge", 0)},
+        "before": before.to_json(), "after": after.to_json(),
+        "model": "recorded latencies replayed through each call tree under the current and recommended settings",
+    }

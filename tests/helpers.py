@@ -1,0 +1,92 @@
+"""Shared helpers for the tests: free ports, a real `payscope collect` process, CLI runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+DATA = Path(__file__).parent / "data"
+SCENARIOS = DATA / "scenarios"
+REALDATA = DATA / "realdata"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def payscope(*args: str, env: dict[str, str] | None = None, check: bool = False,
+             timeout: float = 120, input_text: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real command line in a child process."""
+    full_env = dict(os.environ)
+    full_env.pop("PAYSCOPE_STORE", None)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "payscope", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, input=input_text)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"payscope {' '.join(args)} exited {proc.returncode}:\n{proc.stderr}")
+    return proc
+
+
+def payscope_json(*args: str) -> Any:
+    proc = payscope(*args, "--format", "json", check=True)
+    return json.loads(proc.stdout)
+
+
+class CollectorProcess:
+    """`payscope collect` in a child process on free ports; always stopped by the test."""
+
+    def __init__(self, store: Path, *, grpc: bool = True) -> None:
+        self.store = store
+        self.http_port = free_port()
+        self.grpc_port = free_port() if grpc else None
+        args = [sys.executable, "-m", "payscope", "collect", "--store", str(store),
+                "--http", f"127.0.0.1:{self.http_port}",
+                "--grpc", f"127.0.0.1:{self.grpc_port}" if grpc else "off"]
+        self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+        self.banner = self._wait_ready()
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def _wait_ready(self, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        assert self.proc.stderr is not None
+        lines = []
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise AssertionError(f"collector exited early: {''.join(lines)}")
+            lines.append(line)
+            if "listening on" in line:
+                return "".join(lines)
+        raise AssertionError("collector did not start listening in time")
+
+    def stop(self, sig: int = signal.SIGTERM) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        rest = ""
+        if self.proc.stderr:
+            rest = self.proc.stderr.read()
+            self.proc.stderr.close()
+        return rest
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        if self.proc.stderr:
+            self.proc.stderr.close()

@@ -1,0 +1,168 @@
+"""The rules every storage backend keeps (see collector/store/api.py); run against each backend."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from payscope.collector.store import LogQuery, Store, open_store
+from payscope.errors import StoreError
+from payscope.model import STATUS_ERROR, STATUS_OK, LogRecord, Span
+
+BACKENDS = ["embedded"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
+    opened: list[Store] = []
+
+    def make() -> Store:
+        store = open_store(str(tmp_path / "conformance.db"))
+        opened.append(store)
+        return store
+
+    yield make
+    for store in opened:
+        store.close()
+
+
+T1 = "a" * 32
+T2 = "b" * 32
+
+
+def span(trace: str, sid: str, parent: str | None, service: str, kind: str, start_ms: int, end_ms: int,
+         status: int = STATUS_OK, **attrs: object) -> Span:
+    return Span(trace, sid, parent, service, f"{kind} op", kind, start_ms * 1_000_000, end_ms * 1_000_000,
+                status, "boom" if status == STATUS_ERROR else "", dict(attrs), [], {"service.name": service})
+
+
+def sample_trace(trace: str, failed: bool, start_ms: int = 1000) -> list[Span]:
+    s = start_ms
+    return [
+        span(trace, "1000000000000001", None, "gateway", "server", s, s + 100, order_id="o-" + trace[:4]),
+        span(trace, "1000000000000002", "1000000000000001", "gateway", "client", s + 1, s + 99,
+             STATUS_ERROR if failed else STATUS_OK, **{"server.address": "order"}),
+        span(trace, "1000000000000003", "1000000000000002", "order", "server", s + 2, s + 98),
+    ]
+
+
+def test_writes_are_idempotent(backend: Callable[[], Store]) -> None:
+    store = backend()
+    assert store.write(sample_trace(T1, False)) == (3, 0)
+    assert store.write(sample_trace(T1, False)) == (0, 0)
+    assert store.counts()["spans"] == 3
+    log = LogRecord(time_ns=1, service="order", message="charged", source="order.log:1")
+    assert store.write(logs=[log]) == (0, 1)
+    assert store.write(logs=[log]) == (0, 0)
+
+
+def test_trace_by_id_is_ordered_and_whole(backend: Callable[[], Store]) -> None:
+    store = backend()
+    spans = sample_trace(T1, True)
+    store.write(list(reversed(spans)))
+    got = store.trace(T1)
+    assert [s.span_id for s in got] == [s.span_id for s in spans]
+    assert got[1].attributes == {"server.address": "order"}
+    assert got[0].resource == {"service.name": "gateway"}
+    assert store.trace("c" * 32) == []
+
+
+def test_failed_traces_newest_first_and_bounded_by_time(backend: Callable[[], Store]) -> None:
+    store = backend()
+    store.write(sample_trace(T1, True, 1000) + sample_trace(T2, False, 2000))
+    store.write(sample_trace("d" * 32, True, 3000))
+    failed = store.failed_traces()
+    assert [f.trace_id for f in failed] == ["d" * 32, T1]
+    assert failed[0].root_service == "gateway" and failed[0].error_count == 1
+    assert [f.trace_id for f in store.failed_traces(since_ns=2_000_000_000)] == ["d" * 32]
+    assert [t.trace_id for t in store.traces(limit=1)] == ["d" * 32]
+
+
+def test_edge_is_linked_whatever_order_the_halves_arrive(backend: Callable[[], Store]) -> None:
+    store = backend()
+    server_first = sample_trace(T1, False)
+    store.write([server_first[2]])          # the callee's span arrives first
+    store.write(server_first[:2])
+    client_first = sample_trace(T2, False)
+    store.write(client_first[:2])           # the caller's span arrives first
+    store.write([client_first[2]])
+    assert ("gateway", "order", 2) in store.edges()
+    assert {s.trace_id for s in store.edge_spans("gateway", "order")} == {T1, T2}
+
+
+def test_logs_of_trace_and_search(backend: Callable[[], Store]) -> None:
+    store = backend()
+    store.write(logs=[
+        LogRecord(time_ns=3, service="order", message="charge ok", trace_id=T1, link_method="trace_id"),
+        LogRecord(time_ns=1, service="order", message="charge start", trace_id=T1, link_method="trace_id"),
+        LogRecord(time_ns=2, service="pay", message="pool refreshed"),
+    ])
+    assert [r.message for r in store.logs_of_trace(T1)] == ["charge start", "charge ok"]
+    found = store.search_logs(LogQuery(text="pool"))
+    assert [r.message for _, r in found] == ["pool refreshed"]
+    assert [r.message for _, r in store.search_logs(LogQuery(unlinked_only=True))] == ["pool refreshed"]
+    log_id = found[0][0]
+    store.update_log_links([(log_id, T2, None, "time_window", 0.7)])
+    assert store.logs_of_trace(T2)[0].link_method == "time_window"
+
+
+def test_business_keys_find_traces(backend: Callable[[], Store]) -> None:
+    store = backend()
+    store.write(sample_trace(T1, False))
+    assert store.traces_by_key("o-aaaa") == [T1]
+    assert store.traces_by_key("nothing") == []
+
+
+def test_iter_spans_keeps_traces_contiguous(backend: Callable[[], Store]) -> None:
+    store = backend()
+    store.write(sample_trace(T2, False) + sample_trace(T1, False))
+    seen = [s.trace_id for batch in store.iter_spans(batch_size=2) for s in batch]
+    assert seen == sorted(seen) and len(seen) == 6
+
+
+def test_meta_round_trip(backend: Callable[[], Store]) -> None:
+    store = backend()
+    store.set_meta("declared_timeouts", "[]")
+    assert store.get_meta("declared_timeouts") == "[]"
+    assert store.get_meta("missing") is None
+
+
+# --- embedded-only rules -------------------------------------------------------------
+
+def test_embedded_records_schema_version_and_refuses_another(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    open_store(str(path)).close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="schema version 99"):
+        open_store(str(path))
+
+
+def test_embedded_refuses_a_file_that_is_not_a_store(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello, not a database\n" * 100)
+    with pytest.raises(StoreError, match="not a payscope store"):
+        open_store(str(path))
+    with pytest.raises(StoreError, match="no payscope store"):
+        open_store(str(tmp_path / "missing.db"), readonly=True)
+
+
+@pytest.mark.parametrize("sql, index", [
+    ("SELECT * FROM traces WHERE error_count > 0 AND start_ns >= 5 ORDER BY start_ns DESC", "traces_failed"),
+    ("SELECT * FROM spans WHERE trace_id = 'x'", "PRIMARY KEY"),
+    ("SELECT * FROM spans WHERE service = 'a' AND callee = 'b' ORDER BY start_ns", "spans_edge"),
+    ("SELECT * FROM logs WHERE trace_id = 'x' ORDER BY time_ns", "logs_trace"),
+])
+def test_embedded_answers_the_hot_questions_from_indexes(tmp_path: Path, sql: str, index: str) -> None:
+    path = tmp_path / "s.db"
+    open_store(str(path)).close()
+    conn = sqlite3.connect(path)
+    plan = " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+    conn.close()
+    assert index in plan and "SCAN spans" not in plan and "SCAN logs" not in plan, plan
