@@ -118,6 +118,7 @@ class Call:
     upstream: str | None = None        # span id of the client call that led into the caller
     entry_start_ns: int | None = None  # the caller's server span that this call is made under
     entry_end_ns: int | None = None
+    entry_span_id: str | None = None
     amount: float | None = None
     http_status: int | None = None
     late_success: bool = False         # set after clock correction
@@ -161,6 +162,7 @@ class TraceFacts:
     root_ok: bool
     root_error_class: str | None
     root_missing: bool
+    failing_entry: str | None  # span id of the first entry request that failed, when one did
     span_count: int
     services: list[str]
     keys: list[str] = field(default_factory=list)
@@ -213,10 +215,10 @@ def trace_calls(spans: list[Span], alias_votes: dict[str, dict[str, int]]) -> tu
     :func:`resolve_aliases` can rename those calls once every trace is read.
     """
     by_id = {s.span_id: s for s in spans}
-    servers_by_parent: dict[str, Span] = {}
+    servers_by_parent: dict[str, list[Span]] = {}
     for s in spans:
         if s.parent_id and s.kind in ("server", "consumer"):
-            servers_by_parent.setdefault(s.parent_id, s)
+            servers_by_parent.setdefault(s.parent_id, []).append(s)
     roots = [s for s in spans if not s.parent_id or s.parent_id not in by_id]
     roots.sort(key=lambda s: (s.parent_id is not None, s.start_ns))
     root = roots[0]
@@ -241,7 +243,9 @@ def trace_calls(spans: list[Span], alias_votes: dict[str, dict[str, int]]) -> tu
             amount = _amount(s)
         if s.kind not in ("client", "producer"):
             continue
-        server = servers_by_parent.get(s.span_id)
+        answered = servers_by_parent.get(s.span_id, [])
+        # One client span answered by several servers is a logical step (a load generator's journey), not a call.
+        server = answered[0] if len(answered) == 1 else None
         peer = semconv.peer_of(s)
         if server is not None:
             callee = server.service
@@ -269,16 +273,37 @@ def trace_calls(spans: list[Span], alias_votes: dict[str, dict[str, int]]) -> tu
             upstream=upstream,
             entry_start_ns=entry.start_ns if entry else None,
             entry_end_ns=entry.end_ns if entry else None,
+            entry_span_id=entry.span_id if entry else None,
             amount=_amount(s), http_status=semconv.http_status(s)))
-    root_error = semconv.error_class(root)
+    # Entry requests: server spans with no server span above them (under a load generator, say).
+    entries = [s for s in spans if s.kind in ("server", "consumer") and not _has_server_ancestor(s, by_id)]
+    if not entries:
+        entries = [root]
+    failing = [s for s in entries if s.status_code == STATUS_ERROR or semconv.error_class(s) is not None]
+    failing.sort(key=lambda s: s.start_ns)
+    if failing:
+        root_error = semconv.error_class(failing[0]) or "business"
+    else:
+        root_error = None
     facts = TraceFacts(
         trace_id=root.trace_id, start_ns=min(s.start_ns for s in spans), end_ns=max(s.end_ns for s in spans),
         root_service=root.service, root_operation=semconv.route_of(root),
-        root_ok=root_error is None and root.status_code != STATUS_ERROR,
-        root_error_class=root_error or ("business" if root.status_code == STATUS_ERROR else None),
-        root_missing=root.parent_id is not None, span_count=len(spans),
+        root_ok=not failing, root_error_class=root_error,
+        root_missing=root.parent_id is not None, failing_entry=failing[0].span_id if failing else None,
+        span_count=len(spans),
         services=sorted({s.service for s in spans}), keys=sorted(set(keys)), amount=amount)
     return facts, calls
+
+
+def _has_server_ancestor(span: Span, by_id: dict[str, Span]) -> bool:
+    cur = by_id.get(span.parent_id) if span.parent_id else None
+    hops = 0
+    while cur is not None and hops < 256:
+        if cur.kind in ("server", "consumer"):
+            return True
+        cur = by_id.get(cur.parent_id) if cur.parent_id else None
+        hops += 1
+    return False
 
 
 def resolve_aliases(calls: list[Call], alias_votes: dict[str, dict[str, int]]) -> None:

@@ -22,6 +22,8 @@ EdgeKey = tuple[str, str, str]
 CLUSTER_TOLERANCE = 0.04
 CLUSTER_MIN_MS = 3.0
 SKEW_MIN_MS = 2.0
+SKEW_MIN_PAIRS = 3
+SKEW_MIN_VIOLATIONS = 0.1  # share of successful calls whose server span lies outside the client span
 
 
 @dataclass(slots=True)
@@ -168,15 +170,21 @@ def collect_calls(traces: Iterable[list[Span]]) -> tuple[dict[str, TraceFacts], 
 def estimate_offsets(calls: list[Call], entry_services: set[str]) -> list[ClockOffset]:
     """Per-service clock offsets from client/server pairs (midpoint method, median over calls)."""
     deltas: dict[tuple[str, str], list[float]] = defaultdict(list)
+    violations: Counter[tuple[str, str]] = Counter()
     for c in calls:
         if c.server_start_ns is None or c.server_end_ns is None or not c.ok or c.server_service == c.caller:
             continue
         server_mid = (c.server_start_ns + c.server_end_ns) / 2
         client_mid = (c.start_ns + c.end_ns) / 2
-        deltas[(c.caller, c.server_service or c.callee)].append(ms(server_mid - client_mid))
+        pair = (c.caller, c.server_service or c.callee)
+        deltas[pair].append(ms(server_mid - client_mid))
+        if c.server_start_ns < c.start_ns or c.server_end_ns > c.end_ns:
+            violations[pair] += 1
     graph: dict[str, list[tuple[str, float, int]]] = defaultdict(list)
     for (caller, callee), values in deltas.items():
-        delta = median(values) or 0.0
+        # Clocks that never put a server outside its client are consistent: leave them alone.
+        consistent = len(values) < SKEW_MIN_PAIRS or violations[(caller, callee)] < SKEW_MIN_VIOLATIONS * len(values)
+        delta = 0.0 if consistent else (median(values) or 0.0)
         graph[caller].append((callee, delta, len(values)))
         graph[callee].append((caller, -delta, len(values)))
     offsets: dict[str, tuple[float, str, int]] = {}
@@ -396,6 +404,12 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
         trace_calls_ = by_trace.get(trace_id, [])
         failed = [c for c in trace_calls_ if not c.ok and (c.trace_id, c.span_id) in final_attempt]
         hop = max(failed, key=lambda c: (depth(c), c.start_ns)) if failed else None
+        if hop is None and f.failing_entry is not None:
+            # The entry failed with no failed call under it (a proxy that gave up, say): blame the call
+            # that used up its time.
+            under = [c for c in trace_calls_ if c.entry_span_id == f.failing_entry]
+            if under:
+                hop = max(under, key=lambda c: c.duration_ns)
         late = [c for c in trace_calls_ if c.late_success]
         if late and hop is None:
             hop = late[0]

@@ -57,7 +57,8 @@ def open_text(path: Path) -> IO[bytes]:
     magic = raw.read(2)
     raw.seek(0)
     if magic == b"\x1f\x8b":
-        return gzip.GzipFile(fileobj=raw)  # type: ignore[return-value]
+        raw.close()
+        return gzip.open(path, "rb")  # type: ignore[return-value]
     return raw
 
 
@@ -268,7 +269,10 @@ def read_trace_file(path: Path, report: ImportReport,
             document = json.loads(text)
         except ValueError as exc:
             raise InputError(f"{path} is not JSON: {exc}") from None
-        report.format = detect_format(document)
+        try:
+            report.format = detect_format(document)
+        except InputError as exc:
+            raise InputError(f"{path}: {exc}") from None
         batch = _document_batch(document, report.format, str(path), report)
         batch.bytes_read = len(text)
         if on_progress:

@@ -27,7 +27,7 @@ recommend_app = typer.Typer(help="Recommend settings from what was recorded.", n
 app.add_typer(recommend_app, name="recommend")
 
 out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 StoreOption = Annotated[
     Optional[str],
@@ -232,7 +232,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)
     except PayscopeError as exc:
-        err.print(f"payscope: error: {exc}")
+        err.print(f"payscope: error: {exc}", markup=False)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
