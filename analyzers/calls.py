@@ -200,7 +200,7 @@ def _route_keys(span: Span) -> list[str]:
     if not route or not path or "{" not in str(route):
         return []
     keys = []
-    for tmpl, actual in zip(str(route).split("/"), str(path).split("?")[0].split("/")):
+    for tmpl, actual in zip(str(route).split("/"), str(path).split("?")[0].split("/"), strict=False):
         if tmpl.startswith("{") and tmpl.endswith("}") and re.search(r"order|payment|charge|transaction|invoice",
                                                                         tmpl, re.IGNORECASE):
             keys.append(actual)

@@ -337,7 +337,7 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
         if len(chain) > 1:
             edge.retries += len(chain) - 1
             edge.max_attempts = max(edge.max_attempts, len(chain))
-            gaps = [ms(b.start_ns - a.end_ns) for a, b in zip(chain, chain[1:])]
+            gaps = [ms(b.start_ns - a.end_ns) for a, b in zip(chain, chain[1:], strict=False)]
             edge.backoff_ms = max(edge.backoff_ms, median(gaps) or 0.0)
             successes = [c for c in chain if c.server_ok]
             if len(successes) >= 2 and not any(c.idempotency_key for c in chain):
@@ -349,7 +349,7 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
         method = Counter(c.method for c in edge.calls).most_common(1)[0][0]
         edge.key_share = sum(c.idempotency_key for c in edge.calls) / len(edge.calls)
         edge.idempotent = is_idempotent(method, edge.key_share >= 0.99, edge.operation)
-        edge.charge_like = is_charge_like(edge.operation, edge.callee) and not (method in ("GET", "HEAD"))
+        edge.charge_like = is_charge_like(edge.operation, edge.callee) and method not in ("GET", "HEAD")
         edge.late_successes = [c for c in edge.calls if c.late_success]
         edge.timeout = (_captured_timeout(edge) or declared.get(edge.key)
                         or declared.get((edge.caller, edge.callee, "*"))

@@ -91,7 +91,9 @@ def timeout_below_tail(edge: Edge) -> Finding | None:
         rate = fraction_above(values, t)
         if p99 <= t or rate < BELOW_TAIL_MIN_RATE:
             return None
-        basis = f"{edge.callee}'s own spans of successful requests"
+        explanation = (f"The timeout cuts off {rate:.1%} of calls that {edge.callee} would have answered "
+                       f"successfully (from {edge.callee}'s own spans of successful requests). These are healthy "
+                       "but slow requests being turned into failures.")
     else:
         # The callee has no spans: successes are cut off at the timeout. Their tail reaching up to it,
         # with timeouts spread over the whole period rather than in one burst, says the same thing.
@@ -106,13 +108,15 @@ def timeout_below_tail(edge: Edge) -> Finding | None:
         spread = timeout_starts[-1] - timeout_starts[0]
         if p99 < 0.6 * t or rate < BELOW_TAIL_MIN_RATE or window <= 0 or spread < 0.5 * window:
             return None
-        basis = f"successful calls (censored at the timeout: {edge.callee} has no spans)"
+        explanation = (f"{rate:.1%} of calls time out, spread over the whole period rather than in one incident, "
+                       f"and successful calls reach right up to the timeout (p99 {_ms(p99)} of {_ms(t)}): "
+                       f"{edge.callee}'s normal latency runs past it. {edge.callee} has no spans, so its real "
+                       "tail beyond the timeout was never seen.")
     recommended = tail_timeout(edge)
     return Finding(
         "timeout_below_tail", "high" if rate >= 0.05 else "medium", edge.key,
         f"{_name(edge)} times out at {_ms(t)}, inside {edge.callee}'s normal latency (p99 {_ms(p99)})",
-        f"The timeout cuts off {rate:.1%} of calls that {edge.callee} would have answered successfully "
-        f"(from {basis}). These are healthy but slow requests being turned into failures.",
+        explanation,
         {"timeout_ms": round(t, 1), "timeout_source": timeout.source, "callee_p99_ms": round(p99, 1),
          "callee_p50_ms": round(percentile(values, 50) or 0.0, 1),
          "expected_false_timeout_rate": round(rate, 4), "samples": len(values)},
@@ -306,17 +310,20 @@ def uniform_timeout(analysis: Analysis) -> list[Finding]:
             groups.setdefault(round(edge.timeout.value_ms), []).append(edge)
     out = []
     for value, edges in groups.items():
-        p50s = [(percentile(e.latency(), 50), e) for e in edges if len(e.latency()) >= MIN_SAMPLES]
-        p50s = [(p, e) for p, e in p50s if p]
+        p50s: list[tuple[float, Edge]] = []
+        for e in edges:
+            p50 = percentile(e.latency(), 50) if len(e.latency()) >= MIN_SAMPLES else None
+            if p50:
+                p50s.append((p50, e))
         if len(p50s) < 3:
             continue
         lo, hi = min(p50s, key=lambda t: t[0]), max(p50s, key=lambda t: t[0])
-        if hi[0] < 10 * lo[0]:  # type: ignore[operator]
+        if hi[0] < 10 * lo[0]:
             continue
         out.append(Finding(
             "uniform_timeout", "low", lo[1].key,
             f"the same {_ms(value)} timeout is set on {len(p50s)} edges whose latency differs "
-            f"{hi[0] / lo[0]:.0f}x",  # type: ignore[operator]
+            f"{hi[0] / lo[0]:.0f}x",
             "One value copied everywhere is too long for fast callees (slow failure) or too short for slow "
             "ones. Set each edge from its own latency.",
             {"timeout_ms": value, "edges": [f"{e.caller} -> {e.callee}" for _, e in p50s],

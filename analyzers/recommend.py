@@ -153,6 +153,7 @@ def snippets(edge: Edge, rec: Setting) -> dict[str, str]:
     t = rec.per_try_ms / 1000
     connect = min(0.5, t)
     retries = rec.attempts - 1
+    budget_s = (rec.budget_ms() or rec.per_try_ms) / 1000
     out = {
         "requests": (f"session.post(url, json=body, timeout=({connect:g}, {t:g}))"
                      + (f"\n# retries: HTTPAdapter(max_retries=Retry(total={retries}, backoff_factor="
@@ -163,8 +164,8 @@ def snippets(edge: Edge, rec: Setting) -> dict[str, str]:
         "grpc": f"stub.Method(request, timeout={t:g})",
         "nginx": (f"proxy_connect_timeout {int(connect * 1000)}ms;\nproxy_read_timeout {int(t * 1000)}ms;\n"
                   f"proxy_next_upstream_tries {rec.attempts};"),
-        "envoy": (f"timeout: {rec.budget_ms() / 1000:g}s\nretry_policy:\n  num_retries: {retries}\n"
-                  f"  per_try_timeout: {t:g}s" if rec.budget_ms() else ""),
+        "envoy": (f"timeout: {budget_s:g}s\nretry_policy:\n  num_retries: {retries}\n"
+                  f"  per_try_timeout: {t:g}s"),
     }
     return out
 

@@ -6,10 +6,11 @@ import json
 import sys
 import threading
 import zlib
+from collections.abc import Callable
 from concurrent import futures
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable
+from typing import Any
 
 from google.protobuf import json_format
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
@@ -24,7 +25,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from payscope.errors import InputError
 
 from .otlp import Decoded, decode_logs, decode_traces, logs_from_request, spans_from_request
-from .writer import BatchWriter, Overloaded
+from .writer import BatchWriter, OverloadedError
 
 MAX_BODY_BYTES = 32 * 1024 * 1024       # compressed or not, what we accept on the wire
 MAX_INFLATED_BYTES = 128 * 1024 * 1024  # what a gzip body may grow to
@@ -38,7 +39,7 @@ class BodyError(Exception):
 
 
 def _read_chunked(rfile: Any, limit: int) -> bytes:
-    parts = []
+    parts: list[bytes] = []
     total = 0
     while True:
         line = rfile.readline(1024)
@@ -171,9 +172,9 @@ def make_http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 receiver.accept(decoded)
-            except Overloaded as exc:
+            except OverloadedError as exc:
                 self._error(503, f"collector overloaded: {exc}", as_json,
-                            {"Retry-After": str(Overloaded.retry_after)})
+                            {"Retry-After": str(OverloadedError.retry_after)})
                 return
             except Exception as exc:  # the store failed: nothing was acknowledged
                 self._error(503, f"could not store the batch: {exc}", as_json, {"Retry-After": "5"})
@@ -236,7 +237,7 @@ class GRPCReceiver:
                 decoded = decode(request)
                 try:
                     receiver.accept(decoded)
-                except Overloaded as exc:
+                except OverloadedError as exc:
                     context.set_trailing_metadata((("retry-after", "1"),))
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"collector overloaded: {exc}")
                 except Exception as exc:

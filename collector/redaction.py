@@ -17,7 +17,8 @@ _SECRET_KEY = re.compile(
 # A run of 13-19 digits, optionally split by single spaces or dashes, as card numbers are written.
 _DIGIT_RUN = re.compile(r"(?<![\d])(?:\d[ -]?){12,18}\d(?![\d])")
 # "cvv": "123", cvc=123, "card_cvv":"1234" inside free text (JSON bodies, query strings, log lines).
-_CVV_TEXT = re.compile(r"""(?i)(["']?\b(?:card[_.-]?)?(?:cvv2?|cvc2?|security[_.-]?code)["']?\s*[:=]\s*["']?)(\d{3,4})""")
+_CVV_TEXT = re.compile(
+    r"""(?i)(["']?\b(?:card[_.-]?)?(?:cvv2?|cvc2?|security[_.-]?code)["']?\s*[:=]\s*["']?)(\d{3,4})""")
 _AUTH_TEXT = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:bearer |basic )?[^\s\"',;]+")
 
 

@@ -40,7 +40,7 @@ class Collector:
                 http = HTTPReceiver(receiver, host, port)
                 http.start()
                 self.receivers.append(http)
-                listening.append(f"OTLP/HTTP http://{http.host}:{http.port}")
+                listening.append(f"OTLP/HTTP http://{host}:{http.port}")
             if self.grpc:
                 host, port = parse_listen(self.grpc, "--grpc")
                 grpc = GRPCReceiver(receiver, host, port)

@@ -11,7 +11,7 @@ from payscope.model import LogRecord, Span
 from .store import Store
 
 
-class Overloaded(Exception):
+class OverloadedError(Exception):
     """The write queue is full: the client should retry after ``retry_after`` seconds."""
 
     retry_after = 1
@@ -38,14 +38,14 @@ class BatchWriter:
         self._thread.start()
 
     def submit(self, spans: list[Span], logs: list[LogRecord]) -> Future[None]:
-        """Queue a batch; the future resolves once it is durable. Raises Overloaded when full."""
+        """Queue a batch; the future resolves once it is durable. Raises OverloadedError when full."""
         items = len(spans) + len(logs)
         future: Future[None] = Future()
         with self._lock:
             if self._closed:
-                raise Overloaded("the collector is shutting down")
+                raise OverloadedError("the collector is shutting down")
             if self._pending and self._pending + items > self.max_pending_items:
-                raise Overloaded(f"write queue full ({self._pending} items pending)")
+                raise OverloadedError(f"write queue full ({self._pending} items pending)")
             self._pending += items
         self._queue.put((spans, logs, future, items))
         return future

@@ -86,7 +86,7 @@ def import_traces(
     output_format: FormatOption = "table",
 ) -> None:
     """Import trace files; the format is detected, importing a file twice stores it once."""
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+    from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 
     from payscope.collector.importers import ImportReport, file_size, read_trace_file
     from payscope.collector.store import open_store
@@ -102,7 +102,10 @@ def import_traces(
             with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                           console=err, transient=True, disable=total < 2_000_000) as progress:
                 task = progress.add_task(f"importing {path.name}", total=total)
-                for batch in read_trace_file(path, report, lambda n: progress.advance(task, n)):
+                def advance(n: int, task: TaskID = task) -> None:
+                    progress.advance(task, n)
+
+                for batch in read_trace_file(path, report, advance):
                     new_spans, _ = opened.write(batch.spans, batch.logs)
                     report.spans += len(batch.spans)
                     report.logs += len(batch.logs)

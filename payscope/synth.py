@@ -53,7 +53,7 @@ class Topology:
 
 
 def _hex(rng: random.Random, nbytes: int) -> str:
-    return "%0*x" % (nbytes * 2, rng.getrandbits(nbytes * 8) or 1)
+    return format(rng.getrandbits(nbytes * 8) or 1, f"0{nbytes * 2}x")
 
 
 def _attr(key: str, value: Any) -> dict[str, Any]:
@@ -126,8 +126,9 @@ class Simulator:
                                                t + net, order_id)
             response_at = server_end + net
             timed_out = call.timeout_ms is not None and response_at - t > call.timeout_ms * 1e6
-            end = t + int(call.timeout_ms * 1e6) + int(self.rng.uniform(0.05, 0.4) * 1e6) if timed_out \
-                else response_at
+            end = response_at
+            if timed_out and call.timeout_ms is not None:
+                end = t + int(call.timeout_ms * 1e6) + int(self.rng.uniform(0.05, 0.4) * 1e6)
             ok = server_ok and not timed_out
             if caller.instrumented:
                 path = callee.route.replace("{order_id}", str(order_id))
@@ -188,3 +189,20 @@ class Simulator:
 def chain(*services: Service) -> Topology:
     """A topology from services listed entry first (the calls are set on them already)."""
     return Topology({s.name: s for s in services}, services[0].name)
+
+
+def checkout_topology(*, skew_ms: float = 0.0) -> Topology:
+    """The sample shop: a gateway, orders with inventory and payments, and a bank with a heavy tail.
+
+    Its faults: the gateway gives up before the order service can (inversion), payment retries
+    the bank's charge without an idempotency key under a timeout inside the bank's tail.
+    """
+    return chain(
+        Service("gateway", 2, route="/checkout/{order_id}", calls=[Call("order", 1000)], language="go"),
+        Service("order", 8, route="/orders/{order_id}", language="python",
+                calls=[Call("inventory", 2000), Call("payment", 2500)]),
+        Service("inventory", 12, sigma=0.3, route="/reserve", language="java"),
+        Service("payment", 10, route="/payments", language="node",
+                calls=[Call("bank", 400, attempts=3, backoff_ms=100)]),
+        Service("bank", 120, sigma=0.5, tail_p=0.1, tail_ms=650, route="/v1/charges", clock_offset_ms=skew_ms),
+    )

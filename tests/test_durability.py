@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-
 from payscope.collector.store import open_store
+
 from tests.helpers import CollectorProcess
 
 SPANS_PER_BATCH = 20
@@ -30,7 +30,7 @@ while time.monotonic() < deadline:
     store.failed_traces(limit=20)
     reads += 1
 print(reads, torn)
-""" % SPANS_PER_BATCH
+""".replace("%d", str(SPANS_PER_BATCH))
 
 
 def batch(n: int) -> bytes:

@@ -7,7 +7,7 @@ Rules (the conformance suite in ``tests/test_store_conformance.py`` checks them)
 * A write is durable when it returns: a process killed right after keeps it.
 * A batch is visible to readers whole or not at all.
 * Reads never block on the writer and never see "database is locked".
-* A backend that cannot do something raises :class:`Unsupported`, it never
+* A backend that cannot do something raises :class:`UnsupportedError`, it never
   silently returns less.
 """
 
@@ -21,7 +21,7 @@ from payscope.errors import PayscopeError
 from payscope.model import LogRecord, Span, TraceSummary
 
 
-class Unsupported(PayscopeError):
+class UnsupportedError(PayscopeError):
     """The backend does not implement this operation."""
 
 

@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""Set up a virtual environment and run payscope's demo, tests or benchmarks: `python3 dev.py demo|test|bench`."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / "python"
+
+
+def run(*args: str | Path, env: dict[str, str] | None = None) -> None:
+    code = subprocess.call([str(a) for a in args], cwd=ROOT, env={**os.environ, **(env or {})})
+    if code:
+        sys.exit(code)
+
+
+def setup() -> None:
+    """Create .venv and install payscope with everything, again only when pyproject.toml changed."""
+    if not PYTHON.exists():
+        print("creating .venv", file=sys.stderr)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    stamp = VENV / ".payscope-installed"
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if stamp.exists() and stamp.read_text() == digest:
+        return
+    run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[dev]")
+    stamp.write_text(digest)
+
+
+def demo() -> None:
+    store = ROOT / "payscope-demo.db"
+    sample = ROOT / "payscope" / "samples" / "checkout.otlp.jsonl.gz"
+    env = {"PAYSCOPE_STORE": str(store)}
+    payscope = BIN / "payscope"
+    print(f"\n$ payscope import traces {sample.relative_to(ROOT)}", flush=True)
+    run(payscope, "import", "traces", sample, env=env)
+    print("\n$ payscope failures --limit 10", flush=True)
+    run(payscope, "failures", "--limit", "10", env=env)
+    print("\n$ payscope analyze", flush=True)
+    run(payscope, "analyze", env=env)
+    print("\n$ payscope recommend timeouts --simulate", flush=True)
+    run(payscope, "recommend", "timeouts", "--simulate", env=env)
+    print(f"\nnext: PAYSCOPE_STORE={store.name} .venv/bin/payscope show <trace id from the list above>")
+
+
+def test(extra: list[str]) -> None:
+    run(BIN / "ruff", "check", ".")
+    run(BIN / "mypy")
+    run(PYTHON, "-m", "pytest", *extra)
+
+
+def bench(extra: list[str]) -> None:
+    run(PYTHON, "-m", "bench", *extra)
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in ("setup", "demo", "test", "bench"):
+        print(__doc__, file=sys.stderr)
+        sys.exit(2)
+    setup()
+    command, extra = sys.argv[1], sys.argv[2:]
+    if command == "demo":
+        demo()
+    elif command == "test":
+        test(extra)
+    elif command == "bench":
+        bench(extra)
+
+
+if __name__ == "__main__":
+    main()
