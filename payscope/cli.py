@@ -233,23 +233,9 @@ def recommend_timeouts(
 def main() -> None:
     """Console-script entry point: PayscopeError becomes one line on stderr and exit code 2."""
     try:
-        code = app(standalone_mode=False)
+        app()  # usage errors exit 2 with Click's own message
     except PayscopeError as exc:
         err.print(f"payscope: error: {exc}", markup=False)
         sys.exit(2)
-    except typer.Exit as exc:
-        sys.exit(exc.exit_code)
-    except typer.Abort:
-        err.print("payscope: aborted")
-        sys.exit(130)
     except KeyboardInterrupt:
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own exit code
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
-    if isinstance(code, int) and code:
-        sys.exit(code)

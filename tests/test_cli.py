@@ -1,0 +1,80 @@
+"""The command line as a user meets it: help, version, errors, exit codes, start-up weight."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+from payscope import __version__
+from tests.helpers import SCENARIOS, payscope
+
+COMMANDS = {"collect", "import", "failures", "show", "analyze", "recommend"}
+
+
+def test_help_lists_the_commands_that_exist() -> None:
+    proc = payscope("--help", check=True)
+    listed = {line.split()[1] for line in proc.stdout.splitlines() if line.startswith("│ ") and len(line.split()) > 2}
+    assert COMMANDS <= listed
+    assert "tui" not in listed and "demo" not in listed  # not built yet: not offered
+    for command in ("import", "recommend"):
+        assert payscope(command, "--help", check=True).stdout
+
+
+def test_version() -> None:
+    assert payscope("--version", check=True).stdout.strip() == f"payscope {__version__}"
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
+    missing = payscope("failures", "--store", str(tmp_path / "none.db"))
+    assert missing.returncode == 2
+    assert missing.stderr.count("\n") == 1 and "no payscope store" in missing.stderr
+    bad_format = payscope("failures", "--store", str(tmp_path / "x.db"), "--format", "xml")
+    assert bad_format.returncode == 2 and "--format 'xml'" in bad_format.stderr
+    bad_since = payscope("import", "traces", str(SCENARIOS / "calm.otlp.jsonl.gz"), "--store", str(tmp_path / "x.db"))
+    assert bad_since.returncode == 0
+    since = payscope("failures", "--store", str(tmp_path / "x.db"), "--since", "yesterday")
+    assert since.returncode == 2 and "is not a duration" in since.stderr
+    unknown = payscope("show", "4bf92f3577b34da6a3ce929d0e0e4736", "--store", str(tmp_path / "x.db"))
+    assert unknown.returncode == 2 and "no transaction" in unknown.stderr
+    usage = payscope("failures", "--no-such-option")
+    assert usage.returncode == 2
+
+
+def test_store_from_environment(tmp_path: Path) -> None:
+    store = tmp_path / "env.db"
+    payscope("import", "traces", str(SCENARIOS / "calm.otlp.jsonl.gz"), env={"PAYSCOPE_STORE": str(store)},
+             check=True)
+    assert store.exists()
+    proc = payscope("failures", "--format", "json", env={"PAYSCOPE_STORE": str(store)}, check=True)
+    assert json.loads(proc.stdout) == {"failures": []}
+    assert "no failed transactions" in payscope("failures", env={"PAYSCOPE_STORE": str(store)}).stdout
+
+
+def test_help_and_commands_start_without_heavy_imports() -> None:
+    code = ("import sys; from payscope import cli; "
+            "heavy = [m for m in ('grpc', 'textual', 'opentelemetry.sdk', 'elasticsearch') if m in sys.modules]; "
+            "print(','.join(heavy))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == ""
+
+
+def test_tracebacks_do_not_show_local_variables() -> None:
+    from payscope.cli import app
+
+    assert app.pretty_exceptions_show_locals is False
+
+
+def test_wheel_installs_only_the_payscope_package(tmp_path: Path) -> None:
+    root = Path(__file__).parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
+                    "-w", str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)
+    wheel = next(tmp_path.glob("payscope-*.whl"))
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert top == {"payscope"}
+    for pkg in ("collector", "analyzers", "tui", "instrumentation"):
+        assert f"payscope/{pkg}/__init__.py" in names
+    assert "payscope/samples/checkout.otlp.jsonl.gz" in names
