@@ -6,8 +6,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from payscope.collector.store import Store, open_store
 
+from payscope.collector.store import Store, open_store
 from tests.helpers import CollectorProcess
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
 from payscope.analyzers import engine, findings, recommend
 from payscope.collector.importers import ImportReport, read_trace_file
 from payscope.collector.otlp import parse_json_message, spans_from_request
-
 from payscope.model import Span
 from payscope.synth import Call, Service, Simulator, chain
 from tests.helpers import SCENARIOS, payscope, payscope_json

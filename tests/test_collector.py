@@ -15,8 +15,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from payscope.collector.store import open_store
 
+from payscope.collector.store import open_store
 from tests.helpers import CollectorProcess, payscope_json
 
 

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from payscope.collector.store import open_store
 
+from payscope.collector.store import open_store
 from tests.helpers import CollectorProcess
 
 SPANS_PER_BATCH = 20

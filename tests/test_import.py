@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 from payscope.collector.store import open_store
-
 from tests.helpers import DATA, REALDATA, SCENARIOS, payscope, payscope_json
 
 

@@ -7,8 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from payscope.collector.store import LogQuery, Store, open_store
 
+from payscope.collector.store import LogQuery, Store, open_store
 from payscope.errors import StoreError
 from payscope.model import STATUS_ERROR, STATUS_OK, LogRecord, Span
 
