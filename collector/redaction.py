@@ -54,13 +54,38 @@ def redact_text(text: str) -> str:
     return text
 
 
+# Anything in a raw request that could need masking; a request without any is stored as it came.
+_SUSPECT_DIGITS = re.compile(rb"[0-9][0-9 -]{11,}[0-9]")
+_SUSPECT_WORDS = (b"authorization", b"cookie", b"cvv", b"cvc", b"security", b"password", b"passwd", b"secret",
+                  b"api_key", b"api-key", b"apikey", b"card", b"idempotency")
+_secret_keys: dict[str, bool] = {}
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether an attribute key names a secret (cached: the same few hundred keys come back all day)."""
+    known = _secret_keys.get(key)
+    if known is None:
+        known = bool(_SECRET_KEY.search(key))
+        if len(_secret_keys) < 100_000:
+            _secret_keys[key] = known
+    return known
+
+
+def may_need_redaction(raw: bytes) -> bool:
+    """False when a serialized request holds nothing redaction could act on (one scan of its bytes)."""
+    if _SUSPECT_DIGITS.search(raw) is not None:
+        return True
+    lowered = raw.lower()
+    return any(word in lowered for word in _SUSPECT_WORDS)
+
+
 def redact_value(key: str, value: Any) -> Any:
-    if _SECRET_KEY.search(key):
+    if is_secret_key(key):
         return REDACTED
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 10**12:
-        return redact_text(str(value)) if redact_text(str(value)) == REDACTED else value
+        return REDACTED if redact_text(str(value)) == REDACTED else value
     if isinstance(value, list):
         return [redact_value(key, v) for v in value]
     if isinstance(value, dict):

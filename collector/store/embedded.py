@@ -67,6 +67,19 @@ _TRACE_COLUMNS = ("trace_id, start_ns, end_ns, root_service, root_name, span_cou
 _LOG_COLUMNS = ("id, time_ns, service, host, severity, message, attributes, source, trace_id, "
                 "span_id, link_method, link_confidence")
 
+_ROOT_RANK = 4_000_000_000_000_000_000  # sorts spans with a parent after every root, within int64
+_CHUNK = 500
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(items), _CHUNK):
+        yield items[i:i + _CHUNK]
+
+
+def _marks(chunk: list[str]) -> str:
+    return ",".join("?" * len(chunk))
+
+
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
@@ -185,8 +198,19 @@ class EmbeddedStore(Store):
         for span in spans:
             if span.parent_id and span.kind in ("server", "consumer"):
                 server_parent[(span.trace_id, span.parent_id)] = span.service
+        trace_ids = list({span.trace_id for span in spans})
+        unresolved = [s for s in spans if s.kind in ("client", "producer")
+                      and (s.trace_id, s.span_id) not in server_parent]
+        if unresolved:
+            # The callee's half may have arrived in an earlier batch (it usually ends, and is sent, first).
+            for chunk in _chunks(trace_ids):
+                for tid, pid, service in conn.execute(
+                        f"SELECT trace_id, parent_id, service FROM spans WHERE trace_id IN ({_marks(chunk)}) "
+                        "AND kind IN ('server','consumer') AND parent_id IS NOT NULL", chunk):
+                    server_parent.setdefault((tid, pid), service)
         rows = []
         keys = []
+        dumps = _dumps
         for span in spans:
             rkey = id(span.resource)
             rid = resource_cache.get(rkey)
@@ -194,17 +218,11 @@ class EmbeddedStore(Store):
                 rid = resource_cache[rkey] = self._resource_id(conn, span.resource)
             callee = None
             if span.kind in ("client", "producer"):
-                callee = server_parent.get((span.trace_id, span.span_id))
-                if callee is None:
-                    found = conn.execute(
-                        "SELECT service FROM spans WHERE trace_id=? AND parent_id=? "
-                        "AND kind IN ('server','consumer') LIMIT 1",
-                        (span.trace_id, span.span_id)).fetchone()
-                    callee = found[0] if found else semconv.peer_of(span) or "(unknown)"
+                callee = server_parent.get((span.trace_id, span.span_id)) or semconv.peer_of(span) or "(unknown)"
             rows.append((span.trace_id, span.span_id, span.parent_id, span.service, span.name,
                          span.kind, span.start_ns, span.end_ns, span.status_code,
                          span.status_message, semconv.error_class(span), callee,
-                         _dumps(span.attributes), _dumps(span.events), rid))
+                         dumps(span.attributes), dumps(span.events) if span.events else "[]", rid))
             for key in semconv.business_keys(span):
                 keys.append((key, span.trace_id))
         before = conn.total_changes
@@ -218,24 +236,30 @@ class EmbeddedStore(Store):
                 [(svc, tid, pid, svc) for (tid, pid), svc in server_parent.items()])
         if keys:
             conn.executemany("INSERT OR IGNORE INTO keys VALUES(?, ?)", keys)
-        self._refresh_traces(conn, {span.trace_id for span in spans})
+        self._refresh_traces(conn, trace_ids)
         return inserted
 
     @staticmethod
-    def _refresh_traces(conn: sqlite3.Connection, trace_ids: set[str]) -> None:
+    def _refresh_traces(conn: sqlite3.Connection, trace_ids: list[str]) -> None:
+        """Recompute the summaries of the traces a batch touched, from all their stored spans."""
         rows = []
-        for tid in trace_ids:
-            agg = conn.execute(
-                "SELECT min(start_ns), max(end_ns), count(*), sum(status_code=2 OR error_class IS NOT NULL), "
-                "group_concat(DISTINCT service) FROM spans WHERE trace_id=?", (tid,)).fetchone()
-            root = conn.execute(
-                "SELECT service, name FROM spans WHERE trace_id=? "
-                "ORDER BY parent_id IS NOT NULL, start_ns LIMIT 1", (tid,)).fetchone()
-            err = conn.execute(
-                "SELECT error_class, service FROM spans WHERE trace_id=? AND error_class IS NOT NULL "
-                "ORDER BY start_ns DESC LIMIT 1", (tid,)).fetchone() or (None, None)
-            rows.append((tid, agg[0], agg[1], root[0], root[1], agg[2], agg[3] or 0, agg[4],
-                         err[0], err[1]))
+        for chunk in _chunks(trace_ids):
+            marks = _marks(chunk)
+            roots = {r[0]: (r[1], r[2]) for r in conn.execute(
+                # a span without a parent first, else the earliest (the root may never arrive)
+                f"SELECT trace_id, service, name, min((parent_id IS NOT NULL) * {_ROOT_RANK} + start_ns) "
+                f"FROM spans WHERE trace_id IN ({marks}) GROUP BY trace_id", chunk)}
+            errors = {r[0]: (r[1], r[2]) for r in conn.execute(
+                # the error that started last: the deepest one, where the failure began
+                f"SELECT trace_id, error_class, service, max(start_ns) FROM spans "
+                f"WHERE trace_id IN ({marks}) AND error_class IS NOT NULL GROUP BY trace_id", chunk)}
+            for tid, start, end, count, failed, services in conn.execute(
+                    f"SELECT trace_id, min(start_ns), max(end_ns), count(*), "
+                    f"sum(status_code=2 OR error_class IS NOT NULL), group_concat(DISTINCT service) "
+                    f"FROM spans WHERE trace_id IN ({marks}) GROUP BY trace_id", chunk):
+                root = roots[tid]
+                err = errors.get(tid, (None, None))
+                rows.append((tid, start, end, root[0], root[1], count, failed or 0, services, err[0], err[1]))
         conn.executemany(f"INSERT OR REPLACE INTO traces({_TRACE_COLUMNS}) "
                          f"VALUES(?,?,?,?,?,?,?,?,?,?)", rows)
 

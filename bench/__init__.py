@@ -1,0 +1,1 @@
+"""payscope benchmarks: `python -m bench NAME` (see docs/benchmarks.md)."""
