@@ -9,62 +9,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
-from payscope import semconv
-from payscope.model import STATUS_ERROR, Span
+from payscope.model import STATUS_ERROR, SpanRow
 
-# Attribute names written by `payscope run` (documented in docs/attributes.md).
-ATTR_TIMEOUT_CONNECT = "payscope.timeout.connect_ms"
-ATTR_TIMEOUT_READ = "payscope.timeout.read_ms"
-ATTR_TIMEOUT_TOTAL = "payscope.timeout.total_ms"
-ATTR_TIMEOUT_SOURCE = "payscope.timeout.source"
-ATTR_RETRY_MAX = "payscope.retry.max_attempts"
-ATTR_IDEMPOTENCY_HASH = "payscope.idempotency_key.hash"
-ATTR_BUDGET_MS = "payscope.caller_budget_ms"
-ATTR_AMOUNT = ("payscope.amount", "app.payment.amount", "payment.amount", "amount", "app.order.amount")
-
-_ID_SEGMENT = re.compile(r"^(?:\d+|[0-9a-fA-F-]{16,}|[0-9a-fA-F]{8,}|[A-Za-z]{2,4}_[A-Za-z0-9]{6,})$")
 _IDEMPOTENT_METHODS = {"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"}
 _CHARGE_WORDS = re.compile(r"charge|pay|debit|capture|refund|transfer|authori[sz]e|settle|withdraw|purchase|"
                            r"order|checkout|renew|entries|ledger|wallet|billing", re.IGNORECASE)
-
-
-def template_path(path: str) -> str:
-    """A URL path with ids replaced by ``{id}``, so calls to one endpoint group together."""
-    path = path.split("?", 1)[0]
-    return "/".join("{id}" if _ID_SEGMENT.match(seg) else seg for seg in path.split("/"))
-
-
-def _url_path(url: str) -> str:
-    match = re.match(r"^[a-z][a-z0-9+.-]*://[^/]*(/[^?#]*)?", url, re.IGNORECASE)
-    return (match.group(1) or "/") if match else url
-
-
-def client_operation(span: Span) -> str:
-    """What a client span calls, from its own attributes (used when the callee has no span)."""
-    attrs = span.attributes
-    if attrs.get("rpc.service") and attrs.get("rpc.method"):
-        return f"{attrs['rpc.service']}/{attrs['rpc.method']}"
-    method = semconv.http_method(span)
-    route = semconv.first(attrs, "url.template", "http.route")
-    if route is None:
-        url = semconv.first(attrs, "url.full", "http.url", "http.target", "url.path")
-        if url is not None:
-            route = template_path(_url_path(str(url)) if "://" in str(url) else str(url))
-    if method and route:
-        return f"{method} {route}"
-    if method and span.name.upper() != method:
-        return span.name
-    return span.name if not method else method
-
-
-def has_idempotency_key(span: Span) -> bool:
-    for key in span.attributes:
-        lowered = key.lower()
-        if "idempotency" in lowered or lowered.endswith(("x-request-id-idem", "idempotency_key")):
-            return True
-    return False
 
 
 def is_charge_like(operation: str, callee: str) -> bool:
@@ -169,45 +119,15 @@ class TraceFacts:
     amount: float | None = None
 
 
-def _number(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
+def _captured(row: SpanRow) -> Captured | None:
+    if row.timeout_source is None and row.timeout_read_ms is None and row.timeout_total_ms is None \
+            and row.retry_max is None:
         return None
+    return Captured(row.timeout_connect_ms, row.timeout_read_ms, row.timeout_total_ms, row.timeout_source,
+                    row.retry_max)
 
 
-def _captured(span: Span) -> Captured | None:
-    attrs = span.attributes
-    if not any(k.startswith("payscope.timeout") or k == ATTR_RETRY_MAX for k in attrs):
-        return None
-    retry = attrs.get(ATTR_RETRY_MAX)
-    return Captured(_number(attrs.get(ATTR_TIMEOUT_CONNECT)), _number(attrs.get(ATTR_TIMEOUT_READ)),
-                    _number(attrs.get(ATTR_TIMEOUT_TOTAL)), attrs.get(ATTR_TIMEOUT_SOURCE),
-                    int(retry) if retry is not None else None)
-
-
-def _amount(span: Span) -> float | None:
-    for key in ATTR_AMOUNT:
-        if key in span.attributes:
-            return _number(span.attributes[key])
-    return None
-
-
-def _route_keys(span: Span) -> list[str]:
-    """Business keys read off a route template matched against the path (``/orders/{order_id}``)."""
-    route = span.attributes.get("http.route")
-    path = semconv.first(span.attributes, "url.path", "http.target")
-    if not route or not path or "{" not in str(route):
-        return []
-    keys = []
-    for tmpl, actual in zip(str(route).split("/"), str(path).split("?")[0].split("/"), strict=False):
-        if tmpl.startswith("{") and tmpl.endswith("}") and re.search(r"order|payment|charge|transaction|invoice",
-                                                                        tmpl, re.IGNORECASE):
-            keys.append(actual)
-    return keys
-
-
-def trace_calls(spans: list[Span], alias_votes: dict[str, dict[str, int]]) -> tuple[TraceFacts, list[Call]]:
+def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) -> tuple[TraceFacts, list[Call]]:
     """The calls and facts of one trace (all spans of the trace, any order).
 
     A call whose callee has no span is named by the address the caller used;
@@ -215,7 +135,7 @@ def trace_calls(spans: list[Span], alias_votes: dict[str, dict[str, int]]) -> tu
     :func:`resolve_aliases` can rename those calls once every trace is read.
     """
     by_id = {s.span_id: s for s in spans}
-    servers_by_parent: dict[str, list[Span]] = {}
+    servers_by_parent: dict[str, list[SpanRow]] = {}
     for s in spans:
         if s.parent_id and s.kind in ("server", "consumer"):
             servers_by_parent.setdefault(s.parent_id, []).append(s)
@@ -223,7 +143,7 @@ def trace_calls(spans: list[Span], alias_votes: dict[str, dict[str, int]]) -> tu
     roots.sort(key=lambda s: (s.parent_id is not None, s.start_ns))
     root = roots[0]
 
-    def entry_of(span: Span) -> Span | None:
+    def entry_of(span: SpanRow) -> SpanRow | None:
         cur = by_id.get(span.parent_id) if span.parent_id else None
         hops = 0
         while cur is not None and hops < 256:
@@ -237,57 +157,54 @@ def trace_calls(spans: list[Span], alias_votes: dict[str, dict[str, int]]) -> tu
     keys: list[str] = []
     amount = None
     for s in spans:
-        keys.extend(semconv.business_keys(s))
-        keys.extend(_route_keys(s))
+        keys.extend(s.keys)
         if amount is None:
-            amount = _amount(s)
+            amount = s.amount
         if s.kind not in ("client", "producer"):
             continue
         answered = servers_by_parent.get(s.span_id, [])
         # One client span answered by several servers is a logical step (a load generator's journey), not a call.
         server = answered[0] if len(answered) == 1 else None
-        peer = semconv.peer_of(s)
+        peer = s.peer
         if server is not None:
             callee = server.service
-            operation = semconv.route_of(server)
+            operation = server.operation
             if peer:
                 votes = alias_votes.setdefault(peer, {})
                 votes[callee] = votes.get(callee, 0) + 1
         else:
             callee = peer or "(unknown)"
-            operation = client_operation(s)
+            operation = s.operation
         entry = entry_of(s)
         upstream = entry.parent_id if entry is not None and entry.kind in ("server", "consumer") else None
-        resend = s.attributes.get("http.request.resend_count")
         calls.append(Call(
             trace_id=s.trace_id, span_id=s.span_id, parent_id=s.parent_id, caller=s.service,
-            callee=callee, operation=operation, method=semconv.http_method(s),
-            start_ns=s.start_ns, end_ns=s.end_ns, error_class=semconv.error_class(s),
-            attempt=int(resend) if isinstance(resend, int) else 0,
-            idempotency_key=has_idempotency_key(s), captured=_captured(s),
+            callee=callee, operation=operation, method=s.method,
+            start_ns=s.start_ns, end_ns=s.end_ns, error_class=s.error_class,
+            attempt=s.attempt, idempotency_key=s.idempotency_key, captured=_captured(s),
             server_service=server.service if server else None,
             server_start_ns=server.start_ns if server else None,
             server_end_ns=server.end_ns if server else None,
-            server_ok=(server.status_code != STATUS_ERROR and semconv.error_class(server) is None)
+            server_ok=(server.status_code != STATUS_ERROR and server.error_class is None)
             if server else None,
             upstream=upstream,
             entry_start_ns=entry.start_ns if entry else None,
             entry_end_ns=entry.end_ns if entry else None,
             entry_span_id=entry.span_id if entry else None,
-            amount=_amount(s), http_status=semconv.http_status(s)))
+            amount=s.amount, http_status=s.http_status))
     # Entry requests: server spans with no server span above them (under a load generator, say).
     entries = [s for s in spans if s.kind in ("server", "consumer") and not _has_server_ancestor(s, by_id)]
     if not entries:
         entries = [root]
-    failing = [s for s in entries if s.status_code == STATUS_ERROR or semconv.error_class(s) is not None]
+    failing = [s for s in entries if s.status_code == STATUS_ERROR or s.error_class is not None]
     failing.sort(key=lambda s: s.start_ns)
     if failing:
-        root_error = semconv.error_class(failing[0]) or "business"
+        root_error = failing[0].error_class or "business"
     else:
         root_error = None
     facts = TraceFacts(
         trace_id=root.trace_id, start_ns=min(s.start_ns for s in spans), end_ns=max(s.end_ns for s in spans),
-        root_service=root.service, root_operation=semconv.route_of(root),
+        root_service=root.service, root_operation=root.operation,
         root_ok=not failing, root_error_class=root_error,
         root_missing=root.parent_id is not None, failing_entry=failing[0].span_id if failing else None,
         span_count=len(spans),
@@ -295,7 +212,7 @@ def trace_calls(spans: list[Span], alias_votes: dict[str, dict[str, int]]) -> tu
     return facts, calls
 
 
-def _has_server_ancestor(span: Span, by_id: dict[str, Span]) -> bool:
+def _has_server_ancestor(span: SpanRow, by_id: dict[str, SpanRow]) -> bool:
     cur = by_id.get(span.parent_id) if span.parent_id else None
     hops = 0
     while cur is not None and hops < 256:

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from payscope.model import Span
+from payscope.model import SpanRow
 
 from .calls import Call, TraceFacts, is_charge_like, is_idempotent, resolve_aliases, trace_calls
 from .stats import median, ms, percentile
@@ -140,9 +140,9 @@ class Analysis:
 
 # --- reading -------------------------------------------------------------------
 
-def group_traces(batches: Iterable[list[Span]]) -> Iterator[list[Span]]:
+def group_traces(batches: Iterable[list[SpanRow]]) -> Iterator[list[SpanRow]]:
     """Spans arrive sorted by trace id; yield one trace at a time."""
-    current: list[Span] = []
+    current: list[SpanRow] = []
     for batch in batches:
         for span in batch:
             if current and span.trace_id != current[0].trace_id:
@@ -153,7 +153,7 @@ def group_traces(batches: Iterable[list[Span]]) -> Iterator[list[Span]]:
         yield current
 
 
-def collect_calls(traces: Iterable[list[Span]]) -> tuple[dict[str, TraceFacts], list[Call]]:
+def collect_calls(traces: Iterable[list[SpanRow]]) -> tuple[dict[str, TraceFacts], list[Call]]:
     facts: dict[str, TraceFacts] = {}
     calls: list[Call] = []
     votes: dict[str, dict[str, int]] = {}
@@ -435,7 +435,7 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
     return out
 
 
-def run(traces: Iterable[list[Span]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
+def run(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
         now_ns: int | None = None) -> Analysis:
     """The whole analysis over traces (each a list of the spans of one trace)."""
     facts, calls = collect_calls(traces)
@@ -453,4 +453,4 @@ def analyze(store: Any, *, now_ns: int | None = None) -> Analysis:
     """Analyse everything in ``store`` (any :class:`~payscope.collector.store.Store`)."""
     from .declared import declared_timeouts
 
-    return run(group_traces(store.iter_spans()), declared=declared_timeouts(store), now_ns=now_ns)
+    return run(group_traces(store.iter_rows()), declared=declared_timeouts(store), now_ns=now_ns)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from payscope import semconv
 from payscope.errors import InputError
 from payscope.model import Span, TraceSummary
 from payscope.timeparse import format_duration_ns, format_ns
@@ -27,7 +26,7 @@ def resolve_trace_ids(store: Any, ident: str) -> list[str]:
 
 def _trace_outcome(store: Any, trace_id: str, summary: TraceSummary) -> tuple[str, str | None, str | None]:
     """Outcome, failing hop and error class of one trace, from the analyzer (the trace and its relatives)."""
-    analysis = engine.run([store.trace(trace_id)])
+    analysis = engine.run([store.trace_rows(trace_id)])
     tx = analysis.transactions.get(trace_id)
     if tx is None:
         return "failed" if summary.error_count else "ok", None, summary.error_class
@@ -77,7 +76,9 @@ def transaction_view(store: Any, ident: str) -> dict[str, Any]:
     """One transaction: its traces' spans as a tree, its log lines, outcome and findings."""
     trace_ids = resolve_trace_ids(store, ident)
     spans = [s for tid in trace_ids for s in store.trace(tid)]
-    analysis = engine.run([store.trace(tid) for tid in trace_ids])
+    span_rows = {tid: store.trace_rows(tid) for tid in trace_ids}
+    error_classes = {(r.trace_id, r.span_id): r.error_class for rs in span_rows.values() for r in rs}
+    analysis = engine.run(list(span_rows.values()))
     found = [f.to_json() for f in findings.find(analysis)]
     shift = {o.service: int(o.offset_ms * 1e6) for o in analysis.offsets}
     for span in spans:  # show every span on the reference clock, as the analysis saw it
@@ -91,7 +92,7 @@ def transaction_view(store: Any, ident: str) -> dict[str, Any]:
             "service": span.service, "name": span.name, "kind": span.kind,
             "offset_ms": round((span.start_ns - t0) / 1e6, 3), "duration_ms": round(span.duration_ns / 1e6, 3),
             "status": {0: "unset", 1: "ok", 2: "error"}.get(span.status_code, "unset"),
-            "error_class": semconv.error_class(span), "message": span.status_message,
+            "error_class": error_classes.get((span.trace_id, span.span_id)), "message": span.status_message,
         })
     logs = []
     for tid in trace_ids:

@@ -163,7 +163,8 @@ def main(argv: list[str]) -> None:
     print(f"collector ingest, {args.clients} clients x {args.seconds:.0f}s, {SPANS_PER_REQUEST} spans/request, "
           f"protobuf over HTTP, embedded store (WAL, synchronous=FULL)")
     print(f"  decode only (protobuf upb, the ceiling):   {ceiling:12,.0f} spans/s")
-    print(f"  payscope decode + redact, no storage:       {flatten:12,.0f} spans/s  ({flatten / ceiling:.3f} of ceiling)")
+    print(f"  payscope decode + redact, no storage:       {flatten:12,.0f} spans/s  "
+          f"({flatten / ceiling:.3f} of ceiling)")
     print(f"  collect, acknowledged and durable:          {rate:12,.0f} spans/s  ({rate / ceiling:.3f} of ceiling)")
     print(f"  acknowledgement latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms; {acked} requests acked, "
           f"{rejected} told to retry; store {size / 1e6:.0f} MB")

@@ -15,10 +15,11 @@ from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsSer
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from payscope.errors import InputError
-from payscope.model import STATUS_ERROR, STATUS_OK, STATUS_UNSET, LogRecord, Span
+from payscope.model import STATUS_ERROR, STATUS_OK, STATUS_UNSET, EncodedSpan, LogRecord, Span
 
 from .otlp import logs_from_request, parse_json_message, spans_from_request
 from .redaction import redact_attributes, redact_text
+from .store.codec import encode_span
 
 FORMATS = ("otlp", "jaeger", "zipkin")
 
@@ -43,7 +44,7 @@ class ImportReport:
 
 @dataclass
 class Batch:
-    spans: list[Span] = field(default_factory=list)
+    spans: list[EncodedSpan] = field(default_factory=list)
     logs: list[LogRecord] = field(default_factory=list)
     bytes_read: int = 0
 
@@ -227,8 +228,8 @@ def _document_batch(doc: Any, fmt: str, where: str, report: ImportReport) -> Bat
         return _otlp_document(doc, where, report)
     if fmt == "jaeger":
         traces = doc.get("data") if isinstance(doc.get("data"), list) else [doc]
-        return Batch(spans=[s for t in traces for s in _jaeger_trace(t)])
-    return Batch(spans=_shared_span_merge(_zipkin_document(doc)))
+        return Batch(spans=[encode_span(s) for t in traces for s in _jaeger_trace(t)])
+    return Batch(spans=[encode_span(s) for s in _shared_span_merge(_zipkin_document(doc))])
 
 
 def read_trace_file(path: Path, report: ImportReport,

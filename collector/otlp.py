@@ -12,12 +12,14 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
+from payscope import semconv
 from payscope.errors import InputError
-from payscope.model import SPAN_KINDS, LogRecord, Span
+from payscope.model import SPAN_KINDS, EncodedSpan, LogRecord
 
 from .redaction import may_need_redaction, redact_attributes, redact_text
+from .store.codec import any_value, attributes, decode_span, encode_span, events_of
 
 _HEX_ID_FIELDS = {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
@@ -28,7 +30,7 @@ _SEVERITY_NAMES = {1: "TRACE", 5: "DEBUG", 9: "INFO", 13: "WARN", 17: "ERROR", 2
 class Decoded:
     """What one OTLP request held: the accepted items and what was rejected, and why."""
 
-    spans: list[Span] = field(default_factory=list)
+    spans: list[EncodedSpan] = field(default_factory=list)
     logs: list[LogRecord] = field(default_factory=list)
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
@@ -39,95 +41,76 @@ class Decoded:
             self.reasons.append(reason)
 
 
-def any_value(value: AnyValue) -> Any:
-    which = value.WhichOneof("value")
-    if which == "string_value":
-        return value.string_value
-    if which == "int_value":
-        return value.int_value
-    if which == "double_value":
-        return value.double_value
-    if which == "bool_value":
-        return value.bool_value
-    if which == "array_value":
-        return [any_value(v) for v in value.array_value.values]
-    if which == "kvlist_value":
-        return attributes(value.kvlist_value.values)
-    if which == "bytes_value":
-        return base64.b64encode(value.bytes_value).decode()
-    return None
-
-
-def attributes(kvs: Any) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for kv in kvs:
-        value = kv.value
-        which = value.WhichOneof("value")
-        if which == "string_value":
-            out[kv.key] = value.string_value
-        elif which == "int_value":
-            out[kv.key] = value.int_value
-        else:
-            out[kv.key] = any_value(value)
-    return out
-
-
 def _resource_service(resource: dict[str, Any]) -> str:
     return str(resource.get("service.name") or "unknown_service")
 
 
-def _keep(attrs: dict[str, Any]) -> dict[str, Any]:
-    # Integers are varints on the wire, invisible to the byte scan: a card number sent as one is caught here.
-    for value in attrs.values():
-        if type(value) is int and value >= 10**12:
-            return redact_attributes(attrs)
-    return attrs
+def _problem(span: PbSpan) -> str | None:
+    if len(span.trace_id) != 16 or not any(span.trace_id):
+        return f"span {span.name!r}: trace id must be 16 non-zero bytes"
+    if len(span.span_id) != 8 or not any(span.span_id):
+        return f"span {span.name!r}: span id must be 8 non-zero bytes"
+    if span.end_time_unix_nano < span.start_time_unix_nano:
+        return f"span {span.name!r}: ends before it starts"
+    return None
+
+
+def _wanted_attributes(kvs: Any) -> dict[str, Any] | None:
+    """The attributes the analysis reads; None when an integer could be a card number.
+
+    (Integers are varints on the wire, invisible to the byte scan of the request.)
+    """
+    read_keys, suffixes = semconv.READ_KEYS, semconv.KEY_SUFFIXES
+    out = {}
+    for kv in kvs:
+        value = kv.value
+        if value.int_value >= 10**12:
+            return None
+        key = kv.key
+        if key in read_keys or key.endswith(suffixes) or "dempotency" in key:
+            out[key] = any_value(value)
+    return out
 
 
 def spans_from_request(request: ExportTraceServiceRequest, raw: bytes | None = None) -> Decoded:
-    """The valid spans of a request (redacted), counting the invalid ones as rejected.
+    """The valid spans of a request, redacted and ready to store; invalid ones counted as rejected.
 
-    ``raw`` is the request as serialized, when at hand: a request whose bytes hold nothing that
-    looks like a card number or a secret skips the per-value redaction.
+    ``raw`` is the request as serialized, when at hand. A request whose bytes hold nothing that
+    looks like a card number or a secret takes the fast path: only the attributes the analysis
+    reads are decoded, and each span's body is stored as it came.
     """
     out = Decoded()
     if raw is None:
         raw = request.SerializeToString()
-    redact = redact_attributes if may_need_redaction(raw) else _keep
-    text = redact_text if redact is redact_attributes else str
+    careful = may_need_redaction(raw)
     append = out.spans.append
+    derive = semconv.derive
     kinds = SPAN_KINDS
     for resource_spans in request.resource_spans:
-        resource = redact(attributes(resource_spans.resource.attributes))
+        resource = redact_attributes(attributes(resource_spans.resource.attributes))
         service = _resource_service(resource)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                trace_id = span.trace_id
-                span_id = span.span_id
-                if len(trace_id) != 16 or not any(trace_id):
-                    out.reject(f"span {span.name!r}: trace id must be 16 non-zero bytes")
+                problem = _problem(span)
+                if problem:
+                    out.reject(problem)
                     continue
-                if len(span_id) != 8 or not any(span_id):
-                    out.reject(f"span {span.name!r}: span id must be 8 non-zero bytes")
+                wanted = None if careful else _wanted_attributes(span.attributes)
+                if wanted is None:
+                    full = decode_span(span, service, resource)
+                    full.attributes = redact_attributes(full.attributes)
+                    full.status_message = redact_text(full.status_message)
+                    for event in full.events:
+                        event["attributes"] = redact_attributes(event["attributes"])
+                    append(encode_span(full))
                     continue
-                start = span.start_time_unix_nano
-                end = span.end_time_unix_nano
-                if end < start:
-                    out.reject(f"span {span.name!r}: ends before it starts")
-                    continue
-                parent = span.parent_span_id
-                events = [
-                    {"name": ev.name, "time_ns": ev.time_unix_nano,
-                     "attributes": redact(attributes(ev.attributes))}
-                    for ev in span.events
-                ] if span.events else []
                 kind = span.kind
-                append(Span(
-                    trace_id.hex(), span_id.hex(), parent.hex() if parent else None, service,
-                    span.name, kinds[kind] if 0 <= kind < len(kinds) else "unspecified",
-                    start, end, span.status.code, text(span.status.message),
-                    redact(attributes(span.attributes)), events, resource,
-                ))
+                parent = span.parent_span_id
+                row = derive(span.trace_id.hex(), span.span_id.hex(), parent.hex() if parent else None, service,
+                             span.name, kinds[kind] if 0 <= kind < len(kinds) else "unspecified",
+                             span.start_time_unix_nano, span.end_time_unix_nano, span.status.code,
+                             span.status.message, wanted, events_of(span) if span.events else [])
+                append(EncodedSpan(row, span.SerializeToString(), resource))
     return out
 
 

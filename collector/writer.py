@@ -6,7 +6,7 @@ import queue
 import threading
 from concurrent.futures import Future
 
-from payscope.model import LogRecord, Span
+from payscope.model import EncodedSpan, LogRecord, Span
 
 from .store import Store
 
@@ -37,7 +37,7 @@ class BatchWriter:
         self._thread = threading.Thread(target=self._run, name="payscope-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, spans: list[Span], logs: list[LogRecord]) -> Future[None]:
+    def submit(self, spans: list[Span] | list[EncodedSpan], logs: list[LogRecord]) -> Future[None]:
         """Queue a batch; the future resolves once it is durable. Raises OverloadedError when full."""
         items = len(spans) + len(logs)
         future: Future[None] = Future()

@@ -73,3 +73,54 @@ class TraceSummary:
     @property
     def duration_ns(self) -> int:
         return self.end_ns - self.start_ns
+
+
+@dataclass(slots=True)
+class SpanRow:
+    """What the analysis reads of a span: identity, timing, and the facts derived from its attributes.
+
+    The store computes these once, when the span is written, so that an analysis over millions of
+    spans never decodes raw attributes.
+    """
+
+    trace_id: str
+    span_id: str
+    parent_id: str | None
+    service: str
+    name: str
+    kind: str
+    start_ns: int
+    end_ns: int
+    status_code: int
+    status_message: str
+    error_class: str | None       # timeout | connection | http_5xx | business | None
+    operation: str                # route (server) or method + templated path / RPC (client)
+    peer: str | None              # the callee a client span names (peer.service, server.address, url host)
+    method: str | None
+    http_status: int | None
+    attempt: int                  # http.request.resend_count
+    idempotency_key: bool
+    timeout_connect_ms: float | None = None
+    timeout_read_ms: float | None = None
+    timeout_total_ms: float | None = None
+    timeout_source: str | None = None
+    retry_max: int | None = None
+    amount: float | None = None
+    keys: tuple[str, ...] = ()    # business keys: order, payment, charge ids
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    @property
+    def is_error(self) -> bool:
+        return self.status_code == STATUS_ERROR
+
+
+@dataclass(slots=True)
+class EncodedSpan:
+    """A span ready to store: its derived facts, its OTLP protobuf body, and its resource."""
+
+    row: SpanRow
+    body: bytes
+    resource: Attributes

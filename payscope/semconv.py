@@ -1,16 +1,16 @@
-"""Reading OpenTelemetry semantic-convention attributes, old and new spellings alike."""
+"""Reading OpenTelemetry semantic-convention attributes (old and new spellings) into span facts."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
-from payscope.model import Span
+from payscope.model import STATUS_ERROR, Span, SpanRow
 
 _TIMEOUT_TEXT = re.compile(
-    r"time[d\s_-]?out|deadline[ _]exceeded|deadline_exceeded|ETIMEDOUT|ESOCKETTIMEDOUT|"
-    r"context deadline|ReadTimeout|ConnectTimeout|TimeoutError|TimeoutException|"
-    r"SocketTimeoutException|timeout",
+    r"time[d\s_-]?out|deadline[ _]exceeded|ETIMEDOUT|ESOCKETTIMEDOUT|context deadline|"
+    r"ReadTimeout|ConnectTimeout|TimeoutError|TimeoutException|SocketTimeoutException|timeout",
     re.IGNORECASE,
 )
 _CONNECTION_TEXT = re.compile(
@@ -19,13 +19,46 @@ _CONNECTION_TEXT = re.compile(
     r"EHOSTUNREACH|broken pipe|remote end closed|Max retries exceeded",
     re.IGNORECASE,
 )
-
 GRPC_DEADLINE_EXCEEDED = 4
 GRPC_UNAVAILABLE = 14
 
+# Attribute names written by `payscope run` (documented in docs/attributes.md).
+ATTR_TIMEOUT_CONNECT = "payscope.timeout.connect_ms"
+ATTR_TIMEOUT_READ = "payscope.timeout.read_ms"
+ATTR_TIMEOUT_TOTAL = "payscope.timeout.total_ms"
+ATTR_TIMEOUT_SOURCE = "payscope.timeout.source"
+ATTR_RETRY_MAX = "payscope.retry.max_attempts"
+ATTR_AMOUNT = ("payscope.amount", "app.payment.amount", "payment.amount", "amount", "app.order.amount")
 
-def first(attrs: dict[str, Any], *keys: str) -> Any:
-    """The value of the first of ``keys`` present in ``attrs``."""
+HTTP_STATUS = ("http.response.status_code", "http.status_code")
+RPC_STATUS = ("rpc.grpc.status_code", "rpc.response.status_code")
+HTTP_METHOD = ("http.request.method", "http.method")
+ERROR_TYPE = ("error.type", "exception.type", "error")
+PEER = ("peer.service", "server.address", "net.peer.name", "http.host", "db.system",
+        "messaging.destination.name", "rpc.service")
+URL = ("url.full", "http.url")
+PATH = ("url.path", "http.target")
+ROUTE = ("http.route", "url.template")
+
+# Every attribute the derivation reads; others are stored but never looked at here.
+READ_KEYS = frozenset(HTTP_STATUS + RPC_STATUS + HTTP_METHOD + ERROR_TYPE + PEER + URL + PATH + ROUTE + ATTR_AMOUNT + (
+    "rpc.method", "http.request.resend_count", ATTR_TIMEOUT_CONNECT, ATTR_TIMEOUT_READ, ATTR_TIMEOUT_TOTAL,
+    ATTR_TIMEOUT_SOURCE, ATTR_RETRY_MAX))
+KEY_SUFFIXES = ("order_id", "orderid", "order.id", "payment_id", "paymentid", "payment.id",
+                "transaction_id", "transaction.id", "charge_id", "charge.id")
+
+_ID_SEGMENT = re.compile(r"^(?:\d+|[0-9a-fA-F-]{16,}|[0-9a-fA-F]{8,}|[A-Za-z]{2,4}_[A-Za-z0-9]{6,})$")
+_URL = re.compile(r"^[a-z][a-z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)[^/?#]*(/[^?#]*)?", re.IGNORECASE)
+_KEY_TEMPLATE = re.compile(r"order|payment|charge|transaction|invoice", re.IGNORECASE)
+
+
+def wanted(key: str) -> bool:
+    """Whether derivation reads this attribute (a fast filter for raw protobuf attributes)."""
+    return key in READ_KEYS or key.endswith(KEY_SUFFIXES) or "dempotency" in key
+
+
+def first(attrs: dict[str, Any], keys: Iterable[str]) -> Any:
+    """The value of the first of ``keys`` present (and not empty) in ``attrs``."""
     for key in keys:
         value = attrs.get(key)
         if value is not None and value != "":
@@ -33,104 +66,117 @@ def first(attrs: dict[str, Any], *keys: str) -> Any:
     return None
 
 
-def _as_int(value: Any) -> int | None:
+def _int(value: Any) -> int | None:
+    if value is None or type(value) is int:
+        return value
     try:
         return int(value)
     except (TypeError, ValueError):
         return None
 
 
-def http_status(span: Span) -> int | None:
-    return _as_int(first(span.attributes, "http.response.status_code", "http.status_code"))
+def _float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
-def rpc_status(span: Span) -> int | None:
-    return _as_int(first(span.attributes, "rpc.grpc.status_code", "rpc.response.status_code"))
+def template_path(path: str) -> str:
+    """A URL path with ids replaced by ``{id}``, so calls to one endpoint group together."""
+    path = path.split("?", 1)[0]
+    return "/".join("{id}" if _ID_SEGMENT.match(seg) else seg for seg in path.split("/"))
 
 
-def http_method(span: Span) -> str | None:
-    value = first(span.attributes, "http.request.method", "http.method")
-    return str(value).upper() if value is not None else None
-
-
-def error_text(span: Span) -> str:
-    """Everything a span says about its error: status message, error.type, exceptions."""
-    parts = [span.status_message or ""]
-    error_type = first(span.attributes, "error.type", "exception.type", "error")
+def error_text(status_message: str, attrs: dict[str, Any], events: list[dict[str, Any]]) -> str:
+    """Everything a span says about its error: status message, error.type, exception events."""
+    parts = [status_message]
+    error_type = first(attrs, ERROR_TYPE)
     if error_type is not None:
         parts.append(str(error_type))
-    for event in span.events:
-        if event.get("name") == "exception" or "exception" in str(event.get("name", "")):
+    for event in events:
+        if "exception" in str(event.get("name", "")):
             ev_attrs = event.get("attributes") or {}
             parts.append(str(ev_attrs.get("exception.type", "")))
             parts.append(str(ev_attrs.get("exception.message", "")))
     return " ".join(p for p in parts if p)
 
 
-def error_class(span: Span) -> str | None:
+def classify_error(kind: str, status_code: int, http_status: int | None, rpc_status: int | None,
+                   text: str) -> str | None:
     """``timeout``, ``connection``, ``http_5xx``, ``business``, or None for a healthy span."""
-    status = http_status(span)
-    rpc = rpc_status(span)
-    if not span.is_error and (status is None or status < 500) and not rpc:
-        # Client spans with 4xx are left unset by the SDKs on the server side only.
-        if not (status is not None and status >= 400 and span.kind == "client"):
-            return None
-    text = error_text(span)
-    if rpc == GRPC_DEADLINE_EXCEEDED or status in (504, 408) or _TIMEOUT_TEXT.search(text):
-        return "timeout"
-    if rpc == GRPC_UNAVAILABLE or _CONNECTION_TEXT.search(text):
-        return "connection"
-    if status is not None and status >= 500:
-        return "http_5xx"
-    if rpc is not None and rpc != 0:
-        return "http_5xx" if rpc in (2, 13, 14, 15) else "business"
-    if not span.is_error and status is None:
+    failed = status_code == STATUS_ERROR or (http_status is not None and http_status >= 500) or bool(rpc_status)
+    # A client that got a 4xx failed; a server that answered one did its job.
+    failed = failed or (http_status is not None and http_status >= 400 and kind == "client")
+    if not failed:
         return None
+    if rpc_status == GRPC_DEADLINE_EXCEEDED or http_status in (504, 408) or _TIMEOUT_TEXT.search(text):
+        return "timeout"
+    if rpc_status == GRPC_UNAVAILABLE or _CONNECTION_TEXT.search(text):
+        return "connection"
+    if http_status is not None and http_status >= 500:
+        return "http_5xx"
+    if rpc_status in (2, 13, 15):
+        return "http_5xx"
     return "business"
 
 
-def _host_of(url: str) -> str | None:
-    match = re.match(r"^[a-z][a-z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)", url, re.IGNORECASE)
-    return match.group(1) if match else None
-
-
-def peer_of(span: Span) -> str | None:
-    """The callee a client span names, when the callee's own spans are not at hand."""
-    attrs = span.attributes
-    value = first(attrs, "peer.service", "server.address", "net.peer.name", "http.host",
-                  "db.system", "messaging.destination.name", "rpc.service")
-    if value is None:
-        url = first(attrs, "url.full", "http.url")
-        if url is not None:
-            value = _host_of(str(url))
-    if value is None:
-        return None
-    return str(value)
-
-
-def route_of(span: Span) -> str:
-    """The operation a span performs, stable across calls (route, not the raw path)."""
-    attrs = span.attributes
-    rpc_service = attrs.get("rpc.service")
-    rpc_method = attrs.get("rpc.method")
+def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, name: str, kind: str,
+           start_ns: int, end_ns: int, status_code: int, status_message: str, attrs: dict[str, Any],
+           events: list[dict[str, Any]]) -> SpanRow:
+    """The facts the analysis needs, from a span's fields and (at least its ``wanted``) attributes."""
+    http_status = _int(first(attrs, HTTP_STATUS))
+    rpc_status = _int(first(attrs, RPC_STATUS))
+    method_value = first(attrs, HTTP_METHOD)
+    method = str(method_value).upper() if method_value is not None else None
+    text = error_text(status_message, attrs, events) if status_code == STATUS_ERROR or (
+        http_status or 0) >= 400 or rpc_status else ""
+    url = first(attrs, URL)
+    url_match = _URL.match(str(url)) if url is not None else None
+    peer = first(attrs, PEER)
+    if peer is None and url_match:
+        peer = url_match.group(1)
+    rpc_service, rpc_method = attrs.get("rpc.service"), attrs.get("rpc.method")
+    route = first(attrs, ROUTE)
     if rpc_service and rpc_method:
-        return f"{rpc_service}/{rpc_method}"
-    method = http_method(span)
-    route = first(attrs, "http.route", "url.template")
-    if method and route:
-        return f"{method} {route}"
-    return span.name
+        operation = f"{rpc_service}/{rpc_method}"
+    elif kind in ("client", "producer"):
+        if route is None:
+            raw_path = url_match.group(2) if url_match else first(attrs, PATH)
+            route = template_path(str(raw_path or "/")) if (url_match or raw_path is not None) else None
+        operation = f"{method} {route}" if method and route else (span_name_or(name, method))
+    else:
+        operation = f"{method} {route}" if method and route else name
+    keys = [str(v) for k, v in attrs.items() if k.lower().endswith(KEY_SUFFIXES) and isinstance(v, (str, int))
+            and v != ""]
+    path = first(attrs, PATH)
+    if route and path and "{" in str(route):
+        for tmpl, actual in zip(str(route).split("/"), str(path).split("?")[0].split("/"), strict=False):
+            if tmpl.startswith("{") and tmpl.endswith("}") and _KEY_TEMPLATE.search(tmpl):
+                keys.append(actual)
+    captured = ATTR_TIMEOUT_SOURCE in attrs or ATTR_TIMEOUT_READ in attrs or ATTR_TIMEOUT_TOTAL in attrs \
+        or ATTR_RETRY_MAX in attrs
+    retry_max = _int(attrs.get(ATTR_RETRY_MAX)) if captured else None
+    return SpanRow(
+        trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, status_code, status_message,
+        classify_error(kind, status_code, http_status, rpc_status, text), operation,
+        str(peer) if peer is not None else None, method, http_status,
+        _int(attrs.get("http.request.resend_count")) or 0,
+        any("dempotency" in k.lower() for k in attrs),
+        _float(attrs.get(ATTR_TIMEOUT_CONNECT)) if captured else None,
+        _float(attrs.get(ATTR_TIMEOUT_READ)) if captured else None,
+        _float(attrs.get(ATTR_TIMEOUT_TOTAL)) if captured else None,
+        str(attrs[ATTR_TIMEOUT_SOURCE]) if ATTR_TIMEOUT_SOURCE in attrs else None, retry_max,
+        _float(first(attrs, ATTR_AMOUNT)), tuple(dict.fromkeys(keys)) if keys else ())
 
 
-_KEY_SUFFIXES = ("order_id", "orderid", "order.id", "payment_id", "paymentid", "payment.id",
-                 "transaction_id", "transaction.id", "charge_id", "charge.id")
+def span_name_or(name: str, method: str | None) -> str:
+    return name if not method or name.upper() != method else method
 
 
-def business_keys(span: Span) -> list[str]:
-    """Order, payment and charge ids a span carries (``payscope.*``, ``app.*`` or bare)."""
-    keys = []
-    for name, value in span.attributes.items():
-        lowered = name.lower()
-        if lowered.endswith(_KEY_SUFFIXES) and isinstance(value, (str, int)) and value != "":
-            keys.append(str(value))
-    return keys
+def row_of(span: Span) -> SpanRow:
+    """The derived facts of a decoded span."""
+    return derive(span.trace_id, span.span_id, span.parent_id, span.service, span.name, span.kind,
+                  span.start_ns, span.end_ns, span.status_code, span.status_message, span.attributes, span.events)

@@ -11,26 +11,26 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from payscope.analyzers import engine, findings, recommend
 from payscope.collector.importers import ImportReport, read_trace_file
 from payscope.collector.otlp import parse_json_message, spans_from_request
-from payscope.model import Span
+from payscope.model import SpanRow
 from payscope.synth import Call, Service, Simulator, chain
 from tests.helpers import SCENARIOS, payscope, payscope_json
 
 JUDGED = {"timeout_inversion", "late_success", "timeout_below_tail", "retry_budget_overrun", "non_idempotent_retry"}
 
 
-def _analysis_of(spans: list[Span]) -> engine.Analysis:
-    spans.sort(key=lambda s: s.trace_id)
-    return engine.run(engine.group_traces([spans]))
+def _analysis_of(rows: list[SpanRow]) -> engine.Analysis:
+    rows.sort(key=lambda s: s.trace_id)
+    return engine.run(engine.group_traces([rows]))
 
 
-def _file_spans(path: Path) -> list[Span]:
-    return [s for batch in read_trace_file(path, ImportReport(str(path))) for s in batch.spans]
+def _file_spans(path: Path) -> list[SpanRow]:
+    return [s.row for batch in read_trace_file(path, ImportReport(str(path))) for s in batch.spans]
 
 
-def _synth_spans(topology, requests: int = 2000, seed: int = 3) -> list[Span]:  # type: ignore[no-untyped-def]
+def _synth_spans(topology, requests: int = 2000, seed: int = 3) -> list[SpanRow]:  # type: ignore[no-untyped-def]
     sim = Simulator(topology, seed)
     sim.run(requests)
-    return [s for line in sim.otlp_lines()
+    return [s.row for line in sim.otlp_lines()
             for s in spans_from_request(parse_json_message(json.loads(line), ExportTraceServiceRequest)).spans]
 
 

@@ -116,11 +116,14 @@ def test_business_keys_find_traces(backend: Callable[[], Store]) -> None:
     assert store.traces_by_key("nothing") == []
 
 
-def test_iter_spans_keeps_traces_contiguous(backend: Callable[[], Store]) -> None:
+def test_iter_rows_keeps_traces_contiguous_and_derives(backend: Callable[[], Store]) -> None:
     store = backend()
-    store.write(sample_trace(T2, False) + sample_trace(T1, False))
-    seen = [s.trace_id for batch in store.iter_spans(batch_size=2) for s in batch]
-    assert seen == sorted(seen) and len(seen) == 6
+    store.write(sample_trace(T2, False) + sample_trace(T1, True))
+    rows = [r for batch in store.iter_rows(batch_size=2) for r in batch]
+    assert [r.trace_id for r in rows] == sorted(r.trace_id for r in rows) and len(rows) == 6
+    client = next(r for r in store.trace_rows(T1) if r.kind == "client")
+    assert client.peer == "order" and client.error_class == "business"
+    assert next(r for r in store.trace_rows(T1) if r.kind == "server" and r.service == "gateway").keys == ("o-aaaa",)
 
 
 def test_meta_round_trip(backend: Callable[[], Store]) -> None:
@@ -155,7 +158,7 @@ def test_embedded_refuses_a_file_that_is_not_a_store(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sql, index", [
     ("SELECT * FROM traces WHERE error_count > 0 AND start_ns >= 5 ORDER BY start_ns DESC", "traces_failed"),
-    ("SELECT * FROM spans WHERE trace_id = 'x'", "PRIMARY KEY"),
+    ("SELECT * FROM spans WHERE trace_id = 'x'", "spans_id"),
     ("SELECT * FROM spans WHERE service = 'a' AND callee = 'b' ORDER BY start_ns", "spans_edge"),
     ("SELECT * FROM logs WHERE trace_id = 'x' ORDER BY time_ns", "logs_trace"),
 ])

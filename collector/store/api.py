@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 from payscope.errors import PayscopeError
-from payscope.model import LogRecord, Span, TraceSummary
+from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 
 
 class UnsupportedError(PayscopeError):
@@ -46,7 +46,8 @@ class Store(abc.ABC):
 
     # --- writing -----------------------------------------------------------
     @abc.abstractmethod
-    def write(self, spans: Iterable[Span] = (), logs: Iterable[LogRecord] = ()) -> tuple[int, int]:
+    def write(self, spans: Iterable[Span | EncodedSpan] = (),
+              logs: Iterable[LogRecord] = ()) -> tuple[int, int]:
         """Store spans and log records as one batch; return how many of each were new."""
 
     @abc.abstractmethod
@@ -81,8 +82,12 @@ class Store(abc.ABC):
         """Every (caller, callee, client span count) seen."""
 
     @abc.abstractmethod
-    def iter_spans(self, batch_size: int = 10_000) -> Iterator[list[Span]]:
-        """Every span, in batches, grouped so that a trace's spans are contiguous."""
+    def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
+        """The derived facts of every span, in batches, a trace's spans contiguous."""
+
+    @abc.abstractmethod
+    def trace_rows(self, trace_id: str) -> list[SpanRow]:
+        """The derived facts of one trace's spans, by start time."""
 
     @abc.abstractmethod
     def traces_by_key(self, key: str) -> list[str]:

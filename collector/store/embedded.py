@@ -15,11 +15,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from payscope import semconv
 from payscope.errors import StoreError
-from payscope.model import LogRecord, Span, TraceSummary
+from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 
 from .api import LogQuery, Store
+from .codec import decode_body, encode_span
 
 SCHEMA_VERSION = 1
 
@@ -31,10 +31,15 @@ CREATE TABLE IF NOT EXISTS spans(
     service TEXT NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL,
     start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
     status_code INTEGER NOT NULL, status_message TEXT NOT NULL,
-    error_class TEXT, callee TEXT,
-    attributes TEXT NOT NULL, events TEXT NOT NULL, resource_id INTEGER NOT NULL,
-    PRIMARY KEY(trace_id, span_id)
-) WITHOUT ROWID;
+    error_class TEXT, operation TEXT NOT NULL, peer TEXT, method TEXT, http_status INTEGER,
+    attempt INTEGER NOT NULL, idempotency_key INTEGER NOT NULL,
+    timeout_connect_ms REAL, timeout_read_ms REAL, timeout_total_ms REAL, timeout_source TEXT,
+    retry_max INTEGER, amount REAL, keys TEXT NOT NULL,
+    callee TEXT, resource_id INTEGER NOT NULL, body BLOB NOT NULL
+);
+-- Rows carry their protobuf body, too large for a WITHOUT ROWID table: the table is appended to in
+-- arrival order and this index finds a trace's spans together.
+CREATE UNIQUE INDEX IF NOT EXISTS spans_id ON spans(trace_id, span_id);
 CREATE INDEX IF NOT EXISTS spans_edge ON spans(service, callee, start_ns) WHERE callee IS NOT NULL;
 CREATE TABLE IF NOT EXISTS traces(
     trace_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
@@ -57,11 +62,12 @@ CREATE INDEX IF NOT EXISTS logs_service_time ON logs(service, time_ns);
 CREATE INDEX IF NOT EXISTS logs_time ON logs(time_ns);
 """
 
-_SPAN_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, "
-                 "status_code, status_message, error_class, callee, attributes, events, resource_id")
-_SPAN_SELECT = ("SELECT s.trace_id, s.span_id, s.parent_id, s.service, s.name, s.kind, s.start_ns, "
-                "s.end_ns, s.status_code, s.status_message, s.attributes, s.events, r.body "
-                "FROM spans s JOIN resources r ON r.id = s.resource_id")
+_ROW_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, status_code, "
+                "status_message, error_class, operation, peer, method, http_status, attempt, idempotency_key, "
+                "timeout_connect_ms, timeout_read_ms, timeout_total_ms, timeout_source, retry_max, amount, keys")
+_SPAN_COLUMNS = _ROW_COLUMNS + ", callee, resource_id, body"
+_SPAN_SELECT = ("SELECT s.service, s.body, r.body FROM spans s JOIN resources r ON r.id = s.resource_id")
+_KEY_SEP = "\x1f"
 _TRACE_COLUMNS = ("trace_id, start_ns, end_ns, root_service, root_name, span_count, error_count, "
                   "services, error_class, error_service")
 _LOG_COLUMNS = ("id, time_ns, service, host, severity, message, attributes, source, trace_id, "
@@ -84,8 +90,13 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str
 
 
 def _span_from_row(row: tuple[Any, ...]) -> Span:
-    return Span(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], row[9],
-                json.loads(row[10]), json.loads(row[11]), json.loads(row[12]))
+    return decode_body(row[1], row[0], json.loads(row[2]))
+
+
+def _spanrow(r: tuple[Any, ...]) -> SpanRow:
+    return SpanRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13],
+                   r[14], r[15], bool(r[16]), r[17], r[18], r[19], r[20], r[21], r[22],
+                   tuple(r[23].split(_KEY_SEP)) if r[23] else ())
 
 
 def _summary_from_row(row: tuple[Any, ...]) -> TraceSummary:
@@ -175,16 +186,17 @@ class EmbeddedStore(Store):
             self._resource_ids[body] = rid
         return rid
 
-    def write(self, spans: Iterable[Span] = (), logs: Iterable[LogRecord] = ()) -> tuple[int, int]:
+    def write(self, spans: Iterable[Span | EncodedSpan] = (),
+              logs: Iterable[LogRecord] = ()) -> tuple[int, int]:
         if self._readonly:
             raise StoreError("this store was opened read-only")
-        spans = list(spans)
+        encoded = [s if isinstance(s, EncodedSpan) else encode_span(s) for s in spans]
         logs = list(logs)
         with self._write_lock:
             conn = self._conn()
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                new_spans = self._write_spans(conn, spans) if spans else 0
+                new_spans = self._write_spans(conn, encoded) if encoded else 0
                 new_logs = self._write_logs(conn, logs) if logs else 0
                 conn.execute("COMMIT")
             except BaseException:
@@ -192,16 +204,16 @@ class EmbeddedStore(Store):
                 raise
         return new_spans, new_logs
 
-    def _write_spans(self, conn: sqlite3.Connection, spans: list[Span]) -> int:
+    def _write_spans(self, conn: sqlite3.Connection, spans: list[EncodedSpan]) -> int:
         resource_cache: dict[int, int] = {}
         server_parent: dict[tuple[str, str], str] = {}
-        for span in spans:
-            if span.parent_id and span.kind in ("server", "consumer"):
-                server_parent[(span.trace_id, span.parent_id)] = span.service
-        trace_ids = list({span.trace_id for span in spans})
-        unresolved = [s for s in spans if s.kind in ("client", "producer")
-                      and (s.trace_id, s.span_id) not in server_parent]
-        if unresolved:
+        for e in spans:
+            r = e.row
+            if r.parent_id and r.kind in ("server", "consumer"):
+                server_parent[(r.trace_id, r.parent_id)] = r.service
+        trace_ids = list({e.row.trace_id for e in spans})
+        if any(e.row.kind in ("client", "producer") and (e.row.trace_id, e.row.span_id) not in server_parent
+               for e in spans):
             # The callee's half may have arrived in an earlier batch (it usually ends, and is sent, first).
             for chunk in _chunks(trace_ids):
                 for tid, pid, service in conn.execute(
@@ -210,30 +222,31 @@ class EmbeddedStore(Store):
                     server_parent.setdefault((tid, pid), service)
         rows = []
         keys = []
-        dumps = _dumps
-        for span in spans:
-            rkey = id(span.resource)
+        for e in spans:
+            rkey = id(e.resource)
             rid = resource_cache.get(rkey)
             if rid is None:
-                rid = resource_cache[rkey] = self._resource_id(conn, span.resource)
+                rid = resource_cache[rkey] = self._resource_id(conn, e.resource)
+            r = e.row
             callee = None
-            if span.kind in ("client", "producer"):
-                callee = server_parent.get((span.trace_id, span.span_id)) or semconv.peer_of(span) or "(unknown)"
-            rows.append((span.trace_id, span.span_id, span.parent_id, span.service, span.name,
-                         span.kind, span.start_ns, span.end_ns, span.status_code,
-                         span.status_message, semconv.error_class(span), callee,
-                         dumps(span.attributes), dumps(span.events) if span.events else "[]", rid))
-            for key in semconv.business_keys(span):
-                keys.append((key, span.trace_id))
+            if r.kind in ("client", "producer"):
+                callee = server_parent.get((r.trace_id, r.span_id)) or r.peer or "(unknown)"
+            rows.append((r.trace_id, r.span_id, r.parent_id, r.service, r.name, r.kind, r.start_ns, r.end_ns,
+                         r.status_code, r.status_message, r.error_class, r.operation, r.peer, r.method,
+                         r.http_status, r.attempt, r.idempotency_key, r.timeout_connect_ms, r.timeout_read_ms,
+                         r.timeout_total_ms, r.timeout_source, r.retry_max, r.amount, _KEY_SEP.join(r.keys),
+                         callee, rid, e.body))
+            for key in r.keys:
+                keys.append((key, r.trace_id))
         before = conn.total_changes
-        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) "
-                         f"VALUES({','.join('?' * 15)})", rows)
+        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES({','.join('?' * 27)})", rows)
         inserted = conn.total_changes - before
-        if server_parent:
+        in_batch = {(e.row.trace_id, e.row.span_id) for e in spans}
+        late_callees = [(svc, tid, pid, svc) for (tid, pid), svc in server_parent.items() if (tid, pid) not in in_batch]
+        if late_callees:  # the caller's half came in an earlier batch: name its callee now
             conn.executemany(
                 "UPDATE spans SET callee=? WHERE trace_id=? AND span_id=? "
-                "AND kind IN ('client','producer') AND callee IS NOT ?",
-                [(svc, tid, pid, svc) for (tid, pid), svc in server_parent.items()])
+                "AND kind IN ('client','producer') AND callee IS NOT ?", late_callees)
         if keys:
             conn.executemany("INSERT OR IGNORE INTO keys VALUES(?, ?)", keys)
         self._refresh_traces(conn, trace_ids)
@@ -250,8 +263,9 @@ class EmbeddedStore(Store):
                 f"SELECT trace_id, service, name, min((parent_id IS NOT NULL) * {_ROOT_RANK} + start_ns) "
                 f"FROM spans WHERE trace_id IN ({marks}) GROUP BY trace_id", chunk)}
             errors = {r[0]: (r[1], r[2]) for r in conn.execute(
-                # the error that started last: the deepest one, where the failure began
-                f"SELECT trace_id, error_class, service, max(start_ns) FROM spans "
+                # the error that started last (a client before its server on a tie): where the failure began
+                f"SELECT trace_id, error_class, service, max(start_ns * 2 + (kind IN ('client', 'producer'))) "
+                f"FROM spans "
                 f"WHERE trace_id IN ({marks}) AND error_class IS NOT NULL GROUP BY trace_id", chunk)}
             for tid, start, end, count, failed, services in conn.execute(
                     f"SELECT trace_id, min(start_ns), max(end_ns), count(*), "
@@ -303,7 +317,8 @@ class EmbeddedStore(Store):
         return rows[0][0] if rows else None
 
     def trace(self, trace_id: str) -> list[Span]:
-        rows = self._read(f"{_SPAN_SELECT} WHERE s.trace_id=? ORDER BY s.start_ns", (trace_id.lower(),))
+        rows = self._read(f"{_SPAN_SELECT} WHERE s.trace_id=? ORDER BY s.start_ns, s.span_id",
+                          (trace_id.lower(),))
         return [_span_from_row(r) for r in rows]
 
     def trace_summary(self, trace_id: str) -> TraceSummary | None:
@@ -344,22 +359,17 @@ class EmbeddedStore(Store):
             "SELECT service, callee, count(*) FROM spans WHERE callee IS NOT NULL "
             "GROUP BY service, callee ORDER BY service, callee")]
 
-    def iter_spans(self, batch_size: int = 10_000) -> Iterator[list[Span]]:
-        cursor = self._conn().execute(f"{_SPAN_SELECT} ORDER BY s.trace_id")
-        resources: dict[str, dict[str, Any]] = {}
-        loads = json.loads
+    def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
+        cursor = self._conn().execute(f"SELECT {_ROW_COLUMNS} FROM spans ORDER BY trace_id")
         while True:
             rows = cursor.fetchmany(batch_size)
             if not rows:
                 return
-            batch = []
-            for r in rows:
-                res = resources.get(r[12])
-                if res is None:
-                    res = resources[r[12]] = loads(r[12])
-                batch.append(Span(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
-                                  loads(r[10]), loads(r[11]), res))
-            yield batch
+            yield [_spanrow(r) for r in rows]
+
+    def trace_rows(self, trace_id: str) -> list[SpanRow]:
+        return [_spanrow(r) for r in self._read(
+            f"SELECT {_ROW_COLUMNS} FROM spans WHERE trace_id=? ORDER BY start_ns", (trace_id.lower(),))]
 
     def traces_by_key(self, key: str) -> list[str]:
         return [r[0] for r in self._read("SELECT trace_id FROM keys WHERE key=?", (key,))]
