@@ -354,6 +354,12 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
         edge.timeout = (_captured_timeout(edge) or declared.get(edge.key)
                         or declared.get((edge.caller, edge.callee, "*"))
                         or infer_timeout(edge.timed_out_ms, edge.healthy_ms))
+        if edge.timeout.source == "declared":
+            evidence = edge.timeout.evidence
+            if evidence.get("connect_ms") is not None:
+                edge.connect_timeout_ms = evidence["connect_ms"]
+            if evidence.get("retries"):
+                edge.max_attempts = max(edge.max_attempts, int(evidence["retries"]) + 1)
     return edges
 
 

@@ -150,7 +150,9 @@ def _downstream_wait_ms(analysis: Analysis, edge: Edge) -> tuple[float, Edge] | 
 
 
 def timeout_inversion(analysis: Analysis, edge: Edge) -> Finding | None:
-    if not edge.timeout.known or edge.timeout.value_ms is None or len(edge.timed_out_ms) < 2:
+    if not edge.timeout.known or edge.timeout.value_ms is None:
+        return None
+    if edge.timeout.source == "inferred" and len(edge.timed_out_ms) < 2:
         return None
     found = _downstream_wait_ms(analysis, edge)
     if found is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from rich.console import Console
@@ -120,26 +119,8 @@ def print_recommendations(document: dict[str, Any], console: Console, *, snippet
                           f"{row['late_success']} late successes, {row['duplicate_charge']} duplicate charges")
 
 
-def yaml(document: Any, indent: int = 0) -> str:
-    """A YAML rendering of plain JSON data (every string quoted, so nothing is misread)."""
-    pad = "  " * indent
-    if isinstance(document, dict):
-        if not document:
-            return "{}\n"
-        out = []
-        for key, value in document.items():
-            if isinstance(value, (dict, list)) and value:
-                out.append(f"{pad}{key}:\n{yaml(value, indent + 1)}")
-            else:
-                out.append(f"{pad}{key}: {yaml(value, 0).strip()}\n")
-        return "".join(out)
-    if isinstance(document, list):
-        if not document:
-            return "[]\n"
-        out = []
-        for item in document:
-            text = yaml(item, indent + 1)
-            out.append(f"{pad}- {text.lstrip()}" if isinstance(item, (dict, list)) and item
-                       else f"{pad}- {text.strip()}\n")
-        return "".join(out)
-    return json.dumps(document) + "\n"
+def yaml(document: Any) -> str:
+    """The document as YAML."""
+    import yaml as pyyaml
+
+    return str(pyyaml.safe_dump(document, sort_keys=False, allow_unicode=True))

@@ -25,6 +25,8 @@ import_app = typer.Typer(help="Import telemetry files into the store.", no_args_
 app.add_typer(import_app, name="import")
 recommend_app = typer.Typer(help="Recommend settings from what was recorded.", no_args_is_help=True)
 app.add_typer(recommend_app, name="recommend")
+ingest_app = typer.Typer(help="Ingest configs (and logs) that explain the traces.", no_args_is_help=True)
+app.add_typer(ingest_app, name="ingest")
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -120,6 +122,41 @@ def import_traces(
                   + (f", {r.rejected} rejected" if r.rejected else ""))
         for problem in r.problems:
             err.print(f"  rejected {problem}")
+
+
+@ingest_app.command("config")
+def ingest_config(
+    files: Annotated[list[Path], typer.Argument(help="nginx, Envoy (YAML/JSON) or gunicorn config files.")],
+    service: Annotated[Optional[str], typer.Option(
+        help="The service the config belongs to (default: nginx / envoy; required for gunicorn).")] = None,
+    store: StoreOption = None,
+    output_format: FormatOption = "table",
+) -> None:
+    """Read the timeouts a proxy or server config declares and map them onto edges."""
+    from payscope.analyzers.declared import META_KEY
+    from payscope.collector.configs import detect_and_parse
+    from payscope.collector.store import open_store
+
+    _check_format(output_format, ("table", "json"))
+    found = []
+    for path in files:
+        if not path.exists():
+            raise PayscopeError(f"{path}: no such file")
+        found.extend(detect_and_parse(path, service))
+    with open_store(store) as opened:
+        kept = [d for d in json.loads(opened.get_meta(META_KEY) or "[]")
+                if d.get("file") not in {str(p) for p in files}]
+        opened.set_meta(META_KEY, json.dumps(kept + [d.to_json() for d in found]))
+    if output_format == "json":
+        _emit_json({"declared": [d.to_json() for d in found]})
+        return
+    for d in found:
+        extra = "".join([f", connect {d.connect_ms:.0f} ms" if d.connect_ms is not None else "",
+                         f", {d.retries} retries" if d.retries is not None else "",
+                         f", total {d.total_ms:.0f} ms" if d.total_ms is not None and d.total_ms != d.timeout_ms
+                         else ""])
+        timeout = f"{d.timeout_ms:.0f} ms" if d.timeout_ms is not None else "none"
+        out.print(f"{d.caller} -> {d.callee}: timeout {timeout}{extra}  ({d.file}, {d.where})", markup=False)
 
 
 # --- failures / show -----------------------------------------------------------

@@ -191,6 +191,8 @@ def test_recommend_cli_formats(tmp_path: Path) -> None:
     assert "requests" in ledger["snippets"] and "proxy_read_timeout" in ledger["snippets"]["nginx"]
     assert doc["simulation"]["after"]["late_success"] < doc["simulation"]["before"]["late_success"]
     yaml_text = payscope("recommend", "timeouts", "--store", store, "--format", "yaml", check=True).stdout
-    assert yaml_text.startswith("recommendations:\n  - edge:\n      caller: ")
+    import yaml
+
+    assert yaml.safe_load(yaml_text)["recommendations"] == doc["recommendations"]
     table = payscope("recommend", "timeouts", "--store", store, check=True).stdout
     assert "wallet -> ledger" in table

@@ -1,0 +1,122 @@
+"""`payscope analyze` and `payscope recommend timeouts` on large stores (250k and 1M spans, 20 services).
+
+Reports wall time and peak memory of each command, beside the floor: reading the same span
+facts from the store into memory. Stores are built once per size under bench/out/ and reused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+from payscope.collector.otlp import parse_json_message, spans_from_request
+from payscope.collector.store import open_store
+from payscope.synth import Call, Service, Simulator, Topology
+
+OUT = Path(__file__).parent / "out"
+
+
+def twenty_services() -> Topology:
+    """A shop of 20 services; a request crosses about 10 of them."""
+    s = [
+        Service("edge", 1, route="/checkout/{order_id}", calls=[Call("gateway", 3000)]),
+        Service("gateway", 2, route="/checkout", calls=[Call("session", 500), Call("order", 1000)]),
+        Service("session", 3, route="/session"),
+        Service("order", 5, route="/orders/{order_id}",
+                calls=[Call("cart", 800), Call("pricing", 800), Call("payment", 2500), Call("notify", 500)]),
+        Service("cart", 4, route="/cart", calls=[Call("catalog", 300)]),
+        Service("catalog", 3, route="/items"),
+        Service("pricing", 4, route="/price", calls=[Call("tax", 300), Call("promo", 300)]),
+        Service("tax", 2, route="/tax"),
+        Service("promo", 2, route="/promo"),
+        Service("payment", 6, route="/payments", calls=[Call("fraud", 700), Call("bank", 400, attempts=3)]),
+        Service("fraud", 8, route="/score", calls=[Call("risk-model", 500)]),
+        Service("risk-model", 15, route="/predict"),
+        Service("bank", 90, sigma=0.5, tail_p=0.05, tail_ms=500, route="/v1/charges"),
+        Service("notify", 3, route="/notify", calls=[Call("email", 500)]),
+        Service("email", 20, route="/send"),
+        Service("ledger", 5, route="/entries"),
+        Service("audit", 2, route="/audit"),
+        Service("loyalty", 3, route="/points"),
+        Service("shipping", 4, route="/ship"),
+        Service("warehouse", 4, route="/pick"),
+    ]
+    return Topology({x.name: x for x in s}, "edge")
+
+
+def build(size: int) -> Path:
+    OUT.mkdir(exist_ok=True)
+    path = OUT / f"analyzer-{size}.db"
+    if path.exists():
+        return path
+    tmp = path.with_suffix(".building")
+    for suffix in ("", "-wal", "-shm"):
+        Path(str(tmp) + suffix).unlink(missing_ok=True)
+    store = open_store(str(tmp))
+    written = 0
+    seed = 0
+    start = time.perf_counter()
+    while written < size:
+        sim = Simulator(twenty_services(), seed=seed)
+        sim.run(2000, start_ns=1_767_000_000_000_000_000 + seed * 60_000_000_000)
+        batch = [e for line in sim.otlp_lines() for e in
+                 spans_from_request(parse_json_message(json.loads(line), ExportTraceServiceRequest)).spans]
+        store.write(batch)
+        written += len(batch)
+        seed += 1
+    store.close()
+    tmp.rename(path)
+    print(f"  built {path.name}: {written} spans in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return path
+
+
+FLOOR = """
+import sys, time, resource
+from payscope.collector.store import open_store
+t = time.perf_counter()
+with open_store(sys.argv[1], readonly=True) as store:
+    rows = [r for batch in store.iter_rows() for r in batch]
+print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, len(rows))
+"""
+
+
+def measure(args: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak resident MiB of a child process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(peak, before) / 1024
+
+
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench analyzer")
+    parser.add_argument("--sizes", default="250000,1000000")
+    args = parser.parse_args(argv)
+    sizes = [int(x) for x in args.sizes.split(",")]
+    print("analyzer on stores of synthetic traces (20 services, ~10 spans a transaction)")
+    results = {}
+    for size in sizes:
+        path = build(size)
+        out = subprocess.run([sys.executable, "-c", FLOOR, str(path)], capture_output=True, text=True, check=True)
+        floor_s, floor_kb, count = out.stdout.split()
+        analyze_s, analyze_mb = measure([sys.executable, "-m", "payscope", "analyze", "--store", str(path),
+                                         "--format", "json"])
+        recommend_s, recommend_mb = measure([sys.executable, "-m", "payscope", "recommend", "timeouts",
+                                             "--store", str(path), "--format", "json"])
+        results[size] = analyze_s
+        print(f"  {int(count):>9,} spans: load floor {float(floor_s):6.1f}s {int(floor_kb) / 1024:6.0f} MiB | "
+              f"analyze {analyze_s:6.1f}s ({analyze_s / float(floor_s):.1f}x floor) | "
+              f"recommend {recommend_s:6.1f}s | peak {max(analyze_mb, recommend_mb):6.0f} MiB")
+    if len(sizes) >= 2:
+        small, large = sizes[0], sizes[-1]
+        print(f"  growth {small:,} -> {large:,} spans: x{results[large] / results[small]:.2f} time "
+              f"for x{large / small:.1f} spans")
