@@ -72,6 +72,7 @@ class Call:
     amount: float | None = None
     http_status: int | None = None
     late_success: bool = False         # set after clock correction
+    edge_key: tuple[str, str, str] | None = None  # set once callee names are final
 
     @property
     def duration_ns(self) -> int:
@@ -97,7 +98,7 @@ class Call:
 
     @property
     def edge(self) -> tuple[str, str, str]:
-        return (self.caller, self.callee, self.operation)
+        return self.edge_key or (self.caller, self.callee, self.operation)
 
 
 @dataclass(slots=True)

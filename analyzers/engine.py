@@ -162,6 +162,8 @@ def collect_calls(traces: Iterable[list[SpanRow]]) -> tuple[dict[str, TraceFacts
         facts[trace_facts.trace_id] = trace_facts
         calls.extend(trace_calls_)
     resolve_aliases(calls, votes)
+    for c in calls:
+        c.edge_key = (c.caller, c.callee, c.operation)
     return facts, calls
 
 
@@ -232,6 +234,9 @@ def retry_chains(calls: list[Call]) -> list[list[Call]]:
         groups[(c.trace_id, c.parent_id, c.callee, c.operation)].append(c)
     chains: list[list[Call]] = []
     for group in groups.values():
+        if len(group) == 1:
+            chains.append(group)
+            continue
         group.sort(key=lambda c: c.start_ns)
         chain = [group[0]]
         for c in group[1:]:

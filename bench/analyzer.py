@@ -87,14 +87,24 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
+RUN_CLI = """
+import resource, sys
+from payscope.cli import main
+sys.argv = ["payscope"] + sys.argv[1:]
+try:
+    main()
+finally:
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+"""
+
+
 def measure(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak resident MiB of a child process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    """Wall seconds and peak resident MiB of `payscope ARGS` in a child process."""
     t = time.perf_counter()
-    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.run([sys.executable, "-c", RUN_CLI, *args], check=True, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
     wall = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024
+    return wall, int(proc.stderr.strip().splitlines()[-1]) / 1024
 
 
 def main(argv: list[str]) -> None:
@@ -108,14 +118,12 @@ def main(argv: list[str]) -> None:
         path = build(size)
         out = subprocess.run([sys.executable, "-c", FLOOR, str(path)], capture_output=True, text=True, check=True)
         floor_s, floor_kb, count = out.stdout.split()
-        analyze_s, analyze_mb = measure([sys.executable, "-m", "payscope", "analyze", "--store", str(path),
-                                         "--format", "json"])
-        recommend_s, recommend_mb = measure([sys.executable, "-m", "payscope", "recommend", "timeouts",
-                                             "--store", str(path), "--format", "json"])
+        analyze_s, analyze_mb = measure(["analyze", "--store", str(path), "--format", "json"])
+        recommend_s, recommend_mb = measure(["recommend", "timeouts", "--store", str(path), "--format", "json"])
         results[size] = analyze_s
         print(f"  {int(count):>9,} spans: load floor {float(floor_s):6.1f}s {int(floor_kb) / 1024:6.0f} MiB | "
               f"analyze {analyze_s:6.1f}s ({analyze_s / float(floor_s):.1f}x floor) | "
-              f"recommend {recommend_s:6.1f}s | peak {max(analyze_mb, recommend_mb):6.0f} MiB")
+              f"recommend {recommend_s:6.1f}s | peak {analyze_mb:5.0f} / {recommend_mb:5.0f} MiB")
     if len(sizes) >= 2:
         small, large = sizes[0], sizes[-1]
         print(f"  growth {small:,} -> {large:,} spans: x{results[large] / results[small]:.2f} time "
