@@ -63,6 +63,21 @@ def _emit_json(document: Any) -> None:
     sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
 
 
+# --- run -----------------------------------------------------------------------
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def run(
+    ctx: typer.Context,
+    service: Annotated[Optional[str], typer.Option(help="Service name (default: OTEL_SERVICE_NAME or the program).")
+                       ] = None,
+    collector: Annotated[Optional[str], typer.Option(help="Collector URL (default http://127.0.0.1:4318).")] = None,
+) -> None:
+    """Run a Python program instrumented, without changing it: payscope run --service order -- python app.py"""
+    from payscope.instrumentation.wrapper import run as run_instrumented
+
+    run_instrumented(list(ctx.args), service, collector)
+
+
 # --- collect -------------------------------------------------------------------
 
 @app.command()

@@ -1,0 +1,202 @@
+"""payscope's OpenTelemetry distro, configurator and start-up report, loaded by entry point.
+
+`payscope run` points OpenTelemetry's own auto-instrumentation at these; they set up export to the
+payscope collector with bounded queues and short timeouts, mask secrets before anything leaves the
+process, add trace ids to the service's log lines, and record timeouts on client spans.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import parse_qsl
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.distro import BaseDistro  # type: ignore[attr-defined]
+from opentelemetry.sdk._configuration import _BaseConfigurator
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+from .redaction import is_secret_key, redact_text
+
+EXPORT_TIMEOUT_S = 2.0
+QUEUE_SIZE = 4096
+CAPTURED_HEADERS = "x-request-id,idempotency-key,x-envoy-expected-rq-timeout-ms,grpc-timeout"
+_KEY_NAMES = ("order_id", "orderId", "payment_id", "paymentId", "amount")
+
+instrumented: list[str] = []
+_log = logging.getLogger("payscope.instrumentation")
+
+
+class PayscopeDistro(BaseDistro):  # type: ignore[misc]
+    """Defaults for every OpenTelemetry setting payscope relies on; the user's own settings win."""
+
+    def _configure(self, **kwargs: Any) -> None:
+        os.environ.setdefault("OTEL_TRACES_EXPORTER", "otlp")
+        os.environ.setdefault("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+        os.environ.setdefault("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", CAPTURED_HEADERS)
+        os.environ.setdefault("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_REQUEST", CAPTURED_HEADERS)
+        os.environ.setdefault("OTEL_PYTHON_LOG_CORRELATION", "false")
+
+    def load_instrumentor(self, entry_point: Any, **kwargs: Any) -> None:
+        try:
+            entry_point.load()().instrument(**kwargs)
+        except ImportError:
+            return  # the library is not installed here: not instrumented, and not reported as such
+        except Exception as exc:  # a broken instrumentor must not stop the service
+            _log.warning("payscope: %s was not instrumented: %s", entry_point.name, exc)
+            return
+        instrumented.append(entry_point.name)
+
+
+class RedactingExporter(SpanExporter):
+    """Masks card numbers, CVVs and credentials, then hands spans to the real exporter."""
+
+    def __init__(self, inner: SpanExporter) -> None:
+        self.inner = inner
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        try:
+            result = self.inner.export([_redacted(s) for s in spans])
+        except Exception as exc:
+            result = SpanExportResult.FAILURE
+            _notice(f"export failed ({type(exc).__name__})")
+        if result is not SpanExportResult.SUCCESS:
+            _notice(f"the collector at {os.environ.get('OTEL_EXPORTER_OTLP_ENDPOINT', '?')} did not take "
+                    "spans; they are dropped, the service is not affected")
+        return result
+
+    def shutdown(self) -> None:
+        self.inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return bool(self.inner.force_flush(timeout_millis))
+
+
+_noticed: set[str] = set()
+
+
+def _notice(message: str) -> None:
+    """Say a problem once, on stderr, and never again."""
+    if message not in _noticed and not os.environ.get("PAYSCOPE_QUIET"):
+        _noticed.add(message)
+        print(f"payscope: {message}", file=sys.stderr, flush=True)
+
+
+def _clean(attrs: Any) -> dict[str, Any] | None:
+    """Masked attributes, or None when nothing needed masking."""
+    if not attrs:
+        return None
+    out = None
+    for key, value in attrs.items():
+        new = value
+        if is_secret_key(key):
+            new = "[REDACTED]"
+        elif isinstance(value, str) and any(c.isdigit() for c in value) or isinstance(value, str) and (
+                "uthorization" in value):
+            new = redact_text(value)
+        if new is not value and new != value:
+            if out is None:
+                out = dict(attrs)
+            out[key] = new
+    return out
+
+
+def _redacted(span: ReadableSpan) -> ReadableSpan:
+    attrs = _clean(span.attributes)
+    message = span.status.description
+    masked_message = redact_text(message) if message else message
+    if attrs is None and masked_message == message:
+        return span
+    from opentelemetry.trace import Status
+
+    return ReadableSpan(
+        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
+        attributes=attrs if attrs is not None else span.attributes, events=span.events, links=span.links,
+        kind=span.kind, status=Status(span.status.status_code, masked_message),
+        start_time=span.start_time, end_time=span.end_time, instrumentation_scope=span.instrumentation_scope)
+
+
+class BusinessKeyProcessor(SpanProcessor):
+    """Order id, payment id and amount from a server span's query string onto the span."""
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        try:
+            if span.kind != trace.SpanKind.SERVER:
+                return
+            attrs = span.attributes or {}
+            query = attrs.get("url.query") or str(attrs.get("http.target", "")).partition("?")[2]
+            for key, value in parse_qsl(str(query)):
+                if key in _KEY_NAMES:
+                    span.set_attribute(f"payscope.{key.replace('Id', '_id').lower()}", value)
+        except Exception:
+            pass
+
+
+class PayscopeConfigurator(_BaseConfigurator):  # type: ignore[misc]
+    """Tracer and logger providers exporting to the payscope collector."""
+
+    def _configure(self, **kwargs: Any) -> None:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        # The SDK's own complaints (an unreachable collector, say) stay out of the service's logs.
+        otel_logger = logging.getLogger("opentelemetry")
+        otel_logger.propagate = False
+        otel_logger.addHandler(logging.NullHandler())
+
+        from . import logs
+        from .capture import TimeoutCaptureInstrumentor
+
+        endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318").rstrip("/")
+        resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "unknown_service"),
+                                    "process.pid": os.getpid()})
+        provider = TracerProvider(resource=resource)
+        provider.add_span_processor(BusinessKeyProcessor())
+        provider.add_span_processor(BatchSpanProcessor(
+            RedactingExporter(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces", timeout=EXPORT_TIMEOUT_S)),
+            max_queue_size=QUEUE_SIZE, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)))
+        trace.set_tracer_provider(provider)
+        self._configure_logs(endpoint, resource)
+        logs.install()
+        TimeoutCaptureInstrumentor().instrument()
+        instrumented.append("timeouts")
+
+    @staticmethod
+    def _configure_logs(endpoint: str, resource: Resource) -> None:
+        from opentelemetry._logs import set_logger_provider
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+        from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+        provider = LoggerProvider(resource=resource)
+        provider.add_log_record_processor(BatchLogRecordProcessor(
+            OTLPLogExporter(endpoint=f"{endpoint}/v1/logs", timeout=EXPORT_TIMEOUT_S),
+            max_queue_size=QUEUE_SIZE, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)))
+        set_logger_provider(provider)
+        handler = LoggingHandler(level=logging.NOTSET, logger_provider=provider)
+        # Not a handler on the root logger: that would make the service's own basicConfig() a no-op.
+        original = logging.Logger.callHandlers
+
+        def call_handlers(self: logging.Logger, record: logging.LogRecord) -> None:
+            original(self, record)
+            # never export what the exporters themselves log (that would loop)
+            if not self.name.startswith("opentelemetry") and not (record.threadName or "").startswith("Otel"):
+                try:
+                    handler.handle(record)
+                except Exception:
+                    pass
+
+        logging.Logger.callHandlers = call_handlers  # type: ignore[method-assign]
+
+
+def report() -> None:
+    """One line on stderr at start-up: what is instrumented, and where it goes."""
+    if os.environ.get("PAYSCOPE_QUIET"):
+        return
+    names = ", ".join(sorted(set(instrumented))) or "nothing"
+    print(f"payscope: {os.environ.get('OTEL_SERVICE_NAME', '?')} (pid {os.getpid()}) instrumented: {names}; "
+          f"exporting to {os.environ.get('OTEL_EXPORTER_OTLP_ENDPOINT', '?')}", file=sys.stderr, flush=True)

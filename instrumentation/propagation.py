@@ -1,0 +1,67 @@
+"""Accept W3C tracecontext, B3 (single and multi header) and Jaeger on the way in; emit W3C (and baggage)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.baggage.propagation import W3CBaggagePropagator
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import (
+    CarrierT,
+    Getter,
+    Setter,
+    TextMapPropagator,
+    default_getter,
+    default_setter,
+)
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+
+def _incoming() -> list[TextMapPropagator]:
+    found: list[TextMapPropagator] = [TraceContextTextMapPropagator()]
+    try:
+        from opentelemetry.propagators.b3 import B3MultiFormat, B3SingleFormat
+
+        found += [B3SingleFormat(), B3MultiFormat()]
+    except ImportError:  # pragma: no cover - declared dependency, but never break the service
+        pass
+    try:
+        from opentelemetry.propagators.jaeger import JaegerPropagator
+
+        found.append(JaegerPropagator())
+    except ImportError:  # pragma: no cover
+        pass
+    return found
+
+
+class PayscopePropagator(TextMapPropagator):
+    """Continue whichever trace header arrived; always send W3C ``traceparent`` and baggage onward."""
+
+    def __init__(self) -> None:
+        self._incoming = _incoming()
+        self._outgoing = [TraceContextTextMapPropagator(), W3CBaggagePropagator()]
+
+    def extract(self, carrier: CarrierT, context: Context | None = None,
+                getter: Getter[CarrierT] = default_getter) -> Context:
+        for propagator in self._incoming:
+            extracted = propagator.extract(carrier, context, getter)
+            if trace.get_current_span(extracted).get_span_context().is_valid:
+                return W3CBaggagePropagator().extract(carrier, extracted, getter)
+        return W3CBaggagePropagator().extract(carrier, context, getter)
+
+    def inject(self, carrier: CarrierT, context: Context | None = None,
+               setter: Setter[CarrierT] = default_setter) -> None:
+        for propagator in self._outgoing:
+            propagator.inject(carrier, context, setter)
+
+    @property
+    def fields(self) -> set[str]:
+        out: set[str] = set()
+        for propagator in self._incoming + self._outgoing:  # type: ignore[operator]
+            out |= set(propagator.fields)
+        return out
+
+
+def propagator() -> Any:
+    return PayscopePropagator()
