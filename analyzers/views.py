@@ -11,6 +11,15 @@ from payscope.timeparse import format_duration_ns, format_ns
 from . import engine, findings
 
 
+def log_json(rec: Any) -> dict[str, Any]:
+    """One log record in the JSON contract of `payscope logs`."""
+    link: dict[str, Any] = {"method": rec.link_method, "confidence": round(rec.link_confidence, 3)}
+    if rec.link_method == "ambiguous":
+        link["candidates"] = rec.attributes.get("link.candidates", [])
+    return {"time": format_ns(rec.time_ns), "service": rec.service, "level": rec.severity, "message": rec.message,
+            "source": rec.source, "trace_id": rec.trace_id, "span_id": rec.span_id, "link": link}
+
+
 def resolve_trace_ids(store: Any, ident: str) -> list[str]:
     """Trace ids for a trace id (any case, dashes allowed) or a business key (order or payment id)."""
     cleaned = ident.strip().lower().replace("-", "")
@@ -94,14 +103,8 @@ def transaction_view(store: Any, ident: str) -> dict[str, Any]:
             "status": {0: "unset", 1: "ok", 2: "error"}.get(span.status_code, "unset"),
             "error_class": error_classes.get((span.trace_id, span.span_id)), "message": span.status_message,
         })
-    logs = []
-    for tid in trace_ids:
-        for rec in store.logs_of_trace(tid):
-            logs.append({"time": format_ns(rec.time_ns), "service": rec.service, "level": rec.severity,
-                         "message": rec.message, "source": rec.source, "trace_id": rec.trace_id,
-                         "span_id": rec.span_id,
-                         "link": {"method": rec.link_method, "confidence": rec.link_confidence}})
-    logs.sort(key=lambda r: r["time"])
+    logs = sorted((log_json(rec) for tid in trace_ids for rec in store.logs_of_trace(tid)),
+                  key=lambda r: r["time"])
     transactions = []
     for tid in trace_ids:
         tx = analysis.transactions.get(tid)
@@ -142,7 +145,7 @@ def render_waterfall(view: dict[str, Any], width: int = 32) -> str:
         lines.append("logs:")
         for rec in view["logs"]:
             lines.append(f"  {rec['time']} {rec['service']} {rec['level']} {rec['message']}  "
-                         f"({rec['source']}, linked by {rec['link']['method']})")
+                         f"({rec['source']}, linked by {rec['link']['method']} {rec['link']['confidence']:.2f})")
     if view["findings"]:
         lines.append("")
         lines.append("findings:")

@@ -67,7 +67,8 @@ def _wanted_attributes(kvs: Any) -> dict[str, Any] | None:
         if value.int_value >= 10**12:
             return None
         key = kv.key
-        if key in read_keys or key.endswith(suffixes) or "dempotency" in key:
+        if key in read_keys or key.endswith(suffixes) or "dempotency" in key or "request_id" in key \
+                or "request-id" in key:
             out[key] = any_value(value)
     return out
 

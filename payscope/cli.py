@@ -174,6 +174,110 @@ def ingest_config(
         out.print(f"{d.caller} -> {d.callee}: timeout {timeout}{extra}  ({d.file}, {d.where})", markup=False)
 
 
+@ingest_app.command("logs")
+def ingest_logs(
+    files: Annotated[list[str], typer.Argument(help="Log files, directories, globs, or - for stdin (gzip too).")],
+    service: Annotated[Optional[str], typer.Option(help="Service the lines come from (default: file name).")
+                       ] = None,
+    log_format: Annotated[str, typer.Option("--log-format", help="auto, json, logfmt, text, java, nginx-access, "
+                                            "nginx-error, envoy or gunicorn.")] = "auto",
+    nginx_format: Annotated[Optional[str], typer.Option(help="A custom nginx log_format string.")] = None,
+    tz: Annotated[Optional[str], typer.Option(help="Zone of timestamps that name none (UTC, +02:00, Europe/Paris).")
+                  ] = None,
+    clock_offset: Annotated[Optional[str], typer.Option(
+        help="How far this host's clock runs ahead (e.g. 150ms); subtracted from every time.")] = None,
+    no_link: Annotated[bool, typer.Option("--no-link", help="Store without linking to traces.")] = False,
+    store: StoreOption = None,
+    output_format: FormatOption = "table",
+) -> None:
+    """Parse log files, link each line to its transaction, and report what was read, linked and not."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from payscope.analyzers.correlate import Linker
+    from payscope.collector import logparse
+    from payscope.collector.logingest import ingest
+    from payscope.collector.store import open_store
+    from payscope.timeparse import parse_duration_s
+
+    _check_format(output_format, ("table", "json"))
+    if log_format != "auto" and log_format not in logparse.FORMATS:
+        raise PayscopeError(f"--log-format {log_format!r} is not one of auto, {', '.join(logparse.FORMATS)}")
+    zone = logparse.parse_tz(tz)
+    offset = int(parse_duration_s(clock_offset, "--clock-offset") * 1e9) if clock_offset else 0
+    with open_store(store) as opened, Progress(SpinnerColumn(), TextColumn("{task.description}"), console=err,
+                                               transient=True, disable=not err.is_terminal) as progress:
+        task = progress.add_task("reading logs")
+
+        def on_progress(source: str, records: int) -> None:
+            progress.update(task, description=f"{source}: {records} records")
+
+        report = ingest(opened, files, service=service, fmt=log_format, tz=zone, clock_offset_ns=offset,
+                        nginx_format=nginx_format, linker=None if no_link else Linker(opened),
+                        on_progress=on_progress)
+    doc = report.to_json()
+    if output_format == "json":
+        _emit_json(doc)
+        return
+    formats = ", ".join(f"{n} {fmt}" for fmt, n in sorted(doc["by_format"].items())) or "none"
+    linked = ", ".join(f"{n} by {m}" for m, n in sorted(doc["linked"].items())) or "none"
+    out.print(f"{doc['lines']} lines read, {doc['records']} records ({formats}); {doc['stored']} new stored",
+              markup=False)
+    out.print(f"linked: {linked}", markup=False)
+    if doc["unparsed"]:
+        out.print(f"{doc['unparsed']} lines not parsed; the first:", markup=False)
+        for f in report.files:
+            for problem in f.problems:
+                out.print(f"  {problem}", markup=False)
+
+
+@app.command()
+def logs(
+    store: StoreOption = None,
+    service: Annotated[Optional[str], typer.Option(help="Only this service.")] = None,
+    trace: Annotated[Optional[str], typer.Option(help="Only lines linked to this trace id.")] = None,
+    order: Annotated[Optional[str], typer.Option(help="Only lines of the transactions of this order/payment id.")
+                     ] = None,
+    grep: Annotated[Optional[str], typer.Option(help="Only lines containing this text.")] = None,
+    level: Annotated[Optional[str], typer.Option(help="Only this level (ERROR, WARN, INFO, ...).")] = None,
+    since: Annotated[Optional[str], typer.Option(help="From this ISO time.")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Until this ISO time.")] = None,
+    unlinked: Annotated[bool, typer.Option(help="Only lines linked to no transaction.")] = False,
+    limit: Annotated[int, typer.Option(help="At most this many (0 for all).")] = 100,
+    output_format: FormatOption = "table",
+) -> None:
+    """Log records with how each was linked to its transaction."""
+    from payscope.analyzers.views import log_json
+    from payscope.collector.store import LogQuery, open_store
+    from payscope.timeparse import parse_instant_ns
+
+    _check_format(output_format, ("table", "json"))
+    with open_store(store, readonly=True) as opened:
+        traces: list[str | None] = [trace.lower() if trace else None]
+        if order:
+            traces = list(opened.traces_by_key(order))
+            if not traces:
+                raise PayscopeError(f"no transaction with order or payment id {order!r} in {opened.url}")
+        found = []
+        for trace_id in traces:
+            query = LogQuery(service=service, trace_id=trace_id, text=grep, severity=level.upper() if level else None,
+                             since_ns=parse_instant_ns(since, "--since") if since else None,
+                             until_ns=parse_instant_ns(until, "--until") if until else None,
+                             unlinked_only=unlinked, limit=limit or None)
+            found += [record for _, record in opened.search_logs(query)]
+    found.sort(key=lambda r: r.time_ns)
+    records = [log_json(r) for r in (found[:limit] if limit else found)]
+    if output_format == "json":
+        _emit_json({"records": records})
+        return
+    for r in records:
+        link = r["link"]
+        how = link["method"]
+        if how not in ("none", "ambiguous"):
+            how += f" {link['confidence']:.2f}"
+        out.print(f"{r['time']} {r['service']:<12} {r['level']:<5} {r['message']}  [{r['source']}; {how}]",
+                  markup=False)
+
+
 # --- failures / show -----------------------------------------------------------
 
 @app.command()

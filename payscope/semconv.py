@@ -54,7 +54,8 @@ _KEY_TEMPLATE = re.compile(r"order|payment|charge|transaction|invoice", re.IGNOR
 
 def wanted(key: str) -> bool:
     """Whether derivation reads this attribute (a fast filter for raw protobuf attributes)."""
-    return key in READ_KEYS or key.endswith(KEY_SUFFIXES) or "dempotency" in key
+    return key in READ_KEYS or key.endswith(KEY_SUFFIXES) or "dempotency" in key or "request_id" in key \
+        or "request-id" in key
 
 
 def first(attrs: dict[str, Any], keys: Iterable[str]) -> Any:
@@ -151,6 +152,11 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
         operation = f"{method} {route}" if method and route else name
     keys = [str(v) for k, v in attrs.items() if k.lower().endswith(KEY_SUFFIXES) and isinstance(v, (str, int))
             and v != ""]
+    for k, v in attrs.items():
+        if "request_id" in k or "request-id" in k:  # captured X-Request-ID: lets log lines find the trace
+            for item in (v if isinstance(v, (list, tuple)) else [v]):
+                if item:
+                    keys.append(f"rid:{item}")
     path = first(attrs, PATH)
     if route and path and "{" in str(route):
         for tmpl, actual in zip(str(route).split("/"), str(path).split("?")[0].split("/"), strict=False):
@@ -180,3 +186,17 @@ def row_of(span: Span) -> SpanRow:
     """The derived facts of a decoded span."""
     return derive(span.trace_id, span.span_id, span.parent_id, span.service, span.name, span.kind,
                   span.start_ns, span.end_ns, span.status_code, span.status_message, span.attributes, span.events)
+
+
+def normalise_trace_id(value: Any) -> str | None:
+    """32 lower-case hex digits from W3C, B3/Jaeger 16-hex, dashed or upper-case, or Datadog decimal ids."""
+    if value is None:
+        return None
+    text = str(value).strip().lower().replace("-", "")
+    if re.fullmatch(r"[0-9a-f]{32}", text):
+        return text if text.strip("0") else None
+    if re.fullmatch(r"[0-9a-f]{16}", text):
+        return text.rjust(32, "0") if text.strip("0") else None
+    if re.fullmatch(r"\d{1,20}", text) and int(text) < 2**64:  # Datadog writes 64-bit ids in decimal
+        return format(int(text), "032x")
+    return None

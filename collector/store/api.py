@@ -86,6 +86,11 @@ class Store(abc.ABC):
         """The derived facts of every span, in batches, a trace's spans contiguous."""
 
     @abc.abstractmethod
+    def server_spans_around(self, service: str, time_ns: int, slack_ns: int,
+                            longest_ns: int = 120_000_000_000) -> list[SpanRow]:
+        """Server spans of ``service`` in flight at ``time_ns`` (give or take ``slack_ns``)."""
+
+    @abc.abstractmethod
     def trace_rows(self, trace_id: str) -> list[SpanRow]:
         """The derived facts of one trace's spans, by start time."""
 

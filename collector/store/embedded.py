@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS spans(
 -- Rows carry their protobuf body, too large for a WITHOUT ROWID table: the table is appended to in
 -- arrival order and this index finds a trace's spans together.
 CREATE UNIQUE INDEX IF NOT EXISTS spans_id ON spans(trace_id, span_id);
+CREATE INDEX IF NOT EXISTS spans_service_time ON spans(service, start_ns) WHERE kind IN ('server', 'consumer');
 CREATE INDEX IF NOT EXISTS spans_edge ON spans(service, callee, start_ns) WHERE callee IS NOT NULL;
 CREATE TABLE IF NOT EXISTS traces(
     trace_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
@@ -366,6 +367,13 @@ class EmbeddedStore(Store):
             if not rows:
                 return
             yield [_spanrow(r) for r in rows]
+
+    def server_spans_around(self, service: str, time_ns: int, slack_ns: int,
+                            longest_ns: int = 120_000_000_000) -> list[SpanRow]:
+        return [_spanrow(r) for r in self._read(
+            f"SELECT {_ROW_COLUMNS} FROM spans WHERE service=? AND kind IN ('server', 'consumer') "
+            "AND start_ns BETWEEN ? AND ? AND end_ns >= ?",
+            (service, time_ns - longest_ns, time_ns + slack_ns, time_ns - slack_ns))]
 
     def trace_rows(self, trace_id: str) -> list[SpanRow]:
         return [_spanrow(r) for r in self._read(

@@ -1,0 +1,129 @@
+"""Tie log records to transactions: by trace id, request id, business key, or time window.
+
+Each link says how it was made and how sure it is. A line that could belong to several
+transactions is marked ambiguous with its candidates, never attached to one of them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from payscope.model import LogRecord
+from payscope.semconv import normalise_trace_id
+
+DEFAULT_KEY_PATTERNS = (
+    r"(?i)\border[_ -]?(?:id|no|number)?\s*[=:#]?\s*[\"']?([A-Za-z]*[-_]?\d[\w-]{2,})",
+    r"(?i)\bpayment[_ -]?(?:id)?\s*[=:#]?\s*[\"']?([A-Za-z]*[-_]?\d[\w-]{2,})",
+)
+KEY_FIELDS = ("order_id", "orderId", "order.id", "payment_id", "paymentId", "payment.id")
+# How far a line may fall outside its span and still belong to it: log clocks and span clocks differ.
+WINDOW_SLACK_NS = 50_000_000
+
+CONFIDENCE = {"trace_id": 1.0, "request_id": 0.98, "business_key": 0.9}
+WINDOW_CONFIDENCE_ROUTE = 0.85
+WINDOW_CONFIDENCE = 0.6
+
+
+@dataclass
+class LinkStats:
+    by_method: dict[str, int] = field(default_factory=dict)
+
+    def count(self, method: str) -> None:
+        self.by_method[method] = self.by_method.get(method, 0) + 1
+
+
+class Linker:
+    """Links records against what a store holds; caches what it looked up."""
+
+    def __init__(self, store: Any, key_patterns: tuple[str, ...] = DEFAULT_KEY_PATTERNS,
+                 time_window: bool = True) -> None:
+        self.store = store
+        self.patterns = [re.compile(p) for p in key_patterns]
+        self.time_window = time_window
+        self.stats = LinkStats()
+        self._known: dict[str, bool] = {}
+
+    def _trace_known(self, trace_id: str) -> bool:
+        if trace_id not in self._known:
+            self._known[trace_id] = self.store.trace_summary(trace_id) is not None
+        return self._known[trace_id]
+
+    def _keys(self, record: LogRecord) -> list[str]:
+        found = [str(record.attributes[k]) for k in KEY_FIELDS if record.attributes.get(k)]
+        for pattern in self.patterns:
+            found += pattern.findall(record.message)
+        return list(dict.fromkeys(found))
+
+    def _closest(self, trace_ids: list[str], time_ns: int) -> list[str]:
+        """Of several traces, those whose time span holds the line (a customer's retry is a new trace)."""
+        holding = []
+        for tid in trace_ids:
+            summary = self.store.trace_summary(tid)
+            if summary and summary.start_ns - WINDOW_SLACK_NS <= time_ns <= summary.end_ns + WINDOW_SLACK_NS:
+                holding.append(tid)
+        return holding
+
+    def link(self, record: LogRecord) -> LogRecord:
+        method, trace_id, confidence, candidates = self._decide(record)
+        record.link_method = method
+        record.link_confidence = confidence
+        if method in ("none", "ambiguous"):
+            record.trace_id = None
+            if candidates:
+                record.attributes["link.candidates"] = candidates[:10]
+        else:
+            record.trace_id = trace_id
+        self.stats.count(method)
+        return record
+
+    def _decide(self, r: LogRecord) -> tuple[str, str | None, float, list[str]]:
+        tid = normalise_trace_id(r.trace_id)
+        if tid and self._trace_known(tid):
+            return "trace_id", tid, CONFIDENCE["trace_id"], []
+        request_id = r.attributes.get("request_id")
+        if request_id:
+            ids = self.store.traces_by_key(f"rid:{request_id}")
+            if len(ids) == 1:
+                return "request_id", ids[0], CONFIDENCE["request_id"], []
+        candidates: list[str] = []
+        for key in self._keys(r):
+            ids = self.store.traces_by_key(key)
+            if len(ids) == 1:
+                return "business_key", ids[0], CONFIDENCE["business_key"], []
+            if len(ids) > 1:
+                holding = self._closest(ids, r.time_ns)
+                if len(holding) == 1:
+                    return "business_key", holding[0], CONFIDENCE["business_key"] - 0.1, []
+                candidates += holding or ids
+        if candidates:
+            return "ambiguous", None, 0.0, sorted(set(candidates))
+        if self.time_window:
+            return self._by_time(r)
+        return "none", None, 0.0, []
+
+    def _by_time(self, r: LogRecord) -> tuple[str, str | None, float, list[str]]:
+        spans = self.store.server_spans_around(r.service, r.time_ns, WINDOW_SLACK_NS)
+        if not spans:
+            return "none", None, 0.0, []
+        path = str(r.attributes.get("path") or "")
+        status = r.attributes.get("status")
+        if path or status:
+            matching = [s for s in spans if _route_matches(s.operation, path)
+                        and (status is None or s.http_status is None or str(s.http_status) == str(status))]
+            if len(matching) == 1:
+                return "time_window", matching[0].trace_id, WINDOW_CONFIDENCE_ROUTE, []
+            spans = matching or spans
+        traces = sorted({s.trace_id for s in spans})
+        if len(traces) == 1:
+            return "time_window", traces[0], WINDOW_CONFIDENCE, []
+        return "ambiguous", None, 0.0, traces
+
+
+def _route_matches(operation: str, path: str) -> bool:
+    if not path:
+        return True
+    route = operation.split(" ", 1)[-1]
+    pattern = "^" + re.sub(r"\\\{[^}]*\\\}|<[^>]*>", "[^/]+", re.escape(route)) + "$"
+    return re.match(pattern, path.split("?")[0]) is not None

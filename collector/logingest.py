@@ -1,0 +1,202 @@
+"""`payscope ingest logs`: files, directories, globs or stdin, parsed, redacted, linked and stored."""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import sys
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import tzinfo
+from pathlib import Path
+from typing import IO, Any
+
+from payscope.errors import InputError
+from payscope.model import LogRecord
+
+from . import logparse
+from .redaction import redact_attributes, redact_text
+
+BATCH = 5000
+SAMPLE_LINES = 50
+
+
+@dataclass
+class FileReport:
+    source: str
+    format: str = ""
+    lines: int = 0
+    records: int = 0
+    unparsed: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    def bad(self, where: str, reason: str) -> None:
+        self.unparsed += 1
+        if len(self.problems) < 10:
+            self.problems.append(f"{where}: {reason}")
+
+
+@dataclass
+class IngestReport:
+    files: list[FileReport] = field(default_factory=list)
+    linked: dict[str, int] = field(default_factory=dict)
+    stored: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        by_format: dict[str, int] = {}
+        for f in self.files:
+            by_format[f.format] = by_format.get(f.format, 0) + f.records
+        return {"lines": sum(f.lines for f in self.files), "records": sum(f.records for f in self.files),
+                "stored": self.stored, "by_format": by_format, "linked": self.linked,
+                "ambiguous": self.linked.get("ambiguous", 0), "unparsed": sum(f.unparsed for f in self.files),
+                "files": [vars(f) for f in self.files]}
+
+
+def expand(inputs: list[str]) -> list[str]:
+    """Paths from files, directories (recursively) and globs; ``-`` is stdin."""
+    out: list[str] = []
+    for item in inputs:
+        if item == "-":
+            out.append(item)
+            continue
+        path = Path(item)
+        if path.is_dir():
+            out += sorted(str(p) for p in path.rglob("*") if p.is_file())
+        elif any(c in item for c in "*?["):
+            matches = sorted(glob.glob(item, recursive=True))
+            if not matches:
+                raise InputError(f"{item}: no file matches")
+            out += matches
+        elif path.exists():
+            out.append(item)
+        else:
+            raise InputError(f"{item}: no such file")
+    return out
+
+
+def _open(source: str) -> IO[bytes]:
+    if source == "-":
+        return sys.stdin.buffer
+    raw = open(source, "rb")  # noqa: SIM115 - closed by the caller
+    if raw.read(2) == b"\x1f\x8b":
+        raw.close()
+        return gzip.open(source, "rb")  # type: ignore[return-value]
+    raw.seek(0)
+    return raw
+
+
+def _decoded_lines(stream: IO[bytes], report: FileReport) -> Iterator[tuple[int, str]]:
+    """Numbered text lines; a line that is not UTF-8 is read as Latin-1, a truncated gzip ends the file."""
+    lineno = 0
+    try:
+        for raw in stream:
+            lineno += 1
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = raw.decode("latin-1")
+            yield lineno, text
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError) as exc:
+        report.bad(f"{report.source}:{lineno + 1}", f"file is truncated or corrupt ({exc}); the lines before were kept")
+    report.lines = lineno
+
+
+def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_offset_ns: int,
+                 report: FileReport, nginx_format: str | None = None) -> Iterator[LogRecord]:
+    stream = _open(source)
+    try:
+        lines = _decoded_lines(stream, report)
+        sample: list[tuple[int, str]] = []
+        for item in lines:
+            sample.append(item)
+            if len(sample) >= SAMPLE_LINES:
+                break
+        if nginx_format:
+            parser: Callable[[str], logparse.Fields | None] = logparse.nginx_log_format(nginx_format)
+            report.format = "nginx-custom"
+        elif fmt == "auto":
+            detected = logparse.detect([line for _, line in sample])
+            if detected is None:
+                for lineno, _ in sample:
+                    report.bad(f"{source}:{lineno}", "no known log format")
+                for lineno, _ in lines:
+                    report.bad(f"{source}:{lineno}", "no known log format")
+                return
+            parser, report.format = logparse.FORMATS[detected], detected
+        else:
+            if fmt not in logparse.FORMATS:
+                raise InputError(f"--format {fmt!r} is not one of auto, {', '.join(logparse.FORMATS)}")
+            parser, report.format = logparse.FORMATS[fmt], fmt
+
+        def all_lines() -> Iterator[tuple[int, str]]:
+            yield from sample
+            yield from lines
+
+        name = service or (Path(source).name.split(".")[0] if source != "-" else "stdin")
+        for parsed in logparse.records(all_lines(), parser,
+                                       lambda n, reason, line: report.bad(f"{source}:{n}", reason)):
+            record = _record(parsed, name, source, tz, clock_offset_ns)
+            if record is None:
+                report.bad(f"{source}:{parsed.lineno}", "unreadable timestamp")
+                continue
+            report.records += 1
+            yield record
+    finally:
+        if stream is not sys.stdin.buffer:
+            stream.close()
+
+
+def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offset_ns: int) -> LogRecord | None:
+    f = parsed.fields
+    moment = logparse.parse_time(str(f.get("time") or ""), tz)
+    if moment is None:
+        return None
+    message = str(f.get("message") or "")
+    if parsed.extra_lines:
+        message = "\n".join([message, *parsed.extra_lines])
+    attrs = dict(f.get("attributes") or {})
+    trace_id, span_id, request_id = f.get("trace_id"), f.get("span_id"), f.get("request_id")
+    if not trace_id or not request_id:
+        extra = " ".join(f"{k}={v}" for k, v in attrs.items() if isinstance(v, str))
+        found_trace, found_span, found_req = logparse.find_ids(f"{message} {extra}")
+        trace_id = trace_id or found_trace
+        span_id = span_id or found_span
+        request_id = request_id or found_req
+    if request_id:
+        attrs["request_id"] = str(request_id)
+    return LogRecord(
+        time_ns=int(moment.timestamp() * 1e9) - offset_ns, service=service, message=redact_text(message),
+        severity=str(f.get("level") or ""), host=str(attrs.pop("host", "") or ""),
+        attributes=redact_attributes({k: v for k, v in attrs.items() if v is not None}),
+        source=f"{Path(source).name if source != '-' else 'stdin'}:{parsed.lineno}",
+        trace_id=str(trace_id) if trace_id else None, span_id=str(span_id) if span_id else None)
+
+
+def ingest(store: Any, inputs: list[str], *, service: str | None = None, fmt: str = "auto", tz: tzinfo | None = None,
+           clock_offset_ns: int = 0, nginx_format: str | None = None, linker: Any = None,
+           on_progress: Callable[[str, int], None] | None = None) -> IngestReport:
+    """Parse, link (with ``linker``, an analyzers.correlate.Linker) and store every record."""
+    report = IngestReport()
+    for source in expand(inputs):
+        file_report = FileReport(source)
+        report.files.append(file_report)
+        batch: list[LogRecord] = []
+        for record in read_records(source, service, fmt, tz or logparse.parse_tz(None), clock_offset_ns,
+                                   file_report, nginx_format):
+            batch.append(linker.link(record) if linker else record)
+            if len(batch) >= BATCH:
+                report.stored += store.write(logs=batch)[1]
+                batch = []
+                if on_progress:
+                    on_progress(source, file_report.records)
+        if batch:
+            report.stored += store.write(logs=batch)[1]
+        if on_progress:
+            on_progress(source, file_report.records)
+    if linker:
+        report.linked = dict(linker.stats.by_method)
+    return report
+
+
+__all__ = ["FileReport", "IngestReport", "expand", "ingest"]

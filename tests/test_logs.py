@@ -1,0 +1,202 @@
+"""Log parsing, ingestion and linking: real formats, broken files, and precision without trace ids."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from payscope.analyzers.correlate import Linker
+from payscope.collector import logparse
+from payscope.collector.logingest import ingest
+from payscope.collector.store import LogQuery, open_store
+from payscope.model import LogRecord, Span
+from tests.helpers import DATA, payscope, payscope_json
+
+REAL_LINES = (DATA / "logs" / "formats.txt").read_text().splitlines()
+
+
+@pytest.mark.parametrize("index, fmt, checks", [
+    (0, "nginx-error", {"event": "upstream_timeout", "callee": "127.0.0.1", "path": "/orders/ord-77",
+                        "timeout_phase": "reading response header from upstream"}),
+    (1, "envoy", {"event": "upstream_timeout", "flags": "UT", "request_id": "7d15bcc7-0a1b-4c2d-8e9f-aabbccddeeff",
+                  "callee": "reviews"}),
+    (2, "gunicorn", {"event": "worker_timeout", "pid": 1}),
+])
+def test_proxy_and_server_timeout_lines(index: int, fmt: str, checks: dict[str, object]) -> None:
+    line = REAL_LINES[index]
+    assert logparse.detect([line]) == fmt
+    fields = logparse.FORMATS[fmt](line)
+    assert fields is not None
+    for key, value in checks.items():
+        assert fields["attributes"][key] == value
+
+
+def test_ids_inside_messages() -> None:
+    hotrod = logparse.FORMATS["text"](REAL_LINES[3])
+    assert hotrod is not None and hotrod["level"] == "ERROR"
+    assert logparse.find_ids(hotrod["message"])[:2] == ("738d1c34020ba19e", "69e77f208cb24e9b")
+    java = logparse.FORMATS["java"](REAL_LINES[4])
+    assert java is not None and java["trace_id"] == "4bf92f3577b34da6a3ce929d0e0e4736"
+    from payscope.semconv import normalise_trace_id
+
+    assert normalise_trace_id("738d1c34020ba19e") == "0000000000000000738d1c34020ba19e"
+    assert normalise_trace_id("4BF92F35-77B3-4DA6-A3CE-929D0E0E4736") == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert normalise_trace_id("0" * 32) is None
+
+
+def test_custom_nginx_log_format() -> None:
+    fmt = '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent rt=$request_time ' \
+          'urt=$upstream_response_time rid=$request_id us=$upstream_status'
+    parse = logparse.nginx_log_format(fmt)
+    fields = parse('127.0.0.1 - - [25/Nov/2026:10:00:00 +0000] "POST /orders/ord-1 HTTP/1.1" 504 167 rt=0.301 '
+                   'urt=0.300 rid=abc123def456 us=504')
+    assert fields is not None
+    a = fields["attributes"]
+    assert (a["method"], a["path"], a["upstream_response_time"], a["request_id"], a["event"]) == \
+        ("POST", "/orders/ord-1", "0.300", "abc123def456", "upstream_timeout")
+
+
+def test_multiline_records_and_timezones(tmp_path: Path, store_path: Path) -> None:
+    log = tmp_path / "pay.log"
+    log.write_text("2026-11-25 10:00:00,100 ERROR charge failed\n"
+                   "Traceback (most recent call last):\n"
+                   '  File "pay.py", line 3, in charge\n'
+                   "requests.exceptions.ReadTimeout: HTTPConnectionPool(host='psp', port=80): Read timed out.\n"
+                   "2026-11-25 10:00:01,000 INFO next\n")
+    with open_store(str(store_path)) as store:
+        report = ingest(store, [str(log)], tz=logparse.parse_tz("+02:00"), clock_offset_ns=150_000_000)
+        records = [r for _, r in store.search_logs(LogQuery(limit=None))]
+    assert report.to_json()["records"] == 2 and report.to_json()["unparsed"] == 0
+    assert "ReadTimeout" in records[0].message and records[0].message.count("\n") == 3
+    # 10:00:00.100 at +02:00 is 08:00:00.100 UTC; the host's clock ran 150 ms ahead
+    from datetime import datetime, timezone
+
+    utc = datetime(2026, 11, 25, 8, 0, 0, 100_000, tzinfo=timezone.utc)
+    assert records[0].time_ns == int(utc.timestamp() * 1e9) - 150_000_000
+    assert records[0].source == "pay.log:1"
+
+
+def test_broken_files_keep_the_rest_and_name_bad_lines(tmp_path: Path, store_path: Path) -> None:
+    good = [json.dumps({"time": f"2026-11-25T10:00:0{i}Z", "level": "info", "msg": f"line {i}"}) for i in range(5)]
+    mixed = tmp_path / "mixed.log"
+    mixed.write_bytes("\n".join(good[:2]).encode() + b"\n\x00\xff\xfe garbage \x01\n" + b"{broken json\n"
+                      + json.dumps({"time": "2026-11-25T10:00:09Z", "msg": "caf\xe9"}).encode("latin-1") + b"\n"
+                      + "\n".join(good[2:]).encode() + b"\n")
+    cut = tmp_path / "cut.log.gz"
+    cut.write_bytes(gzip.compress(("\n".join(good * 200) + "\n").encode())[:-40])
+    proc = payscope("ingest", "logs", str(mixed), str(cut), "--store", str(store_path), "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    files = {Path(f["source"]).name: f for f in doc["files"]}
+    assert files["mixed.log"]["records"] == 6
+    assert any("mixed.log:3" in p for p in files["mixed.log"]["problems"])
+    assert any("mixed.log:4" in p for p in files["mixed.log"]["problems"])
+    assert any("truncated or corrupt" in p for p in files["cut.log.gz"]["problems"])
+    assert files["cut.log.gz"]["records"] > 800  # all but the last compressed block
+    with open_store(str(store_path), readonly=True) as store:
+        assert any("café" in r.message for _, r in store.search_logs(LogQuery(text="caf", limit=None)))
+
+
+def test_card_numbers_never_stored_from_logs(tmp_path: Path, store_path: Path) -> None:
+    log = tmp_path / "pay.log"
+    log.write_text("2026-11-25 10:00:00,100 INFO charging card 4111 1111 1111 1111 cvv=123 "
+                   "Authorization: Bearer abc.def\n")
+    payscope("ingest", "logs", str(log), "--store", str(store_path), check=True)
+    raw = store_path.read_bytes() + (store_path.with_name(store_path.name + "-wal").read_bytes()
+                                     if store_path.with_name(store_path.name + "-wal").exists() else b"")
+    assert b"4111 1111" not in raw and b"cvv=123" not in raw and b"abc.def" not in raw
+
+
+# --- linking without trace ids --------------------------------------------------------------
+
+def _span(trace: str, sid: str, parent: str | None, service: str, kind: str, start_ms: float, end_ms: float,
+          **attrs: object) -> Span:
+    return Span(trace, sid, parent, service, "POST /orders/{order_id}", kind, int(start_ms * 1e6),
+                int(end_ms * 1e6), 1, "", dict(attrs), [], {"service.name": service})
+
+
+def _world(store_path: Path, n: int = 200, seed: int = 9) -> list[dict[str, object]]:
+    """n orders through order-svc, two at a time, overlapping; each with a request id and an order id."""
+    rng = random.Random(seed)
+    truth = []
+    spans = []
+    t = 1_800_000_000_000.0
+    for i in range(n):
+        trace = format(rng.getrandbits(128), "032x")
+        order_id = f"ord-{5000 + i}"
+        rid = format(rng.getrandbits(64), "016x")
+        start = t + (i // 2) * 400 + (i % 2) * 60  # pairs overlap in time on the same route
+        end = start + rng.uniform(100, 300)
+        spans.append(_span(trace, format(i + 1, "016x"), None, "order-svc", "server", start, end,
+                           **{"http.request.method": "POST", "http.route": "/orders/{order_id}",
+                              "url.path": f"/orders/{order_id}", "http.response.status_code": 200,
+                              "http.request.header.x-request-id": [rid]}))
+        truth.append({"trace": trace, "order": order_id, "rid": rid, "start": start, "end": end})
+    with open_store(str(store_path)) as store:
+        store.write(spans)
+    return truth
+
+
+def _lines(truth: list[dict[str, object]], kind: str) -> list[LogRecord]:
+    out = []
+    for item in truth:
+        at = int((float(item["start"]) + 20) * 1e6)  # type: ignore[arg-type]
+        if kind == "request_id":
+            out.append(LogRecord(time_ns=at, service="order-svc", message="order received",
+                                 attributes={"request_id": item["rid"]}, source=f"{item['trace']}"))
+        elif kind == "order_id":
+            out.append(LogRecord(time_ns=at, service="order-svc", message=f"charging order {item['order']}",
+                                 source=f"{item['trace']}"))
+        else:
+            out.append(LogRecord(time_ns=at, service="order-svc", message="pool refreshed", source=f"{item['trace']}"))
+    return out
+
+
+@pytest.mark.parametrize("kind, method", [("request_id", "request_id"), ("order_id", "business_key")])
+def test_linking_by_request_id_or_order_id_is_exact(store_path: Path, kind: str, method: str) -> None:
+    truth = _world(store_path)
+    with open_store(str(store_path)) as store:
+        linker = Linker(store)
+        linked = [linker.link(r) for r in _lines(truth, kind)]
+    assert all(r.link_method == method for r in linked)
+    assert all(r.trace_id == r.source for r in linked)  # the source field carries the truth here
+
+
+def test_time_window_links_only_when_one_transaction_fits(store_path: Path) -> None:
+    truth = _world(store_path)
+    with open_store(str(store_path)) as store:
+        linker = Linker(store)
+        linked = [linker.link(r) for r in _lines(truth, "neither")]
+    attached = [r for r in linked if r.link_method == "time_window"]
+    wrong = [r for r in attached if r.trace_id != r.source]
+    assert not wrong  # overlapping transactions of one route: ambiguous, never guessed
+    assert {r.link_method for r in linked} <= {"time_window", "ambiguous", "none"}
+    assert sum(r.link_method == "ambiguous" for r in linked) > 0
+    for r in linked:
+        if r.link_method == "ambiguous":
+            assert r.source in r.attributes["link.candidates"] and r.trace_id is None
+
+
+def test_logs_cli_json_contract(tmp_path: Path, store_path: Path) -> None:
+    truth = _world(store_path, n=4)
+    log = tmp_path / "order-svc.log"
+    log.write_text("".join(f'{{"time": "{_iso(float(t["start"]) + 20)}", "level": "error", '  # type: ignore[arg-type]
+                           f'"msg": "payment for order {t["order"]} timed out"}}\n' for t in truth))
+    payscope("ingest", "logs", str(log), "--store", str(store_path), check=True)
+    doc = payscope_json("logs", "--store", str(store_path), "--order", str(truth[2]["order"]))
+    assert len(doc["records"]) == 1
+    rec = doc["records"][0]
+    assert set(rec) >= {"time", "service", "level", "message", "source", "trace_id", "link"}
+    assert rec["service"] == "order-svc" and rec["level"] == "ERROR" and rec["source"] == "order-svc.log:3"
+    assert rec["trace_id"] == truth[2]["trace"] and rec["link"] == {"method": "business_key", "confidence": 0.9}
+    assert len(payscope_json("logs", "--store", str(store_path), "--limit", "0")["records"]) == 4
+
+
+def _iso(ms: float) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
