@@ -253,11 +253,12 @@ def nginx_log_format(fmt: str) -> Callable[[str], Fields | None]:
     return parse
 
 
-_ENVOY = re.compile(r'^\[(?P<time>[^\]]+)\] "(?P<request>[^"]*)" (?P<status>\d{3}) (?P<flags>\S+) '
-                    # Istio adds details, connection termination and a quoted failure reason
-                    r'(?:(?P<details>\S+) (?:(?P<termination>\S+) "(?P<failure>[^"]*)" )?)?(?P<rx>\d+) (?P<tx>\d+) (?P<duration>\d+) (?P<upstream_time>\S+) '
-                    r'"(?P<xff>[^"]*)" '
-                    r'"(?P<agent>[^"]*)" "(?P<request_id>[^"]*)" "(?P<authority>[^"]*)" "(?P<upstream_host>[^"]*)"')
+_ENVOY = re.compile(
+    r'^\[(?P<time>[^\]]+)\] "(?P<request>[^"]*)" (?P<status>\d{3}) (?P<flags>\S+) '
+    # Istio adds details, connection termination and a quoted failure reason
+    r'(?:(?P<details>\S+) (?:(?P<termination>\S+) "(?P<failure>[^"]*)" )?)?'
+    r'(?P<rx>\d+) (?P<tx>\d+) (?P<duration>\d+) (?P<upstream_time>\S+) '
+    r'"(?P<xff>[^"]*)" "(?P<agent>[^"]*)" "(?P<request_id>[^"]*)" "(?P<authority>[^"]*)" "(?P<upstream_host>[^"]*)"')
 
 
 def parse_envoy(line: str) -> Fields | None:
