@@ -69,6 +69,7 @@ class Call:
     entry_start_ns: int | None = None  # the caller's server span that this call is made under
     entry_end_ns: int | None = None
     entry_span_id: str | None = None
+    answered_by: str | None = None     # span id of the server span that answered, when it is known
     amount: float | None = None
     http_status: int | None = None
     late_success: bool = False         # set after clock correction
@@ -192,6 +193,7 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
             entry_start_ns=entry.start_ns if entry else None,
             entry_end_ns=entry.end_ns if entry else None,
             entry_span_id=entry.span_id if entry else None,
+            answered_by=server.span_id if server else None,
             amount=s.amount, http_status=s.http_status))
     # Entry requests: server spans with no server span above them (under a load generator, say).
     entries = [s for s in spans if s.kind in ("server", "consumer") and not _has_server_ancestor(s, by_id)]

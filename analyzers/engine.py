@@ -329,7 +329,15 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
             if parent is not None:
                 edge.upstream[parent.edge] += 1
                 children[(parent.trace_id, parent.span_id)].append(c)
+    under_server: dict[tuple[str, str], list[Call]] = defaultdict(list)
     for c in calls:
+        if c.entry_span_id is not None:
+            under_server[(c.trace_id, c.entry_span_id)].append(c)
+    for c in calls:
+        if c.answered_by is not None and c.span_id.startswith("log"):
+            # a proxy seen only in its access log: what its callee did under that request is its downstream
+            for k in under_server.get((c.trace_id, c.answered_by), []):
+                edges[c.edge].downstream[k.edge] += 1
         kids = children.get((c.trace_id, c.span_id))
         if kids:
             for k in kids:
@@ -447,9 +455,16 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
 
 
 def run(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
-        now_ns: int | None = None) -> Analysis:
-    """The whole analysis over traces (each a list of the spans of one trace)."""
+        now_ns: int | None = None, extra_calls: Any = None) -> Analysis:
+    """The whole analysis over traces (each a list of the spans of one trace).
+
+    ``extra_calls(facts)`` may add calls seen elsewhere (proxy access logs) once the traces are read.
+    """
     facts, calls = collect_calls(traces)
+    if extra_calls is not None:
+        for c in extra_calls(facts):
+            c.edge_key = (c.caller, c.callee, c.operation)
+            calls.append(c)
     entries = {f.root_service for f in facts.values() if not f.root_missing}
     offsets = estimate_offsets(calls, entries)
     apply_offsets(calls, offsets)
@@ -462,6 +477,26 @@ def run(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue
 
 def analyze(store: Any, *, now_ns: int | None = None) -> Analysis:
     """Analyse everything in ``store`` (any :class:`~payscope.collector.store.Store`)."""
-    from .declared import declared_timeouts
+    from payscope.collector.store import LogQuery
 
-    return run(group_traces(store.iter_rows()), declared=declared_timeouts(store), now_ns=now_ns)
+    from .declared import declared_timeouts
+    from .logcalls import log_calls
+
+    def proxy_calls(facts: dict[str, TraceFacts]) -> list[Call]:
+        records = [r for _, r in store.search_logs(LogQuery(attribute="status", limit=None))]
+        if not records:
+            return []
+        entries: dict[str, tuple[str, int, int, bool, str] | None] = {}
+
+        def entry_of(trace_id: str) -> tuple[str, int, int, bool, str] | None:
+            if trace_id not in entries:
+                rows = [r for r in store.trace_rows(trace_id) if r.kind in ("server", "consumer")]
+                first = min(rows, key=lambda r: r.start_ns) if rows else None
+                entries[trace_id] = (first.service, first.start_ns, first.end_ns, first.error_class is None,
+                                     first.span_id) if first else None
+            return entries[trace_id]
+
+        return log_calls(records, entry_of)
+
+    return run(group_traces(store.iter_rows()), declared=declared_timeouts(store), now_ns=now_ns,
+               extra_calls=proxy_calls)

@@ -214,7 +214,9 @@ def parse_nginx_access(line: str) -> Fields | None:
         attrs[key] = value.strip('"')
     _access_fields(attrs)
     status = int(attrs["status"])
-    return {"time": match["time"], "level": "ERROR" if status >= 500 else "INFO",
+    # $time_local has whole seconds; $msec (logged as msec= or ts=) has milliseconds
+    precise = attrs.pop("msec", None) or attrs.pop("ts", None)
+    return {"time": precise or match["time"], "level": "ERROR" if status >= 500 else "INFO",
             "message": f'{attrs.get("method", "")} {attrs.get("path", "")} {status}'.strip(),
             "request_id": attrs.get("request_id"), "attributes": attrs}
 

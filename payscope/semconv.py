@@ -47,7 +47,8 @@ READ_KEYS = frozenset(HTTP_STATUS + RPC_STATUS + HTTP_METHOD + ERROR_TYPE + PEER
 KEY_SUFFIXES = ("order_id", "orderid", "order.id", "payment_id", "paymentid", "payment.id",
                 "transaction_id", "transaction.id", "charge_id", "charge.id")
 
-_ID_SEGMENT = re.compile(r"^(?:\d+|[0-9a-fA-F-]{16,}|[0-9a-fA-F]{8,}|[A-Za-z]{2,4}_[A-Za-z0-9]{6,})$")
+_ID_SEGMENT = re.compile(r"^(?:\d+|[0-9a-fA-F-]{16,}|[0-9a-fA-F]{8,}|[A-Za-z]{2,4}_[A-Za-z0-9]{6,}|"
+                         r"(?=(?:\D*\d){3})[\w.-]+)$")  # or anything with 3+ digits: ord-1000, INV2024001
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)[^/?#]*(/[^?#]*)?", re.IGNORECASE)
 _KEY_TEMPLATE = re.compile(r"order|payment|charge|transaction|invoice", re.IGNORECASE)
 

@@ -36,6 +36,7 @@ class LogQuery:
     since_ns: int | None = None
     until_ns: int | None = None
     unlinked_only: bool = False
+    attribute: str | None = None  # only records that carry this attribute
     limit: int | None = 100
 
 

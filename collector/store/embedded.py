@@ -414,6 +414,9 @@ class EmbeddedStore(Store):
             params.append(query.until_ns)
         if query.unlinked_only:
             clauses.append("trace_id IS NULL")
+        if query.attribute:
+            clauses.append("json_extract(attributes, ?) IS NOT NULL")
+            params.append(f'$."{query.attribute}"')
         sql = f"SELECT {_LOG_COLUMNS} FROM logs"
         if clauses:
             sql += " WHERE " + " AND ".join(clauses)

@@ -14,6 +14,14 @@ client = httpx.Client(timeout=httpx.Timeout(0.5, connect=0.2))
 PAYMENT = os.environ["PAYMENT_URL"]
 
 
+@app.post("/sleep/<int:seconds>")
+def sleep(seconds: int):  # type: ignore[no-untyped-def]
+    import time
+
+    time.sleep(seconds)  # longer than gunicorn's --timeout: the worker is killed
+    return jsonify({"slept": seconds})
+
+
 @app.post("/orders/<order_id>")
 def create(order_id: str):  # type: ignore[no-untyped-def]
     delay = request.args.get("delay_ms", "0")
