@@ -36,20 +36,10 @@ def setup() -> None:
     stamp.write_text(digest)
 
 
-def demo() -> None:
-    store = ROOT / "payscope-demo.db"
-    sample = ROOT / "payscope" / "samples" / "checkout.otlp.jsonl.gz"
-    env = {"PAYSCOPE_STORE": str(store)}
-    payscope = BIN / "payscope"
-    print(f"\n$ payscope import traces {sample.relative_to(ROOT)}", flush=True)
-    run(payscope, "import", "traces", sample, env=env)
-    print("\n$ payscope failures --limit 10", flush=True)
-    run(payscope, "failures", "--limit", "10", env=env)
-    print("\n$ payscope analyze", flush=True)
-    run(payscope, "analyze", env=env)
-    print("\n$ payscope recommend timeouts --simulate", flush=True)
-    run(payscope, "recommend", "timeouts", "--simulate", env=env)
-    print(f"\nnext: PAYSCOPE_STORE={store.name} .venv/bin/payscope show <trace id from the list above>")
+def demo(extra: list[str]) -> None:
+    """The demo system, investigated, into ./payscope.db (then: .venv/bin/payscope tui)."""
+    print("$ payscope demo " + " ".join(extra), flush=True)
+    run(BIN / "payscope", "demo", *extra)
 
 
 def test(extra: list[str]) -> None:
@@ -69,7 +59,7 @@ def main() -> None:
     setup()
     command, extra = sys.argv[1], sys.argv[2:]
     if command == "demo":
-        demo()
+        demo(extra)
     elif command == "test":
         test(extra)
     elif command == "bench":

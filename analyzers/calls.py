@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from payscope.model import STATUS_ERROR, SpanRow
 
@@ -165,7 +166,20 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
         if s.kind not in ("client", "producer"):
             continue
         answered = servers_by_parent.get(s.span_id, [])
-        # One client span answered by several servers is a logical step (a load generator's journey), not a call.
+        entry = entry_of(s)
+        upstream = entry.parent_id if entry is not None and entry.kind in ("server", "consumer") else None
+        common: dict[str, Any] = {
+                  "trace_id": s.trace_id, "parent_id": s.parent_id, "caller": s.service, "method": s.method,
+                  "idempotency_key": s.idempotency_key, "captured": _captured(s), "upstream": upstream,
+                  "entry_start_ns": entry.start_ns if entry else None,
+                  "entry_end_ns": entry.end_ns if entry else None,
+                  "entry_span_id": entry.span_id if entry else None, "amount": s.amount}
+        if len(answered) > 1 and len({a.service for a in answered}) == 1:
+            # One client span answered several times by the same service: the library retried inside
+            # the call (urllib3's Retry under requests, say). Each answer is an attempt.
+            calls.extend(_attempts(s, sorted(answered, key=lambda a: a.start_ns), common, alias_votes))
+            continue
+        # One client span answered by different services is a logical step (a load generator's journey).
         server = answered[0] if len(answered) == 1 else None
         peer = s.peer
         if server is not None:
@@ -177,24 +191,14 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
         else:
             callee = peer or "(unknown)"
             operation = s.operation
-        entry = entry_of(s)
-        upstream = entry.parent_id if entry is not None and entry.kind in ("server", "consumer") else None
         calls.append(Call(
-            trace_id=s.trace_id, span_id=s.span_id, parent_id=s.parent_id, caller=s.service,
-            callee=callee, operation=operation, method=s.method,
-            start_ns=s.start_ns, end_ns=s.end_ns, error_class=s.error_class,
-            attempt=s.attempt, idempotency_key=s.idempotency_key, captured=_captured(s),
+            span_id=s.span_id, callee=callee, operation=operation, start_ns=s.start_ns, end_ns=s.end_ns,
+            error_class=s.error_class, attempt=s.attempt,
             server_service=server.service if server else None,
             server_start_ns=server.start_ns if server else None,
             server_end_ns=server.end_ns if server else None,
-            server_ok=(server.status_code != STATUS_ERROR and server.error_class is None)
-            if server else None,
-            upstream=upstream,
-            entry_start_ns=entry.start_ns if entry else None,
-            entry_end_ns=entry.end_ns if entry else None,
-            entry_span_id=entry.span_id if entry else None,
-            answered_by=server.span_id if server else None,
-            amount=s.amount, http_status=s.http_status))
+            server_ok=(server.status_code != STATUS_ERROR and server.error_class is None) if server else None,
+            answered_by=server.span_id if server else None, http_status=s.http_status, **common))
     # Entry requests: server spans with no server span above them (under a load generator, say).
     entries = [s for s in spans if s.kind in ("server", "consumer") and not _has_server_ancestor(s, by_id)]
     if not entries:
@@ -213,6 +217,37 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
         span_count=len(spans),
         services=sorted({s.service for s in spans}), keys=sorted(set(keys)), amount=amount)
     return facts, calls
+
+
+def _attempts(client: SpanRow, answers: list[SpanRow], common: dict[str, Any],
+              alias_votes: dict[str, dict[str, int]]) -> list[Call]:
+    """The attempts hidden in one client span, one per server span that answered it."""
+    out = []
+    per_try_ns = None
+    captured = common["captured"]
+    if captured is not None and (captured.read_ms or captured.total_ms):
+        per_try_ns = int((captured.read_ms or captured.total_ms) * 1e6)
+    if client.peer:
+        votes = alias_votes.setdefault(client.peer, {})
+        votes[answers[0].service] = votes.get(answers[0].service, 0) + 1
+    for i, server in enumerate(answers):
+        last = i == len(answers) - 1
+        server_ok = server.status_code != STATUS_ERROR and server.error_class is None
+        start = client.start_ns if i == 0 else max(client.start_ns, server.start_ns - 1_000_000)
+        if last:
+            end, error, status = client.end_ns, client.error_class, client.http_status
+        else:
+            # retried: the server failed, or the client stopped waiting for it
+            end = answers[i + 1].start_ns - 1_000_000
+            if per_try_ns is not None:
+                end = min(end, start + per_try_ns)
+            error, status = ("timeout", None) if server_ok else ("http_5xx", server.http_status)
+        out.append(Call(
+            span_id=f"{client.span_id}#{i}", callee=server.service, operation=server.operation, start_ns=start,
+            end_ns=max(start, end), error_class=error, attempt=i, server_service=server.service,
+            server_start_ns=server.start_ns, server_end_ns=server.end_ns, server_ok=server_ok,
+            answered_by=server.span_id, http_status=status, **common))
+    return out
 
 
 def _has_server_ancestor(span: SpanRow, by_id: dict[str, SpanRow]) -> bool:

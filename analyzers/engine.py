@@ -432,10 +432,10 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
         late = [c for c in trace_calls_ if c.late_success]
         if late and hop is None:
             hop = late[0]
-        if trace_id in duplicate:
+        if late and not f.root_ok:
+            outcome = "late_success"  # the order says failed, the money moved: the worst case first
+        elif trace_id in duplicate:
             outcome = "duplicate_charge"
-        elif late and not f.root_ok:
-            outcome = "late_success"
         elif not f.root_ok or hop is not None and not f.root_ok:
             cls = hop.error_class if hop is not None else f.root_error_class
             outcome = "timeout" if cls == "timeout" or f.root_error_class == "timeout" else "failed"
@@ -458,11 +458,11 @@ def run(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue
         now_ns: int | None = None, extra_calls: Any = None) -> Analysis:
     """The whole analysis over traces (each a list of the spans of one trace).
 
-    ``extra_calls(facts)`` may add calls seen elsewhere (proxy access logs) once the traces are read.
+    ``extra_calls(facts, calls)`` may add calls seen elsewhere (proxy access logs) once the traces are read.
     """
     facts, calls = collect_calls(traces)
     if extra_calls is not None:
-        for c in extra_calls(facts):
+        for c in extra_calls(facts, calls):
             c.edge_key = (c.caller, c.callee, c.operation)
             calls.append(c)
     entries = {f.root_service for f in facts.values() if not f.root_missing}
@@ -482,10 +482,13 @@ def analyze(store: Any, *, now_ns: int | None = None) -> Analysis:
     from .declared import declared_timeouts
     from .logcalls import log_calls
 
-    def proxy_calls(facts: dict[str, TraceFacts]) -> list[Call]:
+    def proxy_calls(facts: dict[str, TraceFacts], calls: list[Call]) -> list[Call]:
         records = [r for _, r in store.search_logs(LogQuery(attribute="status", limit=None))]
         if not records:
             return []
+        # a proxy that has its own spans is already in the analysis: its log lines would count it twice
+        traced = {(c.trace_id, c.caller) for c in calls}
+        records = [r for r in records if (r.trace_id, r.service) not in traced]
         entries: dict[str, tuple[str, int, int, bool, str] | None] = {}
 
         def entry_of(trace_id: str) -> tuple[str, int, int, bool, str] | None:

@@ -37,9 +37,10 @@ def install() -> None:
     if _patched:
         return
     _patched = True
-    original = logging.Formatter.format
+    # At the handler, not the formatter: services subclass Formatter and override format().
+    original = logging.Handler.format
 
-    def format_with_ids(self: logging.Formatter, record: logging.LogRecord) -> str:
+    def format_with_ids(self: logging.Handler, record: logging.LogRecord) -> str:
         text = original(self, record)
         try:
             ids = _ids()
@@ -47,7 +48,7 @@ def install() -> None:
         except Exception:
             return text
 
-    logging.Formatter.format = format_with_ids  # type: ignore[method-assign]
+    logging.Handler.format = format_with_ids  # type: ignore[method-assign]
     _install_loguru()
     _install_structlog()
 

@@ -386,6 +386,91 @@ def recommend_timeouts(
         report.print_recommendations(document, out, snippets=snippets)
 
 
+# --- demo --------------------------------------------------------------------------
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds of traffic (a sale peak in the middle).")] = 60.0,
+    keep_running: Annotated[bool, typer.Option("--keep-running", help="Leave the system up after the traffic.")
+                            ] = False,
+    fixed: Annotated[bool, typer.Option("--fixed", help="Run again with payscope's recommendations; "
+                                        "measure before and after.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the traffic and the bank's latency.")] = 1,
+    store: StoreOption = None,
+) -> None:
+    """Start a real payment system with bad timeouts under payscope, drive it, and investigate it."""
+    from payscope import demo as demo_mod
+    from payscope.analyzers import report
+    from payscope.collector.store import open_store, resolve_store_url
+
+    demo_mod.check_installed()
+    if duration <= 0:
+        raise PayscopeError(f"--duration {duration} must be more than 0 seconds")
+    store_path = Path(resolve_store_url(store))
+    log_dir = store_path.with_name(store_path.stem + "-demo-logs")
+
+    def say(text: str) -> None:
+        err.print(f"payscope demo: {text}", markup=False)
+
+    def fresh(path: Path) -> None:
+        if path.exists():
+            with open_store(str(path)) as opened:
+                if opened.get_meta("demo") != "1" and opened.counts()["spans"]:
+                    raise PayscopeError(f"{path} holds data that is not the demo's: pass --store to put the demo "
+                                        "elsewhere")
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(path) + suffix).unlink(missing_ok=True)
+        with open_store(str(path)) as opened:
+            opened.set_meta("demo", "1")
+
+    def progress(traffic: demo_mod.Traffic, peak: bool, elapsed: float) -> None:
+        if err.is_terminal:
+            err.print(f"  {elapsed:5.1f}s  {traffic.sent} orders done, {traffic.failed} failed"
+                      + ("  (sale peak)" if peak else ""), end="\r", markup=False)
+
+    def one_run(path: Path, settings: dict[str, str], label: str) -> dict[str, Any]:
+        fresh(path)
+        say(f"{label}: starting gateway, order (gunicorn x2), inventory (uvicorn), payment, bank and a collector")
+        result = demo_mod.run_once(path, path.with_name(path.stem + "-demo-logs"), settings, duration, seed,
+                                   keep_running, say, progress)
+        t = result["traffic"]
+        say(f"{label}: {t.sent} orders placed, {t.failed} failed for the customer, {t.retried} paid again after "
+            f"an error; {result['log_lines']} log lines ingested "
+            f"({', '.join(f'{n} by {m}' for m, n in sorted(result['linked'].items()))})")
+        return result
+
+    if not fixed:
+        one_run(store_path, demo_mod.FAULTY, "the system as configured")
+        with open_store(str(store_path), readonly=True) as opened:
+            document = report.analysis_document(opened)
+            recs = report.recommendation_document(opened, simulate=True)
+        out.print()
+        report.print_table(document, out)
+        out.print()
+        out.print("recommended timeouts:")
+        report.print_recommendations(recs, out)
+        out.print()
+        out.print(f"logs of every service: {log_dir}/", markup=False)
+        example = next((f["evidence"]["trace_ids"][0] for f in document["findings"] if f["evidence"]["trace_ids"]),
+                       None)
+        out.print("next: payscope failures" + (f"   |   payscope show {example}" if example else "")
+                  + "   |   payscope demo --fixed", markup=False)
+        return
+    if not store_path.exists() or open_store(str(store_path), readonly=True).counts()["spans"] == 0:
+        one_run(store_path, demo_mod.FAULTY, "before (as configured)")
+    settings = demo_mod.fixed_settings(store_path)
+    changed = {k: v for k, v in settings.items() if demo_mod.FAULTY.get(k) != v}
+    say("after: applying " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items())))
+    fixed_path = store_path.with_name(store_path.stem + "-fixed.db")
+    one_run(fixed_path, settings, "after (payscope's recommendations)")
+    before, after = demo_mod.outcomes(store_path), demo_mod.outcomes(fixed_path)
+    out.print()
+    out.print(f"{'measured':<22} {'before':>8} {'after':>8}", markup=False)
+    for outcome in ("orders", "ok", "failed", "timeout", "late_success", "duplicate_charge", "customer saw failure"):
+        out.print(f"{outcome:<22} {before.get(outcome, 0):>8} {after.get(outcome, 0):>8}", markup=False)
+    out.print(f"(before: {store_path}; after: {fixed_path})", markup=False)
+
+
 def main() -> None:
     """Console-script entry point: PayscopeError becomes one line on stderr and exit code 2."""
     try:

@@ -1,0 +1,282 @@
+"""`payscope demo`: a real payment system with bad timeouts, run under payscope and investigated.
+
+gateway (proxy, 1 s upstream timeout, nginx-style access log)
+  -> order (Flask on gunicorn, 2 workers, JSON logs; no timeout on inventory, 2.5 s on payment)
+       -> inventory (FastAPI on uvicorn, text logs)
+       -> payment (retries the bank twice without an idempotency key, 0.4 s per try; loguru)
+            -> bank (heavy-tailed latency, worse in the sale peak; idempotency-aware)
+
+Every process runs under `payscope run`, beside a `payscope collect`. A traffic generator places
+orders (customers retry once when the gateway gives up), then the logs are ingested and the whole
+thing analysed. `--fixed` runs it again with payscope's own recommendations and measures the change.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from payscope.errors import PayscopeError
+
+NEEDS = ("flask", "gunicorn", "uvicorn", "fastapi", "httpx", "requests", "loguru", "opentelemetry.sdk")
+FAULTY = {"GATEWAY_TIMEOUT": "1.0", "ORDER_PAYMENT_TIMEOUT": "2.5", "ORDER_INVENTORY_TIMEOUT": "none",
+          "PAYMENT_BANK_TIMEOUT": "0.4", "PAYMENT_BANK_RETRIES": "2", "PAYMENT_IDEMPOTENCY": "off"}
+SERVICES = ("bank", "payment", "inventory", "order", "gateway")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_installed() -> None:
+    missing = [name for name in NEEDS if importlib.util.find_spec(name) is None]
+    if missing:
+        raise PayscopeError(f"the demo needs {', '.join(missing)}: pip install 'payscope[all]'")
+
+
+@dataclass
+class System:
+    """The running processes of one demo run."""
+
+    store: Path
+    log_dir: Path
+    settings: dict[str, str]
+    seed: int
+    ports: dict[str, int] = field(default_factory=dict)
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.ports['gateway']}"
+
+    def start(self, peak: tuple[float, float]) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for old in self.log_dir.glob("*.log"):
+            old.unlink()
+        self.ports = {name: _free_port() for name in ("collector", *SERVICES)}
+        py = sys.executable
+        self.procs["collector"] = subprocess.Popen(
+            [py, "-m", "payscope", "collect", "--store", str(self.store), "--http",
+             f"127.0.0.1:{self.ports['collector']}", "--grpc", "off"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _wait_port(self.ports["collector"], "the collector")
+        env = dict(os.environ, **self.settings, DEMO_LOG_DIR=str(self.log_dir), DEMO_SEED=str(self.seed),
+                   PAYSCOPE_QUIET="1", OTEL_BSP_SCHEDULE_DELAY="200", OTEL_BLRP_SCHEDULE_DELAY="200",
+                   BANK_URL=f"http://127.0.0.1:{self.ports['bank']}",
+                   PAYMENT_URL=f"http://127.0.0.1:{self.ports['payment']}",
+                   INVENTORY_URL=f"http://127.0.0.1:{self.ports['inventory']}",
+                   ORDER_URL=f"http://127.0.0.1:{self.ports['order']}",
+                   BANK_PEAK_START=str(peak[0]), BANK_PEAK_END=str(peak[1]))
+        commands = {
+            "bank": [py, "-m", "payscope.demo.services.bank", str(self.ports["bank"])],
+            "payment": [py, "-m", "payscope.demo.services.payment", str(self.ports["payment"])],
+            "inventory": [py, "-m", "uvicorn", "payscope.demo.services.inventory:app", "--host", "127.0.0.1",
+                          "--port", str(self.ports["inventory"]), "--log-level", "warning"],
+            "order": [py, "-m", "gunicorn", "-w", "2", "--threads", "8", "-b", f"127.0.0.1:{self.ports['order']}",
+                      "--error-logfile", str(self.log_dir / "gunicorn.log"), "payscope.demo.services.order:app"],
+            "gateway": [py, "-m", "payscope.demo.services.gateway", str(self.ports["gateway"])],
+        }
+        for name in SERVICES:
+            self.procs[name] = subprocess.Popen(
+                [py, "-m", "payscope", "run", "--service", name, "--collector",
+                 f"http://127.0.0.1:{self.ports['collector']}", "--", *commands[name]],
+                env=env, stdout=subprocess.DEVNULL, stderr=(self.log_dir / f"{name}.stderr").open("wb"),
+                start_new_session=True)
+        for name in SERVICES:
+            _wait_port(self.ports[name], name, self.procs[name])
+
+    def stop(self) -> None:
+        """SIGTERM everything (services first, the collector last, so it stores what they flushed)."""
+        for name in SERVICES:
+            proc = self.procs.get(name)
+            if proc and proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for name in SERVICES:
+            proc = self.procs.get(name)
+            if proc:
+                _reap(proc)
+        collector = self.procs.get("collector")
+        if collector:
+            collector.send_signal(signal.SIGTERM)
+            _reap(collector)
+        self.procs.clear()
+
+
+def _wait_port(port: int, what: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise PayscopeError(f"the demo's {what} exited while starting (code {proc.returncode})")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise PayscopeError(f"the demo's {what} did not start listening on 127.0.0.1:{port}")
+
+
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            proc.kill()
+        proc.wait()
+
+
+# --- traffic ----------------------------------------------------------------------
+
+@dataclass
+class Traffic:
+    sent: int = 0
+    ok: int = 0
+    failed: int = 0
+    retried: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _post(url: str, body: dict[str, Any], timeout: float = 10.0) -> int:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"},
+                                 method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            resp.read()
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+def drive(gateway: str, duration: float, seed: int, on_tick: Any = None) -> Traffic:
+    """Orders for ``duration`` seconds: a steady rate, then a sale peak in the middle at three times it."""
+    rng = random.Random(seed)
+    traffic = Traffic()
+    start = time.monotonic()
+    threads: list[threading.Thread] = []
+    n = 0
+
+    def customer(order_id: str, amount: float) -> None:
+        status = _post(f"{gateway}/orders/{order_id}", {"amount": amount})
+        retried = False
+        if status in (502, 504, 0):  # the customer presses "pay" again: a new trace, the same order
+            retried = True
+            time.sleep(0.3)
+            status = _post(f"{gateway}/orders/{order_id}", {"amount": amount})
+        with traffic.lock:
+            traffic.sent += 1
+            traffic.retried += retried
+            if status == 200:
+                traffic.ok += 1
+            else:
+                traffic.failed += 1
+
+    while (elapsed := time.monotonic() - start) < duration:
+        peak = 0.4 * duration <= elapsed < 0.7 * duration
+        rate = 18.0 if peak else 6.0
+        n += 1
+        order_id = f"ord-{seed % 100:02d}{n:05d}"
+        t = threading.Thread(target=customer, args=(order_id, round(rng.uniform(5, 300), 2)), daemon=True)
+        t.start()
+        threads.append(t)
+        if on_tick:
+            on_tick(traffic, peak, elapsed)
+        time.sleep(rng.expovariate(rate))
+    for t in threads:
+        t.join(timeout=15)
+    return traffic
+
+
+# --- the whole run ---------------------------------------------------------------------
+
+def run_once(store: Path, log_dir: Path, settings: dict[str, str], duration: float, seed: int,
+             keep_running: bool, say: Any, progress: Any = None) -> dict[str, Any]:
+    """Start the system, drive it, stop it (unless kept), ingest its logs; return what happened."""
+    system = System(store, log_dir, settings, seed)
+    now = time.time()
+    system.start((now + 5 + 0.4 * duration, now + 5 + 0.7 * duration))
+    try:
+        say(f"system up: gateway {system.gateway}, collector http://127.0.0.1:{system.ports['collector']}; "
+            f"placing orders for {duration:.0f}s (sale peak in the middle)")
+        traffic = drive(system.gateway, duration, seed, progress)
+        time.sleep(1.5)  # let the batch exporters send the last spans
+        if keep_running:
+            say(f"kept running: gateway {system.gateway}; Ctrl-C to stop everything")
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        system.stop()
+    from payscope.analyzers.correlate import Linker
+    from payscope.collector.logingest import ingest
+    from payscope.collector.store import open_store
+
+    with open_store(str(store)) as opened:
+        linker = Linker(opened)
+        sources = [("gateway", log_dir / "gateway-access.log"), ("order", log_dir / "order.log"),
+                   ("inventory", log_dir / "inventory.log"), ("payment", log_dir / "payment.log"),
+                   ("bank", log_dir / "bank.log"), ("order", log_dir / "gunicorn.log")]
+        reports = [ingest(opened, [str(path)], service=service, linker=linker) for service, path in sources
+                   if path.exists() and path.stat().st_size]
+        opened.set_meta("demo_traffic", json.dumps({"sent": traffic.sent, "ok": traffic.ok, "failed": traffic.failed,
+                                                    "retried": traffic.retried}))
+    return {"traffic": traffic, "log_lines": sum(r.stored for r in reports), "linked": dict(linker.stats.by_method)}
+
+
+def outcomes(store: Path) -> Counter[str]:
+    """Transactions by outcome, and what the customers saw, as measured in one run's store."""
+    from payscope.analyzers import engine
+    from payscope.collector.store import open_store
+
+    with open_store(str(store), readonly=True) as opened:
+        analysis = engine.analyze(opened)
+        traffic = json.loads(opened.get_meta("demo_traffic") or "{}")
+    counts = Counter(t.outcome for t in analysis.transactions.values())
+    counts["customer saw failure"] = int(traffic.get("failed", 0))
+    counts["orders"] = int(traffic.get("sent", 0))
+    return counts
+
+
+def fixed_settings(store: Path) -> dict[str, str]:
+    """The demo's settings as payscope recommends them, from what the store recorded."""
+    from payscope.analyzers import engine, recommend
+    from payscope.collector.store import open_store
+
+    with open_store(str(store), readonly=True) as opened:
+        recs = {(r.edge.caller, r.edge.callee): r.recommended for r in recommend.recommend(engine.analyze(opened))}
+    settings = dict(FAULTY)
+
+    def put(name: str, edge: tuple[str, str]) -> None:
+        rec = recs.get(edge)
+        if rec is not None and rec.per_try_ms is not None:
+            settings[name] = f"{rec.per_try_ms / 1000:g}"
+
+    put("GATEWAY_TIMEOUT", ("gateway", "order"))
+    put("ORDER_PAYMENT_TIMEOUT", ("order", "payment"))
+    put("ORDER_INVENTORY_TIMEOUT", ("order", "inventory"))
+    put("PAYMENT_BANK_TIMEOUT", ("payment", "bank"))
+    bank = recs.get(("payment", "bank"))
+    settings["PAYMENT_BANK_RETRIES"] = str(max(0, (bank.attempts if bank else 1) - 1))
+    return settings

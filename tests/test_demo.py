@@ -1,0 +1,113 @@
+"""`payscope demo` end to end: real processes, planted faults found, nothing left running, --fixed measured."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from payscope.collector.store import open_store
+from tests.helpers import payscope, payscope_json
+
+PLANTED = {
+    ("timeout_inversion", "gateway", "order"),      # the gateway gives up before the order service does
+    ("non_idempotent_retry", "payment", "bank"),    # charges retried without an idempotency key
+    ("timeout_below_tail", "payment", "bank"),      # 400 ms inside the bank's tail
+    ("timeout_missing", "order", "inventory"),      # httpx with timeout=None
+}
+TRUE_CONSEQUENCES = {
+    ("late_success", "payment", "bank"), ("late_success", "gateway", "order"),
+    ("timeout_below_tail", "gateway", "order"), ("deadline_not_propagated", "gateway", "order"),
+    ("connect_timeout_too_long", "gateway", "order"), ("connect_timeout_too_long", "payment", "bank"),
+}
+DURATION = "25"
+
+
+def _ports(stderr: str) -> list[int]:
+    return [int(p) for p in re.findall(r"http://127\.0\.0\.1:(\d+)", stderr)]
+
+
+def _nothing_left(store: Path, ports: list[int]) -> None:
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(store) not in ps and "payscope.demo.services" not in ps
+    for port in ports:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still open"
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    store = tmp_path_factory.mktemp("demo") / "demo.db"
+    proc = payscope("demo", "--duration", DURATION, "--store", str(store), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return store, proc
+
+
+def test_demo_finds_every_planted_fault_and_nothing_false(demo_run: tuple[Path, subprocess.CompletedProcess[str]]
+                                                          ) -> None:
+    store, proc = demo_run
+    _nothing_left(store, _ports(proc.stderr))
+    assert "next: payscope failures" in proc.stdout
+    doc = payscope_json("analyze", "--store", str(store))
+    found = {(f["kind"], f["edge"]["caller"], f["edge"]["callee"]) for f in doc["findings"]}
+    assert PLANTED <= found
+    assert found <= PLANTED | TRUE_CONSEQUENCES, found - PLANTED - TRUE_CONSEQUENCES
+    for kind, caller, callee in PLANTED:
+        assert kind in proc.stdout and f"{caller} -> {callee}" in proc.stdout
+
+
+def test_demo_store_holds_real_failures_and_linked_logs(demo_run: tuple[Path, subprocess.CompletedProcess[str]]
+                                                        ) -> None:
+    store, _ = demo_run
+    doc = payscope_json("analyze", "--store", str(store))
+    outcomes = doc["stats"]["outcomes"]
+    assert outcomes.get("ok", 0) > 0 and outcomes.get("duplicate_charge", 0) > 0
+    assert outcomes.get("failed", 0) + outcomes.get("timeout", 0) + outcomes.get("late_success", 0) > 0
+    with open_store(str(store), readonly=True) as opened:
+        services = {s for t in opened.traces(limit=50) for s in t.services}
+        assert services == {"gateway", "order", "inventory", "payment", "bank"}
+        meta = json.loads(opened.get_meta("demo_traffic") or "{}")
+        assert meta["sent"] > 50
+    failures = payscope_json("failures", "--store", str(store), "--limit", "5")["failures"]
+    shown = payscope_json("show", failures[0]["trace_id"], "--store", str(store))
+    assert {r["link"]["method"] for r in shown["logs"]} >= {"trace_id", "request_id"}
+    assert {r["service"] for r in shown["logs"]} >= {"gateway", "order", "payment"}
+
+
+def test_demo_fixed_measurably_lowers_failures(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    store, _ = demo_run
+    proc = payscope("demo", "--fixed", "--duration", DURATION, "--store", str(store), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    fixed = store.with_name(store.stem + "-fixed.db")
+    _nothing_left(fixed, _ports(proc.stderr))
+    table = {m.group(1).strip(): (int(m.group(2)), int(m.group(3)))
+             for m in re.finditer(r"^([a-z_ ]+?)\s+(\d+)\s+(\d+)$", proc.stdout, re.MULTILINE)}
+    bad = ("timeout", "late_success", "duplicate_charge")
+    before = sum(table[k][0] for k in bad)
+    after = sum(table[k][1] for k in bad)
+    assert before > 0 and after < before, table
+    assert table["customer saw failure"][1] <= table["customer saw failure"][0]
+    assert "PAYMENT_BANK_RETRIES=0" in proc.stderr
+
+
+def test_the_readme_first_command_works_in_a_fresh_environment(tmp_path: Path) -> None:
+    root = Path(__file__).parent.parent
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True, check=True).stdout.split()
+    copy = tmp_path / "payscope"
+    for name in files:
+        src = root / name
+        if src.is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            (copy / name).write_bytes(src.read_bytes())
+    readme = (root / "README.md").read_text()
+    first = re.findall(r"```\n(.+?)\n```", readme)[0]
+    assert first == "python3 dev.py demo"
+    proc = subprocess.run([sys.executable, "dev.py", "demo", "--duration", "12"], cwd=copy, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "timeout_inversion" in proc.stdout and "recommended timeouts" in proc.stdout
