@@ -174,12 +174,13 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
                   "entry_start_ns": entry.start_ns if entry else None,
                   "entry_end_ns": entry.end_ns if entry else None,
                   "entry_span_id": entry.span_id if entry else None, "amount": s.amount}
-        if len(answered) > 1 and len({a.service for a in answered}) == 1:
+        if len(answered) > 1 and len({(a.service, a.operation) for a in answered}) == 1:
             # One client span answered several times by the same service: the library retried inside
             # the call (urllib3's Retry under requests, say). Each answer is an attempt.
             calls.extend(_attempts(s, sorted(answered, key=lambda a: a.start_ns), common, alias_votes))
             continue
-        # One client span answered by different services is a logical step (a load generator's journey).
+        # One client span answered by different services or operations is a logical step (a load
+        # generator's journey), not a call.
         server = answered[0] if len(answered) == 1 else None
         peer = s.peer
         if server is not None:

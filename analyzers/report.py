@@ -13,7 +13,10 @@ SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "lo
 
 def analysis_document(store: Any, *, now_ns: int | None = None) -> dict[str, Any]:
     """The JSON contract of `payscope analyze --format json`."""
-    analysis = engine.analyze(store, now_ns=now_ns)
+    return document_of(engine.analyze(store, now_ns=now_ns))
+
+
+def document_of(analysis: engine.Analysis) -> dict[str, Any]:
     found = findings.find(analysis)
     outcomes: dict[str, int] = {}
     for tx in analysis.transactions.values():

@@ -33,22 +33,27 @@ def resolve_trace_ids(store: Any, ident: str) -> list[str]:
     raise InputError(f"no transaction {ident!r} in {store.url}: not a stored trace id, order id or payment id")
 
 
-def _trace_outcome(store: Any, trace_id: str, summary: TraceSummary) -> tuple[str, str | None, str | None]:
-    """Outcome, failing hop and error class of one trace, from the analyzer (the trace and its relatives)."""
+def _trace_outcome(store: Any, trace_id: str, summary: TraceSummary
+                   ) -> tuple[str, str | None, str | None, list[str], list[str]]:
+    """Outcome, failing hop, error class, business keys and finding kinds of one trace."""
     analysis = engine.run([store.trace_rows(trace_id)])
     tx = analysis.transactions.get(trace_id)
+    kinds = sorted({f.kind for f in findings.find(analysis)})
     if tx is None:
-        return "failed" if summary.error_count else "ok", None, summary.error_class
+        return "failed" if summary.error_count else "ok", None, summary.error_class, [], kinds
     hop = f"{tx.failing_hop[0]} -> {tx.failing_hop[1]}" if tx.failing_hop else None
-    return tx.outcome, hop, tx.error_class
+    return tx.outcome, hop, tx.error_class, tx.facts.keys, kinds
 
 
-def failure_rows(store: Any, *, since_ns: int | None = None, limit: int | None = 50) -> list[dict[str, Any]]:
+def failure_rows(store: Any, *, since_ns: int | None = None, limit: int | None = 50,
+                 offset: int = 0) -> list[dict[str, Any]]:
     """Failed transactions, newest first, each as a flat dict (the JSON of `payscope failures`)."""
     rows = []
-    for summary in store.failed_traces(since_ns=since_ns, limit=limit):
-        outcome, hop, error_class = _trace_outcome(store, summary.trace_id, summary)
+    for summary in store.failed_traces(since_ns=since_ns, limit=limit, offset=offset):
+        outcome, hop, error_class, keys, kinds = _trace_outcome(store, summary.trace_id, summary)
         if outcome == "ok":
+            if not summary.error_count:
+                continue  # looked suspicious to the store; the analysis says it went well
             outcome = "recovered"  # errors inside, but the transaction itself succeeded (a retry worked)
         rows.append({
             "time": format_ns(summary.start_ns), "trace_id": summary.trace_id,
@@ -56,9 +61,17 @@ def failure_rows(store: Any, *, since_ns: int | None = None, limit: int | None =
             "failing_hop": hop, "error_class": error_class or summary.error_class,
             "duration_ms": round(summary.duration_ns / 1e6, 3),
             "duration": format_duration_ns(summary.duration_ns), "services": summary.services,
-            "spans": summary.span_count, "errors": summary.error_count,
+            "spans": summary.span_count, "errors": summary.error_count, "keys": keys, "findings": kinds,
         })
     return rows
+
+
+def _timeout_of(attrs: dict[str, Any]) -> float | None:
+    for key in ("payscope.timeout.read_ms", "payscope.timeout.total_ms"):
+        value = attrs.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+    return None
 
 
 def _depths(spans: list[Span]) -> list[tuple[Span, int]]:
@@ -102,6 +115,8 @@ def transaction_view(store: Any, ident: str) -> dict[str, Any]:
             "offset_ms": round((span.start_ns - t0) / 1e6, 3), "duration_ms": round(span.duration_ns / 1e6, 3),
             "status": {0: "unset", 1: "ok", 2: "error"}.get(span.status_code, "unset"),
             "error_class": error_classes.get((span.trace_id, span.span_id)), "message": span.status_message,
+            "timeout_ms": _timeout_of(span.attributes), "attributes": span.attributes,
+            "events": span.events,
         })
     logs = sorted((log_json(rec) for tid in trace_ids for rec in store.logs_of_trace(tid)),
                   key=lambda r: r["time"])
@@ -154,3 +169,29 @@ def render_waterfall(view: dict[str, Any], width: int = 32) -> str:
     for skew in view["clock_skew"]:
         lines.append(f"(clock of {skew['service']} corrected by {skew['offset_ms']:+.1f} ms)")
     return "\n".join(lines)
+
+
+def markdown_report(view: dict[str, Any]) -> str:
+    """One transaction as Markdown, for an incident ticket."""
+    lines = [f"# Transaction {', '.join(view['trace_ids'])}", ""]
+    for tx in view["transactions"]:
+        hop = tx["failing_hop"]
+        lines.append(f"- **outcome:** {tx['outcome']}" + (f" at `{hop['caller']} -> {hop['callee']}` "
+                                                          f"({hop['operation']})" if hop else "")
+                     + (f", error class `{tx['error_class']}`" if tx["error_class"] else ""))
+        if tx["business_keys"]:
+            lines.append(f"- **business keys:** {', '.join(tx['business_keys'])}")
+    lines += [f"- **started:** {view['start']}, **duration:** {view['duration_ms']:.1f} ms", "", "## Spans", "",
+              "```", render_waterfall({**view, "logs": [], "findings": [], "clock_skew": []}), "```", ""]
+    if view["findings"]:
+        lines += ["## Findings", ""]
+        for f in view["findings"]:
+            lines += [f"- **{f['severity']} {f['kind']}**: {f['summary']}",
+                      f"  - fix: {f['recommendation'].get('action', '')}"]
+        lines.append("")
+    if view["logs"]:
+        lines += ["## Logs", "", "| time | service | level | message | linked by |", "| --- | --- | --- | --- | --- |"]
+        for r in view["logs"]:
+            message = r["message"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {r['time']} | {r['service']} | {r['level']} | {message} | {r['link']['method']} |")
+    return "\n".join(lines) + "\n"

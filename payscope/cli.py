@@ -386,6 +386,16 @@ def recommend_timeouts(
         report.print_recommendations(document, out, snippets=snippets)
 
 
+# --- tui --------------------------------------------------------------------------
+
+@app.command()
+def tui(store: StoreOption = None) -> None:
+    """Walk failed transactions in the terminal: waterfall, logs, findings, edges and timeouts."""
+    from payscope.tui.app import build
+
+    build(store).run()
+
+
 # --- demo --------------------------------------------------------------------------
 
 @app.command()
@@ -453,7 +463,7 @@ def demo(
         out.print(f"logs of every service: {log_dir}/", markup=False)
         example = next((f["evidence"]["trace_ids"][0] for f in document["findings"] if f["evidence"]["trace_ids"]),
                        None)
-        out.print("next: payscope failures" + (f"   |   payscope show {example}" if example else "")
+        out.print("next: payscope tui   |   payscope failures" + (f"   |   payscope show {example}" if example else "")
                   + "   |   payscope demo --fixed", markup=False)
         return
     if not store_path.exists() or open_store(str(store_path), readonly=True).counts()["spans"] == 0:

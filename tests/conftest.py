@@ -23,6 +23,19 @@ def store(store_path: Path) -> Iterator[Store]:
     opened.close()
 
 
+@pytest.fixture(scope="session")
+def demo_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store filled by the demo's real services (run once for the whole session)."""
+    from tests.helpers import payscope
+
+    store = tmp_path_factory.mktemp("demo") / "demo.db"
+    proc = payscope("demo", "--duration", "25", "--store", str(store), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (store.parent / "demo.stderr").write_text(proc.stderr)
+    (store.parent / "demo.stdout").write_text(proc.stdout)
+    return store
+
+
 @pytest.fixture()
 def collector(store_path: Path) -> Iterator[CollectorProcess]:
     proc = CollectorProcess(store_path)

@@ -157,7 +157,8 @@ def test_embedded_refuses_a_file_that_is_not_a_store(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("sql, index", [
-    ("SELECT * FROM traces WHERE error_count > 0 AND start_ns >= 5 ORDER BY start_ns DESC", "traces_failed"),
+    ("SELECT * FROM traces WHERE (error_count > 0 OR suspect > 0) AND start_ns >= 5 ORDER BY start_ns DESC",
+     "traces_failed"),
     ("SELECT * FROM spans WHERE trace_id = 'x'", "spans_id"),
     ("SELECT * FROM spans WHERE service = 'a' AND callee = 'b' ORDER BY start_ns", "spans_edge"),
     ("SELECT * FROM logs WHERE trace_id = 'x' ORDER BY time_ns", "logs_trace"),

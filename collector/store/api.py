@@ -67,7 +67,7 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def failed_traces(self, since_ns: int | None = None, until_ns: int | None = None,
                       limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
-        """Traces with at least one error span, newest first."""
+        """Traces that failed or may have (an error span, a call answered twice, a late callee), newest first."""
 
     @abc.abstractmethod
     def traces(self, since_ns: int | None = None, until_ns: int | None = None,

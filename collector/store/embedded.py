@@ -46,10 +46,11 @@ CREATE TABLE IF NOT EXISTS traces(
     trace_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
     root_service TEXT NOT NULL, root_name TEXT NOT NULL,
     span_count INTEGER NOT NULL, error_count INTEGER NOT NULL,
-    error_class TEXT, error_service TEXT, services TEXT NOT NULL
+    error_class TEXT, error_service TEXT, services TEXT NOT NULL,
+    suspect INTEGER NOT NULL DEFAULT 0  -- calls answered twice, callees finishing after their caller: no error span
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS traces_start ON traces(start_ns);
-CREATE INDEX IF NOT EXISTS traces_failed ON traces(start_ns) WHERE error_count > 0;
+CREATE INDEX IF NOT EXISTS traces_failed ON traces(start_ns) WHERE error_count > 0 OR suspect > 0;
 CREATE TABLE IF NOT EXISTS keys(key TEXT NOT NULL, trace_id TEXT NOT NULL,
     PRIMARY KEY(key, trace_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS logs(
@@ -70,7 +71,7 @@ _SPAN_COLUMNS = _ROW_COLUMNS + ", callee, resource_id, body"
 _SPAN_SELECT = ("SELECT s.service, s.body, r.body FROM spans s JOIN resources r ON r.id = s.resource_id")
 _KEY_SEP = "\x1f"
 _TRACE_COLUMNS = ("trace_id, start_ns, end_ns, root_service, root_name, span_count, error_count, "
-                  "services, error_class, error_service")
+                  "services, error_class, error_service, suspect")
 _LOG_COLUMNS = ("id, time_ns, service, host, severity, message, attributes, source, trace_id, "
                 "span_id, link_method, link_confidence")
 
@@ -268,15 +269,28 @@ class EmbeddedStore(Store):
                 f"SELECT trace_id, error_class, service, max(start_ns * 2 + (kind IN ('client', 'producer'))) "
                 f"FROM spans "
                 f"WHERE trace_id IN ({marks}) AND error_class IS NOT NULL GROUP BY trace_id", chunk)}
+            # a charge answered twice, or a callee still working after its caller gave up, fails silently
+            suspect: dict[str, int] = {}
+            for tid, n in conn.execute(
+                    f"SELECT trace_id, count(*) FROM (SELECT trace_id FROM spans WHERE trace_id IN ({marks}) "
+                    "AND kind = 'server' AND parent_id IS NOT NULL GROUP BY trace_id, parent_id HAVING count(*) > 1) "
+                    "GROUP BY trace_id", chunk):
+                suspect[tid] = suspect.get(tid, 0) + n
+            for tid, n in conn.execute(
+                    f"SELECT s.trace_id, count(*) FROM spans s JOIN spans c ON c.trace_id = s.trace_id "
+                    f"AND c.span_id = s.parent_id WHERE s.trace_id IN ({marks}) AND s.kind = 'server' "
+                    "AND c.kind = 'client' AND c.status_code = 2 AND s.end_ns > c.end_ns GROUP BY s.trace_id", chunk):
+                suspect[tid] = suspect.get(tid, 0) + n
             for tid, start, end, count, failed, services in conn.execute(
                     f"SELECT trace_id, min(start_ns), max(end_ns), count(*), "
                     f"sum(status_code=2 OR error_class IS NOT NULL), group_concat(DISTINCT service) "
                     f"FROM spans WHERE trace_id IN ({marks}) GROUP BY trace_id", chunk):
                 root = roots[tid]
                 err = errors.get(tid, (None, None))
-                rows.append((tid, start, end, root[0], root[1], count, failed or 0, services, err[0], err[1]))
+                rows.append((tid, start, end, root[0], root[1], count, failed or 0, services, err[0], err[1],
+                             suspect.get(tid, 0)))
         conn.executemany(f"INSERT OR REPLACE INTO traces({_TRACE_COLUMNS}) "
-                         f"VALUES(?,?,?,?,?,?,?,?,?,?)", rows)
+                         f"VALUES(?,?,?,?,?,?,?,?,?,?,?)", rows)
 
     def _write_logs(self, conn: sqlite3.Connection, logs: list[LogRecord]) -> int:
         before = conn.total_changes
@@ -344,7 +358,7 @@ class EmbeddedStore(Store):
 
     def failed_traces(self, since_ns: int | None = None, until_ns: int | None = None,
                       limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
-        return self._summaries("error_count > 0", since_ns, until_ns, limit, offset)
+        return self._summaries("(error_count > 0 OR suspect > 0)", since_ns, until_ns, limit, offset)
 
     def traces(self, since_ns: int | None = None, until_ns: int | None = None,
                limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:

@@ -1,0 +1,224 @@
+"""`payscope tui`: Textual's Pilot over a store filled by the demo's real services, snapshots, and tmux."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from payscope.collector.store import open_store
+from payscope.tui.app import EdgesScreen, FailuresScreen, HelpScreen, TransactionScreen, build
+from payscope.tui.widgets import Waterfall
+from tests.helpers import payscope, payscope_json
+
+SAMPLE = Path(__file__).parent.parent / "payscope" / "samples" / "checkout.otlp.jsonl.gz"
+
+
+@pytest.fixture()
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def _settle(app, pilot) -> None:  # type: ignore[no-untyped-def]
+    """Until no worker runs and what they posted has been drawn."""
+    for _ in range(50):
+        await pilot.pause(0.1)
+        await app.workers.wait_for_complete()
+        if not any(w.is_running for w in app.workers):
+            break
+    await pilot.pause(0.3)
+    await pilot.wait_for_scheduled_animations()
+    await pilot.pause(0.2)
+
+
+def _status(app) -> str:  # type: ignore[no-untyped-def]
+    return str(app.screen.query_one("#status").render())
+
+
+@pytest.mark.anyio
+async def test_failures_filter_search_and_open(demo_store: Path, tmp_path: Path) -> None:
+    failures = payscope_json("failures", "--store", str(demo_store), "--limit", "0")["failures"]
+    keyed = next(f for f in failures if f["keys"])
+    app = build(str(demo_store), refresh_seconds=3600, report_dir=str(tmp_path))
+    async with app.run_test(size=(140, 44)) as pilot:
+        await _settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, FailuresScreen) and screen.rows
+        assert _status(app).startswith(f"{len(screen.rows)} failed transactions")
+        await pilot.press("o")
+        await _settle(app, pilot)
+        assert "outcome=timeout" in _status(app)
+        assert all(r["outcome"] == "timeout" for r in screen.rows)
+        for _ in range(len(("timeout", "failed", "late_success", "duplicate_charge"))):
+            await pilot.press("o")
+        await _settle(app, pilot)
+        assert "all outcomes" in _status(app)
+        await pilot.press("slash")
+        await pilot.press(*keyed["keys"][0], "enter")
+        await _settle(app, pilot)
+        assert screen.rows and all(keyed["keys"][0] in r["keys"] for r in screen.rows)
+        await pilot.press("enter")
+        await _settle(app, pilot)
+        tx = app.screen
+        assert isinstance(tx, TransactionScreen) and tx.view is not None
+        waterfall = tx.query_one(Waterfall)
+        assert len(waterfall.shown) == len(tx.view["spans"]) > 3
+        assert tx.query_one("#logs").row_count == max(1, len(tx.view["logs"]))
+        assert "status" in str(tx.query_one("#details").render())
+        before = len(waterfall.shown)
+        await pilot.press("space")  # the root folds: only it is left
+        assert len(waterfall.shown) == 1 < before
+        await pilot.press("space", "down", "down")
+        assert waterfall.cursor == 2
+        await pilot.press("c")
+        assert app.clipboard == tx.trace_id
+        await pilot.press("e")
+        report = tmp_path / f"payscope-{tx.trace_id[:16]}.md"
+        assert report.exists() and report.read_text().startswith("# Transaction")
+        await pilot.press("question_mark")
+        assert isinstance(app.screen, HelpScreen)
+        await pilot.press("escape", "escape")
+        assert isinstance(app.screen, FailuresScreen)
+        await pilot.press("q")
+
+
+@pytest.mark.anyio
+async def test_edges_screen_draws_the_timeout_on_the_histogram(demo_store: Path) -> None:
+    app = build(str(demo_store), refresh_seconds=3600)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await _settle(app, pilot)
+        await pilot.press("t")
+        await _settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, EdgesScreen)
+        pairs = {(e["caller"], e["callee"]) for e in screen.edges}
+        assert {("gateway", "order"), ("order", "payment"), ("payment", "bank"), ("order", "inventory")} <= pairs
+        index = next(i for i, e in enumerate(screen.edges) if (e["caller"], e["callee"]) == ("payment", "bank"))
+        for _ in range(index):
+            await pilot.press("down")
+        await pilot.pause(0.2)
+        text = str(screen.query_one("#histogram").render())
+        assert "payment -> bank" in text and "timeout 400 ms" in text
+
+
+@pytest.mark.anyio
+async def test_new_failures_appear_without_moving_the_cursor(tmp_path: Path) -> None:
+    store_path = tmp_path / "live.db"
+    payscope("import", "traces", str(SAMPLE), "--store", str(store_path), check=True)
+    app = build(str(store_path), refresh_seconds=0.3)
+    async with app.run_test(size=(140, 40)) as pilot:
+        await _settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, FailuresScreen)
+        table = screen.query_one("#failures")
+        await pilot.press("down", "down")
+        chosen = screen.rows[table.cursor_row]["trace_id"]
+        count = len(screen.rows)
+        from tests.test_store_conformance import sample_trace
+
+        with open_store(str(store_path)) as store:  # a new failure, newer than everything shown
+            store.write(sample_trace("f" * 32, True, start_ms=int(time.time() * 1000)))
+        for _ in range(20):
+            await pilot.pause(0.2)
+            if len(screen.rows) > count:
+                break
+        assert screen.rows[0]["trace_id"] == "f" * 32
+        assert screen.rows[table.cursor_row]["trace_id"] == chosen
+
+
+@pytest.fixture(scope="module")
+def sample_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("snap") / "sample.db"
+    payscope("import", "traces", str(SAMPLE), "--store", str(path), check=True)
+    return str(path)
+
+
+def _app(store: str):  # type: ignore[no-untyped-def]
+    return build(store, refresh_seconds=3600)
+
+
+def test_snapshot_failures(snap_compare, sample_store: str) -> None:  # type: ignore[no-untyped-def]
+    async def settle(pilot) -> None:  # type: ignore[no-untyped-def]
+        await _settle(pilot.app, pilot)
+
+    assert snap_compare(_app(sample_store), terminal_size=(120, 32), run_before=settle)
+
+
+def test_snapshot_transaction(snap_compare, sample_store: str) -> None:  # type: ignore[no-untyped-def]
+    async def open_first(pilot) -> None:  # type: ignore[no-untyped-def]
+        await _settle(pilot.app, pilot)
+        await pilot.press("enter")
+        await _settle(pilot.app, pilot)
+
+    assert snap_compare(_app(sample_store), terminal_size=(120, 40), run_before=open_first)
+
+
+def test_snapshot_edges(snap_compare, sample_store: str) -> None:  # type: ignore[no-untyped-def]
+    async def edges(pilot) -> None:  # type: ignore[no-untyped-def]
+        await _settle(pilot.app, pilot)
+        await pilot.press("t")
+        await _settle(pilot.app, pilot)
+        await pilot.press("down", "down", "down")
+        await pilot.pause(0.2)
+
+    assert snap_compare(_app(sample_store), terminal_size=(120, 40), run_before=edges)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
+    failures = payscope_json("failures", "--store", str(demo_store), "--limit", "0")["failures"]
+    keyed = next(f for f in failures if f["keys"])
+    order_id = keyed["keys"][0]
+    session = f"payscope-test-{int(time.time() * 1000)}"
+    cmd = f"{sys.executable} -m payscope tui --store {demo_store}"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "140", "-y", "44", cmd], check=True)
+
+    def screen() -> str:
+        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+
+    def wait_for(text: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            shown = screen()
+            if text in shown:
+                return shown
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} never appeared:\n{screen()}")
+
+    def keys(*k: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", session, *k], check=True)
+
+    try:
+        wait_for("failed transactions")
+        keys("o")
+        wait_for("outcome=timeout")
+        keys("o", "o", "o", "o")
+        wait_for("all outcomes")
+        keys("/")
+        keys("-l", order_id)
+        keys("Enter")
+        shown = wait_for(f"search={order_id!r}")
+        assert order_id in shown
+        keys("Enter")
+        shown = wait_for("linked by")
+        assert "trace_id" in shown or "request_id" in shown  # its log lines, with how each was linked
+        assert keyed["trace_id"] in shown or order_id in shown
+        keys("q")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            alive = subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0
+            if not alive:
+                break
+            time.sleep(0.2)
+        assert not alive, "q did not quit"
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+
+
+def test_tui_reads_without_blocking_the_writer(demo_store: Path) -> None:
+    assert json.loads(payscope("analyze", "--store", str(demo_store), "--format", "json", check=True).stdout)

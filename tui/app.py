@@ -1,0 +1,344 @@
+"""`payscope tui`: walk failed transactions, their spans, logs and findings, and every edge's timeouts."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen, Screen
+from textual.widgets import DataTable, Footer, Header, Input, Static
+
+from . import data
+from .widgets import Waterfall
+
+HELP = """\
+[b]Failed transactions[/b]
+  up/down, j/k   move            enter   open the transaction
+  /              search (trace id, order id, payment id, text)
+  o              cycle the outcome filter       s   filter by service
+  r              refresh now (new failures also appear by themselves)
+  t              edges and timeouts             q   quit
+
+[b]Transaction[/b]
+  up/down, j/k   move through spans             space, left/right   fold a subtree
+  tab            next panel (spans, details, logs, findings)
+  c              copy the trace id              e   write a Markdown report
+  escape         back
+
+[b]Edges and timeouts[/b]
+  up/down, enter   pick an edge: its latency histogram, with the timeout line
+  escape           back
+
+Bars: # server, = client, x error, | where the client's timeout would expire.
+Marks: !timeout/!http_5xx ... error class, late = finished after its caller gave up, retry.
+Bold: the critical path.  ? this help, from anywhere.
+"""
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS = [Binding("escape,q,question_mark", "dismiss", "close")]
+
+    def compose(self) -> ComposeResult:
+        yield VerticalScroll(Static(HELP, id="help-text"), id="help")
+
+
+class FailuresScreen(Screen[None]):
+    BINDINGS = [
+        Binding("slash", "search", "search"), Binding("o", "cycle_outcome", "outcome"),
+        Binding("s", "service", "service"), Binding("r", "refresh", "refresh"),
+        Binding("t", "edges", "edges"), Binding("j", "cursor(1)", show=False), Binding("k", "cursor(-1)", show=False),
+    ]
+    # fixed widths: the table does not jump about as pages of rows arrive
+    COLUMNS = (("time", 12), ("order / payment", 16), ("entry", 30), ("outcome", 16), ("failing hop", 24),
+               ("duration", 9), ("findings", 30), ("trace id", 32))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flt = data.Filter()
+        self.rows: list[dict[str, Any]] = []
+        self.input_mode = "search"
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("", id="status")
+        yield Input(placeholder="trace id, order id, payment id or text; enter to search, escape to cancel",
+                    id="search")
+        table: DataTable[str] = DataTable(id="failures", cursor_type="row", zebra_stripes=False)
+        for label, width in self.COLUMNS:
+            table.add_column(label, width=width)
+        yield table
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#search", Input).display = False
+        self.query_one(DataTable).focus()
+        self.load()
+        self.set_interval(self.app.refresh_seconds, self.load)  # type: ignore[attr-defined]
+
+    @work(thread=True, exclusive=True, group="failures")
+    def load(self) -> None:
+        rows = data.failures(self.app.store, self.flt)  # type: ignore[attr-defined]
+        self.app.call_from_thread(self.show_rows, rows)
+
+    def show_rows(self, rows: list[dict[str, Any]]) -> None:
+        table = self.query_one(DataTable)
+        keep = self.rows[table.cursor_row]["trace_id"] if self.rows and 0 <= table.cursor_row < len(self.rows) \
+            else None
+        if [r["trace_id"] for r in rows] != [r["trace_id"] for r in self.rows]:
+            self.rows = rows
+            table.clear()
+            for row in rows:
+                table.add_row(row["time"][11:23], ", ".join(row["keys"][:2]) or "-", row["entry"][:30],
+                              row["outcome"], row["failing_hop"] or "-", row["duration"],
+                              ",".join(row["findings"]) or "-", row["trace_id"], key=row["trace_id"])
+            if keep is not None:  # the cursor stays on its transaction when new failures arrive above it
+                for i, row in enumerate(rows):
+                    if row["trace_id"] == keep:
+                        table.move_cursor(row=i)
+                        break
+        self.query_one("#status", Static).update(
+            f"{len(rows)} failed transactions ({self.flt.describe()})  ?: help")
+
+    def action_cursor(self, delta: int) -> None:
+        table = self.query_one(DataTable)
+        table.move_cursor(row=max(0, table.cursor_row + delta))
+
+    def action_search(self) -> None:
+        self._ask("search")
+
+    def action_service(self) -> None:
+        self._ask("service")
+
+    def _ask(self, mode: str) -> None:
+        self.input_mode = mode
+        box = self.query_one("#search", Input)
+        box.placeholder = ("trace id, order id, payment id or text" if mode == "search" else "service name") + \
+            "; enter to apply, empty to clear, escape to cancel"
+        box.value = (self.flt.text if mode == "search" else self.flt.service) or ""
+        box.display = True
+        box.focus()
+
+    @on(Input.Submitted, "#search")
+    def apply_input(self, event: Input.Submitted) -> None:
+        value = event.value.strip() or None
+        if self.input_mode == "search":
+            self.flt.text = value
+        else:
+            self.flt.service = value
+        event.input.display = False
+        self.query_one(DataTable).focus()
+        self.load()
+
+    def key_escape(self) -> None:
+        box = self.query_one("#search", Input)
+        if box.display:
+            box.display = False
+            self.query_one(DataTable).focus()
+
+    def action_cycle_outcome(self) -> None:
+        i = data.OUTCOMES.index(self.flt.outcome)
+        self.flt.outcome = data.OUTCOMES[(i + 1) % len(data.OUTCOMES)]
+        self.load()
+
+    def action_refresh(self) -> None:
+        self.load()
+
+    def action_edges(self) -> None:
+        self.app.push_screen(EdgesScreen())
+
+    @on(DataTable.RowSelected, "#failures")
+    def open_transaction(self, event: DataTable.RowSelected) -> None:
+        if event.row_key.value:
+            self.app.push_screen(TransactionScreen(event.row_key.value))
+
+
+class TransactionScreen(Screen[None]):
+    BINDINGS = [Binding("escape", "app.pop_screen", "back"), Binding("c", "copy", "copy trace id"),
+                Binding("e", "export", "report")]
+
+    def __init__(self, trace_id: str) -> None:
+        super().__init__()
+        self.trace_id = trace_id
+        self.view: dict[str, Any] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static(f"loading {self.trace_id} ...", id="summary")
+        yield Vertical(id="waterfall-box")
+        with Horizontal(id="lower"):
+            yield VerticalScroll(Static("", id="details"), id="details-box")
+            with Vertical(id="right"):
+                yield DataTable(id="logs", cursor_type="row")
+                yield VerticalScroll(Static("", id="findings"), id="findings-box")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        logs: DataTable[str] = self.query_one("#logs", DataTable)
+        for label, width in (("time", 12), ("service", 10), ("linked by", 18), ("level", 5), ("message", 120)):
+            logs.add_column(label, width=width)
+        self.load()
+
+    @work(thread=True, exclusive=True)
+    def load(self) -> None:
+        view = data.transaction(self.app.store, self.trace_id)  # type: ignore[attr-defined]
+        self.app.call_from_thread(self.show, view)
+
+    def show(self, view: dict[str, Any]) -> None:
+        self.view = view
+        txs = "; ".join(f"{t['outcome']}" + (f" at {t['failing_hop']['caller']} -> {t['failing_hop']['callee']}"
+                                              if t["failing_hop"] else "")
+                        + (f" [{t['error_class']}]" if t["error_class"] else "")
+                        + (f" keys {','.join(t['business_keys'])}" if t["business_keys"] else "")
+                        for t in view["transactions"])
+        self.query_one("#summary", Static).update(
+            f"trace {', '.join(view['trace_ids'])}: {txs}  ({len(view['spans'])} spans, {view['duration_ms']:.0f} ms)")
+        waterfall = Waterfall(view["spans"], view["duration_ms"], id="waterfall")
+        self.query_one("#waterfall-box").mount(waterfall)
+        waterfall.focus()
+        logs = self.query_one("#logs", DataTable)
+        for r in view["logs"]:
+            link = r["link"]["method"] + (f" {r['link']['confidence']:.2f}" if r["link"]["method"] not in
+                                          ("none", "ambiguous") else "")
+            logs.add_row(r["time"][11:23], r["service"], link, r["level"], r["message"].splitlines()[0][:120],
+                         key=str(id(r)))
+        if not view["logs"]:
+            logs.add_row("", "", "", "", "no log lines linked to this transaction")
+        findings = [f"[{f['severity']}] {f['kind']}: {f['summary']}\n  fix: {f['recommendation'].get('action', '')}"
+                    for f in view["findings"]]
+        self.query_one("#findings", Static).update("\n".join(findings) or "no findings for this transaction",
+                                                   )
+
+    @on(Waterfall.Selected)
+    def show_span(self, event: Waterfall.Selected) -> None:
+        row = event.row
+        lines = [f"{row['service']}: {row['name']} ({row['kind']})",
+                 f"status {row['status']}" + (f" [{row['error_class']}]" if row["error_class"] else "")
+                 + (f" {row['message']}" if row["message"] else ""),
+                 f"start +{row['offset_ms']:.1f} ms, duration {row['duration_ms']:.1f} ms"
+                 + (f", timeout {row['timeout_ms']:.0f} ms" if row.get("timeout_ms") else ""), ""]
+        for key, value in sorted((row.get("attributes") or {}).items()):
+            lines.append(f"{key} = {value}")
+        for event_row in row.get("events") or []:
+            attrs = event_row.get("attributes") or {}
+            lines.append(f"event {event_row.get('name')}: {attrs.get('exception.type', '')} "
+                         f"{attrs.get('exception.message', '')}".rstrip())
+        self.query_one("#details", Static).update("\n".join(lines))
+        self._highlight_logs(row["span_id"])
+
+    def _highlight_logs(self, span_id: str) -> None:
+        if not self.view:
+            return
+        logs = self.query_one("#logs", DataTable)
+        for i, r in enumerate(self.view["logs"]):
+            if r.get("span_id") == span_id:
+                logs.move_cursor(row=i)
+                break
+
+    def action_copy(self) -> None:
+        self.app.copy_to_clipboard(self.trace_id)
+        self.notify(f"copied {self.trace_id}")
+
+    def action_export(self) -> None:
+        if not self.view:
+            return
+        path = Path(self.app.report_dir) / f"payscope-{self.trace_id[:16]}.md"  # type: ignore[attr-defined]
+        from payscope.analyzers.views import markdown_report
+
+        path.write_text(markdown_report(self.view))
+        self.notify(f"wrote {path}")
+
+
+class EdgesScreen(Screen[None]):
+    BINDINGS = [Binding("escape", "app.pop_screen", "back")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.latencies: dict[tuple[str, str, str], list[float]] = {}
+        self.edges: list[dict[str, Any]] = []
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("analysing every edge ...", id="edges-status")
+        table: DataTable[str] = DataTable(id="edges", cursor_type="row")
+        for label, width in (("caller -> callee", 24), ("operation", 30), ("timeout", 8), ("source", 11),
+                             ("p50", 7), ("p99", 7), ("p99.9", 7), ("timeout rate", 12), ("findings", 40)):
+            table.add_column(label, width=width)
+        yield table
+        yield VerticalScroll(Static("", id="histogram"), id="histogram-box")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one(DataTable).focus()
+        self.load()
+
+    @work(thread=True, exclusive=True)
+    def load(self) -> None:
+        document, latencies = data.edges(self.app.store)  # type: ignore[attr-defined]
+        self.app.call_from_thread(self.show, document, latencies)
+
+    def show(self, document: dict[str, Any], latencies: dict[tuple[str, str, str], list[float]]) -> None:
+        self.latencies = latencies
+        self.edges = document["edges"]
+        kinds: dict[tuple[str, str, str], list[str]] = {}
+        for f in document["findings"]:
+            e = f["edge"]
+            kinds.setdefault((e["caller"], e["callee"], e["operation"]), []).append(f["kind"])
+        table = self.query_one(DataTable)
+
+        def fmt(v: float | None) -> str:
+            return "-" if v is None else (f"{v / 1000:.2f}s" if v >= 1000 else f"{v:.0f}ms")
+
+        for e in self.edges:
+            t, lat = e["timeout"], e["latency_ms"]
+            key = (e["caller"], e["callee"], e["operation"])
+            table.add_row(f"{e['caller']} -> {e['callee']}", e["operation"][:30],
+                          (">=" if t["source"] == "lower_bound" else "") + fmt(t["value_ms"]), t["source"],
+                          fmt(lat["p50"]), fmt(lat["p99"]), fmt(lat["p99.9"]), f"{e['timeout_rate']:.1%}",
+                          ",".join(kinds.get(key, [])) or "-")
+        self.query_one("#edges-status", Static).update(
+            f"{len(self.edges)} edges; enter shows an edge's latency histogram with its timeout")
+
+    @on(DataTable.RowHighlighted, "#edges")
+    @on(DataTable.RowSelected, "#edges")
+    def show_histogram(self, event: Any) -> None:
+        if not self.edges or event.cursor_row >= len(self.edges):
+            return
+        e = self.edges[event.cursor_row]
+        values = self.latencies.get((e["caller"], e["callee"], e["operation"]), [])
+        timeout = e["timeout"]["value_ms"] if e["timeout"]["source"] != "lower_bound" else None
+        lines = [f"{e['caller']} -> {e['callee']} {e['operation']}: {len(values)} healthy calls"]
+        lines += data.histogram(values, timeout)
+        self.query_one("#histogram", Static).update("\n".join(lines))
+
+
+class PayscopeApp(App[None]):
+    """The TUI; ``store`` is any payscope store (opened read-only)."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "payscope"
+    BINDINGS = [Binding("q", "quit", "quit"), Binding("question_mark", "help", "help")]
+
+    def __init__(self, store: Any, *, refresh_seconds: float = 2.0, report_dir: str | None = None) -> None:
+        super().__init__()
+        self.store = store
+        self.refresh_seconds = refresh_seconds
+        self.report_dir = report_dir or os.getcwd()
+        self.sub_title = Path(str(getattr(store, "url", ""))).name
+
+    def on_mount(self) -> None:
+        self.push_screen(FailuresScreen())
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+
+def build(store_url: str | None, **kwargs: Any) -> PayscopeApp:
+    """The app as the CLI and the tests start it."""
+    from payscope.collector.store import open_store
+
+    return PayscopeApp(open_store(store_url, readonly=True), **kwargs)
