@@ -44,11 +44,34 @@ class Linker:
         self.time_window = time_window
         self.stats = LinkStats()
         self._known: dict[str, bool] = {}
+        self._by_key: dict[str, list[str]] = {}
+        self._traced_services: set[str] | None = None
 
     def _trace_known(self, trace_id: str) -> bool:
         if trace_id not in self._known:
             self._known[trace_id] = self.store.trace_summary(trace_id) is not None
         return self._known[trace_id]
+
+    def _traces_by_key(self, key: str) -> list[str]:
+        if key not in self._by_key:
+            self._by_key[key] = self.store.traces_by_key(key)
+        return self._by_key[key]
+
+    def prefetch(self, records: list[LogRecord]) -> None:
+        """Look up a batch's trace ids and keys in a few queries instead of one or more a line."""
+        ids = {tid for r in records if (tid := normalise_trace_id(r.trace_id)) and tid not in self._known}
+        if ids:
+            found = set(self.store.known_traces(sorted(ids)))
+            self._known.update({tid: tid in found for tid in ids})
+        keys = {f"rid:{r.attributes['request_id']}" for r in records if r.attributes.get("request_id")}
+        for r in records:
+            keys.update(self._keys(r))
+        keys -= self._by_key.keys()
+        if keys:
+            found_keys = self.store.traces_by_keys(sorted(keys))
+            self._by_key.update({k: found_keys.get(k, []) for k in keys})
+        if self._traced_services is None:
+            self._traced_services = set(self.store.server_services())
 
     def _keys(self, record: LogRecord) -> list[str]:
         found = [str(record.attributes[k]) for k in KEY_FIELDS if record.attributes.get(k)]
@@ -84,12 +107,12 @@ class Linker:
             return "trace_id", tid, CONFIDENCE["trace_id"], []
         request_id = r.attributes.get("request_id")
         if request_id:
-            ids = self.store.traces_by_key(f"rid:{request_id}")
+            ids = self._traces_by_key(f"rid:{request_id}")
             if len(ids) == 1:
                 return "request_id", ids[0], CONFIDENCE["request_id"], []
         candidates: list[str] = []
         for key in self._keys(r):
-            ids = self.store.traces_by_key(key)
+            ids = self._traces_by_key(key)
             if len(ids) == 1:
                 return "business_key", ids[0], CONFIDENCE["business_key"], []
             if len(ids) > 1:
@@ -104,6 +127,8 @@ class Linker:
         return "none", None, 0.0, []
 
     def _by_time(self, r: LogRecord) -> tuple[str, str | None, float, list[str]]:
+        if self._traced_services is not None and r.service not in self._traced_services:
+            return "none", None, 0.0, []  # no spans of this service at all: nothing to fall in
         spans = self.store.server_spans_around(r.service, r.time_ns, WINDOW_SLACK_NS)
         if not spans:
             return "none", None, 0.0, []

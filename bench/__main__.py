@@ -6,7 +6,7 @@ import sys
 
 
 def main() -> None:
-    names = sys.argv[1:2] or ["collector", "analyzer"]
+    names = sys.argv[1:2] or ["collector", "analyzer", "logs", "tui", "instrumentation"]
     rest = sys.argv[2:]
     for name in names:
         if name == "collector":
@@ -17,8 +17,20 @@ def main() -> None:
             from bench import analyzer
 
             analyzer.main(rest)
+        elif name == "logs":
+            from bench import logs
+
+            logs.main(rest)
+        elif name == "tui":
+            from bench import tui
+
+            tui.main(rest)
+        elif name == "instrumentation":
+            from bench import instrumentation
+
+            instrumentation.main(rest)
         else:
-            sys.exit(f"unknown benchmark {name!r}: use collector or analyzer")
+            sys.exit(f"unknown benchmark {name!r}: use collector, analyzer, logs, tui or instrumentation")
 
 
 main()

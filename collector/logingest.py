@@ -133,10 +133,11 @@ def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_o
             yield from sample
             yield from lines
 
-        name = service or (Path(source).name.split(".")[0] if source != "-" else "stdin")
+        source_name = Path(source).name if source != "-" else "stdin"
+        name = service or (source_name.split(".")[0] if source != "-" else "stdin")
         for parsed in logparse.records(all_lines(), parser,
                                        lambda n, reason, line: report.bad(f"{source}:{n}", reason)):
-            record = _record(parsed, name, source, tz, clock_offset_ns)
+            record = _record(parsed, name, source_name, tz, clock_offset_ns)
             if record is None:
                 report.bad(f"{source}:{parsed.lineno}", "unreadable timestamp")
                 continue
@@ -169,7 +170,7 @@ def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offs
         time_ns=int(moment.timestamp() * 1e9) - offset_ns, service=service, message=redact_text(message),
         severity=str(f.get("level") or ""), host=str(attrs.pop("host", "") or ""),
         attributes=redact_attributes({k: v for k, v in attrs.items() if v is not None}),
-        source=f"{Path(source).name if source != '-' else 'stdin'}:{parsed.lineno}",
+        source=f"{source}:{parsed.lineno}",
         trace_id=str(trace_id) if trace_id else None, span_id=str(span_id) if span_id else None)
 
 
@@ -182,16 +183,24 @@ def ingest(store: Any, inputs: list[str], *, service: str | None = None, fmt: st
         file_report = FileReport(source)
         report.files.append(file_report)
         batch: list[LogRecord] = []
+
+        def flush(batch: list[LogRecord] = batch) -> None:
+            if linker:
+                linker.prefetch(batch)
+                for record in batch:
+                    linker.link(record)
+            report.stored += store.write(logs=batch)[1]
+            batch.clear()
+
         for record in read_records(source, service, fmt, tz or logparse.parse_tz(None), clock_offset_ns,
                                    file_report, nginx_format):
-            batch.append(linker.link(record) if linker else record)
+            batch.append(record)
             if len(batch) >= BATCH:
-                report.stored += store.write(logs=batch)[1]
-                batch = []
+                flush()
                 if on_progress:
                     on_progress(source, file_report.records)
         if batch:
-            report.stored += store.write(logs=batch)[1]
+            flush()
         if on_progress:
             on_progress(source, file_report.records)
     if linker:

@@ -36,6 +36,11 @@ def level_of(text: Any) -> str:
 def parse_time(text: str, tz: tzinfo) -> datetime | None:
     """Most timestamp spellings logs use; a time without a zone is taken in ``tz``."""
     text = text.strip().strip("[]")
+    try:  # the common spellings, without the regular expressions below
+        moment = datetime.fromisoformat(text)
+        return moment if moment.tzinfo else moment.replace(tzinfo=tz)
+    except ValueError:
+        pass
     if re.fullmatch(r"\d{10}(?:\.\d+)?", text):
         return datetime.fromtimestamp(float(text), tz=timezone.utc)
     if re.fullmatch(r"\d{13}", text):

@@ -32,10 +32,22 @@ instrumented: list[str] = []
 _log = logging.getLogger("payscope.instrumentation")
 
 
+def chosen() -> bool:
+    """Only `payscope run` selects payscope; a plain `opentelemetry-instrument` elsewhere is left alone."""
+    return os.environ.get("OTEL_PYTHON_DISTRO") == "payscope"
+
+
 class PayscopeDistro(BaseDistro):  # type: ignore[misc]
     """Defaults for every OpenTelemetry setting payscope relies on; the user's own settings win."""
 
     def _configure(self, **kwargs: Any) -> None:
+        if not chosen():
+            return
+        # OpenTelemetry's own complaints (another configurator installed, an unreachable collector) stay
+        # out of the service's output; payscope says what matters once, itself.
+        otel_logger = logging.getLogger("opentelemetry")
+        otel_logger.propagate = False
+        otel_logger.addHandler(logging.NullHandler())
         os.environ.setdefault("OTEL_TRACES_EXPORTER", "otlp")
         os.environ.setdefault("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
         os.environ.setdefault("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", CAPTURED_HEADERS)
@@ -43,6 +55,9 @@ class PayscopeDistro(BaseDistro):  # type: ignore[misc]
         os.environ.setdefault("OTEL_PYTHON_LOG_CORRELATION", "false")
 
     def load_instrumentor(self, entry_point: Any, **kwargs: Any) -> None:
+        if not chosen():
+            super().load_instrumentor(entry_point, **kwargs)
+            return
         try:
             entry_point.load()().instrument(**kwargs)
         except ImportError:
@@ -141,12 +156,9 @@ class PayscopeConfigurator(_BaseConfigurator):  # type: ignore[misc]
     """Tracer and logger providers exporting to the payscope collector."""
 
     def _configure(self, **kwargs: Any) -> None:
+        if not chosen():
+            return
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
-        # The SDK's own complaints (an unreachable collector, say) stay out of the service's logs.
-        otel_logger = logging.getLogger("opentelemetry")
-        otel_logger.propagate = False
-        otel_logger.addHandler(logging.NullHandler())
 
         from . import logs
         from .capture import TimeoutCaptureInstrumentor
@@ -195,7 +207,7 @@ class PayscopeConfigurator(_BaseConfigurator):  # type: ignore[misc]
 
 def report() -> None:
     """One line on stderr at start-up: what is instrumented, and where it goes."""
-    if os.environ.get("PAYSCOPE_QUIET"):
+    if os.environ.get("PAYSCOPE_QUIET") or not chosen():
         return
     names = ", ".join(sorted(set(instrumented))) or "nothing"
     print(f"payscope: {os.environ.get('OTEL_SERVICE_NAME', '?')} (pid {os.getpid()}) instrumented: {names}; "

@@ -41,15 +41,19 @@ def _mask_pan(match: re.Match[str]) -> str:
     return match.group(0)
 
 
+_MAYBE_PAN = re.compile(r"\d[\d -]{11,}\d")
+
+
 def redact_text(text: str) -> str:
     """``text`` with Luhn-valid card numbers, CVV values and Authorization values masked."""
     if not text:
         return text
-    has_digits = any(c.isdigit() for c in text)
-    if has_digits:
+    if _MAYBE_PAN.search(text):
         text = _DIGIT_RUN.sub(_mask_pan, text)
+    lowered = text.lower()
+    if ("cv" in lowered or "security" in lowered) and _CVV_TEXT.search(text):
         text = _CVV_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
-    if "uthorization" in text or "UTHORIZATION" in text:
+    if "authorization" in lowered:
         text = _AUTH_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
     return text
 

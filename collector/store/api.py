@@ -100,6 +100,18 @@ class Store(abc.ABC):
         """Trace ids that carry the business key (order id, payment id) ``key``."""
 
     @abc.abstractmethod
+    def traces_by_keys(self, keys: list[str]) -> dict[str, list[str]]:
+        """For many business keys at once: key -> trace ids (keys with none are left out)."""
+
+    @abc.abstractmethod
+    def known_traces(self, trace_ids: list[str]) -> list[str]:
+        """Those of ``trace_ids`` that the store holds."""
+
+    @abc.abstractmethod
+    def server_services(self) -> list[str]:
+        """Services that have server spans."""
+
+    @abc.abstractmethod
     def write_keys(self, pairs: Iterable[tuple[str, str]]) -> None:
         """Record (business key, trace id) pairs."""
 

@@ -393,6 +393,24 @@ class EmbeddedStore(Store):
         return [_spanrow(r) for r in self._read(
             f"SELECT {_ROW_COLUMNS} FROM spans WHERE trace_id=? ORDER BY start_ns", (trace_id.lower(),))]
 
+    def traces_by_keys(self, keys: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for chunk in _chunks(keys):
+            for key, tid in self._read(f"SELECT key, trace_id FROM keys WHERE key IN ({_marks(chunk)})",
+                                       tuple(chunk)):
+                out.setdefault(key, []).append(tid)
+        return out
+
+    def known_traces(self, trace_ids: list[str]) -> list[str]:
+        out: list[str] = []
+        for chunk in _chunks(trace_ids):
+            out += [r[0] for r in self._read(f"SELECT trace_id FROM traces WHERE trace_id IN ({_marks(chunk)})",
+                                             tuple(chunk))]
+        return out
+
+    def server_services(self) -> list[str]:
+        return [r[0] for r in self._read("SELECT DISTINCT service FROM spans WHERE kind IN ('server', 'consumer')")]
+
     def traces_by_key(self, key: str) -> list[str]:
         return [r[0] for r in self._read("SELECT trace_id FROM keys WHERE key=?", (key,))]
 
