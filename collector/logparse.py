@@ -37,8 +37,8 @@ def parse_time(text: str, tz: tzinfo) -> datetime | None:
     """Most timestamp spellings logs use; a time without a zone is taken in ``tz``."""
     text = text.strip().strip("[]")
     try:  # the common spellings, without the regular expressions below
-        moment = datetime.fromisoformat(text)
-        return moment if moment.tzinfo else moment.replace(tzinfo=tz)
+        quick = datetime.fromisoformat(text)
+        return quick if quick.tzinfo else quick.replace(tzinfo=tz)
     except ValueError:
         pass
     if re.fullmatch(r"\d{10}(?:\.\d+)?", text):
