@@ -52,7 +52,9 @@ def twenty_services() -> Topology:
 
 def build(size: int) -> Path:
     OUT.mkdir(exist_ok=True)
-    path = OUT / f"analyzer-{size}.db"
+    from payscope.collector.store.embedded import SCHEMA_VERSION
+
+    path = OUT / f"analyzer-{size}-v{SCHEMA_VERSION}.db"
     if path.exists():
         return path
     tmp = path.with_suffix(".building")

@@ -16,7 +16,9 @@ OUT = Path(__file__).parent / "out"
 
 
 def big_trace_store(spans: int) -> Path:
-    path = OUT / f"tui-trace-{spans}.db"
+    from payscope.collector.store.embedded import SCHEMA_VERSION
+
+    path = OUT / f"tui-trace-{spans}-v{SCHEMA_VERSION}.db"
     if path.exists():
         return path
     OUT.mkdir(exist_ok=True)
@@ -45,6 +47,8 @@ async def first_paint(store: Path) -> float:
     async with app.run_test(size=(140, 44)) as pilot:
         while not (isinstance(app.screen, FailuresScreen) and app.screen.rows):
             await pilot.pause(0.01)
+            if time.perf_counter() - t > 120:
+                raise RuntimeError("the failures never appeared")
         return time.perf_counter() - t
 
 
@@ -70,7 +74,10 @@ async def key_latency(store: Path, trace_id: str, presses: int) -> tuple[float, 
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench tui")
-    parser.add_argument("--store", default=str(OUT / "analyzer-1000000.db"), help="a store of ~1M spans")
+    from payscope.collector.store.embedded import SCHEMA_VERSION
+
+    parser.add_argument("--store", default=str(OUT / f"analyzer-1000000-v{SCHEMA_VERSION}.db"),
+                        help="a store of ~1M spans")
     parser.add_argument("--trace-spans", type=int, default=50_000)
     args = parser.parse_args(argv)
     if not Path(args.store).exists():
