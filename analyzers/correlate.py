@@ -18,8 +18,10 @@ DEFAULT_KEY_PATTERNS = (
     r"(?i)\bpayment[_ -]?(?:id)?\s*[=:#]?\s*[\"']?([A-Za-z]*[-_]?\d[\w-]{2,})",
 )
 KEY_FIELDS = ("order_id", "orderId", "order.id", "payment_id", "paymentId", "payment.id")
-# How far a line may fall outside its span and still belong to it: log clocks and span clocks differ.
+# How far a line may fall outside its span and still belong to it: a little before its start (clocks
+# differ), more after its end (access logs are written as the response leaves).
 WINDOW_SLACK_NS = 50_000_000
+WINDOW_LEAD_NS = 10_000_000
 
 CONFIDENCE = {"trace_id": 1.0, "request_id": 0.98, "business_key": 0.9}
 WINDOW_CONFIDENCE_ROUTE = 0.85
@@ -129,7 +131,8 @@ class Linker:
     def _by_time(self, r: LogRecord) -> tuple[str, str | None, float, list[str]]:
         if self._traced_services is not None and r.service not in self._traced_services:
             return "none", None, 0.0, []  # no spans of this service at all: nothing to fall in
-        spans = self.store.server_spans_around(r.service, r.time_ns, WINDOW_SLACK_NS)
+        spans = [s for s in self.store.server_spans_around(r.service, r.time_ns, WINDOW_SLACK_NS)
+                 if s.start_ns - WINDOW_LEAD_NS <= r.time_ns]
         if not spans:
             return "none", None, 0.0, []
         path = str(r.attributes.get("path") or "")

@@ -22,32 +22,36 @@ from payscope.synth import Call, Service, Simulator, Topology
 OUT = Path(__file__).parent / "out"
 
 
-def twenty_services() -> Topology:
-    """A shop of 20 services; a request crosses about 10 of them."""
-    s = [
-        Service("edge", 1, route="/checkout/{order_id}", calls=[Call("gateway", 3000)]),
-        Service("gateway", 2, route="/checkout", calls=[Call("session", 500), Call("order", 1000)]),
-        Service("session", 3, route="/session"),
-        Service("order", 5, route="/orders/{order_id}",
-                calls=[Call("cart", 800), Call("pricing", 800), Call("payment", 2500), Call("notify", 500)]),
-        Service("cart", 4, route="/cart", calls=[Call("catalog", 300)]),
-        Service("catalog", 3, route="/items"),
-        Service("pricing", 4, route="/price", calls=[Call("tax", 300), Call("promo", 300)]),
-        Service("tax", 2, route="/tax"),
-        Service("promo", 2, route="/promo"),
+def flows() -> list[Topology]:
+    """Four request flows over a shop of 20 services; a transaction is about 10 spans."""
+    s = {x.name: x for x in [
+        Service("edge", 1, route="/api/{order_id}", calls=[Call("gateway", 3000)]),
+        Service("gateway", 2, route="/route", calls=[]),
+        Service("order", 5, route="/orders/{order_id}", calls=[Call("payment", 2500)]),
         Service("payment", 6, route="/payments", calls=[Call("fraud", 700), Call("bank", 400, attempts=3)]),
-        Service("fraud", 8, route="/score", calls=[Call("risk-model", 500)]),
-        Service("risk-model", 15, route="/predict"),
+        Service("fraud", 8, route="/score"),
         Service("bank", 90, sigma=0.5, tail_p=0.05, tail_ms=500, route="/v1/charges"),
+        Service("catalog", 3, route="/items", calls=[Call("pricing", 300)]),
+        Service("pricing", 4, route="/price", calls=[Call("promo", 300)]),
+        Service("promo", 2, route="/promo", calls=[Call("tax", 300)]),
+        Service("tax", 2, route="/tax"),
+        Service("cart", 4, route="/cart", calls=[Call("shipping", 300)]),
+        Service("shipping", 4, route="/ship", calls=[Call("warehouse", 300)]),
+        Service("warehouse", 4, route="/pick", calls=[Call("audit", 300)]),
+        Service("audit", 2, route="/audit"),
+        Service("session", 3, route="/session", calls=[Call("loyalty", 300)]),
+        Service("loyalty", 3, route="/points", calls=[Call("notify", 500)]),
         Service("notify", 3, route="/notify", calls=[Call("email", 500)]),
         Service("email", 20, route="/send"),
         Service("ledger", 5, route="/entries"),
-        Service("audit", 2, route="/audit"),
-        Service("loyalty", 3, route="/points"),
-        Service("shipping", 4, route="/ship"),
-        Service("warehouse", 4, route="/pick"),
-    ]
-    return Topology({x.name: x for x in s}, "edge")
+        Service("risk-model", 15, route="/predict"),
+    ]}
+    out = []
+    for first in ("order", "catalog", "cart", "session"):
+        services = {k: Service(**{**v.__dict__, "calls": list(v.calls)}) for k, v in s.items()}
+        services["gateway"].calls = [Call(first, 2800)]
+        out.append(Topology(services, "edge"))
+    return out
 
 
 def build(size: int) -> Path:
@@ -64,8 +68,9 @@ def build(size: int) -> Path:
     written = 0
     seed = 0
     start = time.perf_counter()
+    topologies = flows()
     while written < size:
-        sim = Simulator(twenty_services(), seed=seed)
+        sim = Simulator(topologies[seed % len(topologies)], seed=seed)
         sim.run(2000, start_ns=1_767_000_000_000_000_000 + seed * 60_000_000_000)
         batch = [e for line in sim.otlp_lines() for e in
                  spans_from_request(parse_json_message(json.loads(line), ExportTraceServiceRequest)).spans]
@@ -113,7 +118,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--sizes", default="250000,1000000")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
-    print("analyzer on stores of synthetic traces (20 services, ~10 spans a transaction)")
+    print("analyzer on stores of synthetic traces (20 services, four flows, ~10 spans a transaction)")
     results = {}
     for size in sizes:
         path = build(size)
