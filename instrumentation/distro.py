@@ -137,12 +137,17 @@ def _redacted(span: ReadableSpan) -> ReadableSpan:
 
 
 class BusinessKeyProcessor(SpanProcessor):
-    """Order id, payment id and amount from a server span's query string onto the span."""
+    """Order id, payment id and amount from a server span's query string onto the span; the worker's pid.
+
+    The resource is built once, before a pre-fork server forks: ``process.pid`` on the span says
+    which worker really served the request.
+    """
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         try:
             if span.kind != trace.SpanKind.SERVER:
                 return
+            span.set_attribute("process.pid", os.getpid())
             attrs = span.attributes or {}
             query = attrs.get("url.query") or str(attrs.get("http.target", "")).partition("?")[2]
             for key, value in parse_qsl(str(query)):
