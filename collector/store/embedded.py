@@ -95,9 +95,23 @@ def _span_from_row(row: tuple[Any, ...]) -> Span:
     return decode_body(row[1], row[0], json.loads(row[2]))
 
 
+_interned: dict[str | None, str | None] = {None: None}
+
+
+def _shared(text: str | None) -> str | None:
+    """One string object for the few hundred service, operation and peer names a store repeats."""
+    found = _interned.get(text, _interned)
+    if found is _interned:
+        if len(_interned) > 100_000:
+            return text
+        found = _interned[text] = text
+    return found  # type: ignore[return-value]
+
+
 def _spanrow(r: tuple[Any, ...]) -> SpanRow:
-    return SpanRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], r[11], r[12], r[13],
-                   r[14], r[15], bool(r[16]), r[17], r[18], r[19], r[20], r[21], r[22],
+    return SpanRow(r[0], r[1], r[2], _shared(r[3]), _shared(r[4]), _shared(r[5]), r[6], r[7], r[8],  # type: ignore[arg-type]
+                   _shared(r[9]), _shared(r[10]), _shared(r[11]), _shared(r[12]), _shared(r[13]),  # type: ignore[arg-type]
+                   r[14], r[15], bool(r[16]), r[17], r[18], r[19], _shared(r[20]), r[21], r[22],
                    tuple(r[23].split(_KEY_SEP)) if r[23] else ())
 
 
