@@ -176,36 +176,30 @@ def parse_json_message(document: Any, message_type: type[Any]) -> Any:
         raise InputError(f"not an OTLP JSON request: {exc}") from None
 
 
-def decode_traces(body: bytes, content_type: str) -> Decoded:
-    """Decode an OTLP/HTTP traces body; raises InputError when it cannot be read at all."""
+def _parse(body: bytes, content_type: str, message_type: type[Any]) -> tuple[Any, bytes | None]:
+    """The request message of an OTLP/HTTP body, and its protobuf bytes when that is what came."""
     if "json" in content_type:
         try:
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InputError(f"malformed JSON: {exc}") from None
-        return spans_from_request(parse_json_message(document, ExportTraceServiceRequest))
-    request = ExportTraceServiceRequest()
+        return parse_json_message(document, message_type), None
+    request = message_type()
     try:
         request.ParseFromString(body)
     except DecodeError as exc:
-        raise InputError(f"malformed protobuf ExportTraceServiceRequest: {exc}") from None
-    return spans_from_request(request, body)
+        raise InputError(f"malformed protobuf {message_type.__name__}: {exc}") from None
+    return request, body
+
+
+def decode_traces(body: bytes, content_type: str) -> Decoded:
+    """Decode an OTLP/HTTP traces body; raises InputError when it cannot be read at all."""
+    return spans_from_request(*_parse(body, content_type, ExportTraceServiceRequest))
 
 
 def decode_logs(body: bytes, content_type: str) -> Decoded:
     """Decode an OTLP/HTTP logs body; raises InputError when it cannot be read at all."""
-    if "json" in content_type:
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise InputError(f"malformed JSON: {exc}") from None
-        return logs_from_request(parse_json_message(document, ExportLogsServiceRequest))
-    request = ExportLogsServiceRequest()
-    try:
-        request.ParseFromString(body)
-    except DecodeError as exc:
-        raise InputError(f"malformed protobuf ExportLogsServiceRequest: {exc}") from None
-    return logs_from_request(request)
+    return logs_from_request(_parse(body, content_type, ExportLogsServiceRequest)[0])
 
 
 __all__ = ["Decoded", "decode_logs", "decode_traces", "logs_from_request",

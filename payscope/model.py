@@ -11,8 +11,25 @@ SPAN_KINDS = ("unspecified", "internal", "server", "client", "producer", "consum
 STATUS_UNSET, STATUS_OK, STATUS_ERROR = 0, 1, 2
 
 
+class _Timed:
+    """What a span's times and status say, for both forms of a span."""
+
+    __slots__ = ()
+    start_ns: int
+    end_ns: int
+    status_code: int
+
+    @property
+    def duration_ns(self) -> int:
+        return self.end_ns - self.start_ns
+
+    @property
+    def is_error(self) -> bool:
+        return self.status_code == STATUS_ERROR
+
+
 @dataclass(slots=True)
-class Span:
+class Span(_Timed):
     """One operation of one service, as OpenTelemetry defines it (times in ns since epoch)."""
 
     trace_id: str
@@ -28,14 +45,6 @@ class Span:
     attributes: Attributes = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
     resource: Attributes = field(default_factory=dict)
-
-    @property
-    def duration_ns(self) -> int:
-        return self.end_ns - self.start_ns
-
-    @property
-    def is_error(self) -> bool:
-        return self.status_code == STATUS_ERROR
 
 
 @dataclass(slots=True)
@@ -76,7 +85,7 @@ class TraceSummary:
 
 
 @dataclass(slots=True)
-class SpanRow:
+class SpanRow(_Timed):
     """What the analysis reads of a span: identity, timing, and the facts derived from its attributes.
 
     The store computes these once, when the span is written, so that an analysis over millions of
@@ -107,14 +116,6 @@ class SpanRow:
     retry_max: int | None = None
     amount: float | None = None
     keys: tuple[str, ...] = ()    # business keys: order, payment, charge ids
-
-    @property
-    def duration_ns(self) -> int:
-        return self.end_ns - self.start_ns
-
-    @property
-    def is_error(self) -> bool:
-        return self.status_code == STATUS_ERROR
 
 
 @dataclass(slots=True)

@@ -90,3 +90,16 @@ class CollectorProcess:
         self.proc.wait()
         if self.proc.stderr:
             self.proc.stderr.close()
+
+
+def stop_all(procs: list[subprocess.Popen[Any]]) -> None:
+    """SIGTERM every process, then wait for each (killing one that will not go)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()

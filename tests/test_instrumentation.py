@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from payscope.collector.store import open_store
-from tests.helpers import CollectorProcess, free_port, payscope, payscope_json
+from tests.helpers import CollectorProcess, free_port, payscope, payscope_json, stop_all
 
 SERVICES = Path(__file__).parent / "services"
 DELAYS = [20, 30, 900, 25]
@@ -74,14 +74,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
         time.sleep(1.5)  # payment finishes the slow charge after order gave up; let every batch go out
         yield {"store": store_path, "logs": logs, "shopper": shopper}
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+        stop_all(procs)
         collector.stop()
 
 

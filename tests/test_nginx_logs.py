@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from payscope.collector.store import LogQuery, open_store
-from tests.helpers import CollectorProcess, free_port, payscope, payscope_json
+from tests.helpers import CollectorProcess, free_port, payscope, payscope_json, stop_all
 from tests.test_instrumentation import SERVICES, _payscope_run, _wait_http
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
@@ -93,14 +92,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]
         time.sleep(1.5)
         yield {"store": store_path, "tmp": tmp, **logs}
     finally:
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.communicate(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.communicate()
+        stop_all(procs)
         collector.stop()
 
 
