@@ -143,6 +143,17 @@ def _urllib3_urlopen(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any
     return wrapped(*args, **kwargs)
 
 
+def _grpc_call(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """The deadline a unary gRPC call runs under (called inside the gRPC instrumentor's interceptor)."""
+    try:
+        span = trace.get_current_span()
+        timeout = kwargs.get("timeout", args[1] if len(args) > 1 else None)
+        record(span, None, None, _ms(timeout), "argument" if timeout is not None else "none")
+    except Exception as exc:
+        _once("grpc", exc)
+    return wrapped(*args, **kwargs)
+
+
 def _aiohttp_trace_config() -> Any:
     import aiohttp
 
@@ -178,6 +189,9 @@ def _aiohttp_session_init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -
 
 _TARGETS = [
     ("aiohttp", "ClientSession.__init__", _aiohttp_session_init),
+    ("grpc._channel", "_UnaryUnaryMultiCallable.__call__", _grpc_call),
+    ("grpc._channel", "_UnaryUnaryMultiCallable.with_call", _grpc_call),
+    ("grpc._channel", "_UnaryUnaryMultiCallable.future", _grpc_call),
     ("requests.adapters", "HTTPAdapter.send", _requests_send),
     ("httpcore", "ConnectionPool.handle_request", _httpcore_sync),
     ("httpcore", "AsyncConnectionPool.handle_async_request", _httpcore_async),
@@ -186,7 +200,7 @@ _TARGETS = [
 
 
 class TimeoutCaptureInstrumentor(BaseInstrumentor):  # type: ignore[misc]
-    """Timeouts, retry policies and idempotency keys on client spans (requests, httpx, urllib3)."""
+    """Timeouts, retry policies and idempotency keys on client spans (requests, httpx, aiohttp, urllib3, gRPC)."""
 
     wrapped: list[tuple[Any, str]] = []
 

@@ -194,3 +194,32 @@ def test_b3_and_jaeger_headers_are_continued(tmp_path: Path, collector: Collecto
     finally:
         server.send_signal(signal.SIGTERM)
         server.communicate(timeout=10)
+
+
+def test_grpc_deadlines_are_recorded(tmp_path: Path, collector: CollectorProcess, store_path: Path) -> None:
+    port = free_port()
+    env = dict(os.environ, OTEL_BSP_SCHEDULE_DELAY="100", PAYSCOPE_QUIET="1")
+    server = _payscope_run("bank", collector, sys.executable, "grpc_pair.py", "server", str(port), env=env)
+    try:
+        import socket
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        client = subprocess.run([sys.executable, "-m", "payscope", "run", "--service", "payment", "--collector",
+                                 collector.http_url, "--", sys.executable, "grpc_pair.py", "client", str(port),
+                                 "0.25", "10,600"], cwd=SERVICES, env=env, capture_output=True, text=True, timeout=60)
+        assert client.stdout.split() == ["OK", "DEADLINE_EXCEEDED"], client.stderr
+        time.sleep(1.0)
+    finally:
+        stop_all([server])
+    with open_store(str(store_path), readonly=True) as store:
+        clients = [s for t in store.traces(limit=None) for s in store.trace(t.trace_id) if s.kind == "client"]
+        rows = [r for t in store.traces(limit=None) for r in store.trace_rows(t.trace_id) if r.kind == "client"]
+    assert len(clients) == 2
+    assert all(s.attributes["payscope.timeout.total_ms"] == 250.0 and
+               s.attributes["payscope.timeout.source"] == "argument" for s in clients)
+    assert sorted(r.error_class or "ok" for r in rows) == ["ok", "timeout"]
