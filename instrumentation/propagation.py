@@ -6,7 +6,7 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.context import Context
+from opentelemetry.context import Context, create_key, get_value, set_value
 from opentelemetry.propagators.textmap import (
     CarrierT,
     Getter,
@@ -35,8 +35,16 @@ def _incoming() -> list[TextMapPropagator]:
     return found
 
 
+REQUEST_ID = "x-request-id"
+_REQUEST_ID_KEY = create_key("payscope-request-id")
+
+
 class PayscopePropagator(TextMapPropagator):
-    """Continue whichever trace header arrived; always send W3C ``traceparent`` and baggage onward."""
+    """Continue whichever trace header arrived; always send W3C ``traceparent`` and baggage onward.
+
+    An incoming ``X-Request-ID`` travels with the request's context and goes out again on every
+    call the service makes for it, so that logs which know only the request id can be joined.
+    """
 
     def __init__(self) -> None:
         self._incoming = _incoming()
@@ -44,23 +52,34 @@ class PayscopePropagator(TextMapPropagator):
 
     def extract(self, carrier: CarrierT, context: Context | None = None,
                 getter: Getter[CarrierT] = default_getter) -> Context:
+        result = None
         for propagator in self._incoming:
             extracted = propagator.extract(carrier, context, getter)
             if trace.get_current_span(extracted).get_span_context().is_valid:
-                return W3CBaggagePropagator().extract(carrier, extracted, getter)
-        return W3CBaggagePropagator().extract(carrier, context, getter)
+                result = W3CBaggagePropagator().extract(carrier, extracted, getter)
+                break
+        if result is None:
+            result = W3CBaggagePropagator().extract(carrier, context, getter)
+        request_id = getter.get(carrier, REQUEST_ID)
+        if request_id:
+            result = set_value(_REQUEST_ID_KEY, request_id[0], result)
+        return result
 
     def inject(self, carrier: CarrierT, context: Context | None = None,
                setter: Setter[CarrierT] = default_setter) -> None:
         for propagator in self._outgoing:
             propagator.inject(carrier, context, setter)
+        request_id = get_value(_REQUEST_ID_KEY, context)
+        getter = getattr(carrier, "get", None)
+        if request_id and not (getter and (getter("X-Request-ID") or getter("x-request-id"))):
+            setter.set(carrier, "X-Request-ID", str(request_id))  # the service's own id, if it set one, wins
 
     @property
     def fields(self) -> set[str]:
         out: set[str] = set()
         for propagator in self._incoming + self._outgoing:  # type: ignore[operator]
             out |= set(propagator.fields)
-        return out
+        return out | {REQUEST_ID}
 
 
 def propagator() -> Any:

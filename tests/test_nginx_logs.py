@@ -127,6 +127,10 @@ def test_every_line_lands_on_its_transaction_with_its_method(world: dict[str, Pa
             mentioned = [o for o in trace_of if o in r.message]
             if mentioned:
                 assert r.trace_id == trace_of[mentioned[0]]
+    with open_store(str(world["store"]), readonly=True) as store:
+        for r in access:  # nginx's request id went on from order to payment, though order's code never passes it
+            payment = [s for s in store.trace(r.trace_id or "") if s.service == "payment" and s.kind == "server"]
+            assert payment and payment[0].attributes["http.request.header.x_request_id"] == [r.attributes["request_id"]]
     killed = [r for r in records if r.source.startswith("gunicorn") and "WORKER TIMEOUT" in r.message]
     assert killed and killed[0].attributes["event"] == "worker_timeout" and killed[0].severity == "FATAL"
 
