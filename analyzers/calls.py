@@ -192,6 +192,9 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
         else:
             callee = peer or "(unknown)"
             operation = s.operation
+        if server is not None and server.caller_budget_ms is not None and common["captured"] is None:
+            # the callee was told how long its caller would wait (Envoy's header, grpc-timeout)
+            common["captured"] = Captured(None, None, server.caller_budget_ms, "header")
         calls.append(Call(
             span_id=s.span_id, callee=callee, operation=operation, start_ns=s.start_ns, end_ns=s.end_ns,
             error_class=s.error_class, attempt=s.attempt,

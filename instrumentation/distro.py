@@ -26,7 +26,19 @@ from .redaction import is_secret_key, redact_text
 EXPORT_TIMEOUT_S = 2.0
 QUEUE_SIZE = 4096
 CAPTURED_HEADERS = "x-request-id,idempotency-key,x-envoy-expected-rq-timeout-ms,grpc-timeout"
-_KEY_NAMES = ("order_id", "orderId", "payment_id", "paymentId", "amount")
+_KEY_NAMES = {"order_id": "order_id", "orderId": "order_id", "payment_id": "payment_id",
+              "paymentId": "payment_id", "amount": "amount"}
+
+
+def key_names() -> dict[str, str]:
+    """Query parameters that name business keys: the defaults, plus ``PAYSCOPE_KEY_FIELDS``
+    (``basket=order_id,txn=payment_id``: a parameter ``basket`` holds the order id)."""
+    names = dict(_KEY_NAMES)
+    for item in os.environ.get("PAYSCOPE_KEY_FIELDS", "").split(","):
+        name, _, canonical = item.strip().partition("=")
+        if name:
+            names[name] = canonical.strip() or "order_id"
+    return names
 
 instrumented: list[str] = []
 _log = logging.getLogger("payscope.instrumentation")
@@ -143,6 +155,9 @@ class BusinessKeyProcessor(SpanProcessor):
     which worker really served the request.
     """
 
+    def __init__(self) -> None:
+        self.names = key_names()
+
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         try:
             if span.kind != trace.SpanKind.SERVER:
@@ -151,8 +166,9 @@ class BusinessKeyProcessor(SpanProcessor):
             attrs = span.attributes or {}
             query = attrs.get("url.query") or str(attrs.get("http.target", "")).partition("?")[2]
             for key, value in parse_qsl(str(query)):
-                if key in _KEY_NAMES:
-                    span.set_attribute(f"payscope.{key.replace('Id', '_id').lower()}", value)
+                canonical = self.names.get(key)
+                if canonical:
+                    span.set_attribute(f"payscope.{canonical}", value)
         except Exception:
             pass
 

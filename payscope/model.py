@@ -116,6 +116,7 @@ class SpanRow(_Timed):
     retry_max: int | None = None
     amount: float | None = None
     keys: tuple[str, ...] = ()    # business keys: order, payment, charge ids
+    caller_budget_ms: float | None = None  # server spans: how long the caller said it would wait
 
 
 @dataclass(slots=True)

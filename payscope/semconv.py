@@ -39,9 +39,14 @@ PEER = ("peer.service", "server.address", "net.peer.name", "http.host", "db.syst
 URL = ("url.full", "http.url")
 PATH = ("url.path", "http.target")
 ROUTE = ("http.route", "url.template")
+BUDGET = ("payscope.caller_budget_ms", "http.request.header.x_envoy_expected_rq_timeout_ms",
+          "http.request.header.x-envoy-expected-rq-timeout-ms", "http.request.header.grpc_timeout",
+          "http.request.header.grpc-timeout", "rpc.grpc.request.metadata.grpc-timeout")
+_GRPC_TIMEOUT_UNITS = {"H": 3_600_000.0, "M": 60_000.0, "S": 1000.0, "m": 1.0, "u": 1e-3, "n": 1e-6}
 
 # Every attribute the derivation reads; others are stored but never looked at here.
-READ_KEYS = frozenset(HTTP_STATUS + RPC_STATUS + HTTP_METHOD + ERROR_TYPE + PEER + URL + PATH + ROUTE + ATTR_AMOUNT + (
+READ_KEYS = frozenset(HTTP_STATUS + RPC_STATUS + HTTP_METHOD + ERROR_TYPE + PEER + URL + PATH + ROUTE + ATTR_AMOUNT
+                      + BUDGET + (
     "rpc.method", "http.request.resend_count", ATTR_TIMEOUT_CONNECT, ATTR_TIMEOUT_READ, ATTR_TIMEOUT_TOTAL,
     ATTR_TIMEOUT_SOURCE, ATTR_RETRY_MAX))
 KEY_SUFFIXES = ("order_id", "orderid", "order.id", "payment_id", "paymentid", "payment.id",
@@ -84,6 +89,23 @@ def _float(value: Any) -> float | None:
         return float(value)
     except (TypeError, ValueError):
         return None
+
+
+def budget_ms(attrs: dict[str, Any]) -> float | None:
+    """What the caller said it would wait: Envoy's expected timeout header, or gRPC's grpc-timeout."""
+    for key in BUDGET:
+        value = attrs.get(key)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is None:
+            continue
+        text = str(value).strip()
+        if text[-1:] in _GRPC_TIMEOUT_UNITS and text[:-1].isdigit():
+            return int(text[:-1]) * _GRPC_TIMEOUT_UNITS[text[-1]]
+        number = _float(text)
+        if number is not None:
+            return number
+    return None
 
 
 def template_path(path: str) -> str:
@@ -176,7 +198,8 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
         _float(attrs.get(ATTR_TIMEOUT_READ)) if captured else None,
         _float(attrs.get(ATTR_TIMEOUT_TOTAL)) if captured else None,
         str(attrs[ATTR_TIMEOUT_SOURCE]) if ATTR_TIMEOUT_SOURCE in attrs else None, retry_max,
-        _float(first(attrs, ATTR_AMOUNT)), tuple(dict.fromkeys(keys)) if keys else ())
+        _float(first(attrs, ATTR_AMOUNT)), tuple(dict.fromkeys(keys)) if keys else (),
+        budget_ms(attrs) if kind in ("server", "consumer") else None)
 
 
 def span_name_or(name: str, method: str | None) -> str:

@@ -196,3 +196,21 @@ def test_recommend_cli_formats(tmp_path: Path) -> None:
     assert yaml.safe_load(yaml_text)["recommendations"] == doc["recommendations"]
     table = payscope("recommend", "timeouts", "--store", store, check=True).stdout
     assert "wallet -> ledger" in table
+
+
+def test_the_callers_budget_header_is_the_timeout_in_force() -> None:
+    from payscope.semconv import derive
+
+    def row(kind: str, sid: str, parent: str | None, service: str, attrs: dict[str, object], end: int) -> SpanRow:
+        return derive("a" * 32, sid, parent, service, "POST /pay", kind, 0, end, 1, "", attrs, [])
+
+    for header, value in (("http.request.header.x_envoy_expected_rq_timeout_ms", ["1500"]),
+                          ("rpc.grpc.request.metadata.grpc-timeout", "1500m")):
+        rows = [row("server", "1" * 16, None, "api", {}, 900_000_000),
+                row("client", "2" * 16, "1" * 16, "api", {"http.request.method": "POST"}, 800_000_000),
+                row("server", "3" * 16, "2" * 16, "pay", {"http.request.method": "POST", header: value},
+                    790_000_000)]
+        analysis = engine.run([rows])
+        edge = analysis.edges[("api", "pay", "POST /pay")]
+        assert (edge.timeout.value_ms, edge.timeout.source) == (1500.0, "captured"), header
+        assert edge.timeout.evidence["captured_source"] == "header"

@@ -34,7 +34,7 @@ CREATE TABLE IF NOT EXISTS spans(
     error_class TEXT, operation TEXT NOT NULL, peer TEXT, method TEXT, http_status INTEGER,
     attempt INTEGER NOT NULL, idempotency_key INTEGER NOT NULL,
     timeout_connect_ms REAL, timeout_read_ms REAL, timeout_total_ms REAL, timeout_source TEXT,
-    retry_max INTEGER, amount REAL, keys TEXT NOT NULL,
+    retry_max INTEGER, amount REAL, keys TEXT NOT NULL, caller_budget_ms REAL,
     callee TEXT, resource_id INTEGER NOT NULL, body BLOB NOT NULL
 );
 -- Rows carry their protobuf body, too large for a WITHOUT ROWID table: the table is appended to in
@@ -66,7 +66,8 @@ CREATE INDEX IF NOT EXISTS logs_time ON logs(time_ns);
 
 _ROW_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, status_code, "
                 "status_message, error_class, operation, peer, method, http_status, attempt, idempotency_key, "
-                "timeout_connect_ms, timeout_read_ms, timeout_total_ms, timeout_source, retry_max, amount, keys")
+                "timeout_connect_ms, timeout_read_ms, timeout_total_ms, timeout_source, retry_max, amount, keys, "
+                "caller_budget_ms")
 _SPAN_COLUMNS = _ROW_COLUMNS + ", callee, resource_id, body"
 _SPAN_SELECT = ("SELECT s.service, s.body, r.body FROM spans s JOIN resources r ON r.id = s.resource_id")
 _KEY_SEP = "\x1f"
@@ -112,7 +113,7 @@ def _spanrow(r: tuple[Any, ...]) -> SpanRow:
     return SpanRow(r[0], r[1], r[2], _shared(r[3]), _shared(r[4]), _shared(r[5]), r[6], r[7], r[8],  # type: ignore[arg-type]
                    _shared(r[9]), _shared(r[10]), _shared(r[11]), _shared(r[12]), _shared(r[13]),  # type: ignore[arg-type]
                    r[14], r[15], bool(r[16]), r[17], r[18], r[19], _shared(r[20]), r[21], r[22],
-                   tuple(r[23].split(_KEY_SEP)) if r[23] else ())
+                   tuple(r[23].split(_KEY_SEP)) if r[23] else (), r[24])
 
 
 def _summary_from_row(row: tuple[Any, ...]) -> TraceSummary:
@@ -251,11 +252,11 @@ class EmbeddedStore(Store):
                          r.status_code, r.status_message, r.error_class, r.operation, r.peer, r.method,
                          r.http_status, r.attempt, r.idempotency_key, r.timeout_connect_ms, r.timeout_read_ms,
                          r.timeout_total_ms, r.timeout_source, r.retry_max, r.amount, _KEY_SEP.join(r.keys),
-                         callee, rid, e.body))
+                         r.caller_budget_ms, callee, rid, e.body))
             for key in r.keys:
                 keys.append((key, r.trace_id))
         before = conn.total_changes
-        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES({','.join('?' * 27)})", rows)
+        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES({','.join('?' * 28)})", rows)
         inserted = conn.total_changes - before
         in_batch = {(e.row.trace_id, e.row.span_id) for e in spans}
         late_callees = [(svc, tid, pid, svc) for (tid, pid), svc in server_parent.items() if (tid, pid) not in in_batch]
