@@ -139,7 +139,7 @@ def test_embedded_records_schema_version_and_refuses_another(tmp_path: Path) -> 
     path = tmp_path / "s.db"
     open_store(str(path)).close()
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
     conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     conn.commit()
     conn.close()

@@ -21,7 +21,7 @@ from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 from .api import LogQuery, Store
 from .codec import decode_body, encode_span
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
