@@ -312,18 +312,19 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
     by_span = {(c.trace_id, c.span_id): c for c in calls}
     children: dict[tuple[str, str], list[Call]] = defaultdict(list)
     for c in calls:
-        edge = edges.get(c.edge)
+        key = c.edge_key or c.edge
+        edge = edges.get(key)
         if edge is None:
-            edge = edges[c.edge] = Edge(*c.edge)
+            edge = edges[key] = Edge(*key)
         edge.calls.append(c)
-        if c.ok:
-            edge.healthy_ms.append(ms(c.duration_ns))
-        elif c.error_class:
+        if c.error_class is None:
+            edge.healthy_ms.append((c.end_ns - c.start_ns) / 1e6)
+        else:
             edge.errors[c.error_class] += 1
             if c.gave_up:
-                edge.timed_out_ms.append(ms(c.duration_ns))
+                edge.timed_out_ms.append((c.end_ns - c.start_ns) / 1e6)
         if c.server_ok and c.server_start_ns is not None and c.server_end_ns is not None:
-            edge.server_ms.append(ms(c.server_end_ns - c.server_start_ns))
+            edge.server_ms.append((c.server_end_ns - c.server_start_ns) / 1e6)
         if c.upstream is not None:
             parent = by_span.get((c.trace_id, c.upstream))
             if parent is not None:
@@ -334,17 +335,18 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
         if c.entry_span_id is not None:
             under_server[(c.trace_id, c.entry_span_id)].append(c)
     for c in calls:
+        edge = edges[c.edge_key or c.edge]
         if c.answered_by is not None and c.span_id.startswith("log"):
             # a proxy seen only in its access log: what its callee did under that request is its downstream
-            for k in under_server.get((c.trace_id, c.answered_by), []):
-                edges[c.edge].downstream[k.edge] += 1
+            for k in under_server.get((c.trace_id, c.answered_by), ()):
+                edge.downstream[k.edge] += 1
         kids = children.get((c.trace_id, c.span_id))
         if kids:
             for k in kids:
-                edges[c.edge].downstream[k.edge] += 1
+                edge.downstream[k.edge] += 1
         if c.server_ok and c.server_start_ns is not None and c.server_end_ns is not None:
-            busy = _union_ms([(k.start_ns, k.end_ns) for k in kids or []])
-            edges[c.edge].self_ms.append(max(0.0, ms(c.server_end_ns - c.server_start_ns) - busy))
+            busy = _union_ms([(k.start_ns, k.end_ns) for k in kids]) if kids else 0.0
+            edge.self_ms.append(max(0.0, (c.server_end_ns - c.server_start_ns) / 1e6 - busy))
     for chain in chains:
         edge = edges[chain[0].edge]
         if len(chain) > 1:
