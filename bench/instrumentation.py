@@ -18,10 +18,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
-from tests.helpers import CollectorProcess, free_port
+from tests.helpers import CollectorProcess, free_port, wait_port
 
 APP = textwrap.dedent("""
     import os
@@ -78,18 +77,6 @@ def _start(variant: str, directory: Path, collector: str, port: int, back: str |
                             start_new_session=True)
 
 
-def _wait(port: int) -> None:
-    import socket
-
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing on port {port}")
-
-
 def _hey(url: str, n: int, c: int) -> tuple[float, float, float]:
     out = subprocess.run(["hey", "-n", str(n), "-c", str(c), url], capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
@@ -119,8 +106,8 @@ def main(argv: list[str]) -> None:
                     front = _start(variant, directory, collector.http_url, front_port,
                                    f"http://127.0.0.1:{back_port}")
                     try:
-                        _wait(back_port)
-                        _wait(front_port)
+                        wait_port(back_port)
+                        wait_port(front_port)
                         url = f"http://127.0.0.1:{front_port}/pay"
                         _hey(url, 300, 4)  # warm up
                         for c in (1, 8):

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from payscope.collector.store import open_store
-from tests.helpers import CollectorProcess, free_port, payscope, payscope_json, stop_all
+from tests.helpers import CollectorProcess, free_port, payscope, payscope_json, stop_all, wait_port
 
 SERVICES = Path(__file__).parent / "services"
 DELAYS = [20, 30, 900, 25]
@@ -201,14 +201,7 @@ def test_grpc_deadlines_are_recorded(tmp_path: Path, collector: CollectorProcess
     env = dict(os.environ, OTEL_BSP_SCHEDULE_DELAY="100", PAYSCOPE_QUIET="1")
     server = _payscope_run("bank", collector, sys.executable, "grpc_pair.py", "server", str(port), env=env)
     try:
-        import socket
-
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
+        wait_port(port)
         client = subprocess.run([sys.executable, "-m", "payscope", "run", "--service", "payment", "--collector",
                                  collector.http_url, "--", sys.executable, "grpc_pair.py", "client", str(port),
                                  "0.25", "10,600"], cwd=SERVICES, env=env, capture_output=True, text=True, timeout=60)
