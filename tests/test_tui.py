@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -219,6 +218,3 @@ def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
-
-def test_tui_reads_without_blocking_the_writer(demo_store: Path) -> None:
-    assert json.loads(payscope("analyze", "--store", str(demo_store), "--format", "json", check=True).stdout)
