@@ -160,7 +160,8 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
     keys: list[str] = []
     amount = None
     for s in spans:
-        keys.extend(k for k in s.keys if not k.startswith("rid:"))
+        if s.keys:
+            keys.extend(k for k in s.keys if not k.startswith("rid:"))
         if amount is None:
             amount = s.amount
         if s.kind not in ("client", "producer"):
