@@ -438,7 +438,7 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
             outcome = "late_success"  # the order says failed, the money moved: the worst case first
         elif trace_id in duplicate:
             outcome = "duplicate_charge"
-        elif not f.root_ok or hop is not None and not f.root_ok:
+        elif not f.root_ok:
             cls = hop.error_class if hop is not None else f.root_error_class
             outcome = "timeout" if cls == "timeout" or f.root_error_class == "timeout" else "failed"
         else:

@@ -45,25 +45,29 @@ def _trace_outcome(store: Any, trace_id: str, summary: TraceSummary
     return tx.outcome, hop, tx.error_class, tx.facts.keys, kinds
 
 
+def failure_row(store: Any, summary: TraceSummary, *, keep_ok: bool = False) -> dict[str, Any] | None:
+    """One transaction as a row of `payscope failures`; None for one that went well (unless ``keep_ok``)."""
+    outcome, hop, error_class, keys, kinds = _trace_outcome(store, summary.trace_id, summary)
+    if outcome == "ok":
+        if summary.error_count:
+            outcome = "recovered"  # errors inside, but the transaction itself succeeded (a retry worked)
+        elif not keep_ok:
+            return None  # looked suspicious to the store; the analysis says it went well
+    return {
+        "time": format_ns(summary.start_ns), "trace_id": summary.trace_id,
+        "entry": f"{summary.root_service}: {summary.root_name}", "outcome": outcome,
+        "failing_hop": hop, "error_class": error_class or summary.error_class,
+        "duration_ms": round(summary.duration_ns / 1e6, 3),
+        "duration": format_duration_ns(summary.duration_ns), "services": summary.services,
+        "spans": summary.span_count, "errors": summary.error_count, "keys": keys, "findings": kinds,
+    }
+
+
 def failure_rows(store: Any, *, since_ns: int | None = None, limit: int | None = 50,
                  offset: int = 0) -> list[dict[str, Any]]:
     """Failed transactions, newest first, each as a flat dict (the JSON of `payscope failures`)."""
-    rows = []
-    for summary in store.failed_traces(since_ns=since_ns, limit=limit, offset=offset):
-        outcome, hop, error_class, keys, kinds = _trace_outcome(store, summary.trace_id, summary)
-        if outcome == "ok":
-            if not summary.error_count:
-                continue  # looked suspicious to the store; the analysis says it went well
-            outcome = "recovered"  # errors inside, but the transaction itself succeeded (a retry worked)
-        rows.append({
-            "time": format_ns(summary.start_ns), "trace_id": summary.trace_id,
-            "entry": f"{summary.root_service}: {summary.root_name}", "outcome": outcome,
-            "failing_hop": hop, "error_class": error_class or summary.error_class,
-            "duration_ms": round(summary.duration_ns / 1e6, 3),
-            "duration": format_duration_ns(summary.duration_ns), "services": summary.services,
-            "spans": summary.span_count, "errors": summary.error_count, "keys": keys, "findings": kinds,
-        })
-    return rows
+    rows = (failure_row(store, s) for s in store.failed_traces(since_ns=since_ns, limit=limit, offset=offset))
+    return [row for row in rows if row is not None]
 
 
 def _timeout_of(attrs: dict[str, Any]) -> float | None:

@@ -13,14 +13,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from google.protobuf import json_format
-from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
-    ExportLogsServiceRequest,
-    ExportLogsServiceResponse,
-)
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-    ExportTraceServiceRequest,
-    ExportTraceServiceResponse,
-)
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceResponse
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from payscope.errors import InputError
 
@@ -280,5 +274,4 @@ def warn_if_slow_protobuf() -> None:
               "slower than upb; reinstall protobuf from a wheel for your platform", file=sys.stderr)
 
 
-__all__ = ["ExportLogsServiceRequest", "ExportTraceServiceRequest", "GRPCReceiver", "HTTPReceiver",
-           "Receiver", "protobuf_backend", "warn_if_slow_protobuf"]
+__all__ = ["GRPCReceiver", "HTTPReceiver", "Receiver", "protobuf_backend", "warn_if_slow_protobuf"]

@@ -35,14 +35,10 @@ def failures(store: Any, flt: Filter, limit: int = PAGE) -> list[dict[str, Any]]
         except PayscopeError:
             ids = []
         if ids:
-            rows = []
-            for tid in ids:
-                summary = store.trace_summary(tid)
-                if summary is not None:
-                    outcome, hop, error_class, keys, kinds = views._trace_outcome(store, tid, summary)
-                    rows.append(_row(summary, outcome, hop, error_class, keys, kinds))
-            return rows
-    rows = []
+            summaries = [store.trace_summary(tid) for tid in ids]
+            return [row for s in summaries if s is not None
+                    if (row := views.failure_row(store, s, keep_ok=True)) is not None]
+    rows: list[dict[str, Any]] = []
     offset = 0
     while len(rows) < limit:
         page = views.failure_rows(store, limit=limit, offset=offset)
@@ -61,16 +57,6 @@ def failures(store: Any, flt: Filter, limit: int = PAGE) -> list[dict[str, Any]]
         if not (flt.outcome or flt.service or flt.text):
             break
     return rows[:limit]
-
-
-def _row(summary: Any, outcome: str, hop: str | None, error_class: str | None, keys: list[str],
-         kinds: list[str]) -> dict[str, Any]:
-    from payscope.timeparse import format_duration_ns, format_ns
-
-    return {"time": format_ns(summary.start_ns), "trace_id": summary.trace_id,
-            "entry": f"{summary.root_service}: {summary.root_name}", "outcome": outcome, "failing_hop": hop,
-            "error_class": error_class, "duration": format_duration_ns(summary.duration_ns),
-            "duration_ms": summary.duration_ns / 1e6, "services": summary.services, "keys": keys, "findings": kinds}
 
 
 def transaction(store: Any, trace_id: str) -> dict[str, Any]:
