@@ -1,9 +1,11 @@
 """Overhead of instrumentation on a two-service Flask chain (gunicorn, one sync worker each, requests between).
 
-Interleaves three variants, several repetitions each, at concurrency 1 and 8 with `hey`:
-uninstrumented, `opentelemetry-instrument` (the stock distro, OTLP/HTTP export), and `payscope run`,
-both exporting to a running `payscope collect`. Reports throughput, p50/p99 latency and CPU time per
-request read from the worker processes, as medians and as ratios against the uninstrumented run.
+Interleaves four variants, several repetitions each, at concurrency 1 and 8 with `hey`:
+uninstrumented, `opentelemetry-instrument` (the stock distro, OTLP/HTTP export), `payscope run` with
+the export inside the service (``PAYSCOPE_EXPORT=inprocess``), and `payscope run` with its relay
+process doing the export; all export to a running `payscope collect`. Reports throughput, p50/p99
+latency and CPU time per request read from the worker processes, as medians and as ratios against the
+uninstrumented run.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def _start(variant: str, directory: Path, collector: str, port: int, back: str |
                    OTEL_EXPORTER_OTLP_ENDPOINT=collector)
         cmd = [str(Path(sys.executable).parent / "opentelemetry-instrument"), *gunicorn]
     else:
+        if variant == "payscope run, in-process":
+            env["PAYSCOPE_EXPORT"] = "inprocess"
         cmd = [sys.executable, "-m", "payscope", "run", "--service", name, "--collector", collector, "--", *gunicorn]
     return subprocess.Popen(cmd, cwd=directory, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
@@ -92,7 +96,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if shutil.which("hey") is None:
         sys.exit("hey is not installed: apt-get install hey")
-    variants = ["plain", "opentelemetry-instrument", "payscope run"]
+    variants = ["plain", "opentelemetry-instrument", "payscope run, in-process", "payscope run"]
     results: dict[tuple[str, int], list[tuple[float, float, float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp)

@@ -173,14 +173,84 @@ class BusinessKeyProcessor(SpanProcessor):
             pass
 
 
+class _ToRelay:
+    """A processor that hands records to the relay's channel; flushing sends what is buffered now."""
+
+    def __init__(self, channel: Any) -> None:
+        self.channel = channel
+
+    def shutdown(self) -> None:
+        self.channel.flush()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        self.channel.flush()
+        return True
+
+
+class RelaySpanProcessor(_ToRelay, SpanProcessor):
+    """Finished spans, masked, to the `payscope run` relay as plain tuples: no encoding in the service."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        from .relay import span_tuple
+
+        try:
+            attrs = _clean(span.attributes)
+            description = span.status.description
+            if description:
+                description = redact_text(description)
+            self.channel.put("S", span_tuple(span, span.attributes if attrs is None else attrs, description))
+        except Exception:
+            pass
+
+
+class _LogProcessor:
+    """The shape of an SDK LogRecordProcessor, without the SDK's private base class."""
+
+    def enabled(self, *args: Any, **kwargs: Any) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        pass
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+class MaskingLogProcessor(_LogProcessor):
+    """Masks card numbers, CVVs and credentials in a log record before any exporter sees it."""
+
+    def on_emit(self, log_record: Any) -> None:
+        try:
+            record = log_record.log_record
+            if isinstance(record.body, str):
+                record.body = redact_text(record.body)
+            masked = _clean(record.attributes)
+            if masked:
+                for key, value in masked.items():
+                    record.attributes[key] = value
+        except Exception:
+            pass
+
+
+class RelayLogProcessor(_ToRelay, _LogProcessor):
+    """Log records to the relay as plain tuples."""
+
+    def on_emit(self, log_record: Any) -> None:
+        from .relay import log_tuple
+
+        try:
+            self.channel.put("L", log_tuple(log_record.log_record))
+        except Exception:
+            pass
+
+
 class PayscopeConfigurator(_BaseConfigurator):  # type: ignore[misc]
-    """Tracer and logger providers exporting to the payscope collector."""
+    """Tracer and logger providers exporting to the payscope collector: through the `payscope run` relay
+    when there is one (``PAYSCOPE_RELAY``), otherwise from this process with bounded batch exporters."""
 
     def _configure(self, **kwargs: Any) -> None:
         if not chosen():
             return
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
         from . import logs
         from .capture import TimeoutCaptureInstrumentor
 
@@ -189,26 +259,41 @@ class PayscopeConfigurator(_BaseConfigurator):  # type: ignore[misc]
                                     "process.pid": os.getpid()})
         provider = TracerProvider(resource=resource)
         provider.add_span_processor(BusinessKeyProcessor())
-        provider.add_span_processor(BatchSpanProcessor(
-            RedactingExporter(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces", timeout=EXPORT_TIMEOUT_S)),
-            max_queue_size=QUEUE_SIZE, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)))
+        relay_path = os.environ.get("PAYSCOPE_RELAY")
+        channel = None
+        if relay_path and os.path.exists(relay_path):
+            from .relay import Channel
+
+            channel = Channel(relay_path, dict(resource.attributes), _notice)
+            provider.add_span_processor(RelaySpanProcessor(channel))
+        else:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+            provider.add_span_processor(BatchSpanProcessor(
+                RedactingExporter(OTLPSpanExporter(endpoint=f"{endpoint}/v1/traces", timeout=EXPORT_TIMEOUT_S)),
+                max_queue_size=QUEUE_SIZE, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)))
         trace.set_tracer_provider(provider)
-        self._configure_logs(endpoint, resource)
+        self._configure_logs(endpoint, resource, channel)
         logs.install()
         TimeoutCaptureInstrumentor().instrument()
         instrumented.append("timeouts")
 
     @staticmethod
-    def _configure_logs(endpoint: str, resource: Resource) -> None:
+    def _configure_logs(endpoint: str, resource: Resource, channel: Any) -> None:
         from opentelemetry._logs import set_logger_provider
-        from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
         from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
-        from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 
         provider = LoggerProvider(resource=resource)
-        provider.add_log_record_processor(BatchLogRecordProcessor(
-            OTLPLogExporter(endpoint=f"{endpoint}/v1/logs", timeout=EXPORT_TIMEOUT_S),
-            max_queue_size=QUEUE_SIZE, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)))
+        provider.add_log_record_processor(MaskingLogProcessor())  # type: ignore[arg-type]
+        if channel is not None:
+            provider.add_log_record_processor(RelayLogProcessor(channel))  # type: ignore[arg-type]
+        else:
+            from opentelemetry.exporter.otlp.proto.http._log_exporter import OTLPLogExporter
+            from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+            provider.add_log_record_processor(BatchLogRecordProcessor(
+                OTLPLogExporter(endpoint=f"{endpoint}/v1/logs", timeout=EXPORT_TIMEOUT_S),
+                max_queue_size=QUEUE_SIZE, export_timeout_millis=int(EXPORT_TIMEOUT_S * 1000)))
         set_logger_provider(provider)
         handler = LoggingHandler(level=logging.NOTSET, logger_provider=provider)
         # Not a handler on the root logger: that would make the service's own basicConfig() a no-op.

@@ -2,7 +2,8 @@
 
 The program is exec'd in place of this process, so its exit code, standard streams and signals are
 its own. Inside it, OpenTelemetry's own sitecustomize loads payscope's distro and configurator (by
-entry point); nothing of the program changes.
+entry point); nothing of the program changes. Before the exec, a relay process is forked that does the
+exporting (see `relay.py`); ``PAYSCOPE_EXPORT=inprocess`` keeps the export inside the program instead.
 """
 
 from __future__ import annotations
@@ -63,4 +64,12 @@ def run(command: Sequence[str], service: str | None = None, collector: str | Non
     if executable is None:
         print(f"payscope run: {command[0]}: command not found", file=sys.stderr)
         sys.exit(127)
-    os.execve(executable, [command[0], *command[1:]], environment(command, service, collector))
+    env = environment(command, service, collector)
+    env.pop("PAYSCOPE_RELAY", None)
+    if env.get("PAYSCOPE_EXPORT", "relay") != "inprocess":
+        from .relay import start
+
+        path = start(env["OTEL_EXPORTER_OTLP_ENDPOINT"].rstrip("/"))
+        if path:  # otherwise the program exports in-process
+            env["PAYSCOPE_RELAY"] = path
+    os.execve(executable, [command[0], *command[1:]], env)

@@ -1,0 +1,128 @@
+"""The `payscope run` relay: the export happens in a separate process, loses nothing a short-lived
+program produced, masks secrets before they leave the program, and goes away with the program."""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from payscope.collector.store import open_store
+from tests.helpers import CollectorProcess, free_port
+
+SCRIPT = """
+import logging, os, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+from opentelemetry import trace
+tracer = trace.get_tracer("relay-test")
+for i in range(int(sys.argv[1])):
+    with tracer.start_as_current_span("charge", kind=trace.SpanKind.SERVER,
+                                      attributes={"url.query": f"order_id=o-{i}", "card": "4111 1111 1111 1111",
+                                                  "http.request.header.authorization": ("Bearer s3cr3t-t0ken",)}):
+        logging.getLogger("pay").info("charging o-%d with card 4111111111111111 cvv=123", i)
+exported_here = "opentelemetry.exporter.otlp.proto.http.trace_exporter" in sys.modules
+print("relay" if os.environ.get("PAYSCOPE_RELAY") else "no relay", "in-process exporter" if exported_here else "")
+"""
+
+
+def _run(tmp_path: Path, collector_url: str, count: int, **env: str) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "short.py"
+    script.write_text(SCRIPT)
+    return subprocess.run([sys.executable, "-m", "payscope", "run", "--service", "short", "--collector",
+                           collector_url, "--", sys.executable, str(script), str(count)],
+                          capture_output=True, text=True, timeout=60, env=dict(os.environ, **env), cwd=tmp_path)
+
+
+def _relays() -> list[str]:
+    """Directories of relays still running (each removes its own when it stops)."""
+    import tempfile
+
+    return [p.name for p in Path(tempfile.gettempdir()).glob("payscope-relay-*")]
+
+
+def _wait_for(condition: object, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_short_program_loses_nothing_and_the_relay_goes_away(tmp_path: Path, collector: CollectorProcess,
+                                                               store_path: Path) -> None:
+    before = set(_relays())
+    done = _run(tmp_path, collector.http_url, 300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["relay"]  # exported through the relay; no OTLP exporter in the program
+
+    def all_there() -> bool:
+        with open_store(str(store_path), readonly=True) as store:
+            return len(store.traces(limit=None)) == 300 and len(store.logs_of_trace(
+                store.traces_by_key("o-299")[0] if store.traces_by_key("o-299") else "0" * 32)) == 1
+
+    assert _wait_for(all_there), "spans or log records of a program that already exited were lost"
+    assert _wait_for(lambda: set(_relays()) <= before), "the relay outlived its program"
+
+
+def test_in_process_export_still_works_when_asked_for(tmp_path: Path, collector: CollectorProcess,
+                                                      store_path: Path) -> None:
+    done = _run(tmp_path, collector.http_url, 5, PAYSCOPE_EXPORT="inprocess")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["no", "relay", "in-process", "exporter"]
+
+    def there() -> bool:
+        with open_store(str(store_path), readonly=True) as store:
+            return len(store.traces(limit=None)) == 5
+
+    assert _wait_for(there)
+
+
+class _Capture(http.server.BaseHTTPRequestHandler):
+    bodies: list[bytes] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        type(self).bodies.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def capture() -> Iterator[str]:
+    """A plain HTTP server standing in for the collector, keeping the exact bytes it is sent."""
+    _Capture.bodies = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Capture)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("mode", ["relay", "inprocess"])
+def test_card_numbers_cvvs_and_credentials_never_leave_the_program(tmp_path: Path, capture: str, mode: str) -> None:
+    done = _run(tmp_path, capture, 3, PAYSCOPE_EXPORT=mode)
+    assert done.returncode == 0, done.stderr
+    assert _wait_for(lambda: len(_Capture.bodies) >= 2)  # spans and log records
+    sent = b"".join(_Capture.bodies)
+    assert b"charging o-2" in sent and b"order_id" in sent  # what was sent is readable ...
+    for secret in (b"4111111111111111", b"4111 1111 1111 1111", b"s3cr3t-t0ken", b"cvv=123"):
+        assert secret not in sent, secret  # ... and the secrets are not in it
