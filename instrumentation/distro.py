@@ -7,6 +7,7 @@ process, add trace ids to the service's log lines, and record timeouts on client
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -21,25 +22,12 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
+from . import keys
 from .redaction import is_secret_key, redact_text
 
 EXPORT_TIMEOUT_S = 2.0
 QUEUE_SIZE = 4096
 CAPTURED_HEADERS = "x-request-id,idempotency-key,x-envoy-expected-rq-timeout-ms,grpc-timeout"
-_KEY_NAMES = {"order_id": "order_id", "orderId": "order_id", "payment_id": "payment_id",
-              "paymentId": "payment_id", "amount": "amount"}
-
-
-def key_names() -> dict[str, str]:
-    """Query parameters that name business keys: the defaults, plus ``PAYSCOPE_KEY_FIELDS``
-    (``basket=order_id,txn=payment_id``: a parameter ``basket`` holds the order id)."""
-    names = dict(_KEY_NAMES)
-    for item in os.environ.get("PAYSCOPE_KEY_FIELDS", "").split(","):
-        name, _, canonical = item.strip().partition("=")
-        if name:
-            names[name] = canonical.strip() or "order_id"
-    return names
-
 instrumented: list[str] = []
 _log = logging.getLogger("payscope.instrumentation")
 
@@ -71,7 +59,7 @@ class PayscopeDistro(BaseDistro):  # type: ignore[misc]
             super().load_instrumentor(entry_point, **kwargs)
             return
         try:
-            entry_point.load()().instrument(**kwargs)
+            entry_point.load()().instrument(**{**_HOOKS.get(entry_point.name, {}), **kwargs})
         except ImportError:
             return  # the library is not installed here: not instrumented, and not reported as such
         except Exception as exc:  # a broken instrumentor must not stop the service
@@ -149,28 +137,105 @@ def _redacted(span: ReadableSpan) -> ReadableSpan:
 
 
 class BusinessKeyProcessor(SpanProcessor):
-    """Order id, payment id and amount from a server span's query string onto the span; the worker's pid.
+    """Order id, payment id and amount onto server spans (query string here; headers and JSON bodies
+    through the framework hooks below), and the worker's pid.
 
     The resource is built once, before a pre-fork server forks: ``process.pid`` on the span says
     which worker really served the request.
     """
 
     def __init__(self) -> None:
-        self.names = key_names()
+        self.names = keys.key_names()
+        self.open: dict[int, Any] = {}  # server spans still running, by span id, for the ASGI body hook
 
     def on_start(self, span: Any, parent_context: Any = None) -> None:
         try:
             if span.kind != trace.SpanKind.SERVER:
                 return
             span.set_attribute("process.pid", os.getpid())
+            self.open[span.context.span_id] = span
             attrs = span.attributes or {}
             query = attrs.get("url.query") or str(attrs.get("http.target", "")).partition("?")[2]
-            for key, value in parse_qsl(str(query)):
-                canonical = self.names.get(key)
-                if canonical:
-                    span.set_attribute(f"payscope.{canonical}", value)
+            _set_keys(span, keys.from_pairs(parse_qsl(str(query)), self.names))
         except Exception:
             pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if span.kind == trace.SpanKind.SERVER:
+            self.open.pop(span.context.span_id, None)  # type: ignore[union-attr]
+
+
+_key_processor = BusinessKeyProcessor()
+
+
+def _set_keys(span: Any, found: dict[str, str]) -> None:
+    """The keys not set yet (the query string comes first, then the body, then headers)."""
+    if not found or span is None or not span.is_recording():
+        return
+    attrs = span.attributes or {}
+    for name, value in found.items():
+        if f"payscope.{name}" not in attrs:
+            span.set_attribute(f"payscope.{name}", value)
+
+
+def _wsgi_request_hook(span: Any, environ: dict[str, Any]) -> None:
+    """Flask: JSON body fields and headers. The body is read once and put back for the application."""
+    try:
+        names = _key_processor.names
+        if keys.is_json(environ.get("CONTENT_TYPE")):
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            if 0 < length <= keys.MAX_BODY:
+                body = environ["wsgi.input"].read(length)
+                environ["wsgi.input"] = io.BytesIO(body)
+                _set_keys(span, keys.from_json(body, names))
+        headers = ((k[5:].replace("_", "-"), v) for k, v in environ.items() if k.startswith("HTTP_"))
+        _set_keys(span, keys.from_pairs(headers, names))
+    except Exception:
+        pass
+
+
+def _django_request_hook(span: Any, request: Any) -> None:
+    try:
+        names = _key_processor.names
+        if keys.is_json(request.META.get("CONTENT_TYPE")) and \
+                0 < int(request.META.get("CONTENT_LENGTH") or 0) <= keys.MAX_BODY:
+            _set_keys(span, keys.from_json(request.body, names))  # Django keeps the body for the view
+        _set_keys(span, keys.from_pairs(request.headers.items(), names))
+    except Exception:
+        pass
+
+
+def _asgi_headers(scope: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope.get("headers") or []]
+
+
+def _asgi_server_hook(span: Any, scope: dict[str, Any]) -> None:
+    try:
+        _set_keys(span, keys.from_pairs(_asgi_headers(scope), _key_processor.names))
+    except Exception:
+        pass
+
+
+def _asgi_receive_hook(span: Any, scope: dict[str, Any], message: dict[str, Any]) -> None:
+    """FastAPI/Starlette: the body arrives through ``receive``; its keys go on the request's server span."""
+    try:
+        if message.get("type") != "http.request" or message.get("more_body"):
+            return
+        if not keys.is_json(dict(_asgi_headers(scope)).get("content-type")):
+            return
+        parent = getattr(span, "parent", None)
+        server = _key_processor.open.get(parent.span_id) if parent is not None else None
+        _set_keys(server, keys.from_json(message.get("body") or b"", _key_processor.names))
+    except Exception:
+        pass
+
+
+_HOOKS: dict[str, dict[str, Any]] = {
+    "flask": {"request_hook": _wsgi_request_hook},
+    "django": {"request_hook": _django_request_hook},
+    "fastapi": {"server_request_hook": _asgi_server_hook, "client_request_hook": _asgi_receive_hook},
+    "starlette": {"server_request_hook": _asgi_server_hook, "client_request_hook": _asgi_receive_hook},
+}
 
 
 class _ToRelay:
@@ -258,7 +323,8 @@ class PayscopeConfigurator(_BaseConfigurator):  # type: ignore[misc]
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "unknown_service"),
                                     "process.pid": os.getpid()})
         provider = TracerProvider(resource=resource)
-        provider.add_span_processor(BusinessKeyProcessor())
+        _key_processor.names = keys.key_names()
+        provider.add_span_processor(_key_processor)
         relay_path = os.environ.get("PAYSCOPE_RELAY")
         channel = None
         if relay_path and os.path.exists(relay_path):

@@ -23,10 +23,77 @@ def _auto_instrumentation_dir() -> str:
     return str(Path(auto.__file__).parent)
 
 
+CONFIG_FILE = "payscope.toml"
+_RUN_SETTINGS = {"service": "OTEL_SERVICE_NAME", "collector": "PAYSCOPE_COLLECTOR", "export": "PAYSCOPE_EXPORT",
+                 "quiet": "PAYSCOPE_QUIET"}
+_KEY_NAMES = ("order_id", "payment_id", "amount")
+
+
+class ConfigError(Exception):
+    """payscope.toml could not be used; the message names the file and what is wrong."""
+
+
+def load_config(path: Path) -> dict[str, str]:
+    """Environment settings from a ``payscope.toml``: ``[run]`` (service, collector, export, quiet) and
+    ``[keys]`` (canonical key = list of field names holding it)."""
+    import tomllib
+
+    try:
+        document = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = set(document) - {"run", "keys"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}] (known: [run], [keys])")
+    settings: dict[str, str] = {}
+    run_table = document.get("run", {})
+    for key, value in run_table.items():
+        if key not in _RUN_SETTINGS:
+            raise ConfigError(f"{path}: [run] {key} is not a setting (known: {', '.join(_RUN_SETTINGS)})")
+        if key == "export" and value not in ("relay", "inprocess"):
+            raise ConfigError(f"{path}: [run] export must be \"relay\" or \"inprocess\", not {value!r}")
+        if key == "quiet":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{path}: [run] quiet must be true or false")
+            if value:
+                settings["PAYSCOPE_QUIET"] = "1"
+            continue
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{path}: [run] {key} must be a non-empty string")
+        settings[_RUN_SETTINGS[key]] = value
+    fields = []
+    for canonical, names in document.get("keys", {}).items():
+        if canonical not in _KEY_NAMES:
+            raise ConfigError(f"{path}: [keys] {canonical} is not a business key (known: {', '.join(_KEY_NAMES)})")
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not all(isinstance(n, str) and n and "," not in n and "=" not in n
+                                                 for n in names):
+            raise ConfigError(f"{path}: [keys] {canonical} must be a list of field names")
+        fields += [f"{name}={canonical}" for name in names]
+    if fields:
+        settings["PAYSCOPE_KEY_FIELDS"] = ",".join(fields)
+    return settings
+
+
 def environment(command: Sequence[str], service: str | None, collector: str | None,
-                base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment the program runs in."""
+                base: dict[str, str] | None = None, config: Path | None = None) -> dict[str, str]:
+    """The environment the program runs in: flags, then the environment, then ``payscope.toml``."""
     env = dict(os.environ if base is None else base)
+    if config is None:
+        named = env.get("PAYSCOPE_CONFIG")
+        config = Path(named) if named else Path(CONFIG_FILE)
+        if not named and not config.is_file():
+            config = None
+    if config is not None:
+        from_file = load_config(config)
+        # key names from both apply; the environment's come later, so they win a clash
+        fields = ",".join(filter(None, [from_file.pop("PAYSCOPE_KEY_FIELDS", ""), env.get("PAYSCOPE_KEY_FIELDS")]))
+        env = {**from_file, **env}
+        if fields:
+            env["PAYSCOPE_KEY_FIELDS"] = fields
     name = service or env.get("OTEL_SERVICE_NAME") or _program_name(command)
     env["OTEL_SERVICE_NAME"] = name
     env["OTEL_EXPORTER_OTLP_ENDPOINT"] = collector or env.get("PAYSCOPE_COLLECTOR") or DEFAULT_COLLECTOR
@@ -54,7 +121,8 @@ def _program_name(command: Sequence[str]) -> str:
     return head
 
 
-def run(command: Sequence[str], service: str | None = None, collector: str | None = None) -> None:
+def run(command: Sequence[str], service: str | None = None, collector: str | None = None,
+        config: Path | None = None) -> None:
     """Replace this process with ``command`` under instrumentation; never returns."""
     if not command:
         print("payscope run: give the command to run after --, e.g. payscope run -- python app.py",
@@ -64,7 +132,11 @@ def run(command: Sequence[str], service: str | None = None, collector: str | Non
     if executable is None:
         print(f"payscope run: {command[0]}: command not found", file=sys.stderr)
         sys.exit(127)
-    env = environment(command, service, collector)
+    try:
+        env = environment(command, service, collector, config=config)
+    except ConfigError as exc:
+        print(f"payscope run: {exc}", file=sys.stderr)
+        sys.exit(2)
     env.pop("PAYSCOPE_RELAY", None)
     if env.get("PAYSCOPE_EXPORT", "relay") != "inprocess":
         from .relay import start

@@ -71,11 +71,13 @@ def run(
     service: Annotated[Optional[str], typer.Option(help="Service name (default: OTEL_SERVICE_NAME or the program).")
                        ] = None,
     collector: Annotated[Optional[str], typer.Option(help="Collector URL (default http://127.0.0.1:4318).")] = None,
+    config: Annotated[Optional[Path], typer.Option(
+        help="Settings file (default: ./payscope.toml when there is one, or PAYSCOPE_CONFIG).")] = None,
 ) -> None:
     """Run a Python program instrumented, without changing it: payscope run --service order -- python app.py"""
     from payscope.instrumentation.wrapper import run as run_instrumented
 
-    run_instrumented(list(ctx.args), service, collector)
+    run_instrumented(list(ctx.args), service, collector, config)
 
 
 # --- collect -------------------------------------------------------------------
