@@ -7,6 +7,7 @@ call's span. A failure in here is logged once and swallowed: the call goes on un
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import logging
 from collections.abc import Collection
@@ -15,12 +16,15 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.instrumentation.utils import unwrap
+from opentelemetry.sdk.trace import SpanProcessor
 
 CONNECT = "payscope.timeout.connect_ms"
 READ = "payscope.timeout.read_ms"
 TOTAL = "payscope.timeout.total_ms"
 SOURCE = "payscope.timeout.source"
 RETRY_MAX = "payscope.retry.max_attempts"
+RETRY_LIBRARY = "payscope.retry.library"
+RESEND_COUNT = "http.request.resend_count"
 IDEMPOTENCY_HASH = "payscope.idempotency_key.hash"
 REQUEST_ID = "payscope.request_id"
 
@@ -62,7 +66,7 @@ def record(span: Any, connect: float | None, read: float | None, total: float | 
     if total is not None:
         span.set_attribute(TOTAL, total)
     span.set_attribute(SOURCE, source)
-    if retry_max is not None:
+    if retry_max is not None and RETRY_MAX not in (span.attributes or {}):  # an outer policy (tenacity) wins
         span.set_attribute(RETRY_MAX, retry_max)
 
 
@@ -187,6 +191,99 @@ def _aiohttp_session_init(wrapped: Any, instance: Any, args: Any, kwargs: Any) -
     return result
 
 
+# (attempt number, attempts the policy allows) of the tenacity attempt running in this context
+_tenacity_attempt: contextvars.ContextVar[tuple[int, int | None] | None] = contextvars.ContextVar(
+    "payscope_tenacity_attempt", default=None)
+
+
+def _tenacity_max(stop: Any) -> int | None:
+    """Attempts a tenacity stop condition allows: ``stop_after_attempt(n)``, also inside ``a | b`` / ``a & b``."""
+    found = getattr(stop, "max_attempt_number", None)
+    if isinstance(found, int):
+        return found
+    inner = [n for n in (_tenacity_max(s) for s in getattr(stop, "stops", ())) if n is not None]
+    if not inner:
+        return None
+    return min(inner) if type(stop).__name__ == "stop_any" else max(inner)
+
+
+def _tenacity_call(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """``@retry`` and ``Retrying()(fn)``: each call of ``fn`` is an attempt; its client spans say which."""
+    try:
+        fn, limit, count = args[0], _tenacity_max(instance.stop), [0]
+
+        def attempt(*a: Any, **kw: Any) -> Any:
+            count[0] += 1
+            token = _tenacity_attempt.set((count[0], limit))
+            try:
+                return fn(*a, **kw)
+            finally:
+                _tenacity_attempt.reset(token)
+
+        args = (attempt, *args[1:])
+    except Exception as exc:
+        _once("tenacity", exc)
+    return wrapped(*args, **kwargs)
+
+
+def _tenacity_call_async(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """``AsyncRetrying`` and ``@retry`` on a coroutine function."""
+    try:
+        fn, limit, count = args[0], _tenacity_max(instance.stop), [0]
+
+        async def attempt(*a: Any, **kw: Any) -> Any:
+            count[0] += 1
+            token = _tenacity_attempt.set((count[0], limit))
+            try:
+                return await fn(*a, **kw)
+            finally:
+                _tenacity_attempt.reset(token)
+
+        args = (attempt, *args[1:])
+    except Exception as exc:
+        _once("tenacity", exc)
+    return wrapped(*args, **kwargs)
+
+
+def _tenacity_enter(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    """``for attempt in Retrying(): with attempt: ...``"""
+    try:
+        state = instance.retry_state
+        instance._payscope_token = _tenacity_attempt.set(
+            (state.attempt_number, _tenacity_max(state.retry_object.stop)))
+    except Exception as exc:
+        _once("tenacity", exc)
+    return wrapped(*args, **kwargs)
+
+
+def _tenacity_exit(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+    token = getattr(instance, "_payscope_token", None)
+    if token is not None:
+        try:
+            _tenacity_attempt.reset(token)
+        except ValueError:  # exited in another context than it entered
+            pass
+    return wrapped(*args, **kwargs)
+
+
+class RetryPolicyProcessor(SpanProcessor):
+    """Client spans started inside a tenacity attempt: its number and the attempts the policy allows."""
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        attempt = _tenacity_attempt.get()
+        if attempt is None or span.kind not in (trace.SpanKind.CLIENT, trace.SpanKind.PRODUCER):
+            return
+        try:
+            number, limit = attempt
+            if number > 1:
+                span.set_attribute(RESEND_COUNT, number - 1)
+            if limit is not None:
+                span.set_attribute(RETRY_MAX, limit)
+            span.set_attribute(RETRY_LIBRARY, "tenacity")
+        except Exception as exc:
+            _once("tenacity", exc)
+
+
 _TARGETS = [
     ("aiohttp", "ClientSession.__init__", _aiohttp_session_init),
     ("grpc._channel", "_UnaryUnaryMultiCallable.__call__", _grpc_call),
@@ -196,11 +293,16 @@ _TARGETS = [
     ("httpcore", "ConnectionPool.handle_request", _httpcore_sync),
     ("httpcore", "AsyncConnectionPool.handle_async_request", _httpcore_async),
     ("urllib3.connectionpool", "HTTPConnectionPool.urlopen", _urllib3_urlopen),
+    ("tenacity", "Retrying.__call__", _tenacity_call),
+    ("tenacity.asyncio", "AsyncRetrying.__call__", _tenacity_call_async),
+    ("tenacity", "AttemptManager.__enter__", _tenacity_enter),
+    ("tenacity", "AttemptManager.__exit__", _tenacity_exit),
 ]
 
 
 class TimeoutCaptureInstrumentor(BaseInstrumentor):  # type: ignore[misc]
-    """Timeouts, retry policies and idempotency keys on client spans (requests, httpx, aiohttp, urllib3, gRPC)."""
+    """Timeouts, retry policies and idempotency keys on client spans (requests, httpx, aiohttp, urllib3, gRPC;
+    tenacity attempts around any of them)."""
 
     wrapped: list[tuple[Any, str]] = []
 

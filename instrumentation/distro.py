@@ -317,7 +317,7 @@ class PayscopeConfigurator(_BaseConfigurator):  # type: ignore[misc]
         if not chosen():
             return
         from . import logs
-        from .capture import TimeoutCaptureInstrumentor
+        from .capture import RetryPolicyProcessor, TimeoutCaptureInstrumentor
 
         endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318").rstrip("/")
         resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "unknown_service"),
@@ -325,6 +325,7 @@ class PayscopeConfigurator(_BaseConfigurator):  # type: ignore[misc]
         provider = TracerProvider(resource=resource)
         _key_processor.names = keys.key_names()
         provider.add_span_processor(_key_processor)
+        provider.add_span_processor(RetryPolicyProcessor())
         relay_path = os.environ.get("PAYSCOPE_RELAY")
         channel = None
         if relay_path and os.path.exists(relay_path):
