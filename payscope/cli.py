@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 
 from payscope import __version__
-from payscope.errors import PayscopeError
+from payscope.errors import InputError, PayscopeError
 
 app = typer.Typer(
     name="payscope",
@@ -78,6 +79,24 @@ def run(
     from payscope.instrumentation.wrapper import run as run_instrumented
 
     run_instrumented(list(ctx.args), service, collector, config)
+
+
+@app.command()
+def sidecar(
+    listen: Annotated[str, typer.Option(help="Address to listen on, HOST:PORT (callers call this).")],
+    upstream: Annotated[str, typer.Option(help="The service behind it, HOST:PORT.")],
+    service: Annotated[str, typer.Option(help="The service's name in traces.")],
+    collector: Annotated[Optional[str], typer.Option(help="Collector URL (default http://127.0.0.1:4318).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the service's answer before a 504.")] = 60.0,
+) -> None:
+    """HTTP proxy in front of a service payscope cannot instrument: its requests join the trace."""
+    from payscope.collector.service import parse_listen
+    from payscope.instrumentation.sidecar import run as run_sidecar
+
+    if timeout <= 0:
+        raise InputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
+    run_sidecar(parse_listen(listen, "--listen"), parse_listen(upstream, "--upstream"), service,
+                collector or os.environ.get("PAYSCOPE_COLLECTOR") or "http://127.0.0.1:4318", timeout)
 
 
 # --- collect -------------------------------------------------------------------

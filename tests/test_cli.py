@@ -11,7 +11,7 @@ from pathlib import Path
 from payscope import __version__
 from tests.helpers import SCENARIOS, payscope
 
-COMMANDS = {"run", "collect", "import", "ingest", "failures", "show", "logs", "analyze", "recommend", "demo",
+COMMANDS = {"run", "collect", "import", "ingest", "failures", "show", "logs", "analyze", "recommend", "demo", "sidecar",
             "tui"}
 
 
