@@ -26,7 +26,6 @@ RETRY_MAX = "payscope.retry.max_attempts"
 RETRY_LIBRARY = "payscope.retry.library"
 RESEND_COUNT = "http.request.resend_count"
 IDEMPOTENCY_HASH = "payscope.idempotency_key.hash"
-REQUEST_ID = "payscope.request_id"
 
 HTTPX_DEFAULT_S = 5.0
 _log = logging.getLogger("payscope.instrumentation")

@@ -23,6 +23,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 from . import keys
+from .propagation import request_id
 from .redaction import is_secret_key, redact_text
 
 EXPORT_TIMEOUT_S = 2.0
@@ -50,8 +51,11 @@ class PayscopeDistro(BaseDistro):  # type: ignore[misc]
         otel_logger.addHandler(logging.NullHandler())
         os.environ.setdefault("OTEL_TRACES_EXPORTER", "otlp")
         os.environ.setdefault("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
-        os.environ.setdefault("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", CAPTURED_HEADERS)
-        os.environ.setdefault("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_REQUEST", CAPTURED_HEADERS)
+        from .propagation import request_id_header
+
+        headers = ",".join(dict.fromkeys([*CAPTURED_HEADERS.split(","), request_id_header()]))
+        os.environ.setdefault("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", headers)
+        os.environ.setdefault("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_REQUEST", headers)
         os.environ.setdefault("OTEL_PYTHON_LOG_CORRELATION", "false")
 
     def load_instrumentor(self, entry_point: Any, **kwargs: Any) -> None:
@@ -154,6 +158,9 @@ class BusinessKeyProcessor(SpanProcessor):
                 return
             span.set_attribute("process.pid", os.getpid())
             self.open[span.context.span_id] = span
+            arrived = request_id(parent_context)
+            if arrived:  # whichever header carries it (PAYSCOPE_REQUEST_ID_HEADER), under one name
+                span.set_attribute(REQUEST_ID_ATTRIBUTE, arrived)
             attrs = span.attributes or {}
             query = attrs.get("url.query") or str(attrs.get("http.target", "")).partition("?")[2]
             _set_keys(span, keys.from_pairs(parse_qsl(str(query)), self.names))
@@ -165,6 +172,7 @@ class BusinessKeyProcessor(SpanProcessor):
             self.open.pop(span.context.span_id, None)  # type: ignore[union-attr]
 
 
+REQUEST_ID_ATTRIBUTE = "payscope.request_id"
 _key_processor = BusinessKeyProcessor()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from opentelemetry import trace
@@ -39,6 +40,17 @@ REQUEST_ID = "x-request-id"
 _REQUEST_ID_KEY = create_key("payscope-request-id")
 
 
+def request_id_header() -> str:
+    """The header that carries a request id: ``X-Request-ID``, or ``PAYSCOPE_REQUEST_ID_HEADER``."""
+    return (os.environ.get("PAYSCOPE_REQUEST_ID_HEADER") or REQUEST_ID).strip().lower()
+
+
+def request_id(context: Context | None) -> str | None:
+    """The request id that arrived with the request this context belongs to."""
+    value = get_value(_REQUEST_ID_KEY, context)
+    return str(value) if value else None
+
+
 class PayscopePropagator(TextMapPropagator):
     """Continue whichever trace header arrived; always send W3C ``traceparent`` and baggage onward.
 
@@ -47,6 +59,7 @@ class PayscopePropagator(TextMapPropagator):
     """
 
     def __init__(self) -> None:
+        self.header = request_id_header()
         self._incoming = _incoming()
         self._outgoing = [TraceContextTextMapPropagator(), W3CBaggagePropagator()]
 
@@ -60,26 +73,32 @@ class PayscopePropagator(TextMapPropagator):
                 break
         if result is None:
             result = W3CBaggagePropagator().extract(carrier, context, getter)
-        request_id = getter.get(carrier, REQUEST_ID)
-        if request_id:
-            result = set_value(_REQUEST_ID_KEY, request_id[0], result)
+        found = getter.get(carrier, self.header)
+        if found:
+            result = set_value(_REQUEST_ID_KEY, found[0], result)
         return result
 
     def inject(self, carrier: CarrierT, context: Context | None = None,
                setter: Setter[CarrierT] = default_setter) -> None:
         for propagator in self._outgoing:
             propagator.inject(carrier, context, setter)
-        request_id = get_value(_REQUEST_ID_KEY, context)
+        value = get_value(_REQUEST_ID_KEY, context)
         getter = getattr(carrier, "get", None)
-        if request_id and not (getter and (getter("X-Request-ID") or getter("x-request-id"))):
-            setter.set(carrier, "X-Request-ID", str(request_id))  # the service's own id, if it set one, wins
+        spellings = {self.header, self.header.title(), title_case(self.header)}
+        if value and not (getter and any(getter(h) for h in spellings)):
+            setter.set(carrier, title_case(self.header), str(value))  # the service's own id, if it set one, wins
 
     @property
     def fields(self) -> set[str]:
         out: set[str] = set()
         for propagator in self._incoming + self._outgoing:  # type: ignore[operator]
             out |= set(propagator.fields)
-        return out | {REQUEST_ID}
+        return out | {self.header}
+
+
+def title_case(header: str) -> str:
+    """``x-request-id`` -> ``X-Request-ID``, as the header is usually written."""
+    return "-".join("ID" if part == "id" else part.capitalize() for part in header.split("-"))
 
 
 def propagator() -> Any:

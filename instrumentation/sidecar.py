@@ -27,14 +27,14 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Status, StatusCode
 
 from . import keys
-from .distro import QUEUE_SIZE, BusinessKeyProcessor, RedactingExporter
-from .propagation import PayscopePropagator
+from .distro import QUEUE_SIZE, REQUEST_ID_ATTRIBUTE, BusinessKeyProcessor, RedactingExporter
+from .propagation import PayscopePropagator, title_case
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
               "transfer-encoding", "upgrade", "content-length"}
 TRACE_HEADERS = {"traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
                  "x-b3-sampled", "x-b3-flags", "uber-trace-id"}
-RECORDED_HEADERS = ("x-request-id", "idempotency-key", "x-envoy-expected-rq-timeout-ms", "grpc-timeout")
+RECORDED_HEADERS = ("idempotency-key", "x-envoy-expected-rq-timeout-ms", "grpc-timeout")
 MAX_BODY = 16 * 1024 * 1024
 
 
@@ -146,18 +146,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if body is None:
             return
         path, _, query = self.path.partition("?")
-        request_id = self.headers.get("X-Request-ID") or uuid.uuid4().hex
+        id_header = sidecar.propagator.header
+        request_id = self.headers.get(id_header) or uuid.uuid4().hex
         attributes: dict[str, Any] = {
             "http.request.method": self.command, "url.path": path, "url.scheme": "http",
             "server.address": sidecar.address[0], "server.port": sidecar.address[1],
             "client.address": self.client_address[0], "network.protocol.version": self.request_version[5:],
-            "http.request.header.x-request-id": (request_id,),
+            f"http.request.header.{id_header}": (request_id,), REQUEST_ID_ATTRIBUTE: request_id,
         }
         if query:
             attributes["url.query"] = query
         if self.headers.get("User-Agent"):
             attributes["user_agent.original"] = self.headers["User-Agent"]
-        for name in RECORDED_HEADERS[1:]:
+        for name in RECORDED_HEADERS:
             if self.headers.get(name):
                 attributes[f"http.request.header.{name}"] = tuple(self.headers.get_all(name) or ())
         context = sidecar.propagator.extract(self.headers)
@@ -172,8 +173,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             for name, value in found.items():
                 if f"payscope.{name}" not in (getattr(span, "attributes", None) or {}):  # the query string came first
                     span.set_attribute(f"payscope.{name}", value)
-            forward = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP | TRACE_HEADERS}
-            forward["X-Request-ID"] = request_id
+            dropped = HOP_BY_HOP | TRACE_HEADERS | {id_header}
+            forward = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+            forward[title_case(id_header)] = request_id
             forward["X-Forwarded-For"] = self.client_address[0]
             sidecar.propagator.inject(forward)
             self._forward(span, forward, body)

@@ -25,7 +25,7 @@ def _auto_instrumentation_dir() -> str:
 
 CONFIG_FILE = "payscope.toml"
 _RUN_SETTINGS = {"service": "OTEL_SERVICE_NAME", "collector": "PAYSCOPE_COLLECTOR", "export": "PAYSCOPE_EXPORT",
-                 "quiet": "PAYSCOPE_QUIET"}
+                 "quiet": "PAYSCOPE_QUIET", "request_id_header": "PAYSCOPE_REQUEST_ID_HEADER"}
 _KEY_NAMES = ("order_id", "payment_id", "amount")
 
 
@@ -34,7 +34,8 @@ class ConfigError(Exception):
 
 
 def load_config(path: Path) -> dict[str, str]:
-    """Environment settings from a ``payscope.toml``: ``[run]`` (service, collector, export, quiet) and
+    """Environment settings from a ``payscope.toml``: ``[run]`` (service, collector, export, quiet,
+    request_id_header) and
     ``[keys]`` (canonical key = list of field names holding it)."""
     import tomllib
 

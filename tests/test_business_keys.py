@@ -138,3 +138,63 @@ def test_a_bad_payscope_toml_is_refused_with_the_reason(tmp_path: Path, text: st
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stdout == ""  # the program did not run
     assert "payscope.toml" in done.stderr and message in done.stderr, done.stderr
+
+
+RELAYING_APP = textwrap.dedent("""
+    import os
+    import requests
+    from flask import Flask, jsonify
+
+    app = Flask(__name__)
+
+
+    @app.get("/pay")
+    def pay():
+        echoed = requests.get(os.environ["ECHO_URL"], timeout=5).json()
+        return jsonify(echoed)
+""")
+
+
+def test_a_configured_request_id_header_is_recorded_and_passed_on(tmp_path: Path, collector: CollectorProcess,
+                                                                   store_path: Path) -> None:
+    import http.server
+    import threading
+
+    class Echo(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+            payload = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(payload)))
+            self.end_headers()
+            self.wfile.write(payload)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    echo = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Echo)
+    threading.Thread(target=echo.serve_forever, daemon=True).start()
+    (tmp_path / "relaying.py").write_text(RELAYING_APP)
+    (tmp_path / "payscope.toml").write_text('[run]\nrequest_id_header = "X-Correlation-ID"\n')
+    port = free_port()
+    env = dict(os.environ, OTEL_BSP_SCHEDULE_DELAY="100", PAYSCOPE_QUIET="1", PYTHONPATH=str(tmp_path),
+               ECHO_URL=f"http://127.0.0.1:{echo.server_address[1]}/")
+    server = subprocess.Popen([sys.executable, "-m", "payscope", "run", "--service", "gateway", "--collector",
+                               collector.http_url, "--", sys.executable, "-m", "gunicorn", "-w", "1", "-b",
+                               f"127.0.0.1:{port}", "relaying:app"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/pay", headers={"X-Correlation-ID": "corr-123"})
+        echoed = json.loads(urllib.request.urlopen(request, timeout=10).read())
+        deadline = time.monotonic() + 10
+        with open_store(str(store_path), readonly=True) as store:
+            while time.monotonic() < deadline and not store.traces(limit=None):
+                time.sleep(0.2)
+            (summary,) = store.traces(limit=None)
+            server_span = next(s for s in store.trace(summary.trace_id) if s.kind == "server")
+    finally:
+        stop_all([server])
+        echo.shutdown()
+        echo.server_close()
+    assert echoed["x-correlation-id"] == "corr-123" and "x-request-id" not in echoed  # passed on, under its name
+    assert server_span.attributes["payscope.request_id"] == "corr-123"
