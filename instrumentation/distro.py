@@ -253,7 +253,7 @@ class _ToRelay:
         self.channel = channel
 
     def shutdown(self) -> None:
-        self.channel.flush()
+        self.channel.close()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         self.channel.flush()

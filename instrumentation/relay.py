@@ -68,6 +68,9 @@ class Channel:
             buffer = self._buffers[kind]
             if len(buffer) >= BUFFER_LIMIT:
                 self.dropped += 1
+                if self.dropped == 1:
+                    self.notice(f"the export buffer is full ({BUFFER_LIMIT} records): telemetry is dropped and "
+                                "counted, the service is not affected")
                 return
             buffer.append(item)
             full = len(buffer) >= SEND_BATCH
@@ -88,6 +91,12 @@ class Channel:
             self._buffers = {"S": [], "L": []}
         for kind, items in taken.items():
             self._send(kind, items)
+
+    def close(self) -> None:
+        """Send what is buffered; say how much was dropped, if anything was."""
+        self.flush()
+        if self.dropped and self._pid == os.getpid():
+            self.notice(f"{self.dropped} spans and log records of pid {self._pid} were dropped, not exported")
 
     def _send(self, kind: str, items: list[Any]) -> None:
         try:
@@ -411,11 +420,10 @@ def start(endpoint: str) -> str | None:
         except BaseException:
             pass
         finally:
-            try:
-                os.unlink(path)
-                os.rmdir(directory)
-            finally:
-                os._exit(0)
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
+            os._exit(0)
     os.waitpid(child, 0)
     listener.close()
     return path

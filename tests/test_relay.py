@@ -126,3 +126,22 @@ def test_card_numbers_cvvs_and_credentials_never_leave_the_program(tmp_path: Pat
     assert b"charging o-2" in sent and b"order_id" in sent  # what was sent is readable ...
     for secret in (b"4111111111111111", b"4111 1111 1111 1111", b"s3cr3t-t0ken", b"cvv=123"):
         assert secret not in sent, secret  # ... and the secrets are not in it
+
+
+def test_a_lost_relay_costs_telemetry_not_the_program_and_says_how_much(tmp_path: Path,
+                                                                        collector: CollectorProcess) -> None:
+    script = tmp_path / "orphan.py"
+    script.write_text(
+        "import os\n"
+        "from opentelemetry import trace\n"
+        "os.unlink(os.environ['PAYSCOPE_RELAY'])  # the relay can no longer be reached\n"
+        "for i in range(50):\n"
+        "    with trace.get_tracer('t').start_as_current_span('step'):\n"
+        "        pass\n"
+        "print('finished')\n")
+    done = subprocess.run([sys.executable, "-m", "payscope", "run", "--service", "orphan", "--collector",
+                           collector.http_url, "--", sys.executable, str(script)],
+                          capture_output=True, text=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, "finished\n")
+    assert "the export relay is not reachable" in done.stderr
+    assert "50 spans and log records of pid" in done.stderr and "were dropped" in done.stderr
