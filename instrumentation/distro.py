@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -106,18 +107,26 @@ def _notice(message: str) -> None:
         print(f"payscope: {message}", file=sys.stderr, flush=True)
 
 
+# Whatever redact_text could change: a long digit run, a CVV or security code, an Authorization value.
+_LOOK_CLOSER = re.compile(r"\d[\d -]{11,}\d|cv[cv]|security|authorization", re.IGNORECASE)
+
+
 def _clean(attrs: Any) -> dict[str, Any] | None:
-    """Masked attributes, or None when nothing needed masking."""
+    """Masked attributes, or None when nothing needed masking (one C-level scan of each text value)."""
     if not attrs:
         return None
     out = None
+    look = _LOOK_CLOSER.search
     for key, value in attrs.items():
         new = value
         if is_secret_key(key):
             new = "[REDACTED]"
-        elif isinstance(value, str) and any(c.isdigit() for c in value) or isinstance(value, str) and (
-                "uthorization" in value):
-            new = redact_text(value)
+        elif isinstance(value, str):
+            if look(value):
+                new = redact_text(value)
+        elif isinstance(value, tuple) and value and isinstance(value[0], str):  # captured headers
+            if any(look(v) for v in value if isinstance(v, str)):
+                new = tuple(redact_text(v) if isinstance(v, str) else v for v in value)
         if new is not value and new != value:
             if out is None:
                 out = dict(attrs)

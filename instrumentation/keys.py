@@ -9,6 +9,7 @@ fills from the ``[keys]`` table of ``payscope.toml``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -25,6 +26,7 @@ MAX_BODY = 64 * 1024
 _SEPARATORS = re.compile(r"[_\-\s]")
 
 
+@functools.lru_cache(maxsize=4096)
 def normalise(name: str) -> str:
     """One spelling for a field name: lower case, no separators, no ``x-`` header prefix."""
     name = name.lower()
