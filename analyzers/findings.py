@@ -344,8 +344,9 @@ def connect_timeout_too_long(edge: Edge) -> Finding | None:
     return Finding(
         "connect_timeout_too_long", "low", edge.key,
         f"{_name(edge)} waits {_ms(connect)} to connect (read timeout {_ms(read)})",
-        "A TCP connection on a LAN opens in about a millisecond; a connect timeout of seconds only delays "
-        "noticing that the callee is down, and retries to a healthy replica start late.",
+        "A TCP connection on a LAN opens in about a millisecond; a connect timeout as long as the read timeout "
+        "(what a single timeout value sets), or of seconds, only delays noticing that the callee is down, and "
+        "retries to a healthy replica start late.",
         {"connect_timeout_ms": connect, "read_timeout_ms": read}, [],
         {"connect_timeout_ms": 500 if read >= 1000 else max(50, int(read // 4)), "action": "shorten the connect "
          "timeout"})
