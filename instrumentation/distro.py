@@ -400,5 +400,7 @@ def report() -> None:
     if os.environ.get("PAYSCOPE_QUIET") or not chosen():
         return
     names = ", ".join(sorted(set(instrumented))) or "nothing"
+    relay = os.environ.get("PAYSCOPE_RELAY")
+    how = "through the payscope run relay" if relay and os.path.exists(relay) else "from this process"
     print(f"payscope: {os.environ.get('OTEL_SERVICE_NAME', '?')} (pid {os.getpid()}) instrumented: {names}; "
-          f"exporting to {os.environ.get('OTEL_EXPORTER_OTLP_ENDPOINT', '?')}", file=sys.stderr, flush=True)
+          f"exporting to {os.environ.get('OTEL_EXPORTER_OTLP_ENDPOINT', '?')} {how}", file=sys.stderr, flush=True)

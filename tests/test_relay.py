@@ -63,6 +63,7 @@ def test_a_short_program_loses_nothing_and_the_relay_goes_away(tmp_path: Path, c
     done = _run(tmp_path, collector.http_url, 300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["relay"]  # exported through the relay; no OTLP exporter in the program
+    assert "exporting to " + collector.http_url + " through the payscope run relay" in done.stderr
 
     def all_there() -> bool:
         with open_store(str(store_path), readonly=True) as store:
@@ -78,6 +79,7 @@ def test_in_process_export_still_works_when_asked_for(tmp_path: Path, collector:
     done = _run(tmp_path, collector.http_url, 5, PAYSCOPE_EXPORT="inprocess")
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["no", "relay", "in-process", "exporter"]
+    assert "exporting to " + collector.http_url + " from this process" in done.stderr
 
     def there() -> bool:
         with open_store(str(store_path), readonly=True) as store:
