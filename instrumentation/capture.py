@@ -147,7 +147,8 @@ def _urllib3_urlopen(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any
 
 
 def _grpc_call(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
-    """The deadline a unary gRPC call runs under (called inside the gRPC instrumentor's interceptor)."""
+    """The deadline a gRPC call runs under, unary or streaming (called inside the gRPC instrumentor's
+    interceptor; ``timeout`` follows the request or request iterator in every call signature)."""
     try:
         span = trace.get_current_span()
         timeout = kwargs.get("timeout", args[1] if len(args) > 1 else None)
@@ -288,6 +289,11 @@ _TARGETS = [
     ("grpc._channel", "_UnaryUnaryMultiCallable.__call__", _grpc_call),
     ("grpc._channel", "_UnaryUnaryMultiCallable.with_call", _grpc_call),
     ("grpc._channel", "_UnaryUnaryMultiCallable.future", _grpc_call),
+    ("grpc._channel", "_UnaryStreamMultiCallable.__call__", _grpc_call),
+    ("grpc._channel", "_StreamUnaryMultiCallable.__call__", _grpc_call),
+    ("grpc._channel", "_StreamUnaryMultiCallable.with_call", _grpc_call),
+    ("grpc._channel", "_StreamUnaryMultiCallable.future", _grpc_call),
+    ("grpc._channel", "_StreamStreamMultiCallable.__call__", _grpc_call),
     ("requests.adapters", "HTTPAdapter.send", _requests_send),
     ("httpcore", "ConnectionPool.handle_request", _httpcore_sync),
     ("httpcore", "AsyncConnectionPool.handle_async_request", _httpcore_async),

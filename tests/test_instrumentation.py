@@ -196,15 +196,18 @@ def test_b3_and_jaeger_headers_are_continued(tmp_path: Path, collector: Collecto
         server.communicate(timeout=10)
 
 
-def test_grpc_deadlines_are_recorded(tmp_path: Path, collector: CollectorProcess, store_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["client", "stream"])
+def test_grpc_deadlines_are_recorded(mode: str, tmp_path: Path, collector: CollectorProcess,
+                                     store_path: Path) -> None:
     port = free_port()
     env = dict(os.environ, OTEL_BSP_SCHEDULE_DELAY="100", PAYSCOPE_QUIET="1")
     server = _payscope_run("bank", collector, sys.executable, "grpc_pair.py", "server", str(port), env=env)
+    sleeps = "10,600" if mode == "client" else "10,200"  # a stream of three parts: 30 ms, then 600 ms
     try:
         wait_port(port)
         client = subprocess.run([sys.executable, "-m", "payscope", "run", "--service", "payment", "--collector",
-                                 collector.http_url, "--", sys.executable, "grpc_pair.py", "client", str(port),
-                                 "0.25", "10,600"], cwd=SERVICES, env=env, capture_output=True, text=True, timeout=60)
+                                 collector.http_url, "--", sys.executable, "grpc_pair.py", mode, str(port),
+                                 "0.25", sleeps], cwd=SERVICES, env=env, capture_output=True, text=True, timeout=60)
         assert client.stdout.split() == ["OK", "DEADLINE_EXCEEDED"], client.stderr
         time.sleep(1.0)
     finally:
@@ -213,6 +216,7 @@ def test_grpc_deadlines_are_recorded(tmp_path: Path, collector: CollectorProcess
         clients = [s for t in store.traces(limit=None) for s in store.trace(t.trace_id) if s.kind == "client"]
         rows = [r for t in store.traces(limit=None) for r in store.trace_rows(t.trace_id) if r.kind == "client"]
     assert len(clients) == 2
+    assert {s.name for s in clients} == {"/payments.Bank/Charge" if mode == "client" else "/payments.Bank/Settle"}
     assert all(s.attributes["payscope.timeout.total_ms"] == 250.0 and
                s.attributes["payscope.timeout.source"] == "argument" for s in clients)
     assert sorted(r.error_class or "ok" for r in rows) == ["ok", "timeout"]
