@@ -130,6 +130,24 @@ def _captured(row: SpanRow) -> Captured | None:
                     row.retry_max)
 
 
+def _doubled(spans: list[SpanRow], by_id: dict[str, SpanRow],
+             servers_by_parent: dict[str, list[SpanRow]]) -> dict[str, SpanRow]:
+    """Client or producer spans recorded twice for one call: a span whose only child has its service, kind and
+    name (an instrumented library wrapping another, pika's blocking channel around its channel, say).
+    Outer span id -> the inner span, which is not a call of its own."""
+    inner: dict[str, list[SpanRow]] = {}
+    for s in spans:
+        if s.parent_id and s.kind in ("client", "producer"):
+            inner.setdefault(s.parent_id, []).append(s)
+    found: dict[str, SpanRow] = {}
+    for parent_id, kids in inner.items():
+        outer = by_id.get(parent_id)
+        if outer is not None and len(kids) == 1 and outer.kind == kids[0].kind and outer.name == kids[0].name \
+                and outer.service == kids[0].service and parent_id not in servers_by_parent:
+            found[parent_id] = kids[0]
+    return found
+
+
 def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) -> tuple[TraceFacts, list[Call]]:
     """The calls and facts of one trace (all spans of the trace, any order).
 
@@ -145,6 +163,8 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
     roots = [s for s in spans if not s.parent_id or s.parent_id not in by_id]
     roots.sort(key=lambda s: (s.parent_id is not None, s.start_ns))
     root = roots[0]
+    inner_of = _doubled(spans, by_id, servers_by_parent)
+    doubles = {inner.span_id for inner in inner_of.values()}
 
     def entry_of(span: SpanRow) -> SpanRow | None:
         cur = by_id.get(span.parent_id) if span.parent_id else None
@@ -164,14 +184,16 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
             keys.extend(k for k in s.keys if not k.startswith("rid:"))
         if amount is None:
             amount = s.amount
-        if s.kind not in ("client", "producer"):
+        if s.kind not in ("client", "producer") or s.span_id in doubles:
             continue
-        answered = servers_by_parent.get(s.span_id, [])
+        inner = inner_of.get(s.span_id)
+        answered = servers_by_parent.get(s.span_id) or (servers_by_parent.get(inner.span_id, []) if inner else [])
         entry = entry_of(s)
         upstream = entry.parent_id if entry is not None and entry.kind in ("server", "consumer") else None
         common: dict[str, Any] = {
                   "trace_id": s.trace_id, "parent_id": s.parent_id, "caller": s.service, "method": s.method,
-                  "idempotency_key": s.idempotency_key, "captured": _captured(s), "upstream": upstream,
+                  "idempotency_key": s.idempotency_key or bool(inner and inner.idempotency_key),
+                  "captured": _captured(s) or (_captured(inner) if inner else None), "upstream": upstream,
                   "entry_start_ns": entry.start_ns if entry else None,
                   "entry_end_ns": entry.end_ns if entry else None,
                   "entry_span_id": entry.span_id if entry else None, "amount": s.amount}
