@@ -111,3 +111,16 @@ def test_the_readme_first_command_works_in_a_fresh_environment(tmp_path: Path) -
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "timeout_inversion" in proc.stdout and "recommended timeouts" in proc.stdout
+
+
+def test_a_service_that_fails_to_start_stops_the_whole_demo(tmp_path: Path) -> None:
+    from payscope.demo import run_once
+    from payscope.errors import PayscopeError
+
+    store = tmp_path / "broken.db"
+    said: list[str] = []
+    with pytest.raises(PayscopeError, match="payment exited while starting"):
+        run_once(store, tmp_path / "logs", {"PAYMENT_BANK_TIMEOUT": "soon"}, 5, 1, False, said.append)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert str(store) not in ps, "the demo's collector was left running"
+    assert str(tmp_path / "logs") not in ps, "a demo service was left running"

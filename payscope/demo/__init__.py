@@ -93,11 +93,11 @@ class System:
             "gateway": [py, "-m", "payscope.demo.services.gateway", str(self.ports["gateway"])],
         }
         for name in SERVICES:
-            self.procs[name] = subprocess.Popen(
-                [py, "-m", "payscope", "run", "--service", name, "--collector",
-                 f"http://127.0.0.1:{self.ports['collector']}", "--", *commands[name]],
-                env=env, stdout=subprocess.DEVNULL, stderr=(self.log_dir / f"{name}.stderr").open("wb"),
-                start_new_session=True)
+            with (self.log_dir / f"{name}.stderr").open("wb") as stderr:  # the service keeps its own copy
+                self.procs[name] = subprocess.Popen(
+                    [py, "-m", "payscope", "run", "--service", name, "--collector",
+                     f"http://127.0.0.1:{self.ports['collector']}", "--", *commands[name]],
+                    env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True)
         for name in SERVICES:
             _wait_port(self.ports[name], name, self.procs[name])
 
@@ -214,8 +214,8 @@ def run_once(store: Path, log_dir: Path, settings: dict[str, str], duration: flo
     """Start the system, drive it, stop it (unless kept), ingest its logs; return what happened."""
     system = System(store, log_dir, settings, seed)
     now = time.time()
-    system.start((now + 5 + 0.4 * duration, now + 5 + 0.7 * duration))
     try:
+        system.start((now + 5 + 0.4 * duration, now + 5 + 0.7 * duration))  # a failed start stops what it started
         say(f"system up: gateway {system.gateway}, collector http://127.0.0.1:{system.ports['collector']}; "
             f"placing orders for {duration:.0f}s (sale peak in the middle)")
         traffic = drive(system.gateway, duration, seed, progress)
