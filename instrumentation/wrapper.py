@@ -118,6 +118,8 @@ def _program_name(command: Sequence[str]) -> str:
     if head.startswith("python") and len(words) > 1:
         if "-m" in command:
             return command[list(command).index("-m") + 1].split(".")[0]
+        if "-c" in command:
+            return head  # a one-liner has no name of its own
         return Path(words[1]).stem
     return head
 
