@@ -134,17 +134,22 @@ def _clean(attrs: Any) -> dict[str, Any] | None:
     return out
 
 
-def _redacted(span: ReadableSpan) -> ReadableSpan:
+def _masked(span: ReadableSpan) -> tuple[Any, str | None]:
+    """A finished span's attributes and status message with secrets masked (the span's own when clean)."""
     attrs = _clean(span.attributes)
     message = span.status.description
-    masked_message = redact_text(message) if message else message
-    if attrs is None and masked_message == message:
+    return (span.attributes if attrs is None else attrs), (redact_text(message) if message else message)
+
+
+def _redacted(span: ReadableSpan) -> ReadableSpan:
+    attrs, masked_message = _masked(span)
+    if attrs is span.attributes and masked_message == span.status.description:
         return span
     from opentelemetry.trace import Status
 
     return ReadableSpan(
         name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-        attributes=attrs if attrs is not None else span.attributes, events=span.events, links=span.links,
+        attributes=attrs, events=span.events, links=span.links,
         kind=span.kind, status=Status(span.status.status_code, masked_message),
         start_time=span.start_time, end_time=span.end_time, instrumentation_scope=span.instrumentation_scope)
 
@@ -172,7 +177,7 @@ class BusinessKeyProcessor(SpanProcessor):
                 span.set_attribute(REQUEST_ID_ATTRIBUTE, arrived)
             attrs = span.attributes or {}
             query = attrs.get("url.query") or str(attrs.get("http.target", "")).partition("?")[2]
-            _set_keys(span, keys.from_pairs(parse_qsl(str(query)), self.names))
+            set_keys(span, keys.from_pairs(parse_qsl(str(query)), self.names))
         except Exception:
             pass
 
@@ -185,7 +190,7 @@ REQUEST_ID_ATTRIBUTE = "payscope.request_id"
 _key_processor = BusinessKeyProcessor()
 
 
-def _set_keys(span: Any, found: dict[str, str]) -> None:
+def set_keys(span: Any, found: dict[str, str]) -> None:
     """The keys not set yet (the query string comes first, then the body, then headers)."""
     if not found or span is None or not span.is_recording():
         return
@@ -204,9 +209,9 @@ def _wsgi_request_hook(span: Any, environ: dict[str, Any]) -> None:
             if 0 < length <= keys.MAX_BODY:
                 body = environ["wsgi.input"].read(length)
                 environ["wsgi.input"] = io.BytesIO(body)
-                _set_keys(span, keys.from_json(body, names))
+                set_keys(span, keys.from_json(body, names))
         headers = ((k[5:].replace("_", "-"), v) for k, v in environ.items() if k.startswith("HTTP_"))
-        _set_keys(span, keys.from_pairs(headers, names))
+        set_keys(span, keys.from_pairs(headers, names))
     except Exception:
         pass
 
@@ -216,8 +221,8 @@ def _django_request_hook(span: Any, request: Any) -> None:
         names = _key_processor.names
         if keys.is_json(request.META.get("CONTENT_TYPE")) and \
                 0 < int(request.META.get("CONTENT_LENGTH") or 0) <= keys.MAX_BODY:
-            _set_keys(span, keys.from_json(request.body, names))  # Django keeps the body for the view
-        _set_keys(span, keys.from_pairs(request.headers.items(), names))
+            set_keys(span, keys.from_json(request.body, names))  # Django keeps the body for the view
+        set_keys(span, keys.from_pairs(request.headers.items(), names))
     except Exception:
         pass
 
@@ -228,7 +233,7 @@ def _asgi_headers(scope: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _asgi_server_hook(span: Any, scope: dict[str, Any]) -> None:
     try:
-        _set_keys(span, keys.from_pairs(_asgi_headers(scope), _key_processor.names))
+        set_keys(span, keys.from_pairs(_asgi_headers(scope), _key_processor.names))
     except Exception:
         pass
 
@@ -242,7 +247,7 @@ def _asgi_receive_hook(span: Any, scope: dict[str, Any], message: dict[str, Any]
             return
         parent = getattr(span, "parent", None)
         server = _key_processor.open.get(parent.span_id) if parent is not None else None
-        _set_keys(server, keys.from_json(message.get("body") or b"", _key_processor.names))
+        set_keys(server, keys.from_json(message.get("body") or b"", _key_processor.names))
     except Exception:
         pass
 
@@ -276,11 +281,7 @@ class RelaySpanProcessor(_ToRelay, SpanProcessor):
         from .relay import span_tuple
 
         try:
-            attrs = _clean(span.attributes)
-            description = span.status.description
-            if description:
-                description = redact_text(description)
-            self.channel.put("S", span_tuple(span, span.attributes if attrs is None else attrs, description))
+            self.channel.put("S", span_tuple(span, *_masked(span)))
         except Exception:
             pass
 

@@ -1,8 +1,8 @@
 """Export out of the application's process: a relay started by `payscope run`.
 
 In the application, each finished span or log record becomes a tuple of plain values (secrets already
-masked) appended to a bounded buffer; a daemon thread sends the buffer every few milliseconds as one
-``marshal`` frame over a Unix socket. That is all the application pays: no protobuf, no HTTP, no
+masked) appended to a bounded buffer; a daemon thread sends the buffer every 100 ms (sooner when it
+fills) as one ``marshal`` frame over a Unix socket. That is all the application pays: no protobuf, no HTTP, no
 batch serialisation holding the interpreter lock while a request waits.
 
 The relay is a separate process (forked by `payscope run` before it execs the command, detached from
@@ -37,6 +37,16 @@ EXPORT_BATCH = 512
 MAX_FRAME = 64 * 1024 * 1024
 DRAIN_GRACE_S = 3.0
 
+_start_lock = threading.Lock()
+
+
+def _new_start_lock() -> None:
+    global _start_lock
+    _start_lock = threading.Lock()  # a lock held by another thread at fork time would stay held in the child
+
+
+os.register_at_fork(after_in_child=_new_start_lock)
+
 
 # ---------------------------------------------------------------------------------------------------
 # In the application
@@ -53,17 +63,19 @@ class Channel:
         self._pid = -1
 
     def _start(self) -> None:
-        self._pid = os.getpid()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._buffers: dict[str, list[Any]] = {"S": [], "L": []}
         self._sock: socket.socket | None = None
         self._thread = threading.Thread(target=self._loop, name="OtelPayscopeRelay", daemon=True)
         self._thread.start()
+        self._pid = os.getpid()  # last: other threads use the channel once this says it is ready
 
     def put(self, kind: str, item: tuple[Any, ...]) -> None:
         if self._pid != os.getpid():  # first use, or a forked worker: its own buffer, thread and socket
-            self._start()
+            with _start_lock:
+                if self._pid != os.getpid():
+                    self._start()
         with self._lock:
             buffer = self._buffers[kind]
             if len(buffer) >= BUFFER_LIMIT:
@@ -119,9 +131,9 @@ class Channel:
         try:
             body = marshal.dumps((kind, payload))
         except ValueError:  # a log record carrying an object marshal cannot write: send the others
-            payload = [item for item in payload if _writable(item)]
-            self.dropped += 1
-            body = marshal.dumps((kind, payload))
+            writable = [item for item in payload if _writable(item)]
+            self.dropped += len(payload) - len(writable)
+            body = marshal.dumps((kind, writable))
         assert self._sock is not None
         self._sock.sendall(HEADER.pack(len(body)) + body)
 

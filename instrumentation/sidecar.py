@@ -27,7 +27,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Status, StatusCode
 
 from . import keys
-from .distro import QUEUE_SIZE, REQUEST_ID_ATTRIBUTE, BusinessKeyProcessor, RedactingExporter
+from .distro import QUEUE_SIZE, REQUEST_ID_ATTRIBUTE, BusinessKeyProcessor, RedactingExporter, set_keys
 from .propagation import PayscopePropagator, title_case
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
@@ -165,14 +165,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with sidecar.tracer.start_as_current_span(self.command, context=context, kind=trace.SpanKind.SERVER,
                                                   attributes=attributes, record_exception=False,
                                                   set_status_on_exception=False) as span:
-            found = {}
-            if keys.is_json(self.headers.get("Content-Type")):
-                found.update(keys.from_json(body, sidecar.names))
-            for name, value in keys.from_pairs(self.headers.items(), sidecar.names).items():
-                found.setdefault(name, value)
-            for name, value in found.items():
-                if f"payscope.{name}" not in (getattr(span, "attributes", None) or {}):  # the query string came first
-                    span.set_attribute(f"payscope.{name}", value)
+            if keys.is_json(self.headers.get("Content-Type")):  # after the query string, as in `payscope run`
+                set_keys(span, keys.from_json(body, sidecar.names))
+            set_keys(span, keys.from_pairs(self.headers.items(), sidecar.names))
             dropped = HOP_BY_HOP | TRACE_HEADERS | {id_header}
             forward = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
             forward[title_case(id_header)] = request_id
