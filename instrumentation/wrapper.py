@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .keys import CANONICAL
+
 DEFAULT_COLLECTOR = "http://127.0.0.1:4318"
 
 
@@ -26,7 +28,6 @@ def _auto_instrumentation_dir() -> str:
 CONFIG_FILE = "payscope.toml"
 _RUN_SETTINGS = {"service": "OTEL_SERVICE_NAME", "collector": "PAYSCOPE_COLLECTOR", "export": "PAYSCOPE_EXPORT",
                  "quiet": "PAYSCOPE_QUIET", "request_id_header": "PAYSCOPE_REQUEST_ID_HEADER"}
-_KEY_NAMES = ("order_id", "payment_id", "amount")
 
 
 class ConfigError(Exception):
@@ -66,8 +67,8 @@ def load_config(path: Path) -> dict[str, str]:
         settings[_RUN_SETTINGS[key]] = value
     fields = []
     for canonical, names in document.get("keys", {}).items():
-        if canonical not in _KEY_NAMES:
-            raise ConfigError(f"{path}: [keys] {canonical} is not a business key (known: {', '.join(_KEY_NAMES)})")
+        if canonical not in CANONICAL:
+            raise ConfigError(f"{path}: [keys] {canonical} is not a business key (known: {', '.join(CANONICAL)})")
         if isinstance(names, str):
             names = [names]
         if not isinstance(names, list) or not all(isinstance(n, str) and n and "," not in n and "=" not in n
