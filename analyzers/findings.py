@@ -13,6 +13,10 @@ SEVERITIES = ("info", "low", "medium", "high", "critical")
 EVIDENCE_IDS = 5
 # A timeout below the callee's healthy tail kills at least this share of healthy calls.
 BELOW_TAIL_MIN_RATE = 0.01
+# A callee without spans whose successes stay far below the timeout: this share of calls timing out in
+# every fifth of the period is a slow path of its own, not sporadic trouble.
+STEADY_TAIL_MIN_RATE = 0.03
+STEADY_PARTS = 5
 MIN_SAMPLES = 20
 
 
@@ -106,12 +110,21 @@ def timeout_below_tail(edge: Edge) -> Finding | None:
         timeout_starts = sorted(c.start_ns for c in edge.calls if c.gave_up)
         window = starts[-1] - starts[0]
         spread = timeout_starts[-1] - timeout_starts[0]
-        if p99 < 0.6 * t or rate < BELOW_TAIL_MIN_RATE or window <= 0 or spread < 0.5 * window:
+        if rate < BELOW_TAIL_MIN_RATE or window <= 0 or spread < 0.5 * window:
             return None
-        explanation = (f"{rate:.1%} of calls time out, spread over the whole period rather than in one incident, "
-                       f"and successful calls reach right up to the timeout (p99 {_ms(p99)} of {_ms(t)}): "
-                       f"{edge.callee}'s normal latency runs past it. {edge.callee} has no spans, so its real "
-                       "tail beyond the timeout was never seen.")
+        if p99 >= 0.6 * t:
+            explanation = (f"{rate:.1%} of calls time out, spread over the whole period rather than in one "
+                           f"incident, and successful calls reach right up to the timeout (p99 {_ms(p99)} of "
+                           f"{_ms(t)}): {edge.callee}'s normal latency runs past it. {edge.callee} has no spans, so "
+                           "its real tail beyond the timeout was never seen.")
+        elif rate >= STEADY_TAIL_MIN_RATE and _steady(timeout_starts, starts[0], window):
+            explanation = (f"{rate:.1%} of calls time out, steadily through every part of the period, while "
+                           f"successful calls stay well below the timeout (p99 {_ms(p99)} of {_ms(t)}): "
+                           f"{edge.callee} has a slow path longer than the timeout, taken by a steady share of "
+                           f"requests, not an incident. {edge.callee} has no spans, so whether those requests "
+                           "would have succeeded was never seen.")
+        else:
+            return None
     recommended = tail_timeout(edge)
     return Finding(
         "timeout_below_tail", "high" if rate >= 0.05 else "medium", edge.key,
@@ -122,6 +135,12 @@ def timeout_below_tail(edge: Edge) -> Finding | None:
          "expected_false_timeout_rate": round(rate, 4), "samples": len(values)},
         [c.trace_id for c in edge.calls if c.gave_up],
         {"timeout_ms": recommended, "action": f"raise the per-try timeout to {_ms(recommended)}"})
+
+
+def _steady(times: list[int], start: int, window: int) -> bool:
+    """Whether events fall into every one of STEADY_PARTS equal parts of the window."""
+    parts = {min(STEADY_PARTS - 1, (t - start) * STEADY_PARTS // window) for t in times}
+    return len(parts) == STEADY_PARTS
 
 
 def _waits(down: Edge) -> str:
