@@ -89,6 +89,7 @@ def timeout_below_tail(edge: Edge) -> Finding | None:
     if not timeout.known or timeout.value_ms is None or len(edge.timed_out_ms) < 2:
         return None
     t = timeout.value_ms
+    summary = None
     if edge.instrumented_callee and len(edge.server_ms) >= MIN_SAMPLES:
         values = edge.server_ms
         p99 = percentile(values, 99) or 0.0
@@ -118,6 +119,8 @@ def timeout_below_tail(edge: Edge) -> Finding | None:
                            f"{_ms(t)}): {edge.callee}'s normal latency runs past it. {edge.callee} has no spans, so "
                            "its real tail beyond the timeout was never seen.")
         elif rate >= STEADY_TAIL_MIN_RATE and _steady(timeout_starts, starts[0], window):
+            summary = (f"{_name(edge)} times out at {_ms(t)} on {rate:.1%} of calls, steadily: {edge.callee} has a "
+                       "slow path longer than the timeout")
             explanation = (f"{rate:.1%} of calls time out, steadily through every part of the period, while "
                            f"successful calls stay well below the timeout (p99 {_ms(p99)} of {_ms(t)}): "
                            f"{edge.callee} has a slow path longer than the timeout, taken by a steady share of "
@@ -128,7 +131,7 @@ def timeout_below_tail(edge: Edge) -> Finding | None:
     recommended = tail_timeout(edge)
     return Finding(
         "timeout_below_tail", "high" if rate >= 0.05 else "medium", edge.key,
-        f"{_name(edge)} times out at {_ms(t)}, inside {edge.callee}'s normal latency (p99 {_ms(p99)})",
+        summary or f"{_name(edge)} times out at {_ms(t)}, inside {edge.callee}'s normal latency (p99 {_ms(p99)})",
         explanation,
         {"timeout_ms": round(t, 1), "timeout_source": timeout.source, "callee_p99_ms": round(p99, 1),
          "callee_p50_ms": round(percentile(values, 50) or 0.0, 1),

@@ -117,7 +117,10 @@ def test_a_callee_without_spans_and_a_steady_slow_path_is_below_tail_a_rare_one_
             "psp": Service("psp", 20, sigma=0.3, tail_p=tail_p, tail_ms=900, instrumented=False, route="/charge"),
         }, "api")
 
-    steady = _found(_analysis_of(_synth_spans(topology(0.06), requests=2000)))
-    assert ("timeout_below_tail", "api", "psp") in steady
+    steady = [f for f in findings.find(_analysis_of(_synth_spans(topology(0.06), requests=2000)))
+              if f.kind in JUDGED]
+    assert [(f.kind, f.edge[:2]) for f in steady] == [("timeout_below_tail", ("api", "psp"))]
+    assert "slow path longer than the timeout" in steady[0].summary  # not "inside its normal latency"
+    assert steady[0].recommendation["timeout_ms"] >= 300  # past the cut-off slow path, not the fast successes
     rare = _found(_analysis_of(_synth_spans(topology(0.015), requests=2000)))
     assert not {g for g in rare if g[0] in JUDGED}
