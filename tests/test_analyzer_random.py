@@ -65,7 +65,7 @@ def _plant(seed: int, fault: str) -> tuple[Topology, set[tuple[str, str, str]], 
     topology = _healthy(seed)
     services, parents = topology.services, _parents(topology)
     leaves = [n for n, s in services.items() if not s.calls and n in parents]
-    if fault == "inversion":
+    if fault in ("inversion", "retry_budget_overrun"):
         leaves = [n for n in leaves if parents[n][0] in parents]
     callee = rng.choice(leaves)
     caller, call = parents[callee]
@@ -87,6 +87,18 @@ def _plant(seed: int, fault: str) -> tuple[Topology, set[tuple[str, str, str]], 
         outer.timeout_ms = round(c.tail_ms * 0.5 + services[caller].median_ms * 2)
         expected.add(("timeout_inversion", grand, caller))
         allowed |= {("late_success", grand, caller), ("timeout_below_tail", grand, caller)}
+    elif fault == "retry_budget_overrun":  # three tries of a slow callee outlast the caller's own caller
+        grand, outer = parents[caller]
+        call.timeout_ms = round(max(c.median_ms * 4, 100, services[caller].median_ms * 3))
+        call.attempts, call.backoff_ms, call.idempotency_key = 3, 50, True
+        c.tail_p, c.tail_ms = 0.15, call.timeout_ms * 3
+        outer.attempts = 1
+        s = services[caller]
+        outer.timeout_ms = round(0.75 * (3 * call.timeout_ms + 100) + s.median_ms * math.exp(2 * s.sigma))
+        expected.add(("retry_budget_overrun", caller, callee))
+        allowed |= {("timeout_inversion", grand, caller), ("late_success", grand, caller),
+                    ("timeout_below_tail", grand, caller), ("timeout_below_tail", caller, callee),
+                    ("late_success", caller, callee)}
     else:  # a charge retried after errors, without an idempotency key
         c.method, c.error_rate = "POST", 0.1
         call.attempts = 3
@@ -102,7 +114,8 @@ def _plant(seed: int, fault: str) -> tuple[Topology, set[tuple[str, str, str]], 
 
 @pytest.mark.parametrize(("seed", "fault"), [(1, "below_tail"), (6, "below_tail"), (8, "below_tail"),
                                              (4, "inversion"), (12, "inversion"), (3, "non_idempotent_retry"),
-                                             (7, "non_idempotent_retry")])
+                                             (7, "non_idempotent_retry"), (8, "retry_budget_overrun"),
+                                             (13, "retry_budget_overrun")])
 def test_a_planted_fault_in_a_random_topology_is_found(seed: int, fault: str) -> None:
     topology, expected, allowed = _plant(seed, fault)
     got = _found(_analysis_of(_synth_spans(topology, requests=1500, seed=seed)))
