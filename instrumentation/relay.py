@@ -105,9 +105,15 @@ class Channel:
             self._send(kind, items)
 
     def close(self) -> None:
-        """Send what is buffered; say how much was dropped, if anything was."""
+        """Send what is buffered and hang up; say how much was dropped, if anything was."""
+        if self._pid != os.getpid():
+            return
         self.flush()
-        if self.dropped and self._pid == os.getpid():
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+        if self.dropped:
             self.notice(f"{self.dropped} spans and log records of pid {self._pid} were dropped, not exported")
 
     def _send(self, kind: str, items: list[Any]) -> None:
