@@ -207,7 +207,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for name, value in response.getheaders():
             if name.lower() not in HOP_BY_HOP:
                 self.send_header(name, value)
-        self.send_header("Content-Length", str(len(payload)))
+        length = response.getheader("Content-Length") if self.command == "HEAD" else None
+        self.send_header("Content-Length", length or str(len(payload)))  # a HEAD answer keeps the GET's length
         if response.will_close:
             sidecar.drop_connection()
         self.end_headers()
