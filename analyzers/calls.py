@@ -130,6 +130,10 @@ def _captured(row: SpanRow) -> Captured | None:
                     row.retry_max)
 
 
+def _redirect(server: SpanRow) -> bool:
+    return server.http_status is not None and 300 <= server.http_status < 400
+
+
 def _doubled(spans: list[SpanRow], by_id: dict[str, SpanRow],
              servers_by_parent: dict[str, list[SpanRow]]) -> dict[str, SpanRow]:
     """Client or producer spans recorded twice for one call: a span whose only child has its service, kind and
@@ -188,6 +192,9 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
             continue
         inner = inner_of.get(s.span_id)
         answered = servers_by_parent.get(s.span_id) or (servers_by_parent.get(inner.span_id, []) if inner else [])
+        if len(answered) > 1:  # a redirect the client followed is a hop of the same call, not an attempt
+            ordered = sorted(answered, key=lambda a: a.start_ns)
+            answered = [a for a in ordered[:-1] if not _redirect(a)] + ordered[-1:]
         entry = entry_of(s)
         upstream = entry.parent_id if entry is not None and entry.kind in ("server", "consumer") else None
         common: dict[str, Any] = {

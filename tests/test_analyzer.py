@@ -13,7 +13,7 @@ from payscope.collector.importers import ImportReport, read_trace_file
 from payscope.collector.otlp import parse_json_message, spans_from_request
 from payscope.model import SpanRow
 from payscope.synth import Call, Service, Simulator, chain
-from tests.helpers import SCENARIOS, payscope, payscope_json
+from tests.helpers import REALDATA, SCENARIOS, payscope, payscope_json
 
 JUDGED = {"timeout_inversion", "late_success", "timeout_below_tail", "retry_budget_overrun", "non_idempotent_retry"}
 
@@ -214,3 +214,14 @@ def test_the_callers_budget_header_is_the_timeout_in_force() -> None:
         edge = analysis.edges[("api", "pay", "POST /pay")]
         assert (edge.timeout.value_ms, edge.timeout.source) == (1500.0, "captured"), header
         assert edge.timeout.evidence["captured_source"] == "header"
+
+
+def test_a_followed_redirect_is_not_a_retry_after_a_timeout() -> None:
+    """The OpenTelemetry Demo at start-up: the load generator's requests get a 308 from the frontend
+    proxy and follow it, so one client span is answered by two server spans. That is one call, not a
+    first attempt abandoned after a millisecond."""
+    analysis = _analysis_of(_file_spans(REALDATA / "otel-tui_otel-demo_startup.otlp.jsonl.gz"))
+    ingress = analysis.edges[("loadgenerator", "frontend-proxy", "ingress")]
+    assert ingress.retries == 0 and not ingress.errors["timeout"]
+    assert not (ingress.timeout.known and (ingress.timeout.value_ms or 0) < 100)
+    assert not [f for f in findings.find(analysis) if f.kind in JUDGED]
