@@ -7,10 +7,11 @@ call's span. A failure in here is logged once and swallowed: the call goes on un
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from typing import Any
 
 from opentelemetry import trace
@@ -207,18 +208,31 @@ def _tenacity_max(stop: Any) -> int | None:
     return min(inner) if type(stop).__name__ == "stop_any" else max(inner)
 
 
+class _Attempts:
+    """Numbers the calls of a function a tenacity policy retries: each call runs as the next attempt."""
+
+    def __init__(self, stop: Any) -> None:
+        self.limit = _tenacity_max(stop)
+        self.count = 0
+
+    @contextlib.contextmanager
+    def next(self) -> Iterator[None]:
+        self.count += 1
+        token = _tenacity_attempt.set((self.count, self.limit))
+        try:
+            yield
+        finally:
+            _tenacity_attempt.reset(token)
+
+
 def _tenacity_call(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     """``@retry`` and ``Retrying()(fn)``: each call of ``fn`` is an attempt; its client spans say which."""
     try:
-        fn, limit, count = args[0], _tenacity_max(instance.stop), [0]
+        fn, attempts = args[0], _Attempts(instance.stop)
 
         def attempt(*a: Any, **kw: Any) -> Any:
-            count[0] += 1
-            token = _tenacity_attempt.set((count[0], limit))
-            try:
+            with attempts.next():
                 return fn(*a, **kw)
-            finally:
-                _tenacity_attempt.reset(token)
 
         args = (attempt, *args[1:])
     except Exception as exc:
@@ -229,15 +243,11 @@ def _tenacity_call(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
 def _tenacity_call_async(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
     """``AsyncRetrying`` and ``@retry`` on a coroutine function."""
     try:
-        fn, limit, count = args[0], _tenacity_max(instance.stop), [0]
+        fn, attempts = args[0], _Attempts(instance.stop)
 
         async def attempt(*a: Any, **kw: Any) -> Any:
-            count[0] += 1
-            token = _tenacity_attempt.set((count[0], limit))
-            try:
+            with attempts.next():
                 return await fn(*a, **kw)
-            finally:
-                _tenacity_attempt.reset(token)
 
         args = (attempt, *args[1:])
     except Exception as exc:
