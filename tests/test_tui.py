@@ -205,6 +205,10 @@ def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
         assert order_id in shown
         keys("Enter")
         shown = wait_for("linked by")
+        deadline = time.monotonic() + 20  # the log table's header shows while the trace still loads: wait for rows
+        while not ("trace_id" in shown or "request_id" in shown) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            shown = screen()
         assert "trace_id" in shown or "request_id" in shown  # its log lines, with how each was linked
         assert keyed["trace_id"] in shown or order_id in shown
         keys("q")
