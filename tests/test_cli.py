@@ -65,16 +65,3 @@ def test_tracebacks_do_not_show_local_variables() -> None:
     from payscope.cli import app
 
     assert app.pretty_exceptions_show_locals is False
-
-
-def test_wheel_installs_only_the_payscope_package(tmp_path: Path) -> None:
-    root = Path(__file__).parent.parent
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-                    "-w", str(tmp_path), str(root)], check=True, capture_output=True, timeout=300)
-    wheel = next(tmp_path.glob("payscope-*.whl"))
-    names = zipfile.ZipFile(wheel).namelist()
-    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
-    assert top == {"payscope"}
-    for pkg in ("collector", "analyzers", "tui", "instrumentation"):
-        assert f"payscope/{pkg}/__init__.py" in names
-    assert "payscope/samples/checkout.otlp.jsonl.gz" in names
