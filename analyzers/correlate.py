@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
+from payscope.collector.store import Store
 from payscope.model import LogRecord
 from payscope.semconv import normalise_trace_id
 
@@ -39,7 +39,7 @@ class LinkStats:
 class Linker:
     """Links records against what a store holds; caches what it looked up."""
 
-    def __init__(self, store: Any, key_patterns: tuple[str, ...] = DEFAULT_KEY_PATTERNS,
+    def __init__(self, store: Store, key_patterns: tuple[str, ...] = DEFAULT_KEY_PATTERNS,
                  time_window: bool = True) -> None:
         self.store = store
         self.patterns = [re.compile(p) for p in key_patterns]

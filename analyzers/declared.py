@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+
+from payscope.collector.store import Store
 
 from .engine import EdgeKey, TimeoutValue
 
 META_KEY = "declared_timeouts"
 
 
-def declared_timeouts(store: Any) -> dict[EdgeKey, TimeoutValue]:
+def declared_timeouts(store: Store) -> dict[EdgeKey, TimeoutValue]:
     """Per (caller, callee, operation) the timeout a config declares; operation ``*`` matches any."""
     raw = store.get_meta(META_KEY)
     if not raw:

@@ -1,7 +1,8 @@
 """The analysis: calls grouped into edges and transactions, clocks aligned, timeouts inferred.
 
-``analyze(store, now_ns=...)`` reads every span once through the storage
-interface and returns an :class:`Analysis`; nothing here prints or reads the clock.
+Pure: traces in, an :class:`Analysis` out (``analyzers.diagnose.diagnose`` adds the
+recommendations and findings; ``analyzers.loader.load`` feeds it from a store).
+Nothing here reads a store, prints or reads the clock.
 """
 
 from __future__ import annotations
@@ -9,12 +10,16 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from payscope.model import SpanRow
 
 from .calls import Call, TraceFacts, is_charge_like, is_idempotent, resolve_aliases, trace_calls
 from .stats import median, ms, percentile
+
+if TYPE_CHECKING:
+    from .findings import Finding
+    from .recommend import Recommendation
 
 EdgeKey = tuple[str, str, str]
 
@@ -24,6 +29,30 @@ CLUSTER_MIN_MS = 3.0
 SKEW_MIN_MS = 2.0
 SKEW_MIN_PAIRS = 3
 SKEW_MIN_VIOLATIONS = 0.1  # share of successful calls whose server span lies outside the client span
+
+
+def call_budget_ms(per_try_ms: float, attempts: int, backoff_ms: float) -> float:
+    """How long a caller may spend on one logical call: every attempt's timeout plus the waits between."""
+    attempts = max(1, attempts)
+    return per_try_ms * attempts + backoff_ms * (attempts - 1)
+
+
+def is_business_failure(call: Call) -> bool:
+    """The callee answered no (a decline, a 4xx, a business error): not evidence about any timeout."""
+    return call.error_class == "business"
+
+
+def is_duplicate_charge(chain: list[Call]) -> bool:
+    """Attempts of one non-idempotent call, without an idempotency key, of which two or more succeeded."""
+    if sum(1 for c in chain if c.server_ok) < 2 or any(c.idempotency_key for c in chain):
+        return False
+    return not is_idempotent(chain[0].method, False, chain[0].operation)
+
+
+def is_late_success(call: Call) -> bool:
+    """The caller gave up while the callee went on to succeed: it finished after the caller stopped waiting,
+    or its answer was still on the wire when the caller did (the server span ended inside the client span)."""
+    return bool(call.gave_up and call.server_ok and call.server_end_ns is not None)
 
 
 @dataclass(slots=True)
@@ -65,8 +94,11 @@ class Edge:
     callee: str
     operation: str
     calls: list[Call] = field(default_factory=list)
-    healthy_ms: list[float] = field(default_factory=list)     # client-side durations of successes
-    server_ms: list[float] = field(default_factory=list)      # callee-side durations of successes
+    healthy_ms: list[float] = field(default_factory=list)     # what the caller saw of successful calls
+    observed_ms: list[float] = field(default_factory=list)    # ... plus late successes, as long as they took
+    server_ms: list[float] = field(default_factory=list)      # the callee's own time on successful calls
+    gap_ms: list[float] = field(default_factory=list)         # client minus server: network, queue, connect
+    censored_ms: list[float] = field(default_factory=list)    # gave up with no answer: lasted at least this
     timed_out_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     retries: int = 0
@@ -89,10 +121,16 @@ class Edge:
         return (self.caller, self.callee, self.operation)
 
     def latency(self) -> list[float]:
-        """The healthy latency of the callee as the caller would see it, uncensored where possible."""
-        if len(self.server_ms) >= max(10, len(self.healthy_ms) // 2):
-            return self.server_ms
-        return self.healthy_ms
+        """What the caller sees of calls the callee answers well (sorted): the samples every latency judgement
+        uses. Late successes count as long as they took; calls given up without an answer are in
+        ``censored_ms``, never replaced by the callee's own time."""
+        return self.observed_ms
+
+    def budget_ms(self) -> float | None:
+        """The current worst case of one logical call on this edge (None when its timeout is not known)."""
+        if not self.timeout.known or self.timeout.value_ms is None:
+            return None
+        return call_budget_ms(self.timeout.value_ms, self.max_attempts, self.backoff_ms)
 
     def percentiles(self) -> dict[str, float | None]:
         values = self.latency()
@@ -101,10 +139,16 @@ class Edge:
 
     def to_json(self) -> dict[str, Any]:
         pct = self.percentiles()
+        def split(values: list[float]) -> dict[str, float | None]:
+            return {q: None if (v := percentile(values, n)) is None else round(v, 2)
+                    for q, n in (("p50", 50), ("p99", 99))}
+
         return {
             "caller": self.caller, "callee": self.callee, "operation": self.operation,
             "calls": len(self.calls), "healthy_samples": len(self.latency()),
             "latency_ms": {k: None if v is None else round(v, 2) for k, v in pct.items()},
+            "client_ms": split(self.observed_ms), "server_ms": split(self.server_ms), "gap_ms": split(self.gap_ms),
+            "censored_calls": len(self.censored_ms),
             "errors": dict(self.errors), "retries": self.retries, "max_attempts": self.max_attempts,
             "timeout": self.timeout.to_json(),
             "timeout_rate": round(len(self.timed_out_ms) / len(self.calls), 4) if self.calls else 0.0,
@@ -132,10 +176,26 @@ class Analysis:
     offsets: list[ClockOffset]
     transactions: dict[str, Transaction]
     declared: dict[EdgeKey, TimeoutValue] = field(default_factory=dict)
-    now_ns: int | None = None
+    recommendations: dict[EdgeKey, Recommendation] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    _by_trace: dict[str, list[Call]] | None = field(default=None, repr=False)
 
-    def edges_from(self, service: str) -> list[Edge]:
-        return [e for e in self.edges.values() if e.caller == service]
+    def recommended_ms(self, key: EdgeKey) -> float | None:
+        """The one recommended per-try timeout of an edge, that every finding and screen cites."""
+        rec = self.recommendations.get(key)
+        return rec.recommended.per_try_ms if rec is not None else None
+
+    def calls_of(self, trace_id: str) -> list[Call]:
+        """The calls of one trace."""
+        if self._by_trace is None:
+            self._by_trace = defaultdict(list)
+            for c in self.calls:
+                self._by_trace[c.trace_id].append(c)
+        return self._by_trace.get(trace_id, [])
+
+    def findings_of(self, trace_id: str) -> list[Finding]:
+        """The whole-store findings this trace is evidence of."""
+        return [f for f in self.findings if trace_id in f.trace_ids]
 
 
 # --- reading -------------------------------------------------------------------
@@ -207,8 +267,13 @@ def estimate_offsets(calls: list[Call], entry_services: set[str]) -> list[ClockO
             if abs(off) >= SKEW_MIN_MS]
 
 
+def clock_shift_ns(offsets: list[ClockOffset]) -> dict[str, int]:
+    """Per service, the nanoseconds to subtract from its times to put them on the reference clock."""
+    return {o.service: int(o.offset_ms * 1e6) for o in offsets}
+
+
 def apply_offsets(calls: list[Call], offsets: list[ClockOffset]) -> None:
-    shift = {o.service: int(o.offset_ms * 1e6) for o in offsets}
+    shift = clock_shift_ns(offsets)
     if not shift:
         return
     for c in calls:
@@ -317,14 +382,25 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
         if edge is None:
             edge = edges[key] = Edge(*key)
         edge.calls.append(c)
+        client = ms(c.end_ns - c.start_ns)
+        answered = c.server_ok and c.server_start_ns is not None and c.server_end_ns is not None
         if c.error_class is None:
-            edge.healthy_ms.append((c.end_ns - c.start_ns) / 1e6)
+            edge.healthy_ms.append(client)
+            edge.observed_ms.append(client)
         else:
             edge.errors[c.error_class] += 1
             if c.gave_up:
-                edge.timed_out_ms.append((c.end_ns - c.start_ns) / 1e6)
-        if c.server_ok and c.server_start_ns is not None and c.server_end_ns is not None:
-            edge.server_ms.append((c.server_end_ns - c.server_start_ns) / 1e6)
+                edge.timed_out_ms.append(client)
+                if c.late_success and c.server_end_ns is not None:
+                    # it would have lasted at least until the callee finished
+                    edge.observed_ms.append(max(client, ms(c.server_end_ns - c.start_ns)))
+                else:
+                    edge.censored_ms.append(client)
+        if answered and c.server_start_ns is not None and c.server_end_ns is not None:
+            server = ms(c.server_end_ns - c.server_start_ns)
+            edge.server_ms.append(server)
+            if c.ok:
+                edge.gap_ms.append(max(0.0, client - server))
         if c.upstream is not None:
             parent = by_span.get((c.trace_id, c.upstream))
             if parent is not None:
@@ -354,12 +430,11 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
             edge.max_attempts = max(edge.max_attempts, len(chain))
             gaps = [ms(b.start_ns - a.end_ns) for a, b in zip(chain, chain[1:], strict=False)]
             edge.backoff_ms = max(edge.backoff_ms, median(gaps) or 0.0)
-            successes = [c for c in chain if c.server_ok]
-            if len(successes) >= 2 and not any(c.idempotency_key for c in chain):
+            if is_duplicate_charge(chain):
                 edge.duplicate_chains.append(chain)
     for edge in edges.values():
-        edge.healthy_ms.sort()
-        edge.server_ms.sort()
+        for values in (edge.healthy_ms, edge.observed_ms, edge.server_ms, edge.gap_ms, edge.censored_ms):
+            values.sort()
         edge.instrumented_callee = any(c.server_service is not None for c in edge.calls)
         method = Counter(c.method for c in edge.calls).most_common(1)[0][0]
         edge.key_share = sum(c.idempotency_key for c in edge.calls) / len(edge.calls)
@@ -392,10 +467,8 @@ def _union_ms(intervals: list[tuple[int, int]]) -> float:
 
 
 def mark_late_successes(calls: list[Call]) -> None:
-    """A call whose caller gave up (timeout) while the callee went on to succeed."""
     for c in calls:
-        c.late_success = bool(c.gave_up and c.server_ok and c.server_end_ns is not None
-                              and c.server_end_ns > c.end_ns)
+        c.late_success = is_late_success(c)
 
 
 def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[Call]]) -> dict[str, Transaction]:
@@ -403,12 +476,7 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
     for c in calls:
         by_trace[c.trace_id].append(c)
     final_attempt: set[tuple[str, str]] = {(ch[-1].trace_id, ch[-1].span_id) for ch in chains}
-    duplicate: set[str] = set()
-    for chain in chains:
-        successes = [c for c in chain if c.server_ok]
-        if len(successes) >= 2 and not any(c.idempotency_key for c in chain) \
-                and not is_idempotent(chain[0].method, False, chain[0].operation):
-            duplicate.add(chain[0].trace_id)
+    duplicate = {chain[0].trace_id for chain in chains if is_duplicate_charge(chain)}
     depth_cache: dict[tuple[str, str], int] = {}
     by_span = {(c.trace_id, c.span_id): c for c in calls}
 
@@ -440,7 +508,12 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
             outcome = "duplicate_charge"
         elif not f.root_ok:
             cls = hop.error_class if hop is not None else f.root_error_class
-            outcome = "timeout" if cls == "timeout" or f.root_error_class == "timeout" else "failed"
+            if cls == "timeout" or f.root_error_class == "timeout":
+                outcome = "timeout"
+            elif cls == "business":
+                outcome = "declined"  # the callee said no: a business answer, not a timeout problem
+            else:
+                outcome = "failed"
         else:
             outcome = "ok"
         out[trace_id] = Transaction(trace_id, f, outcome, hop.edge if hop else None,
@@ -457,8 +530,8 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
 
 
 def run(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
-        now_ns: int | None = None, extra_calls: Any = None) -> Analysis:
-    """The whole analysis over traces (each a list of the spans of one trace).
+        extra_calls: Any = None) -> Analysis:
+    """Calls, clocks, edges and transactions over traces (each a list of the spans of one trace).
 
     ``extra_calls(facts, calls)`` may add calls seen elsewhere (proxy access logs) once the traces are read.
     """
@@ -474,34 +547,4 @@ def run(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue
     mark_late_successes(calls)
     edges = build_edges(calls, chains, declared or {})
     transactions = classify(facts, calls, chains)
-    return Analysis(facts, calls, edges, offsets, transactions, declared or {}, now_ns)
-
-
-def analyze(store: Any, *, now_ns: int | None = None) -> Analysis:
-    """Analyse everything in ``store`` (any :class:`~payscope.collector.store.Store`)."""
-    from payscope.collector.store import LogQuery
-
-    from .declared import declared_timeouts
-    from .logcalls import log_calls
-
-    def proxy_calls(facts: dict[str, TraceFacts], calls: list[Call]) -> list[Call]:
-        records = [r for _, r in store.search_logs(LogQuery(attribute="status", limit=None))]
-        if not records:
-            return []
-        # a proxy that has its own spans is already in the analysis: its log lines would count it twice
-        traced = {(c.trace_id, c.caller) for c in calls}
-        records = [r for r in records if (r.trace_id, r.service) not in traced]
-        entries: dict[str, tuple[str, int, int, bool, str] | None] = {}
-
-        def entry_of(trace_id: str) -> tuple[str, int, int, bool, str] | None:
-            if trace_id not in entries:
-                rows = [r for r in store.trace_rows(trace_id) if r.kind in ("server", "consumer")]
-                first = min(rows, key=lambda r: r.start_ns) if rows else None
-                entries[trace_id] = (first.service, first.start_ns, first.end_ns, first.error_class is None,
-                                     first.span_id) if first else None
-            return entries[trace_id]
-
-        return log_calls(records, entry_of)
-
-    return run(group_traces(store.iter_rows()), declared=declared_timeouts(store), now_ns=now_ns,
-               extra_calls=proxy_calls)
+    return Analysis(facts, calls, edges, offsets, transactions, declared or {})

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import Analysis, Edge, EdgeKey
-from .recommend import tail_timeout
-from .stats import fraction_above, nice_ceil_ms, percentile
+from payscope.timeparse import format_ms as _ms
+
+from .calls import Call
+from .engine import Analysis, Edge, EdgeKey, is_business_failure
+from .stats import fraction_above, percentile
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 EVIDENCE_IDS = 5
@@ -45,10 +47,9 @@ def severity_at_least(severity: str, threshold: str) -> bool:
     return SEVERITIES.index(severity) >= SEVERITIES.index(threshold)
 
 
-def _ms(value: float | None) -> str:
-    if value is None:
-        return "?"
-    return f"{value / 1000:.2f} s" if value >= 1000 else f"{value:.0f} ms"
+def _evidence(calls: list[Call]) -> list[str]:
+    """Trace ids of these calls, leaving out calls the callee refused: a decline says nothing of a timeout."""
+    return [c.trace_id for c in calls if not is_business_failure(c)]
 
 
 def _name(edge: Edge) -> str:
@@ -57,7 +58,7 @@ def _name(edge: Edge) -> str:
 
 # --- rules -------------------------------------------------------------------------
 
-def late_success(edge: Edge) -> Finding | None:
+def late_success(analysis: Analysis, edge: Edge) -> Finding | None:
     late = edge.late_successes
     if not late:
         return None
@@ -81,24 +82,24 @@ def late_success(edge: Edge) -> Finding | None:
         metrics, [c.trace_id for c in late],
         {"action": f"raise the timeout of {edge.caller} -> {edge.callee} above the callee's healthy tail, "
                    "and reconcile late results (or make the call idempotent and retry with the same key)",
-         "timeout_ms": tail_timeout(edge)})
+         "timeout_ms": analysis.recommended_ms(edge.key)})
 
 
-def timeout_below_tail(edge: Edge) -> Finding | None:
+def timeout_below_tail(analysis: Analysis, edge: Edge) -> Finding | None:
     timeout = edge.timeout
     if not timeout.known or timeout.value_ms is None or len(edge.timed_out_ms) < 2:
         return None
     t = timeout.value_ms
     summary = None
-    if edge.instrumented_callee and len(edge.server_ms) >= MIN_SAMPLES:
-        values = edge.server_ms
+    if edge.instrumented_callee and len(edge.latency()) >= MIN_SAMPLES:
+        values = edge.latency()
         p99 = percentile(values, 99) or 0.0
         rate = fraction_above(values, t)
         if p99 <= t or rate < BELOW_TAIL_MIN_RATE:
             return None
-        explanation = (f"The timeout cuts off {rate:.1%} of calls that {edge.callee} would have answered "
-                       f"successfully (from {edge.callee}'s own spans of successful requests). These are healthy "
-                       "but slow requests being turned into failures.")
+        explanation = (f"The timeout cuts off {rate:.1%} of calls that {edge.callee} answered successfully "
+                       f"(what {edge.caller} saw, counting calls {edge.callee} finished after {edge.caller} "
+                       "had stopped waiting). These are healthy but slow requests being turned into failures.")
     else:
         # The callee has no spans: successes are cut off at the timeout. Their tail reaching up to it,
         # with timeouts spread over the whole period rather than in one burst, says the same thing.
@@ -128,7 +129,7 @@ def timeout_below_tail(edge: Edge) -> Finding | None:
                            "would have succeeded was never seen.")
         else:
             return None
-    recommended = tail_timeout(edge)
+    recommended = analysis.recommended_ms(edge.key)
     return Finding(
         "timeout_below_tail", "high" if rate >= 0.05 else "medium", edge.key,
         summary or f"{_name(edge)} times out at {_ms(t)}, inside {edge.callee}'s normal latency (p99 {_ms(p99)})",
@@ -136,7 +137,7 @@ def timeout_below_tail(edge: Edge) -> Finding | None:
         {"timeout_ms": round(t, 1), "timeout_source": timeout.source, "callee_p99_ms": round(p99, 1),
          "callee_p50_ms": round(percentile(values, 50) or 0.0, 1),
          "expected_false_timeout_rate": round(rate, 4), "samples": len(values)},
-        [c.trace_id for c in edge.calls if c.gave_up],
+        _evidence([c for c in edge.calls if c.gave_up]),
         {"timeout_ms": recommended, "action": f"raise the per-try timeout to {_ms(recommended)}"})
 
 
@@ -159,8 +160,9 @@ def _downstream_wait_ms(analysis: Analysis, edge: Edge) -> tuple[float, Edge] | 
         down = analysis.edges.get(key)
         if down is None:
             continue
-        if down.timeout.known and down.timeout.value_ms is not None:
-            wait = down.timeout.value_ms * max(1, down.max_attempts) + down.backoff_ms * (down.max_attempts - 1)
+        budget = down.budget_ms()
+        if budget is not None:
+            wait = budget
         elif down.timeout.source == "lower_bound" and down.timeout.value_ms is not None:
             # It waited this long and succeeded, so its timeout is at least this.
             wait = down.timeout.value_ms
@@ -184,7 +186,7 @@ def timeout_inversion(analysis: Analysis, edge: Edge) -> Finding | None:
     t = edge.timeout.value_ms
     if t > wait + self_ms:
         return None
-    evidence = [c.trace_id for c in edge.calls if c.gave_up]
+    evidence = _evidence([c for c in edge.calls if c.gave_up])
     return Finding(
         "timeout_inversion", "high", edge.key,
         f"{edge.caller} gives up on {edge.callee} after {_ms(t)}, but {edge.callee} {_waits(down)} "
@@ -200,7 +202,7 @@ def timeout_inversion(analysis: Analysis, edge: Edge) -> Finding | None:
         evidence,
         {"action": f"make {edge.caller}'s timeout larger than {edge.callee}'s whole downstream budget, or "
                    f"shrink {down.caller} -> {down.callee} so deadlines decrease down the chain",
-         "timeout_ms": nice_ceil_ms((wait + self_ms) * 1.1)})
+         "timeout_ms": analysis.recommended_ms(edge.key)})
 
 
 def _deadline_of(analysis: Analysis, edge: Edge) -> tuple[float, Edge] | None:
@@ -215,15 +217,16 @@ def _deadline_of(analysis: Analysis, edge: Edge) -> tuple[float, Edge] | None:
 
 
 def retry_budget_overrun(analysis: Analysis, edge: Edge) -> Finding | None:
-    if edge.max_attempts < 2 or not edge.timeout.known or edge.timeout.value_ms is None:
+    worst = edge.budget_ms()
+    if edge.max_attempts < 2 or worst is None or edge.timeout.value_ms is None:
         return None
-    worst = edge.timeout.value_ms * edge.max_attempts + edge.backoff_ms * (edge.max_attempts - 1)
     deadline = _deadline_of(analysis, edge)
     multiplied = [analysis.edges[k] for k in edge.upstream if k in analysis.edges
                   and analysis.edges[k].max_attempts >= 2]
     if deadline is not None and worst > deadline[0]:
         d, up = deadline
-        chains = [c.trace_id for c in edge.calls if c.attempt >= 1]
+        chains = _evidence([c for c in edge.calls if c.attempt >= 1])
+        rec = analysis.recommendations.get(edge.key)
         return Finding(
             "retry_budget_overrun", "high" if edge.charge_like else "medium", edge.key,
             f"{edge.caller} may spend {_ms(worst)} on {edge.callee} ({edge.max_attempts} attempts of "
@@ -236,7 +239,8 @@ def retry_budget_overrun(analysis: Analysis, edge: Edge) -> Finding | None:
              "caller_deadline_ms": round(d, 1), "deadline_edge": f"{up.caller} -> {up.callee}"},
             chains,
             {"action": "fit attempts x per-try timeout + backoff inside the caller's deadline",
-             "max_attempts": max(1, int((d * 0.9 + edge.backoff_ms) // (edge.timeout.value_ms + edge.backoff_ms)))})
+             "timeout_ms": analysis.recommended_ms(edge.key),
+             "max_attempts": rec.recommended.attempts if rec is not None else 1})
     if multiplied:
         up = max(multiplied, key=lambda e: e.max_attempts)
         total = up.max_attempts * edge.max_attempts
@@ -247,12 +251,12 @@ def retry_budget_overrun(analysis: Analysis, edge: Edge) -> Finding | None:
             "Retrying at more than one layer multiplies the load on the deepest service exactly when it is "
             "struggling. Retry at one layer only, usually the one closest to the user.",
             {"upstream_attempts": up.max_attempts, "attempts": edge.max_attempts, "total_attempts": total},
-            [c.trace_id for c in edge.calls if c.attempt >= 1],
+            _evidence([c for c in edge.calls if c.attempt >= 1]),
             {"action": f"retry at one layer only (keep {up.caller}'s retries or {edge.caller}'s, not both)"})
     return None
 
 
-def non_idempotent_retry(edge: Edge) -> Finding | None:
+def non_idempotent_retry(analysis: Analysis, edge: Edge) -> Finding | None:
     if edge.retries == 0 or edge.idempotent:
         return None
     retried = [c for c in edge.calls if c.attempt >= 1 and not c.idempotency_key]
@@ -269,22 +273,22 @@ def non_idempotent_retry(edge: Edge) -> Finding | None:
         + (f". This happened {len(dup)} times: two attempts both succeeded." if dup else "."),
         {"retried_calls": len(retried), "duplicate_charges": len(dup), "max_attempts": edge.max_attempts,
          "calls_with_idempotency_key": round(edge.key_share, 3)},
-        [ch[0].trace_id for ch in dup] + [c.trace_id for c in retried],
+        [ch[0].trace_id for ch in dup] + _evidence(retried),
         {"action": "send an Idempotency-Key header (the same on every attempt) or stop retrying this call",
          "retries": 0})
 
 
 def timeout_missing(analysis: Analysis, edge: Edge) -> Finding | None:
     timeout = edge.timeout
+    tail = analysis.recommended_ms(edge.key)
     if timeout.source == "captured" and timeout.value_ms is None:
-        tail = tail_timeout(edge)
         return Finding(
             "timeout_missing", "high", edge.key,
             f"{_name(edge)} has no timeout: the client waits forever",
             f"When {edge.callee} hangs, every {edge.caller} worker calling it hangs too, until the pool is "
             "exhausted and unrelated requests fail.",
             {"calls": len(edge.calls), "worst_ms": edge.healthy_ms[-1] if edge.healthy_ms else None},
-            [c.trace_id for c in edge.calls[:EVIDENCE_IDS]],
+            _evidence(edge.calls)[:EVIDENCE_IDS],
             {"timeout_ms": tail, "action": f"set a timeout of {_ms(tail)}"})
     if timeout.known and timeout.value_ms is not None:
         worst = edge.latency()[-1] if edge.latency() else None
@@ -296,8 +300,8 @@ def timeout_missing(analysis: Analysis, edge: Edge) -> Finding | None:
                 f"and above its caller's {_ms(deadline[0])}",
                 "A timeout this long protects nothing: the caller's own caller has long given up.",
                 {"timeout_ms": timeout.value_ms, "worst_healthy_ms": worst, "caller_deadline_ms": deadline[0]},
-                [c.trace_id for c in edge.calls[:EVIDENCE_IDS]],
-                {"timeout_ms": tail_timeout(edge)})
+                _evidence(edge.calls)[:EVIDENCE_IDS],
+                {"timeout_ms": tail, "action": f"shorten the timeout to {_ms(tail)}"})
     return None
 
 
@@ -322,7 +326,7 @@ def deadline_not_propagated(analysis: Analysis, edge: Edge) -> Finding | None:
         f"{edge.callee} starts {len(orphans)} downstream calls after {edge.caller} has already given up",
         f"{edge.caller} does not tell {edge.callee} how long it will wait (no deadline header), so "
         f"{edge.callee} keeps working - and calling others - for a request nobody is waiting for.",
-        {"calls_after_deadline": len(orphans)}, [c.trace_id for c in orphans],
+        {"calls_after_deadline": len(orphans)}, _evidence(orphans),
         {"action": "propagate the remaining budget (grpc-timeout, x-envoy-expected-rq-timeout-ms) and "
                    "check it before each downstream call"})
 
@@ -356,7 +360,7 @@ def uniform_timeout(analysis: Analysis) -> list[Finding]:
     return out
 
 
-def connect_timeout_too_long(edge: Edge) -> Finding | None:
+def connect_timeout_too_long(analysis: Analysis, edge: Edge) -> Finding | None:
     connect = edge.connect_timeout_ms
     read = edge.timeout.value_ms
     if connect is None or read is None:
@@ -371,19 +375,16 @@ def connect_timeout_too_long(edge: Edge) -> Finding | None:
         "retries to a healthy replica start late.",
         {"connect_timeout_ms": connect, "read_timeout_ms": read}, [],
         {"connect_timeout_ms": 500 if read >= 1000 else max(50, int(read // 4)), "action": "shorten the connect "
-         "timeout"})
+         "timeout", "timeout_ms": analysis.recommended_ms(edge.key)})
 
 
 def find(analysis: Analysis) -> list[Finding]:
     """Every finding, most severe first."""
     out: list[Finding] = []
     for edge in analysis.edges.values():
-        for rule in (late_success, timeout_below_tail, non_idempotent_retry, connect_timeout_too_long):
-            found = rule(edge)
-            if found:
-                out.append(found)
-        for rule2 in (timeout_inversion, retry_budget_overrun, timeout_missing, deadline_not_propagated):
-            found = rule2(analysis, edge)
+        for rule in (late_success, timeout_below_tail, non_idempotent_retry, connect_timeout_too_long,
+                     timeout_inversion, retry_budget_overrun, timeout_missing, deadline_not_propagated):
+            found = rule(analysis, edge)
             if found:
                 out.append(found)
     out.extend(uniform_timeout(analysis))

@@ -7,13 +7,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .calls import Call
-from .engine import Analysis, Edge, EdgeKey
+from .engine import Analysis, Edge, EdgeKey, call_budget_ms
 from .stats import fraction_above, median, ms, nice_ceil_ms, percentile
 
 MARGIN = 1.25          # over the healthy p99
 NESTED_MARGIN = 1.1    # a caller waits this much longer than its callee's whole budget
 MIN_TIMEOUT_MS = 10.0
 OUTLIER_FACTOR = 4.0   # a success slower than this many p99s is an outlier, not the tail to cover
+MIN_TAIL_SAMPLES = 20  # fewer successes than this give no tail: cover the longest one seen
 
 
 @dataclass
@@ -27,7 +28,7 @@ class Setting:
     def budget_ms(self) -> float | None:
         if self.per_try_ms is None:
             return None
-        return self.per_try_ms * self.attempts + self.backoff_ms * (self.attempts - 1)
+        return call_budget_ms(self.per_try_ms, self.attempts, self.backoff_ms)
 
 
 @dataclass
@@ -48,7 +49,7 @@ class Recommendation:
             "current": {"timeout_ms": e.timeout.value_ms and round(e.timeout.value_ms, 1),
                         "source": e.timeout.source, "attempts": self.current.attempts},
             "latency_ms": {k: None if v is None else round(v, 1) for k, v in pct.items()},
-            "samples": len(e.latency()),
+            "samples": len(e.latency()), "censored_calls": len(e.censored_ms),
             "recommended": {"timeout_ms": self.recommended.per_try_ms, "attempts": self.recommended.attempts,
                             "retries": self.recommended.attempts - 1,
                             "backoff_ms": self.recommended.backoff_ms,
@@ -86,7 +87,10 @@ def recommend(analysis: Analysis) -> list[Recommendation]:
         self_p99 = percentile(sorted(edge.self_ms), 99) or 0.0
         nested = (downstream + self_p99) * NESTED_MARGIN if downstream else 0.0
         per_try = tail
-        reason = "healthy p99 x 1.25 (p99.9 where there are 1000+ samples)"
+        reason = "caller-observed p99 x 1.25 (p99.9 where there are 1000+ samples)"
+        if len(edge.latency()) < MIN_TAIL_SAMPLES:
+            reason = (f"only {len(edge.latency())} successful calls, too few for a tail: covers the longest "
+                      "the caller saw")
         if per_try is None:
             per_try = edge.timeout.value_ms if edge.timeout.known else None
             reason = "no healthy samples: keep the current value"
@@ -108,25 +112,38 @@ def recommend(analysis: Analysis) -> list[Recommendation]:
     for key, edge in sorted(edges.items()):
         rec = setting(key)
         cur = current_setting(edge)
-        values = edge.latency()
-        before = fraction_above(values, cur.per_try_ms) if cur.per_try_ms is not None else 0.0
-        after = fraction_above(values, rec.per_try_ms) if rec.per_try_ms is not None else 0.0
+        before = timeout_rate(edge, cur.per_try_ms)
+        after = timeout_rate(edge, rec.per_try_ms)
         notes = []
+        cut = fraction_above(edge.latency(), rec.per_try_ms) if rec.per_try_ms is not None else 0.0
+        if cut:
+            notes.append(f"cuts {cut:.2%} of the successful calls the caller saw (outliers beyond "
+                         f"{OUTLIER_FACTOR:g}x the p99)")
+        if edge.censored_ms:
+            notes.append(f"{len(edge.censored_ms)} calls were given up with no answer: how long they would have "
+                         "taken was never seen, so they count as timing out after too")
         if not edge.idempotent and cur.attempts > 1:
             notes.append("retries removed: the call is not idempotent (send an Idempotency-Key to retry safely)")
         if not edge.instrumented_callee and edge.timed_out_ms:
             notes.append(f"{edge.callee} has no spans: latency above the current timeout was never observed, "
                          "so the tail may be longer than shown")
-        if rec.per_try_ms is not None:
-            p99 = percentile(values, 99)
-            if p99 is not None and rec.per_try_ms < p99:  # never: kept as a guard on the rule above
-                rec.per_try_ms = nice_ceil_ms(p99)
         out.append(Recommendation(edge, cur, rec, reasons[key], before, after ** rec.attempts, notes))
     return out
 
 
+def timeout_rate(edge: Edge, per_try_ms: float | None) -> float:
+    """The share of calls a per-try timeout fails, from what the caller saw: successes slower than it, and
+    calls given up without an answer, whose length was never seen (counted as failing under any timeout)."""
+    observed = edge.latency()
+    total = len(observed) + len(edge.censored_ms)
+    if not total:
+        return 0.0
+    slow = fraction_above(observed, per_try_ms) * len(observed) if per_try_ms is not None else 0.0
+    return (slow + len(edge.censored_ms)) / total
+
+
 def tail_timeout(edge: Edge) -> float | None:
-    """A per-try timeout from the callee's healthy latency tail."""
+    """A per-try timeout from the tail of what the caller saw of successful calls."""
     values = edge.latency()
     p99 = percentile(values, 99)
     if p99 is None:
@@ -135,11 +152,11 @@ def tail_timeout(edge: Edge) -> float | None:
     if len(values) >= 1000:
         target = max(target, percentile(values, 99.9) or target)
     worst = values[-1]
-    if worst <= OUTLIER_FACTOR * p99:
+    if worst <= OUTLIER_FACTOR * p99 or len(values) < MIN_TAIL_SAMPLES:
         # Cutting off a call that succeeded in the recorded data would turn a success into a failure.
         target = max(target, worst * 1.05)
-    if not edge.instrumented_callee and edge.timed_out_ms and edge.timeout.value_ms:
-        # Successes are censored at the current timeout: the real tail lies beyond it.
+    if edge.censored_ms and edge.timeout.value_ms and len(edge.censored_ms) >= 0.01 * len(edge.calls):
+        # Calls given up with no answer lasted at least the timeout: the real tail lies beyond it.
         target = max(target, edge.timeout.value_ms * 2)
     return nice_ceil_ms(max(MIN_TIMEOUT_MS, target))
 
@@ -200,11 +217,9 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
         calls.sort(key=lambda c: c.start_ns)
         # the server span of the caller that made these calls: its upstream client span id
         chains_by_parent[(trace_id, calls[0].upstream)].append(calls)
-    net_ms: dict[EdgeKey, float] = {}
+    back_ms: dict[EdgeKey, float] = {}  # the answer's way back: half the gap of a successful call
     for key, edge in analysis.edges.items():
-        gaps = [ms(c.duration_ns - (c.server_end_ns - c.server_start_ns)) for c in edge.calls
-                if c.ok and c.server_end_ns is not None and c.server_start_ns is not None]
-        net_ms[key] = max(0.0, median(gaps) or 1.0)
+        back_ms[key] = (median(edge.gap_ms) or 0.0) / 2
 
     def run_chain(chain: list[Call]) -> tuple[float, bool, bool, bool]:
         """(time the caller spent, success, a late success happened, a duplicate happened)."""
@@ -234,13 +249,17 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
         return spent, False, late, dup
 
     def attempt_latency(edge: Edge, call: Call | None) -> tuple[float, bool]:
+        """How long the caller would wait for this attempt with no timeout, and whether it would succeed:
+        what the caller saw, with the callee's own calls replayed in place of what they took."""
         if call is None:
             return (percentile(edge.latency(), 50) or 0.0), True
         if call.server_start_ns is None or call.server_end_ns is None:
-            if call.gave_up:  # the callee has no spans: how long it would have taken was never seen
+            if call.gave_up:  # no answer: how long it would have taken was never seen
                 return float("inf"), False
             return ms(call.duration_ns), call.ok
-        own = ms(call.server_end_ns - call.server_start_ns)
+        client = ms(call.duration_ns)
+        if call.gave_up:  # cut short: it would have lasted until the callee finished and its answer came back
+            client = max(client, ms(call.server_end_ns - call.start_ns) + back_ms.get(edge.key, 0.0))
         children = chains_by_parent.get((call.trace_id, call.span_id), [])
         recorded_children = sum(ms(ch[-1].end_ns - ch[0].start_ns) for ch in children)
         replayed = 0.0
@@ -254,9 +273,10 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
         # A callee that failed only because one of its own calls failed succeeds when that call now does.
         failed_by_child = any(not ch[-1].ok for ch in children)
         ok = children_ok and (bool(call.server_ok) or failed_by_child)
-        return max(0.0, own - recorded_children + replayed) + net_ms.get(edge.key, 1.0), ok
+        return max(0.0, client - recorded_children + replayed), ok
 
-    failed = late_total = dup_total = 0
+    failed = late_total = 0
+    duplicated: set[str] = set()
     for trace_id, facts in analysis.traces.items():
         top = chains_by_parent.get((trace_id, None), [])
         any_fail = any_late = any_dup = False
@@ -269,8 +289,14 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
             any_fail = True
         failed += any_fail
         late_total += any_late and any_fail
-        dup_total += any_dup
-    return ReplayResult(len(analysis.traces), failed, late_total, dup_total)
+        if any_dup:
+            duplicated.add(order_of(facts))
+    return ReplayResult(len(analysis.traces), failed, late_total, len(duplicated))
+
+
+def order_of(facts: Any) -> str:
+    """What a duplicate charge is counted once per: the order (its first business key), else the trace."""
+    return str(facts.keys[0]) if facts.keys else str(facts.trace_id)
 
 
 def _walk(chain: list[Call], run_chain: Any, chains_by_parent: dict[tuple[str, str | None], list[list[Call]]]
@@ -292,11 +318,14 @@ def simulate(analysis: Analysis, recommendations: list[Recommendation]) -> dict[
     before = replay(analysis, {r.edge.key: r.current for r in recommendations})
     after = replay(analysis, {r.edge.key: r.recommended for r in recommendations})
     recorded = Counter(t.outcome for t in analysis.transactions.values())
+    duplicated = {order_of(t.facts) for t in analysis.transactions.values() if t.outcome == "duplicate_charge"}
     return {
         "recorded": {"transactions": len(analysis.transactions),
-                     "failed": sum(recorded.get(k, 0) for k in ("failed", "timeout", "late_success")),
+                     "failed": sum(recorded.get(k, 0) for k in ("failed", "timeout", "late_success", "declined")),
                      "late_success": recorded.get("late_success", 0),
-                     "duplicate_charge": recorded.get("duplicate_charge", 0)},
+                     "duplicate_charge": len(duplicated)},
         "before": before.to_json(), "after": after.to_json(),
-        "model": "recorded latencies replayed through each call tree under the current and recommended settings",
+        "counts": "transactions are traces; duplicate_charge counts orders charged twice, once per order",
+        "model": "what each caller saw, replayed through each call tree under the current and recommended "
+                 "settings",
     }

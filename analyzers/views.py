@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from payscope.collector.store import Store
 from payscope.errors import InputError
-from payscope.model import Span, TraceSummary
-from payscope.timeparse import format_duration_ns, format_ns
+from payscope.model import Span
+from payscope.timeparse import format_duration_ns, format_ms, format_ns
 
-from . import engine, findings
+from . import findings, recommend
+from .calls import Call
+from .engine import Analysis, Transaction, clock_shift_ns
 
 
 def log_json(rec: Any) -> dict[str, Any]:
@@ -20,7 +23,7 @@ def log_json(rec: Any) -> dict[str, Any]:
             "source": rec.source, "trace_id": rec.trace_id, "span_id": rec.span_id, "link": link}
 
 
-def resolve_trace_ids(store: Any, ident: str) -> list[str]:
+def resolve_trace_ids(store: Store, ident: str) -> list[str]:
     """Trace ids for a trace id (any case, dashes allowed) or a business key (order or payment id)."""
     cleaned = ident.strip().lower().replace("-", "")
     if len(cleaned) in (16, 32) and all(c in "0123456789abcdef" for c in cleaned):
@@ -33,41 +36,41 @@ def resolve_trace_ids(store: Any, ident: str) -> list[str]:
     raise InputError(f"no transaction {ident!r} in {store.url}: not a stored trace id, order id or payment id")
 
 
-def _trace_outcome(store: Any, trace_id: str, summary: TraceSummary
-                   ) -> tuple[str, str | None, str | None, list[str], list[str]]:
-    """Outcome, failing hop, error class, business keys and finding kinds of one trace."""
-    analysis = engine.run([store.trace_rows(trace_id)])
-    tx = analysis.transactions.get(trace_id)
-    kinds = sorted({f.kind for f in findings.find(analysis)})
-    if tx is None:
-        return "failed" if summary.error_count else "ok", None, summary.error_class, [], kinds
+def failure_rows(store: Store, analysis: Analysis, *, since_ns: int | None = None, limit: int | None = 50,
+                 offset: int = 0, outcome: str | None = None, service: str | None = None) -> list[dict[str, Any]]:
+    """Failed transactions newest first, as the whole-store analysis judged them, each a flat dict (the JSON of
+    `payscope failures`). A transaction that went well despite errors inside is ``recovered``."""
+    errored = {c.trace_id for c in analysis.calls if not c.ok}
+    picked = []
+    for tx in analysis.transactions.values():
+        shown = tx.outcome if tx.outcome != "ok" else ("recovered" if tx.trace_id in errored else None)
+        if shown is None or (outcome is not None and shown != outcome):
+            continue
+        if since_ns is not None and tx.facts.start_ns < since_ns:
+            continue
+        if service is not None and service not in tx.facts.services:
+            continue
+        picked.append((tx, shown))
+    picked.sort(key=lambda p: (-p[0].facts.start_ns, p[0].trace_id))
+    window = picked[offset:offset + limit] if limit is not None else picked[offset:]
+    return [failure_row(store, analysis, tx, shown) for tx, shown in window]
+
+
+def failure_row(store: Store, analysis: Analysis, tx: Transaction, outcome: str | None = None) -> dict[str, Any]:
+    """One transaction as a row of `payscope failures`."""
+    f = tx.facts
+    summary = store.trace_summary(tx.trace_id)
     hop = f"{tx.failing_hop[0]} -> {tx.failing_hop[1]}" if tx.failing_hop else None
-    return tx.outcome, hop, tx.error_class, tx.facts.keys, kinds
-
-
-def failure_row(store: Any, summary: TraceSummary, *, keep_ok: bool = False) -> dict[str, Any] | None:
-    """One transaction as a row of `payscope failures`; None for one that went well (unless ``keep_ok``)."""
-    outcome, hop, error_class, keys, kinds = _trace_outcome(store, summary.trace_id, summary)
-    if outcome == "ok":
-        if summary.error_count:
-            outcome = "recovered"  # errors inside, but the transaction itself succeeded (a retry worked)
-        elif not keep_ok:
-            return None  # looked suspicious to the store; the analysis says it went well
     return {
-        "time": format_ns(summary.start_ns), "trace_id": summary.trace_id,
-        "entry": f"{summary.root_service}: {summary.root_name}", "outcome": outcome,
-        "failing_hop": hop, "error_class": error_class or summary.error_class,
-        "duration_ms": round(summary.duration_ns / 1e6, 3),
-        "duration": format_duration_ns(summary.duration_ns), "services": summary.services,
-        "spans": summary.span_count, "errors": summary.error_count, "keys": keys, "findings": kinds,
+        "time": format_ns(f.start_ns), "trace_id": tx.trace_id,
+        "entry": f"{f.root_service}: {summary.root_name if summary else f.root_operation}",
+        "outcome": outcome or tx.outcome, "order": f.keys[0] if f.keys else None,
+        "failing_hop": hop, "error_class": tx.error_class,
+        "duration_ms": round((f.end_ns - f.start_ns) / 1e6, 3),
+        "duration": format_duration_ns(f.end_ns - f.start_ns), "services": f.services,
+        "spans": f.span_count, "errors": summary.error_count if summary else 0, "keys": f.keys,
+        "findings": sorted({found.kind for found in analysis.findings_of(tx.trace_id)}),
     }
-
-
-def failure_rows(store: Any, *, since_ns: int | None = None, limit: int | None = 50,
-                 offset: int = 0) -> list[dict[str, Any]]:
-    """Failed transactions, newest first, each as a flat dict (the JSON of `payscope failures`)."""
-    rows = (failure_row(store, s) for s in store.failed_traces(since_ns=since_ns, limit=limit, offset=offset))
-    return [row for row in rows if row is not None]
 
 
 def _timeout_of(attrs: dict[str, Any]) -> float | None:
@@ -98,21 +101,44 @@ def _depths(spans: list[Span]) -> list[tuple[Span, int]]:
     return out
 
 
-def transaction_view(store: Any, ident: str) -> dict[str, Any]:
-    """One transaction: its traces' spans as a tree, its log lines, outcome and findings."""
+def _call_json(call: Call) -> dict[str, Any]:
+    """The three times of one call kept apart: what the caller saw, what the callee spent, and the gap."""
+    client = call.duration_ns / 1e6
+    server = None
+    if call.server_start_ns is not None and call.server_end_ns is not None:
+        server = (call.server_end_ns - call.server_start_ns) / 1e6
+    return {"callee": call.callee, "operation": call.operation, "client_ms": round(client, 3),
+            "server_ms": None if server is None else round(server, 3),
+            "gap_ms": None if server is None or not call.ok else round(max(0.0, client - server), 3),
+            "late_success": call.late_success, "attempt": call.attempt, "error_class": call.error_class}
+
+
+def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, Any]:
+    """One transaction: its traces' spans as a tree, its log lines, outcome, and the whole-store findings it is
+    evidence of."""
     trace_ids = resolve_trace_ids(store, ident)
     spans = [s for tid in trace_ids for s in store.trace(tid)]
     span_rows = {tid: store.trace_rows(tid) for tid in trace_ids}
     error_classes = {(r.trace_id, r.span_id): r.error_class for rs in span_rows.values() for r in rs}
-    analysis = engine.run(list(span_rows.values()))
-    found = [f.to_json() for f in findings.find(analysis)]
-    shift = {o.service: int(o.offset_ms * 1e6) for o in analysis.offsets}
-    for span in spans:  # show every span on the reference clock, as the analysis saw it
+    calls: dict[tuple[str, str], Call] = {}
+    for tid in trace_ids:
+        for c in analysis.calls_of(tid):
+            calls[(c.trace_id, c.span_id.split("#")[0])] = c  # a span's last attempt speaks for it
+    seen: set[int] = set()
+    found = []
+    for tid in trace_ids:
+        for f in analysis.findings_of(tid):
+            if id(f) not in seen:
+                seen.add(id(f))
+                found.append(f.to_json())
+    shift = clock_shift_ns(analysis.offsets)
+    for span in spans:  # every span on the reference clock, as the analysis saw it
         span.start_ns -= shift.get(span.service, 0)
         span.end_ns -= shift.get(span.service, 0)
     t0 = min(s.start_ns for s in spans)
     rows = []
     for span, depth in _depths(spans):
+        call = calls.get((span.trace_id, span.span_id))
         rows.append({
             "trace_id": span.trace_id, "span_id": span.span_id, "parent_id": span.parent_id, "depth": depth,
             "service": span.service, "name": span.name, "kind": span.kind,
@@ -120,7 +146,7 @@ def transaction_view(store: Any, ident: str) -> dict[str, Any]:
             "status": {0: "unset", 1: "ok", 2: "error"}.get(span.status_code, "unset"),
             "error_class": error_classes.get((span.trace_id, span.span_id)), "message": span.status_message,
             "timeout_ms": _timeout_of(span.attributes), "attributes": span.attributes,
-            "events": span.events,
+            "events": span.events, "call": _call_json(call) if call is not None else None,
         })
     logs = sorted((log_json(rec) for tid in trace_ids for rec in store.logs_of_trace(tid)),
                   key=lambda r: r["time"])
@@ -139,63 +165,41 @@ def transaction_view(store: Any, ident: str) -> dict[str, Any]:
             "clock_skew": [o.to_json() for o in analysis.offsets]}
 
 
-def render_waterfall(view: dict[str, Any], width: int = 32) -> str:
-    """The text waterfall of `payscope show`."""
-    total = max(view["duration_ms"], 0.001)
-    lines = []
-    for tx in view["transactions"]:
-        hop = tx["failing_hop"]
-        where = f" at {hop['caller']} -> {hop['callee']} ({hop['operation']})" if hop else ""
-        lines.append(f"trace {tx['trace_id']}: {tx['outcome']}{where}"
-                     + (f" [{tx['error_class']}]" if tx["error_class"] else "")
-                     + (f"  keys: {', '.join(tx['business_keys'])}" if tx["business_keys"] else ""))
-    lines.append("")
-    for row in view["spans"]:
-        start = int(row["offset_ms"] / total * width)
-        length = max(1, int(row["duration_ms"] / total * width))
-        bar = " " * start + "#" * min(length, width - start)
-        status = row["status"].upper() if row["status"] == "error" else ""
-        cls = f" [{row['error_class']}]" if row["error_class"] else ""
-        msg = f" {row['message']}" if row["message"] else ""
-        label = "  " * row["depth"] + f"{row['service']}: {row['name']} ({row['kind']})"
-        lines.append(f"{bar:<{width}} {row['duration_ms']:>10.1f} ms  {label} {status}{cls}{msg}".rstrip())
-    if view["logs"]:
-        lines.append("")
-        lines.append("logs:")
-        for rec in view["logs"]:
-            lines.append(f"  {rec['time']} {rec['service']} {rec['level']} {rec['message']}  "
-                         f"({rec['source']}, linked by {rec['link']['method']} {rec['link']['confidence']:.2f})")
-    if view["findings"]:
-        lines.append("")
-        lines.append("findings:")
-        for f in view["findings"]:
-            lines.append(f"  [{f['severity']}] {f['kind']}: {f['summary']}")
-    for skew in view["clock_skew"]:
-        lines.append(f"(clock of {skew['service']} corrected by {skew['offset_ms']:+.1f} ms)")
-    return "\n".join(lines)
+def analysis_document(analysis: Analysis) -> dict[str, Any]:
+    """The JSON contract of `payscope analyze --format json`."""
+    found = analysis.findings
+    outcomes: dict[str, int] = {}
+    for tx in analysis.transactions.values():
+        outcomes[tx.outcome] = outcomes.get(tx.outcome, 0) + 1
+    orders = {k for tx in analysis.transactions.values() for k in tx.facts.keys[:1]}
+    duplicated = {recommend.order_of(tx.facts) for tx in analysis.transactions.values()
+                  if tx.outcome == "duplicate_charge"}
+    return {
+        "findings": [f.to_json() for f in found],
+        "edges": [{**e.to_json(), "recommended_timeout_ms": analysis.recommended_ms(key)}
+                  for key, e in sorted(analysis.edges.items())],
+        "clock_skew": [o.to_json() for o in analysis.offsets],
+        "stats": {"traces": len(analysis.traces), "transactions": len(analysis.transactions),
+                  "calls": len(analysis.calls), "edges": len(analysis.edges), "orders": len(orders),
+                  "outcomes": outcomes, "orders_charged_twice": len(duplicated),
+                  "findings_by_severity": {s: sum(f.severity == s for f in found) for s in findings.SEVERITIES
+                                           if any(f.severity == s for f in found)}},
+    }
 
 
-def markdown_report(view: dict[str, Any]) -> str:
-    """One transaction as Markdown, for an incident ticket."""
-    lines = [f"# Transaction {', '.join(view['trace_ids'])}", ""]
-    for tx in view["transactions"]:
-        hop = tx["failing_hop"]
-        lines.append(f"- **outcome:** {tx['outcome']}" + (f" at `{hop['caller']} -> {hop['callee']}` "
-                                                          f"({hop['operation']})" if hop else "")
-                     + (f", error class `{tx['error_class']}`" if tx["error_class"] else ""))
-        if tx["business_keys"]:
-            lines.append(f"- **business keys:** {', '.join(tx['business_keys'])}")
-    lines += [f"- **started:** {view['start']}, **duration:** {view['duration_ms']:.1f} ms", "", "## Spans", "",
-              "```", render_waterfall({**view, "logs": [], "findings": [], "clock_skew": []}), "```", ""]
-    if view["findings"]:
-        lines += ["## Findings", ""]
-        for f in view["findings"]:
-            lines += [f"- **{f['severity']} {f['kind']}**: {f['summary']}",
-                      f"  - fix: {f['recommendation'].get('action', '')}"]
-        lines.append("")
-    if view["logs"]:
-        lines += ["## Logs", "", "| time | service | level | message | linked by |", "| --- | --- | --- | --- | --- |"]
-        for r in view["logs"]:
-            message = r["message"].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {r['time']} | {r['service']} | {r['level']} | {message} | {r['link']['method']} |")
-    return "\n".join(lines) + "\n"
+def recommendation_document(analysis: Analysis, *, simulate: bool = False) -> dict[str, Any]:
+    """The JSON contract of `payscope recommend timeouts --format json`."""
+    recs = list(analysis.recommendations.values())
+    document: dict[str, Any] = {"recommendations": [r.to_json() for r in recs]}
+    if simulate:
+        document["simulation"] = recommend.simulate(analysis, recs)
+    return document
+
+
+def fix_text(finding: dict[str, Any]) -> str:
+    """A finding's fix with its edge's one recommended timeout, as every command and screen shows it."""
+    rec = finding["recommendation"]
+    text = rec.get("action") or "see payscope recommend timeouts"
+    if rec.get("timeout_ms"):
+        text += f" (recommended timeout {format_ms(rec['timeout_ms'])})"
+    return text

@@ -12,6 +12,7 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import IO, Any
 
+from payscope.collector.store import Store
 from payscope.errors import InputError
 from payscope.model import LogRecord
 
@@ -174,7 +175,7 @@ def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offs
         trace_id=str(trace_id) if trace_id else None, span_id=str(span_id) if span_id else None)
 
 
-def ingest(store: Any, inputs: list[str], *, service: str | None = None, fmt: str = "auto", tz: tzinfo | None = None,
+def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: str = "auto", tz: tzinfo | None = None,
            clock_offset_ns: int = 0, nginx_format: str | None = None, linker: Any = None,
            on_progress: Callable[[str, int], None] | None = None) -> IngestReport:
     """Parse, link (with ``linker``, an analyzers.correlate.Linker) and store every record."""

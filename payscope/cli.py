@@ -309,6 +309,7 @@ def failures(
     output_format: FormatOption = "table",
 ) -> None:
     """Failed transactions, newest first, one a line."""
+    from payscope.analyzers.loader import load
     from payscope.analyzers.views import failure_rows
     from payscope.collector.store import open_store
     from payscope.timeparse import parse_duration_s
@@ -318,17 +319,17 @@ def failures(
     if since:
         since_ns = time.time_ns() - int(parse_duration_s(since, "--since") * 1e9)
     with open_store(store, readonly=True) as opened:
-        rows = failure_rows(opened, since_ns=since_ns, limit=limit or None)
+        rows = failure_rows(opened, load(opened), since_ns=since_ns, limit=limit or None)
     if output_format == "json":
         _emit_json({"failures": rows})
         return
     if not rows:
         out.print("no failed transactions" + (f" in the last {since}" if since else ""))
         return
-    out.print(f"{'time':<29} {'outcome':<16} {'failing hop':<32} {'error':<10} {'duration':>9}  "
+    out.print(f"{'time':<29} {'outcome':<16} {'order':<14} {'failing hop':<32} {'error':<10} {'duration':>9}  "
               f"{'trace id':<32}  entry", markup=False)
     for row in rows:
-        out.print(f"{row['time']:<29} {row['outcome']:<16} {row['failing_hop'] or '-':<32} "
+        out.print(f"{row['time']:<29} {row['outcome']:<16} {row['order'] or '-':<14} {row['failing_hop'] or '-':<32} "
                   f"{row['error_class'] or '-':<10} {row['duration']:>9}  {row['trace_id']:<32}  {row['entry']}",
                   markup=False)
 
@@ -340,16 +341,17 @@ def show(
     output_format: FormatOption = "table",
 ) -> None:
     """One transaction: a waterfall of its spans with status and errors."""
+    from payscope.analyzers.loader import load
     from payscope.analyzers.views import transaction_view
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json"))
     with open_store(store, readonly=True) as opened:
-        view = transaction_view(opened, transaction)
+        view = transaction_view(opened, load(opened), transaction)
     if output_format == "json":
         _emit_json(view)
         return
-    from payscope.analyzers.views import render_waterfall
+    from payscope.report import render_waterfall
 
     out.print(render_waterfall(view), markup=False)
 
@@ -365,15 +367,17 @@ def analyze(
     ] = None,
 ) -> None:
     """Timeout and retry findings over everything in the store."""
-    from payscope.analyzers import report
+    from payscope import report
     from payscope.analyzers.findings import SEVERITIES, severity_at_least
+    from payscope.analyzers.loader import load
+    from payscope.analyzers.views import analysis_document
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "markdown"))
     if fail_on is not None and fail_on not in SEVERITIES:
         raise PayscopeError(f"--fail-on {fail_on!r} is not one of {', '.join(SEVERITIES)}")
     with open_store(store, readonly=True) as opened:
-        document = report.analysis_document(opened, now_ns=time.time_ns())
+        document = analysis_document(load(opened))
     if output_format == "json":
         _emit_json(document)
     elif output_format == "markdown":
@@ -393,12 +397,14 @@ def recommend_timeouts(
     snippets: Annotated[bool, typer.Option("--snippets", help="Print config snippets per edge.")] = False,
 ) -> None:
     """Per-edge timeouts and retries from the healthy latency tail, deadlines shrinking down the chain."""
-    from payscope.analyzers import report
+    from payscope import report
+    from payscope.analyzers.loader import load
+    from payscope.analyzers.views import recommendation_document
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "yaml"))
     with open_store(store, readonly=True) as opened:
-        document = report.recommendation_document(opened, simulate=simulate)
+        document = recommendation_document(load(opened), simulate=simulate)
     if output_format == "json":
         _emit_json(document)
     elif output_format == "yaml":
@@ -431,7 +437,9 @@ def demo(
 ) -> None:
     """Start a real payment system with bad timeouts under payscope, drive it, and investigate it."""
     from payscope import demo as demo_mod
-    from payscope.analyzers import report
+    from payscope import report
+    from payscope.analyzers.loader import load
+    from payscope.analyzers.views import analysis_document, recommendation_document
     from payscope.collector.store import open_store, resolve_store_url
 
     demo_mod.check_installed()
@@ -465,16 +473,17 @@ def demo(
         result = demo_mod.run_once(path, path.with_name(path.stem + "-demo-logs"), settings, duration, seed,
                                    keep_running, say, progress)
         t = result["traffic"]
-        say(f"{label}: {t.sent} orders placed, {t.failed} failed for the customer, {t.retried} paid again after "
-            f"an error; {result['log_lines']} log lines ingested "
+        say(f"{label}: {t.sent} orders placed: {t.ok} paid, {t.failed} failed for the customer "
+            f"({t.retried} of all the orders paid again after an error); {result['log_lines']} log lines ingested "
             f"({', '.join(f'{n} by {m}' for m, n in sorted(result['linked'].items()))})")
         return result
 
     if not fixed:
         one_run(store_path, demo_mod.FAULTY, "the system as configured")
         with open_store(str(store_path), readonly=True) as opened:
-            document = report.analysis_document(opened)
-            recs = report.recommendation_document(opened, simulate=True)
+            analysis = load(opened)
+        document = analysis_document(analysis)
+        recs = recommendation_document(analysis, simulate=True)
         out.print()
         report.print_table(document, out)
         out.print()
@@ -496,9 +505,9 @@ def demo(
     one_run(fixed_path, settings, "after (payscope's recommendations)")
     before, after = demo_mod.outcomes(store_path), demo_mod.outcomes(fixed_path)
     out.print()
-    out.print(f"{'measured':<22} {'before':>8} {'after':>8}", markup=False)
-    for outcome in ("orders", "ok", "failed", "timeout", "late_success", "duplicate_charge", "customer saw failure"):
-        out.print(f"{outcome:<22} {before.get(outcome, 0):>8} {after.get(outcome, 0):>8}", markup=False)
+    out.print(f"{'measured':<40} {'before':>8} {'after':>8}", markup=False)
+    for label in demo_mod.OUTCOME_ROWS:
+        out.print(f"{label:<40} {before.get(label, 0):>8} {after.get(label, 0):>8}", markup=False)
     out.print(f"(before: {store_path}; after: {fixed_path})", markup=False)
 
 

@@ -36,7 +36,13 @@ def format_ns(ns: int) -> str:
 
 
 def format_duration_ns(ns: int) -> str:
-    ms = ns / 1e6
+    return format_ms(ns / 1e6)
+
+
+def format_ms(ms: float | None) -> str:
+    """A duration in milliseconds as people read it: 4.5ms, 400ms, 1.25s, 12.0s; ``-`` when unknown."""
+    if ms is None:
+        return "-"
     if ms >= 10_000:
         return f"{ms / 1000:.1f}s"
     if ms >= 1000:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from payscope.analyzers import engine, findings, recommend
+from payscope.analyzers import engine, recommend
+from payscope.analyzers.diagnose import diagnose
 from payscope.collector.importers import ImportReport, read_trace_file
 from payscope.collector.otlp import parse_json_message, spans_from_request
 from payscope.model import SpanRow
@@ -20,7 +21,7 @@ JUDGED = {"timeout_inversion", "late_success", "timeout_below_tail", "retry_budg
 
 def _analysis_of(rows: list[SpanRow]) -> engine.Analysis:
     rows.sort(key=lambda s: s.trace_id)
-    return engine.run(engine.group_traces([rows]))
+    return diagnose(engine.group_traces([rows]))
 
 
 def _file_spans(path: Path) -> list[SpanRow]:
@@ -35,7 +36,7 @@ def _synth_spans(topology, requests: int = 2000, seed: int = 3) -> list[SpanRow]
 
 
 def _found(analysis: engine.Analysis) -> set[tuple[str, str, str]]:
-    return {(f.kind, f.edge[0], f.edge[1]) for f in findings.find(analysis)}
+    return {(f.kind, f.edge[0], f.edge[1]) for f in analysis.findings}
 
 
 @pytest.mark.parametrize("name", ["calm", "marketplace", "subscriptions"])
@@ -104,7 +105,7 @@ TRUE_BUT_WEAK = {("late_success", "gateway", "order")}
 @pytest.mark.parametrize("skew_ms", [0.0, 150.0, -150.0])
 def test_healthy_topology_has_no_findings(skew_ms: float) -> None:
     analysis = _analysis_of(_synth_spans(_healthy(skew_ms)))
-    assert findings.find(analysis) == []
+    assert analysis.findings == []
     assert {t.outcome for t in analysis.transactions.values()} == {"ok"}
 
 
@@ -155,7 +156,7 @@ def test_retry_budget_overrun_when_attempts_outlast_the_caller() -> None:
 @pytest.mark.parametrize("topology", [_faulty(), _healthy()], ids=["faulty", "healthy"])
 def test_recommendations_respect_tails_and_nest(topology) -> None:  # type: ignore[no-untyped-def]
     analysis = _analysis_of(_synth_spans(topology))
-    recs = {r.edge.key[:2]: r for r in recommend.recommend(analysis)}
+    recs = {r.edge.key[:2]: r for r in analysis.recommendations.values()}
     for rec in recs.values():
         p99 = rec.edge.percentiles()["p99"]
         assert rec.recommended.per_try_ms is not None and p99 is not None
@@ -173,7 +174,7 @@ def test_recommendations_respect_tails_and_nest(topology) -> None:  # type: igno
 @pytest.mark.parametrize("name", ["marketplace", "subscriptions"])
 def test_simulated_recommendations_never_fail_more_on_scenarios(name: str) -> None:
     analysis = _analysis_of(_file_spans(SCENARIOS / f"{name}.otlp.jsonl.gz"))
-    recs = recommend.recommend(analysis)
+    recs = list(analysis.recommendations.values())
     sim = recommend.simulate(analysis, recs)
     assert sim["after"]["failed"] <= sim["before"]["failed"]
     assert sim["after"]["late_success"] <= sim["before"]["late_success"]
@@ -210,7 +211,7 @@ def test_the_callers_budget_header_is_the_timeout_in_force() -> None:
                 row("client", "2" * 16, "1" * 16, "api", {"http.request.method": "POST"}, 800_000_000),
                 row("server", "3" * 16, "2" * 16, "pay", {"http.request.method": "POST", header: value},
                     790_000_000)]
-        analysis = engine.run([rows])
+        analysis = diagnose([rows])
         edge = analysis.edges[("api", "pay", "POST /pay")]
         assert (edge.timeout.value_ms, edge.timeout.source) == (1500.0, "captured"), header
         assert edge.timeout.evidence["captured_source"] == "header"
@@ -224,4 +225,4 @@ def test_a_followed_redirect_is_not_a_retry_after_a_timeout() -> None:
     ingress = analysis.edges[("loadgenerator", "frontend-proxy", "ingress")]
     assert ingress.retries == 0 and not ingress.errors["timeout"]
     assert not (ingress.timeout.known and (ingress.timeout.value_ms or 0) < 100)
-    assert not [f for f in findings.find(analysis) if f.kind in JUDGED]
+    assert not [f for f in analysis.findings if f.kind in JUDGED]

@@ -10,7 +10,6 @@ import random
 
 import pytest
 
-from payscope.analyzers import findings
 from payscope.synth import Call, Service, Topology
 from tests.test_analyzer import JUDGED, _analysis_of, _found, _synth_spans
 
@@ -53,7 +52,9 @@ def _healthy(seed: int) -> Topology:
 @pytest.mark.parametrize("seed", range(6))
 def test_random_healthy_topologies_give_no_judged_finding(seed: int) -> None:
     analysis = _analysis_of(_synth_spans(_healthy(seed), requests=1500, seed=seed))
-    assert not [f for f in findings.find(analysis) if f.kind in JUDGED]
+    assert len(analysis.traces) == 1500 and len(analysis.edges) >= 2  # there was something to judge
+    assert all(r.recommended.per_try_ms for r in analysis.recommendations.values())
+    assert not [f for f in analysis.findings if f.kind in JUDGED]
 
 
 def _parents(topology: Topology) -> dict[str, tuple[str, Call]]:
@@ -130,7 +131,7 @@ def test_a_callee_without_spans_and_a_steady_slow_path_is_below_tail_a_rare_one_
             "psp": Service("psp", 20, sigma=0.3, tail_p=tail_p, tail_ms=900, instrumented=False, route="/charge"),
         }, "api")
 
-    steady = [f for f in findings.find(_analysis_of(_synth_spans(topology(0.06), requests=2000)))
+    steady = [f for f in _analysis_of(_synth_spans(topology(0.06), requests=2000)).findings
               if f.kind in JUDGED]
     assert [(f.kind, f.edge[:2]) for f in steady] == [("timeout_below_tail", ("api", "psp"))]
     assert "slow path longer than the timeout" in steady[0].summary  # not "inside its normal latency"

@@ -21,7 +21,7 @@ ALLOWED = {
     "analyzers": ("payscope.analyzers", "payscope.collector.store", "payscope.model", "payscope.semconv",
                   "payscope.errors", "payscope.timeparse"),
     "tui": ("payscope.tui", "payscope.analyzers", "payscope.collector.store", "payscope.model", "payscope.errors",
-            "payscope.timeparse"),
+            "payscope.timeparse", "payscope.report"),
 }
 
 

@@ -109,6 +109,9 @@ def test_card_numbers_never_stored_from_logs(tmp_path: Path, store_path: Path) -
     raw = store_path.read_bytes() + (store_path.with_name(store_path.name + "-wal").read_bytes()
                                      if store_path.with_name(store_path.name + "-wal").exists() else b"")
     assert b"4111 1111" not in raw and b"cvv=123" not in raw and b"abc.def" not in raw
+    stored = payscope_json("logs", "--store", str(store_path))["records"]
+    assert len(stored) == 1 and stored[0]["message"].startswith("charging card")  # the line itself was kept
+    assert "1111" not in stored[0]["message"] and "abc.def" not in stored[0]["message"]
 
 
 # --- linking without trace ids --------------------------------------------------------------

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from payscope.collector.store import open_store
+from payscope.tui import data
 from payscope.tui.app import EdgesScreen, FailuresScreen, HelpScreen, TransactionScreen, build
 from payscope.tui.widgets import Waterfall
 from tests.helpers import payscope, payscope_json
@@ -53,7 +54,7 @@ async def test_failures_filter_search_and_open(demo_store: Path, tmp_path: Path)
         await _settle(app, pilot)
         assert "outcome=timeout" in _status(app)
         assert all(r["outcome"] == "timeout" for r in screen.rows)
-        for _ in range(len(("timeout", "failed", "late_success", "duplicate_charge"))):
+        for _ in range(len(data.OUTCOMES) - 1):
             await pilot.press("o")
         await _settle(app, pilot)
         assert "all outcomes" in _status(app)
@@ -196,13 +197,18 @@ def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
         wait_for("failed transactions")
         keys("o")
         wait_for("outcome=timeout")
-        keys("o", "o", "o", "o")
+        keys(*["o"] * (len(data.OUTCOMES) - 1))
         wait_for("all outcomes")
         keys("/")
         keys("-l", order_id)
         keys("Enter")
-        shown = wait_for(f"search={order_id!r}")
-        assert order_id in shown
+        wait_for(f"search={order_id!r}")
+        deadline = time.monotonic() + 20  # the status line changes first; the rows follow from the worker
+        rows: list[str] = []
+        while not rows and time.monotonic() < deadline:
+            rows = [line for line in screen().splitlines() if order_id in line and "search=" not in line]
+            time.sleep(0.2)
+        assert rows, f"no row of {order_id} in the list:\n{screen()}"
         keys("Enter")
         shown = wait_for("linked by")
         deadline = time.monotonic() + 20  # the log table's header shows while the trace still loads: wait for rows

@@ -12,9 +12,24 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Static
+from textual.worker import Worker, WorkerState
+
+from payscope.analyzers.views import fix_text
+from payscope.collector.store import Store
+from payscope.timeparse import format_ms
 
 from . import data
+from .messages import EdgesLoaded, FailuresLoaded, TransactionLoaded, error_line
 from .widgets import Waterfall
+
+
+class Loading(Screen[None]):
+    """A screen whose data comes from workers: a worker that fails shows one line, never a traceback."""
+
+    @on(Worker.StateChanged)
+    def worker_failed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR:
+            self.notify(error_line(event.worker.error), severity="error", timeout=10)
 
 HELP = """\
 [b]Failed transactions[/b]
@@ -47,7 +62,7 @@ class HelpScreen(ModalScreen[None]):
         yield VerticalScroll(Static(HELP, id="help-text"), id="help")
 
 
-class FailuresScreen(Screen[None]):
+class FailuresScreen(Loading):
     BINDINGS = [
         Binding("slash", "search", "search"), Binding("o", "cycle_outcome", "outcome"),
         Binding("s", "service", "service"), Binding("r", "refresh", "refresh"),
@@ -78,12 +93,20 @@ class FailuresScreen(Screen[None]):
         self.query_one("#search", Input).display = False
         self.query_one(DataTable).focus()
         self.load()
-        self.set_interval(self.app.refresh_seconds, self.load)  # type: ignore[attr-defined]
+        self.set_interval(self.app.refresh_seconds, self.refresh_when_idle)  # type: ignore[attr-defined]
 
-    @work(thread=True, exclusive=True, group="failures")
+    def refresh_when_idle(self) -> None:
+        # a slow analysis is left to finish: starting another would cancel it, and none would ever show
+        if not any(w.group == "failures" and w.is_running for w in self.workers):
+            self.load()
+
+    @work(thread=True, exclusive=True, group="failures", exit_on_error=False)
     def load(self) -> None:
-        rows = data.failures(self.app.store, self.flt)  # type: ignore[attr-defined]
-        self.app.call_from_thread(self.show_rows, rows)
+        self.post_message(FailuresLoaded(data.failures(self.app.source, self.flt)))  # type: ignore[attr-defined]
+
+    @on(FailuresLoaded)
+    def loaded(self, message: FailuresLoaded) -> None:
+        self.show_rows(message.rows)
 
     def show_rows(self, rows: list[dict[str, Any]]) -> None:
         table = self.query_one(DataTable)
@@ -157,7 +180,7 @@ class FailuresScreen(Screen[None]):
             self.app.push_screen(TransactionScreen(event.row_key.value))
 
 
-class TransactionScreen(Screen[None]):
+class TransactionScreen(Loading):
     BINDINGS = [Binding("escape", "app.pop_screen", "back"), Binding("c", "copy", "copy trace id"),
                 Binding("e", "export", "report")]
 
@@ -183,10 +206,13 @@ class TransactionScreen(Screen[None]):
             logs.add_column(label, width=width)
         self.load()
 
-    @work(thread=True, exclusive=True)
+    @work(thread=True, exclusive=True, exit_on_error=False)
     def load(self) -> None:
-        view = data.transaction(self.app.store, self.trace_id)  # type: ignore[attr-defined]
-        self.app.call_from_thread(self.show, view)
+        self.post_message(TransactionLoaded(data.transaction(self.app.source, self.trace_id)))  # type: ignore[attr-defined]
+
+    @on(TransactionLoaded)
+    def loaded(self, message: TransactionLoaded) -> None:
+        self.show(message.view)
 
     def show(self, view: dict[str, Any]) -> None:
         self.view = view
@@ -208,7 +234,7 @@ class TransactionScreen(Screen[None]):
                          key=str(id(r)))
         if not view["logs"]:
             logs.add_row("", "", "", "", "no log lines linked to this transaction")
-        findings = [f"[{f['severity']}] {f['kind']}: {f['summary']}\n  fix: {f['recommendation'].get('action', '')}"
+        findings = [f"[{f['severity']}] {f['kind']}: {f['summary']}\n  fix: {fix_text(f)}"
                     for f in view["findings"]]
         self.query_one("#findings", Static).update("\n".join(findings) or "no findings for this transaction",
                                                    )
@@ -247,13 +273,13 @@ class TransactionScreen(Screen[None]):
         if not self.view:
             return
         path = Path(self.app.report_dir) / f"payscope-{self.trace_id[:16]}.md"  # type: ignore[attr-defined]
-        from payscope.analyzers.views import markdown_report
+        from payscope.report import markdown_report
 
         path.write_text(markdown_report(self.view))
         self.notify(f"wrote {path}")
 
 
-class EdgesScreen(Screen[None]):
+class EdgesScreen(Loading):
     BINDINGS = [Binding("escape", "app.pop_screen", "back")]
 
     def __init__(self) -> None:
@@ -266,7 +292,8 @@ class EdgesScreen(Screen[None]):
         yield Static("analysing every edge ...", id="edges-status")
         table: DataTable[str] = DataTable(id="edges", cursor_type="row")
         for label, width in (("caller -> callee", 24), ("operation", 30), ("timeout", 8), ("source", 11),
-                             ("p50", 7), ("p99", 7), ("p99.9", 7), ("timeout rate", 12), ("findings", 40)):
+                             ("recommend", 9), ("p50", 7), ("p99", 7), ("p99.9", 7), ("timeout rate", 12),
+                             ("findings", 40)):
             table.add_column(label, width=width)
         yield table
         yield VerticalScroll(Static("", id="histogram"), id="histogram-box")
@@ -276,10 +303,13 @@ class EdgesScreen(Screen[None]):
         self.query_one(DataTable).focus()
         self.load()
 
-    @work(thread=True, exclusive=True)
+    @work(thread=True, exclusive=True, exit_on_error=False)
     def load(self) -> None:
-        document, latencies = data.edges(self.app.store)  # type: ignore[attr-defined]
-        self.app.call_from_thread(self.show, document, latencies)
+        self.post_message(EdgesLoaded(*data.edges(self.app.source)))  # type: ignore[attr-defined]
+
+    @on(EdgesLoaded)
+    def loaded(self, message: EdgesLoaded) -> None:
+        self.show(message.document, message.latencies)
 
     def show(self, document: dict[str, Any], latencies: dict[tuple[str, str, str], list[float]]) -> None:
         self.latencies = latencies
@@ -290,14 +320,13 @@ class EdgesScreen(Screen[None]):
             kinds.setdefault((e["caller"], e["callee"], e["operation"]), []).append(f["kind"])
         table = self.query_one(DataTable)
 
-        def fmt(v: float | None) -> str:
-            return "-" if v is None else (f"{v / 1000:.2f}s" if v >= 1000 else f"{v:.0f}ms")
-
+        fmt = format_ms
         for e in self.edges:
             t, lat = e["timeout"], e["latency_ms"]
             key = (e["caller"], e["callee"], e["operation"])
             table.add_row(f"{e['caller']} -> {e['callee']}", e["operation"][:30],
                           (">=" if t["source"] == "lower_bound" else "") + fmt(t["value_ms"]), t["source"],
+                          fmt(e["recommended_timeout_ms"]),
                           fmt(lat["p50"]), fmt(lat["p99"]), fmt(lat["p99.9"]), f"{e['timeout_rate']:.1%}",
                           ",".join(kinds.get(key, [])) or "-")
         self.query_one("#edges-status", Static).update(
@@ -311,8 +340,9 @@ class EdgesScreen(Screen[None]):
         e = self.edges[event.cursor_row]
         values = self.latencies.get((e["caller"], e["callee"], e["operation"]), [])
         timeout = e["timeout"]["value_ms"] if e["timeout"]["source"] != "lower_bound" else None
-        lines = [f"{e['caller']} -> {e['callee']} {e['operation']}: {len(values)} healthy calls"]
-        lines += data.histogram(values, timeout)
+        lines = [f"{e['caller']} -> {e['callee']} {e['operation']}: {len(values)} successful calls as the caller "
+                 f"saw them; recommended timeout {format_ms(e['recommended_timeout_ms'])}"]
+        lines += data.histogram(values, timeout, recommended_ms=e["recommended_timeout_ms"])
         self.query_one("#histogram", Static).update("\n".join(lines))
 
 
@@ -323,9 +353,10 @@ class PayscopeApp(App[None]):
     TITLE = "payscope"
     BINDINGS = [Binding("q", "quit", "quit"), Binding("question_mark", "help", "help")]
 
-    def __init__(self, store: Any, *, refresh_seconds: float = 2.0, report_dir: str | None = None) -> None:
+    def __init__(self, store: Store, *, refresh_seconds: float = 2.0, report_dir: str | None = None) -> None:
         super().__init__()
         self.store = store
+        self.source = data.Source(store)
         self.refresh_seconds = refresh_seconds
         self.report_dir = report_dir or os.getcwd()
         self.sub_title = Path(str(getattr(store, "url", ""))).name

@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any
 
-from payscope.analyzers import report, views
+from payscope.analyzers import views
+from payscope.analyzers.engine import Analysis
+from payscope.analyzers.loader import load
+from payscope.collector.store import Store
 from payscope.errors import PayscopeError
 
-OUTCOMES = (None, "timeout", "failed", "late_success", "duplicate_charge")
+OUTCOMES = (None, "timeout", "failed", "declined", "late_success", "duplicate_charge", "recovered")
 PAGE = 60
+
+
+class Source:
+    """The store and its whole-store analysis, made again only when the store has new data."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._analysis: Analysis | None = None
+        self._counts: dict[str, int] | None = None
+        self._lock = threading.Lock()
+
+    def analysis(self) -> Analysis:
+        with self._lock:  # workers of several screens ask at once: analyse once
+            counts = self.store.counts()
+            if self._analysis is None or counts != self._counts:
+                self._analysis = load(self.store)
+                self._counts = counts
+            return self._analysis
 
 
 @dataclass
@@ -27,57 +49,45 @@ class Filter:
         return ", ".join(parts)
 
 
-def failures(store: Any, flt: Filter, limit: int = PAGE) -> list[dict[str, Any]]:
+def failures(source: Source, flt: Filter, limit: int = PAGE) -> list[dict[str, Any]]:
     """Failed transactions newest first, filtered; a search by id goes straight to those traces."""
+    analysis = source.analysis()
+    store = source.store
     if flt.text:
         try:
             ids = views.resolve_trace_ids(store, flt.text)
         except PayscopeError:
             ids = []
         if ids:
-            summaries = [store.trace_summary(tid) for tid in ids]
-            return [row for s in summaries if s is not None
-                    if (row := views.failure_row(store, s, keep_ok=True)) is not None]
-    rows: list[dict[str, Any]] = []
-    offset = 0
-    while len(rows) < limit:
-        page = views.failure_rows(store, limit=limit, offset=offset)
-        if not page:
-            break
-        offset += len(page)
-        for row in page:
-            if flt.outcome and row["outcome"] != flt.outcome:
-                continue
-            if flt.service and flt.service not in row["services"]:
-                continue
-            if flt.text and flt.text.lower() not in " ".join(
-                    [row["entry"], row["failing_hop"] or "", *row["keys"], row["trace_id"]]).lower():
-                continue
-            rows.append(row)
-        if not (flt.outcome or flt.service or flt.text):
-            break
+            return [views.failure_row(store, analysis, analysis.transactions[tid]) for tid in ids
+                    if tid in analysis.transactions]
+    rows = views.failure_rows(store, analysis, limit=None if flt.text else limit, outcome=flt.outcome,
+                              service=flt.service)
+    if flt.text:
+        needle = flt.text.lower()
+        rows = [row for row in rows if needle in " ".join(
+            [row["entry"], row["failing_hop"] or "", *row["keys"], row["trace_id"]]).lower()]
     return rows[:limit]
 
 
-def transaction(store: Any, trace_id: str) -> dict[str, Any]:
-    return views.transaction_view(store, trace_id)
+def transaction(source: Source, trace_id: str) -> dict[str, Any]:
+    return views.transaction_view(source.store, source.analysis(), trace_id)
 
 
-def edges(store: Any) -> tuple[dict[str, Any], dict[tuple[str, str, str], list[float]]]:
-    """The analysis document, and each edge's healthy latencies (for its histogram)."""
-    from payscope.analyzers import engine
-
-    analysis = engine.analyze(store)
-    return report.document_of(analysis), {key: list(edge.latency()) for key, edge in analysis.edges.items()}
+def edges(source: Source) -> tuple[dict[str, Any], dict[tuple[str, str, str], list[float]]]:
+    """The analysis document, and what each edge's callers saw of successful calls (for its histogram)."""
+    analysis = source.analysis()
+    return views.analysis_document(analysis), {key: list(edge.latency()) for key, edge in analysis.edges.items()}
 
 
-def histogram(values: list[float], timeout_ms: float | None, width: int = 50, bins: int = 12) -> list[str]:
-    """A latency histogram as text lines, with the timeout marked where it cuts."""
+def histogram(values: list[float], timeout_ms: float | None, width: int = 50, bins: int = 12,
+              recommended_ms: float | None = None) -> list[str]:
+    """A latency histogram as text lines, with the timeout and the recommended one marked where they cut."""
     if not values:
         return ["no healthy calls recorded"]
     import math
 
-    lo, hi = max(min(values), 0.1), max(max(values), (timeout_ms or 0) * 1.1, 0.2)
+    lo, hi = max(min(values), 0.1), max(max(values), (timeout_ms or 0) * 1.1, (recommended_ms or 0) * 1.1, 0.2)
     edges_ms = [lo * (hi / lo) ** (i / bins) for i in range(bins + 1)]
     counts = [0] * bins
     for v in values:
@@ -85,12 +95,12 @@ def histogram(values: list[float], timeout_ms: float | None, width: int = 50, bi
         counts[i] += 1
     top = max(counts) or 1
     lines = []
-    marked = False
+    marks = [(v, text) for v, text in ((timeout_ms, "timeout"), (recommended_ms, "recommended")) if v is not None]
     for i, count in enumerate(counts):
         label = f"{edges_ms[i]:>8.0f}-{edges_ms[i + 1]:<8.0f}ms"
         bar = "#" * max(1 if count else 0, round(count / top * width))
         lines.append(f"{label} {bar} {count}")
-        if timeout_ms is not None and not marked and edges_ms[i + 1] >= timeout_ms:
-            lines.append(f"{'':>19} {'-' * width} timeout {timeout_ms:.0f} ms")
-            marked = True
+        for value, text in [m for m in marks if edges_ms[i + 1] >= m[0]]:
+            lines.append(f"{'':>19} {('-' if text == 'timeout' else '=') * width} {text} {value:.0f} ms")
+            marks.remove((value, text))
     return lines

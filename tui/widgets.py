@@ -16,16 +16,15 @@ TIMEOUT_MARK = "|"
 
 
 def _flags(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Per span: ``late`` (ran past its caller's give-up), ``retry``, ``critical`` (on the critical path)."""
+    """Per span: ``late`` (the analysis found a late success: the callee succeeded after its caller gave up),
+    ``retry``, ``critical`` (on the critical path)."""
     by_id = {r["span_id"]: r for r in rows}
     flags: dict[str, list[str]] = {}
     children: dict[str | None, list[dict[str, Any]]] = {}
     for r in rows:
         children.setdefault(r.get("parent_id") if r.get("parent_id") in by_id else None, []).append(r)
         parent = by_id.get(r.get("parent_id") or "")
-        end = r["offset_ms"] + r["duration_ms"]
-        if parent is not None and parent["kind"] == "client" and r["kind"] == "server" and \
-                end > parent["offset_ms"] + parent["duration_ms"] + 0.5:
+        if parent is not None and r["kind"] == "server" and (parent.get("call") or {}).get("late_success"):
             flags.setdefault(r["span_id"], []).append("late")
         if (r.get("attributes") or {}).get("http.request.resend_count"):
             flags.setdefault(r["span_id"], []).append("retry")

@@ -67,20 +67,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def failed_traces(self, since_ns: int | None = None, until_ns: int | None = None,
                       limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
-        """Traces that failed or may have (an error span, a call answered twice, a late callee), newest first."""
+        """Traces with an error span, newest first: a fast first look. Whether a trace failed, and how, is the
+        analysis' call (a late success or a duplicate charge has no error span)."""
 
     @abc.abstractmethod
     def traces(self, since_ns: int | None = None, until_ns: int | None = None,
                limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
         """All trace summaries, newest first."""
-
-    @abc.abstractmethod
-    def edge_spans(self, caller: str, callee: str) -> list[Span]:
-        """Client spans of ``caller`` whose callee is ``callee``, by start time."""
-
-    @abc.abstractmethod
-    def edges(self) -> list[tuple[str, str, int]]:
-        """Every (caller, callee, client span count) seen."""
 
     @abc.abstractmethod
     def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:

@@ -21,7 +21,7 @@ from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 from .api import LogQuery, Store
 from .codec import decode_body, encode_span
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,22 +35,20 @@ CREATE TABLE IF NOT EXISTS spans(
     attempt INTEGER NOT NULL, idempotency_key INTEGER NOT NULL,
     timeout_connect_ms REAL, timeout_read_ms REAL, timeout_total_ms REAL, timeout_source TEXT,
     retry_max INTEGER, amount REAL, keys TEXT NOT NULL, caller_budget_ms REAL,
-    callee TEXT, resource_id INTEGER NOT NULL, body BLOB NOT NULL
+    resource_id INTEGER NOT NULL, body BLOB NOT NULL
 );
 -- Rows carry their protobuf body, too large for a WITHOUT ROWID table: the table is appended to in
 -- arrival order and this index finds a trace's spans together.
 CREATE UNIQUE INDEX IF NOT EXISTS spans_id ON spans(trace_id, span_id);
 CREATE INDEX IF NOT EXISTS spans_service_time ON spans(service, start_ns) WHERE kind IN ('server', 'consumer');
-CREATE INDEX IF NOT EXISTS spans_edge ON spans(service, callee, start_ns) WHERE callee IS NOT NULL;
 CREATE TABLE IF NOT EXISTS traces(
     trace_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
     root_service TEXT NOT NULL, root_name TEXT NOT NULL,
     span_count INTEGER NOT NULL, error_count INTEGER NOT NULL,
-    error_class TEXT, error_service TEXT, services TEXT NOT NULL,
-    suspect INTEGER NOT NULL DEFAULT 0  -- calls answered twice, callees finishing after their caller: no error span
+    error_class TEXT, error_service TEXT, services TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS traces_start ON traces(start_ns);
-CREATE INDEX IF NOT EXISTS traces_failed ON traces(start_ns) WHERE error_count > 0 OR suspect > 0;
+CREATE INDEX IF NOT EXISTS traces_failed ON traces(start_ns) WHERE error_count > 0;
 CREATE TABLE IF NOT EXISTS keys(key TEXT NOT NULL, trace_id TEXT NOT NULL,
     PRIMARY KEY(key, trace_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS logs(
@@ -68,11 +66,11 @@ _ROW_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, en
                 "status_message, error_class, operation, peer, method, http_status, attempt, idempotency_key, "
                 "timeout_connect_ms, timeout_read_ms, timeout_total_ms, timeout_source, retry_max, amount, keys, "
                 "caller_budget_ms")
-_SPAN_COLUMNS = _ROW_COLUMNS + ", callee, resource_id, body"
+_SPAN_COLUMNS = _ROW_COLUMNS + ", resource_id, body"
 _SPAN_SELECT = ("SELECT s.service, s.body, r.body FROM spans s JOIN resources r ON r.id = s.resource_id")
 _KEY_SEP = "\x1f"
 _TRACE_COLUMNS = ("trace_id, start_ns, end_ns, root_service, root_name, span_count, error_count, "
-                  "services, error_class, error_service, suspect")
+                  "services, error_class, error_service")
 _LOG_COLUMNS = ("id, time_ns, service, host, severity, message, attributes, source, trace_id, "
                 "span_id, link_method, link_confidence")
 
@@ -223,20 +221,7 @@ class EmbeddedStore(Store):
 
     def _write_spans(self, conn: sqlite3.Connection, spans: list[EncodedSpan]) -> int:
         resource_cache: dict[int, int] = {}
-        server_parent: dict[tuple[str, str], str] = {}
-        for e in spans:
-            r = e.row
-            if r.parent_id and r.kind in ("server", "consumer"):
-                server_parent[(r.trace_id, r.parent_id)] = r.service
         trace_ids = list({e.row.trace_id for e in spans})
-        if any(e.row.kind in ("client", "producer") and (e.row.trace_id, e.row.span_id) not in server_parent
-               for e in spans):
-            # The callee's half may have arrived in an earlier batch (it usually ends, and is sent, first).
-            for chunk in _chunks(trace_ids):
-                for tid, pid, service in conn.execute(
-                        f"SELECT trace_id, parent_id, service FROM spans WHERE trace_id IN ({_marks(chunk)}) "
-                        "AND kind IN ('server','consumer') AND parent_id IS NOT NULL", chunk):
-                    server_parent.setdefault((tid, pid), service)
         rows = []
         keys = []
         for e in spans:
@@ -245,25 +230,16 @@ class EmbeddedStore(Store):
             if rid is None:
                 rid = resource_cache[rkey] = self._resource_id(conn, e.resource)
             r = e.row
-            callee = None
-            if r.kind in ("client", "producer"):
-                callee = server_parent.get((r.trace_id, r.span_id)) or r.peer or "(unknown)"
             rows.append((r.trace_id, r.span_id, r.parent_id, r.service, r.name, r.kind, r.start_ns, r.end_ns,
                          r.status_code, r.status_message, r.error_class, r.operation, r.peer, r.method,
                          r.http_status, r.attempt, r.idempotency_key, r.timeout_connect_ms, r.timeout_read_ms,
                          r.timeout_total_ms, r.timeout_source, r.retry_max, r.amount, _KEY_SEP.join(r.keys),
-                         r.caller_budget_ms, callee, rid, e.body))
+                         r.caller_budget_ms, rid, e.body))
             for key in r.keys:
                 keys.append((key, r.trace_id))
         before = conn.total_changes
-        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES({','.join('?' * 28)})", rows)
+        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES({','.join('?' * 27)})", rows)
         inserted = conn.total_changes - before
-        in_batch = {(e.row.trace_id, e.row.span_id) for e in spans}
-        late_callees = [(svc, tid, pid, svc) for (tid, pid), svc in server_parent.items() if (tid, pid) not in in_batch]
-        if late_callees:  # the caller's half came in an earlier batch: name its callee now
-            conn.executemany(
-                "UPDATE spans SET callee=? WHERE trace_id=? AND span_id=? "
-                "AND kind IN ('client','producer') AND callee IS NOT ?", late_callees)
         if keys:
             conn.executemany("INSERT OR IGNORE INTO keys VALUES(?, ?)", keys)
         self._refresh_traces(conn, trace_ids)
@@ -284,28 +260,15 @@ class EmbeddedStore(Store):
                 f"SELECT trace_id, error_class, service, max(start_ns * 2 + (kind IN ('client', 'producer'))) "
                 f"FROM spans "
                 f"WHERE trace_id IN ({marks}) AND error_class IS NOT NULL GROUP BY trace_id", chunk)}
-            # a charge answered twice, or a callee still working after its caller gave up, fails silently
-            suspect: dict[str, int] = {}
-            for tid, n in conn.execute(
-                    f"SELECT trace_id, count(*) FROM (SELECT trace_id FROM spans WHERE trace_id IN ({marks}) "
-                    "AND kind = 'server' AND parent_id IS NOT NULL GROUP BY trace_id, parent_id HAVING count(*) > 1) "
-                    "GROUP BY trace_id", chunk):
-                suspect[tid] = suspect.get(tid, 0) + n
-            for tid, n in conn.execute(
-                    f"SELECT s.trace_id, count(*) FROM spans s JOIN spans c ON c.trace_id = s.trace_id "
-                    f"AND c.span_id = s.parent_id WHERE s.trace_id IN ({marks}) AND s.kind = 'server' "
-                    "AND c.kind = 'client' AND c.status_code = 2 AND s.end_ns > c.end_ns GROUP BY s.trace_id", chunk):
-                suspect[tid] = suspect.get(tid, 0) + n
             for tid, start, end, count, failed, services in conn.execute(
                     f"SELECT trace_id, min(start_ns), max(end_ns), count(*), "
                     f"sum(status_code=2 OR error_class IS NOT NULL), group_concat(DISTINCT service) "
                     f"FROM spans WHERE trace_id IN ({marks}) GROUP BY trace_id", chunk):
                 root = roots[tid]
                 err = errors.get(tid, (None, None))
-                rows.append((tid, start, end, root[0], root[1], count, failed or 0, services, err[0], err[1],
-                             suspect.get(tid, 0)))
+                rows.append((tid, start, end, root[0], root[1], count, failed or 0, services, err[0], err[1]))
         conn.executemany(f"INSERT OR REPLACE INTO traces({_TRACE_COLUMNS}) "
-                         f"VALUES(?,?,?,?,?,?,?,?,?,?,?)", rows)
+                         f"VALUES(?,?,?,?,?,?,?,?,?,?)", rows)
 
     def _write_logs(self, conn: sqlite3.Connection, logs: list[LogRecord]) -> int:
         before = conn.total_changes
@@ -373,21 +336,11 @@ class EmbeddedStore(Store):
 
     def failed_traces(self, since_ns: int | None = None, until_ns: int | None = None,
                       limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
-        return self._summaries("(error_count > 0 OR suspect > 0)", since_ns, until_ns, limit, offset)
+        return self._summaries("error_count > 0", since_ns, until_ns, limit, offset)
 
     def traces(self, since_ns: int | None = None, until_ns: int | None = None,
                limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
         return self._summaries("", since_ns, until_ns, limit, offset)
-
-    def edge_spans(self, caller: str, callee: str) -> list[Span]:
-        rows = self._read(f"{_SPAN_SELECT} WHERE s.service=? AND s.callee=? ORDER BY s.start_ns",
-                          (caller, callee))
-        return [_span_from_row(r) for r in rows]
-
-    def edges(self) -> list[tuple[str, str, int]]:
-        return [tuple(r) for r in self._read(  # type: ignore[misc]
-            "SELECT service, callee, count(*) FROM spans WHERE callee IS NOT NULL "
-            "GROUP BY service, callee ORDER BY service, callee")]
 
     def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
         cursor = self._conn().execute(f"SELECT {_ROW_COLUMNS} FROM spans ORDER BY trace_id")

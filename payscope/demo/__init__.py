@@ -245,27 +245,37 @@ def run_once(store: Path, log_dir: Path, settings: dict[str, str], duration: flo
     return {"traffic": traffic, "log_lines": sum(r.stored for r in reports), "linked": dict(linker.stats.by_method)}
 
 
+OUTCOME_ROWS = ("orders placed", "orders paid", "orders failed for the customer", "orders charged twice",
+                "transactions (traces)", "transactions ok", "transactions failed", "transactions timed out",
+                "transactions declined", "transactions late_success")
+
+
 def outcomes(store: Path) -> Counter[str]:
-    """Transactions by outcome, and what the customers saw, as measured in one run's store."""
-    from payscope.analyzers import engine
+    """What one run's store measured: orders as the customers saw them, transactions as the analysis judged."""
+    from payscope.analyzers.loader import load
+    from payscope.analyzers.views import analysis_document
     from payscope.collector.store import open_store
 
     with open_store(str(store), readonly=True) as opened:
-        analysis = engine.analyze(opened)
+        stats = analysis_document(load(opened))["stats"]
         traffic = json.loads(opened.get_meta("demo_traffic") or "{}")
-    counts = Counter(t.outcome for t in analysis.transactions.values())
-    counts["customer saw failure"] = int(traffic.get("failed", 0))
-    counts["orders"] = int(traffic.get("sent", 0))
-    return counts
+    by = stats["outcomes"]
+    return Counter({
+        "orders placed": int(traffic.get("sent", 0)), "orders paid": int(traffic.get("ok", 0)),
+        "orders failed for the customer": int(traffic.get("failed", 0)),
+        "orders charged twice": stats["orders_charged_twice"],
+        "transactions (traces)": stats["transactions"], "transactions ok": by.get("ok", 0),
+        "transactions failed": by.get("failed", 0), "transactions timed out": by.get("timeout", 0),
+        "transactions declined": by.get("declined", 0), "transactions late_success": by.get("late_success", 0)})
 
 
 def fixed_settings(store: Path) -> dict[str, str]:
     """The demo's settings as payscope recommends them, from what the store recorded."""
-    from payscope.analyzers import engine, recommend
+    from payscope.analyzers.loader import load
     from payscope.collector.store import open_store
 
     with open_store(str(store), readonly=True) as opened:
-        recs = {(r.edge.caller, r.edge.callee): r.recommended for r in recommend.recommend(engine.analyze(opened))}
+        recs = {(r.edge.caller, r.edge.callee): r.recommended for r in load(opened).recommendations.values()}
     settings = dict(FAULTY)
 
     def put(name: str, edge: tuple[str, str]) -> None:

@@ -1,0 +1,24 @@
+"""The one analysis every command and screen reads: the engine's facts, then recommendations, then findings."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from payscope.model import SpanRow
+
+from . import engine, findings, recommend
+from .engine import Analysis, EdgeKey, TimeoutValue
+
+
+def diagnose(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
+             extra_calls: Any = None) -> Analysis:
+    """Everything payscope concludes from these traces, each conclusion decided once.
+
+    Recommendations come before findings because every finding cites its edge's recommended value
+    instead of working out one of its own.
+    """
+    analysis = engine.run(traces, declared=declared, extra_calls=extra_calls)
+    analysis.recommendations = {r.edge.key: r for r in recommend.recommend(analysis)}
+    analysis.findings = findings.find(analysis)
+    return analysis

@@ -1,0 +1,36 @@
+"""Feeds the analysis from a store: every span once, declared timeouts, and proxies seen only in their logs."""
+
+from __future__ import annotations
+
+from payscope.collector.store import LogQuery, Store
+
+from .calls import Call, TraceFacts
+from .declared import declared_timeouts
+from .diagnose import diagnose
+from .engine import Analysis, group_traces
+from .logcalls import log_calls
+
+
+def load(store: Store) -> Analysis:
+    """The whole-store analysis of ``store``."""
+
+    def proxy_calls(facts: dict[str, TraceFacts], calls: list[Call]) -> list[Call]:
+        records = [r for _, r in store.search_logs(LogQuery(attribute="status", limit=None))]
+        if not records:
+            return []
+        # a proxy that has its own spans is already in the analysis: its log lines would count it twice
+        traced = {(c.trace_id, c.caller) for c in calls}
+        records = [r for r in records if (r.trace_id, r.service) not in traced]
+        entries: dict[str, tuple[str, int, int, bool, str] | None] = {}
+
+        def entry_of(trace_id: str) -> tuple[str, int, int, bool, str] | None:
+            if trace_id not in entries:
+                rows = [r for r in store.trace_rows(trace_id) if r.kind in ("server", "consumer")]
+                first = min(rows, key=lambda r: r.start_ns) if rows else None
+                entries[trace_id] = (first.service, first.start_ns, first.end_ns, first.error_class is None,
+                                     first.span_id) if first else None
+            return entries[trace_id]
+
+        return log_calls(records, entry_of)
+
+    return diagnose(group_traces(store.iter_rows()), declared=declared_timeouts(store), extra_calls=proxy_calls)

@@ -1,0 +1,173 @@
+"""What the commands print: the analysis, the recommendations and one transaction, as tables, Markdown, YAML."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+
+from payscope.analyzers.views import fix_text
+from payscope.timeparse import format_ms
+
+SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan", "info": "dim"}
+
+
+def counts_line(stats: dict[str, Any]) -> str:
+    """What the analysis counted, each number named for what it counts."""
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(stats["outcomes"].items())) or "none"
+    return (f"{stats['transactions']} transactions (traces) with {stats['calls']} calls over {stats['edges']} "
+            f"edges, {stats['orders']} orders; transactions by outcome: {outcomes}; "
+            f"orders charged twice: {stats['orders_charged_twice']}")
+
+
+def print_table(document: dict[str, Any], console: Console) -> None:
+    console.print(counts_line(document["stats"]), markup=False)
+    for skew in document["clock_skew"]:
+        console.print(f"clock of {skew['service']} runs {skew['offset_ms']:+.1f} ms against {skew['reference']} "
+                      f"({skew['samples']} call pairs); corrected before analysis")
+    if not document["findings"]:
+        console.print("no findings: no timeout, retry or network problem shows in this data")
+        return
+    for f in document["findings"]:
+        edge = f["edge"]
+        style = SEVERITY_STYLE.get(f["severity"], "")
+        console.print()
+        console.print(f"[{style}]{f['severity'].upper()}[/] {f['kind']}  {edge['caller']} -> {edge['callee']} "
+                      f"({edge['operation']})")
+        console.print(f"  {f['summary']}", markup=False)
+        console.print(f"  {f['explanation']}", markup=False)
+        console.print(f"  fix: {fix_text(f)}", markup=False)
+        if f["evidence"]["trace_ids"]:
+            console.print(f"  e.g. payscope show {f['evidence']['trace_ids'][0]}")
+
+
+def markdown(document: dict[str, Any]) -> str:
+    lines = ["# payscope findings", "", counts_line(document["stats"]), ""]
+    if not document["findings"]:
+        lines.append("No findings.")
+    for f in document["findings"]:
+        edge = f["edge"]
+        lines += [f"## {f['severity']}: {f['kind']} — {edge['caller']} → {edge['callee']} ({edge['operation']})",
+                  "", f["summary"], "", f["explanation"], "", f"**Fix:** {fix_text(f)}", ""]
+        if f["metrics"]:
+            lines += ["| metric | value |", "| --- | --- |"]
+            lines += [f"| {k} | {v} |" for k, v in f["metrics"].items()]
+            lines.append("")
+        if f["evidence"]["trace_ids"]:
+            lines += ["Example traces: " + ", ".join(f"`{t}`" for t in f["evidence"]["trace_ids"]), ""]
+    return "\n".join(lines) + "\n"
+
+
+def print_recommendations(document: dict[str, Any], console: Console, *, snippets: bool = False) -> None:
+    console.print(f"{'edge':<48} {'now':>8} {'source':<11} {'p50':>7} {'p99':>7} {'p99.9':>7} "
+                  f"{'recommend':>9} {'retries':>7} {'timeouts now':>12} {'after':>7}", markup=False)
+    for r in document["recommendations"]:
+        e, cur, rec, lat = r["edge"], r["current"], r["recommended"], r["latency_ms"]
+        now = format_ms(cur["timeout_ms"]) if cur["source"] != "lower_bound" else f">={format_ms(cur['timeout_ms'])}"
+        name = f"{e['caller']} -> {e['callee']} {e['operation']}"
+        console.print(f"{name:<48} {now:>8} {cur['source']:<11} {format_ms(lat['p50']):>7} "
+                      f"{format_ms(lat['p99']):>7} {format_ms(lat['p99.9']):>7} {format_ms(rec['timeout_ms']):>9} "
+                      f"{rec['retries']:>7} {r['expected_timeout_rate']['before']:>12.2%} "
+                      f"{r['expected_timeout_rate']['after']:>7.2%}", markup=False)
+    console.print("(latency is what each caller saw of successful calls; the rates are of calls)", markup=False)
+    for r in document["recommendations"]:
+        for note in r["notes"]:
+            console.print(f"note ({r['edge']['caller']} -> {r['edge']['callee']}): {note}", markup=False)
+        if snippets and r["snippets"]:
+            console.print(f"\n{r['edge']['caller']} -> {r['edge']['callee']}:", markup=False)
+            for client, text in r["snippets"].items():
+                if text:
+                    console.print(f"  [{client}]", markup=False)
+                    for line in text.splitlines():
+                        console.print(f"    {line}", markup=False)
+    sim = document.get("simulation")
+    if sim:
+        console.print("\nreplay of the recorded transactions (traces):")
+        for label in ("recorded", "before", "after"):
+            row = sim[label]
+            console.print(f"  {label:<9} {row['transactions']} transactions: {row['failed']} failed, "
+                          f"{row['late_success']} late successes; {row['duplicate_charge']} orders charged twice")
+
+
+def yaml(document: Any) -> str:
+    """The document as YAML."""
+    import yaml as pyyaml
+
+    return str(pyyaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+
+
+def call_times(call: dict[str, Any] | None) -> str:
+    """client / server / gap of one call, as `show` prints them."""
+    if not call:
+        return ""
+    parts = [f"client {format_ms(call['client_ms'])}"]
+    if call["server_ms"] is not None:
+        parts.append(f"server {format_ms(call['server_ms'])}")
+    if call["gap_ms"] is not None:
+        parts.append(f"gap {format_ms(call['gap_ms'])}")
+    if call["late_success"]:
+        parts.append("LATE SUCCESS")
+    return "[" + " / ".join(parts) + "]"
+
+
+def render_waterfall(view: dict[str, Any], width: int = 32) -> str:
+    """The text waterfall of `payscope show`."""
+    total = max(view["duration_ms"], 0.001)
+    lines = []
+    for tx in view["transactions"]:
+        hop = tx["failing_hop"]
+        where = f" at {hop['caller']} -> {hop['callee']} ({hop['operation']})" if hop else ""
+        lines.append(f"trace {tx['trace_id']}: {tx['outcome']}{where}"
+                     + (f" [{tx['error_class']}]" if tx["error_class"] else "")
+                     + (f"  keys: {', '.join(tx['business_keys'])}" if tx["business_keys"] else ""))
+    lines.append("")
+    for row in view["spans"]:
+        start = int(row["offset_ms"] / total * width)
+        length = max(1, int(row["duration_ms"] / total * width))
+        bar = " " * start + "#" * min(length, width - start)
+        status = row["status"].upper() if row["status"] == "error" else ""
+        cls = f" [{row['error_class']}]" if row["error_class"] else ""
+        msg = f" {row['message']}" if row["message"] else ""
+        label = "  " * row["depth"] + f"{row['service']}: {row['name']} ({row['kind']})"
+        times = call_times(row.get("call"))
+        lines.append(f"{bar:<{width}} {row['duration_ms']:>10.1f} ms  {label} {status}{cls}{msg} {times}".rstrip())
+    if view["logs"]:
+        lines.append("")
+        lines.append("logs:")
+        for rec in view["logs"]:
+            lines.append(f"  {rec['time']} {rec['service']} {rec['level']} {rec['message']}  "
+                         f"({rec['source']}, linked by {rec['link']['method']} {rec['link']['confidence']:.2f})")
+    if view["findings"]:
+        lines.append("")
+        lines.append("findings (of the whole store, with this transaction as evidence):")
+        for f in view["findings"]:
+            lines.append(f"  [{f['severity']}] {f['kind']}: {f['summary']}")
+            lines.append(f"    fix: {fix_text(f)}")
+    for skew in view["clock_skew"]:
+        lines.append(f"(clock of {skew['service']} corrected by {skew['offset_ms']:+.1f} ms)")
+    return "\n".join(lines)
+
+
+def markdown_report(view: dict[str, Any]) -> str:
+    """One transaction as Markdown, for an incident ticket."""
+    lines = [f"# Transaction {', '.join(view['trace_ids'])}", ""]
+    for tx in view["transactions"]:
+        hop = tx["failing_hop"]
+        lines.append(f"- **outcome:** {tx['outcome']}" + (f" at `{hop['caller']} -> {hop['callee']}` "
+                                                          f"({hop['operation']})" if hop else "")
+                     + (f", error class `{tx['error_class']}`" if tx["error_class"] else ""))
+        if tx["business_keys"]:
+            lines.append(f"- **business keys:** {', '.join(tx['business_keys'])}")
+    lines += [f"- **started:** {view['start']}, **duration:** {view['duration_ms']:.1f} ms", "", "## Spans", "",
+              "```", render_waterfall({**view, "logs": [], "findings": [], "clock_skew": []}), "```", ""]
+    if view["findings"]:
+        lines += ["## Findings", ""]
+        for f in view["findings"]:
+            lines += [f"- **{f['severity']} {f['kind']}**: {f['summary']}", f"  - fix: {fix_text(f)}"]
+        lines.append("")
+    if view["logs"]:
+        lines += ["## Logs", "", "| time | service | level | message | linked by |", "| --- | --- | --- | --- | --- |"]
+        for r in view["logs"]:
+            message = r["message"].replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {r['time']} | {r['service']} | {r['level']} | {message} | {r['link']['method']} |")
+    return "\n".join(lines) + "\n"
