@@ -122,6 +122,11 @@ class TraceFacts:
     amount: float | None = None
 
 
+def answered_well(server: SpanRow) -> bool:
+    """A server span that did what was asked: no error, and no 4xx (a decline is an answer, not a success)."""
+    return server.status_code != STATUS_ERROR and server.error_class is None and (server.http_status or 0) < 400
+
+
 def _captured(row: SpanRow) -> Captured | None:
     if row.timeout_source is None and row.timeout_read_ms is None and row.timeout_total_ms is None \
             and row.retry_max is None:
@@ -231,13 +236,13 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
             server_service=server.service if server else None,
             server_start_ns=server.start_ns if server else None,
             server_end_ns=server.end_ns if server else None,
-            server_ok=(server.status_code != STATUS_ERROR and server.error_class is None) if server else None,
+            server_ok=answered_well(server) if server else None,
             answered_by=server.span_id if server else None, http_status=s.http_status, **common))
     # Entry requests: server spans with no server span above them (under a load generator, say).
     entries = [s for s in spans if s.kind in ("server", "consumer") and not _has_server_ancestor(s, by_id)]
     if not entries:
         entries = [root]
-    failing = [s for s in entries if s.status_code == STATUS_ERROR or s.error_class is not None]
+    failing = [s for s in entries if not answered_well(s)]
     failing.sort(key=lambda s: s.start_ns)
     if failing:
         root_error = failing[0].error_class or "business"
@@ -266,7 +271,7 @@ def _attempts(client: SpanRow, answers: list[SpanRow], common: dict[str, Any],
         votes[answers[0].service] = votes.get(answers[0].service, 0) + 1
     for i, server in enumerate(answers):
         last = i == len(answers) - 1
-        server_ok = server.status_code != STATUS_ERROR and server.error_class is None
+        server_ok = answered_well(server)
         start = client.start_ns if i == 0 else max(client.start_ns, server.start_ns - 1_000_000)
         if last:
             end, error, status = client.end_ns, client.error_class, client.http_status

@@ -20,6 +20,12 @@ BELOW_TAIL_MIN_RATE = 0.01
 STEADY_TAIL_MIN_RATE = 0.03
 STEADY_PARTS = 5
 MIN_SAMPLES = 20
+# network_latency: the gap (client minus server) is at least this long at the median, and at least as long as
+# the callee's own time: most of what the caller waits is spent between the two.
+NETWORK_MIN_MS = 20.0
+NETWORK_MIN_CALLS = 3
+NETWORK_GROWTH = 3.0  # ... or, in some stretch of the period, it ran at this many times its usual median
+NETWORK_GROWTH_MIN_MS = 50.0  # ... and this much above it: a busy host's jitter stays below
 
 
 @dataclass
@@ -331,6 +337,75 @@ def deadline_not_propagated(analysis: Analysis, edge: Edge) -> Finding | None:
                    "check it before each downstream call"})
 
 
+def network_latency(analysis: Analysis) -> list[Finding]:
+    """Edges whose time is lost between caller and callee, named after a service they all share when they do."""
+    flagged: list[tuple[Edge, float, float, float, str]] = []
+    for edge in analysis.edges.values():
+        if len(edge.gap_ms) < NETWORK_MIN_CALLS or len(edge.server_ms) < NETWORK_MIN_CALLS:
+            continue
+        gap50 = percentile(edge.gap_ms, 50) or 0.0
+        server50 = percentile(edge.server_ms, 50) or 0.0
+        if gap50 >= NETWORK_MIN_MS and gap50 >= server50:
+            flagged.append((edge, gap50, server50, percentile(edge.observed_ms, 50) or 0.0, ""))
+            continue
+        grown = _gap_growth(edge, server50)
+        if grown is not None:
+            usual, peak, when = grown
+            flagged.append((edge, peak, server50, percentile(edge.observed_ms, 50) or 0.0,
+                            f"The gap grew from {_ms(usual)} to {_ms(peak)} at the median from {when} on."))
+    touching: dict[str, int] = {}
+    for edge, *_ in flagged:
+        for service in (edge.caller, edge.callee):
+            touching[service] = touching.get(service, 0) + 1
+    out = []
+    for edge, gap50, server50, client50, growth in flagged:
+        common = max((edge.callee, edge.caller), key=lambda s: touching[s])
+        shared = touching[common] >= 2
+        cause = (f"The same gap shows on {touching[common]} hops into and out of {common}: {common}'s network is the "
+                 "common cause." if shared else "")
+        out.append(Finding(
+            "network_latency", "high" if edge.charge_like else "medium", edge.key,
+            f"{_name(edge)} loses {_ms(gap50)} per call between {edge.caller} and {edge.callee} "
+            f"({edge.callee}'s own time {_ms(server50)})",
+            f"{edge.caller} waits {_ms(client50)} at the median for {edge.callee}, which spends {_ms(server50)} on "
+            f"the request itself: {_ms(gap50)} is lost between caller and callee (the network, a proxy, a queue "
+            f"or a connection pool), not in {edge.callee}'s code. {growth} {cause} Timeouts on this call must "
+            f"cover what {edge.caller} sees, not what {edge.callee}'s spans say.".replace("  ", " "),
+            {"client_ms": {"p50": round(client50, 2), "p99": round(percentile(edge.observed_ms, 99) or 0.0, 2)},
+             "server_ms": {"p50": round(server50, 2), "p99": round(percentile(edge.server_ms, 99) or 0.0, 2)},
+             "gap_ms": {"p50": round(gap50, 2), "p99": round(percentile(edge.gap_ms, 99) or 0.0, 2)},
+             "calls": len(edge.gap_ms), "common_cause": common if shared else None},
+            [c.trace_id for c in edge.calls if c.ok][:EVIDENCE_IDS],
+            {"action": f"find what sits between {edge.caller} and {edge.callee} (network path, proxy, connection "
+                       f"pool) and fix it there; meanwhile size the timeout on what {edge.caller} sees",
+             "timeout_ms": analysis.recommended_ms(edge.key)}))
+    return out
+
+
+def _gap_growth(edge: Edge, server50: float) -> tuple[float, float, str] | None:
+    """(usual gap, grown gap, when it started) when the gap grew for part of the period: stretches of calls (a
+    tenth of them, at least three each), two or more of which run far above the quietest one."""
+    from payscope.timeparse import format_ns
+
+    answered = sorted((c for c in edge.calls if c.ok and c.server_start_ns is not None and c.server_end_ns
+                       is not None), key=lambda c: c.start_ns)
+    size = max(NETWORK_MIN_CALLS, len(answered) // 10)
+    if len(answered) < 2 * size:
+        return None
+    stretches = []
+    for i in range(0, len(answered) - size + 1, size):
+        part = answered[i:i + size]
+        gaps = sorted(max(0.0, (c.duration_ns - (c.server_end_ns or 0) + (c.server_start_ns or 0)) / 1e6)
+                      for c in part)
+        stretches.append((percentile(gaps, 50) or 0.0, part[0].start_ns))
+    usual = min(m for m, _ in stretches)
+    floor = max(usual + max(NETWORK_GROWTH_MIN_MS, server50), NETWORK_GROWTH * max(usual, 1.0))
+    grown = [(m, t) for m, t in stretches if m >= floor]
+    if len(grown) < 2:  # one slow stretch is a blip (a warm-up, a pause); a delay lasts
+        return None
+    return usual, percentile(sorted(m for m, _ in grown), 50) or 0.0, format_ns(min(t for _, t in grown))
+
+
 def uniform_timeout(analysis: Analysis) -> list[Finding]:
     groups: dict[float, list[Edge]] = {}
     for edge in analysis.edges.values():
@@ -388,5 +463,6 @@ def find(analysis: Analysis) -> list[Finding]:
             if found:
                 out.append(found)
     out.extend(uniform_timeout(analysis))
+    out.extend(network_latency(analysis))
     out.sort(key=lambda f: (-SEVERITIES.index(f.severity), f.kind, f.edge))
     return out

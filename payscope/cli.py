@@ -388,6 +388,63 @@ def analyze(
         raise typer.Exit(1)
 
 
+def _window(text: str, option: str) -> tuple[int, int]:
+    """FROM..TO, each an RFC 3339 time or Unix seconds, as nanoseconds [from, to)."""
+    from payscope.timeparse import parse_instant_ns
+
+    if ".." not in text:
+        raise PayscopeError(f"{option} {text!r} is not FROM..TO (2022-08-22T05:53:00Z..2022-08-22T05:54:00Z)")
+    ends = []
+    for part in text.split("..", 1):
+        part = part.strip()
+        try:
+            ends.append(int(float(part) * 1e9))
+        except ValueError:
+            ends.append(parse_instant_ns(part, option))
+    if ends[1] <= ends[0]:
+        raise PayscopeError(f"{option} {text!r} ends before it starts")
+    return ends[0], ends[1]
+
+
+@app.command()
+def compare(
+    incident: Annotated[str, typer.Option(help="The incident window, FROM..TO (RFC 3339 or Unix seconds).")],
+    baseline: Annotated[Optional[str], typer.Option(
+        help="The healthy window, FROM..TO (default: as long as the incident, just before it).")] = None,
+    store: StoreOption = None,
+    output_format: Annotated[str, typer.Option("--format", "-f", help="table, json or markdown.")] = "table",
+) -> None:
+    """Which hop lost the time between a healthy window and an incident, and whether network or code."""
+    from payscope.analyzers.compare import compare as compare_windows
+    from payscope.analyzers.loader import load
+    from payscope.collector.store import open_store
+
+    _check_format(output_format, ("table", "json", "markdown"))
+    inc = _window(incident, "--incident")
+    base = _window(baseline, "--baseline") if baseline else (2 * inc[0] - inc[1], inc[0])
+    if base[0] < inc[1] and inc[0] < base[1]:
+        raise PayscopeError("--baseline and --incident overlap: compare two separate windows")
+    with open_store(store, readonly=True) as opened:
+        document = compare_windows(load(opened), base, inc)
+    for label, window in (("baseline", document["baseline"]), ("incident", document["incident"])):
+        if not window["entry_requests"]:
+            raise PayscopeError(f"the --{label} window holds no entry requests in {opened.url}")
+    if output_format == "json":
+        _emit_json(document)
+        return
+    lines = [f"baseline: {document['baseline']['entry_requests']} entry requests, p50 "
+             f"{document['baseline']['entry_ms']['p50']} ms; incident: {document['incident']['entry_requests']}, "
+             f"p50 {document['incident']['entry_ms']['p50']} ms"]
+    if not document["hops"]:
+        lines.append("no hop grew above noise: " + document["noise"])
+    for i, hop in enumerate(document["hops"], 1):
+        lines.append(f"{i}. [{hop['component']}] {hop['service']}: {hop['sentence']}")
+    if output_format == "markdown":
+        sys.stdout.write("# payscope compare\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
+    else:
+        out.print("\n".join(lines), markup=False)
+
+
 @recommend_app.command("timeouts")
 def recommend_timeouts(
     store: StoreOption = None,

@@ -42,6 +42,9 @@ def create(order_id: str):  # type: ignore[no-untyped-def]
     try:
         inventory.post(f"{INVENTORY}/reserve/{order_id}").raise_for_status()
         resp = payments.post(f"{PAYMENT}/payments", json={"order_id": order_id, "amount": amount})
+        if resp.status_code == 402:
+            log.warning("order declined", extra={"fields": {"order_id": order_id}})
+            return jsonify({"order_id": order_id, "status": "declined"}), 402
         resp.raise_for_status()
     except httpx.HTTPError as exc:
         log.error("order failed", extra={"fields": {"order_id": order_id, "error": type(exc).__name__}})

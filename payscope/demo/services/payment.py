@@ -37,6 +37,9 @@ def pay():  # type: ignore[no-untyped-def]
     logger.info("charging order {} amount {}", order_id, body.get("amount"))
     try:
         resp = session.post(f"{BANK}/v1/charges", json=body, headers=headers, timeout=TIMEOUT)
+        if resp.status_code == 402:  # the bank said no: the answer goes back as it came
+            logger.warning("card declined for order {}", order_id)
+            return jsonify({"order_id": order_id, "status": "declined"}), 402
         resp.raise_for_status()
     except requests.RequestException as exc:
         logger.error("charge for order {} failed: {}", order_id, type(exc).__name__)

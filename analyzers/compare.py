@@ -1,0 +1,272 @@
+"""Which hop lost the time: the critical path of every entry request, split into each service's own time, the
+network gap of each call, and dependencies without spans, compared between a baseline and an incident window.
+
+An entry request's duration is cut, along its critical path, into pieces that add up to it exactly: a service's
+own time (``service``), the gap of a call between the caller's client span and the callee's server span
+(``network``: the wire, a proxy, a queue, a connection pool) and the whole of a call whose callee has no spans
+(``dependency``). Parallel calls that finish before the one the request waited on are off the path, so nothing
+is counted twice. A piece's growth, averaged over the incident's entry requests of each kind, is how many
+milliseconds of their added time it explains.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from .calls import Call
+from .engine import Analysis
+from .stats import percentile
+
+Window = tuple[int, int]  # [from, to) in nanoseconds
+HopKey = tuple[str, str, tuple[str, str, str] | None]  # service, component, edge
+Kind = tuple[str, frozenset[tuple[str, str, str]]]  # entry service, and the edges its requests cross
+
+# A hop explains less than this is noise: run-to-run variation of a healthy system's entry requests.
+NOISE_MIN_MS = 5.0
+NOISE_SHARE = 0.1      # ... or less than this share of the baseline's median entry request
+SLACK_NS = 1_000_000   # a child may end this much after its parent on unaligned clocks
+MIN_REQUESTS = 5       # fewer requests of a kind than this in a window say nothing of its time
+
+
+@dataclass
+class Piece:
+    """The per-request contributions of one hop in one window, and the per-call samples behind its p50/p99."""
+
+    per_group: dict[Kind, float] = field(default_factory=lambda: defaultdict(float))
+    squares: dict[Kind, float] = field(default_factory=lambda: defaultdict(float))
+    crossing: dict[Kind, int] = field(default_factory=lambda: defaultdict(int))  # requests that cross the hop
+    samples: list[float] = field(default_factory=list)
+
+
+@dataclass
+class WindowStats:
+    window: Window
+    requests: dict[Kind, int] = field(default_factory=lambda: defaultdict(int))
+    durations: dict[Kind, list[float]] = field(default_factory=lambda: defaultdict(list))
+    pieces: dict[HopKey, Piece] = field(default_factory=lambda: defaultdict(Piece))
+
+    @property
+    def total(self) -> int:
+        return sum(self.requests.values())
+
+    def all_durations(self) -> list[float]:
+        return sorted(v for values in self.durations.values() for v in values)
+
+
+def _critical_path(analysis: Analysis, trace_id: str) -> Iterator[tuple[HopKey, float]]:
+    """(hop, milliseconds) pieces of one trace's entry request along its critical path."""
+    calls = analysis.calls_of(trace_id)
+    under: dict[str | None, list[Call]] = defaultdict(list)
+    for c in calls:
+        under[c.entry_span_id].append(c)
+    roots = [c for c in calls if c.upstream is None and c.entry_span_id is not None
+             and c.entry_start_ns is not None and c.entry_end_ns is not None]
+    if not roots:
+        return
+    first = min(roots, key=lambda c: c.entry_start_ns or 0)
+    assert first.entry_start_ns is not None and first.entry_end_ns is not None
+    stack: list[tuple[str | None, str, int, int]] = [(first.entry_span_id, first.caller, first.entry_start_ns,
+                                                     first.entry_end_ns)]
+    seen: set[str | None] = set()
+    while stack:
+        span_id, service, start, end = stack.pop()
+        if span_id in seen:
+            continue
+        seen.add(span_id)
+        kids = sorted(under.get(span_id, ()), key=lambda c: c.end_ns, reverse=True)
+        cursor = end
+        own = 0
+        for c in kids:
+            if c.end_ns > cursor + SLACK_NS or c.start_ns < start - SLACK_NS:
+                continue  # parallel to the call the request was waiting on, or outside this span
+            c_end = min(c.end_ns, cursor)
+            c_start = max(c.start_ns, start)
+            if c_end <= c_start:
+                continue
+            own += cursor - c_end
+            client = c_end - c_start
+            edge = (c.caller, c.callee, c.operation)
+            if c.server_start_ns is None or c.server_end_ns is None or c.answered_by is None:
+                yield (c.callee, "dependency", edge), client / 1e6
+            else:
+                s_start = max(c.server_start_ns, c_start)
+                s_end = min(c.server_end_ns, c_end)
+                server = max(0, s_end - s_start)
+                yield (c.callee, "network", edge), (client - server) / 1e6
+                if server:
+                    stack.append((c.answered_by, c.server_service or c.callee, s_start, s_end))
+            cursor = c_start
+        own += max(0, cursor - start)
+        yield (service, "service", None), own / 1e6
+
+
+def _requests(analysis: Analysis, window: Window) -> list[tuple[Kind, dict[HopKey, float]]]:
+    """Each entry request in the window: its kind and its pieces along the critical path."""
+    out = []
+    for trace_id, facts in analysis.traces.items():
+        if not window[0] <= facts.start_ns < window[1]:
+            continue
+        pieces: dict[HopKey, float] = defaultdict(float)
+        for key, value in _critical_path(analysis, trace_id):
+            pieces[key] += value
+        if pieces:
+            # requests of one kind take one path through the system: compared with themselves, a change of
+            # traffic mix is not taken for a slowdown, and a hop only some requests cross is not diluted
+            out.append(((facts.root_service, frozenset(k[2] for k in pieces if k[2] is not None)), pieces))
+    return out
+
+
+def _window_stats(window: Window, requests: list[tuple[Kind, dict[HopKey, float]]], kept: set[Kind]) -> WindowStats:
+    """Pieces summed per kind; requests of kinds too rare to compare are pooled by their entry service."""
+    stats = WindowStats(window)
+    for kind, pieces in requests:
+        group = kind if kind in kept else (kind[0], frozenset())
+        stats.requests[group] += 1
+        stats.durations[group].append(sum(pieces.values()))
+        for key, value in pieces.items():
+            piece = stats.pieces[key]
+            piece.per_group[group] += value
+            piece.squares[group] += value * value
+            piece.crossing[group] += 1
+            piece.samples.append(value)
+    for piece in stats.pieces.values():
+        piece.samples.sort()
+    return stats
+
+
+def _pct(values: list[float]) -> dict[str, float | None]:
+    return {"p50": None if not values else round(percentile(values, 50) or 0.0, 2),
+            "p99": None if not values else round(percentile(values, 99) or 0.0, 2)}
+
+
+def _summary(stats: WindowStats) -> dict[str, Any]:
+    durations = stats.all_durations()
+    return {"from_ns": stats.window[0], "to_ns": stats.window[1], "entry_requests": stats.total,
+            "entry_ms": _pct(durations)}
+
+
+def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: float) -> dict[HopKey, HopKey]:
+    """Network hops renamed after the service they share: a delay on one service's network shows on every
+    edge into and out of it, and the ranking must name that service, not the one beside it. Gaps that grow
+    only on calls out of a service whose own time grew too are that service's own slowness (a starved CPU
+    makes its client spans long), not the network."""
+    touching: dict[str, list[HopKey]] = defaultdict(list)
+    for key in keys:
+        edge = key[2]
+        assert edge is not None
+        touching[edge[0]].append(key)
+        touching[edge[1]].append(key)
+    renamed: dict[HopKey, HopKey] = {}
+    for key in keys:
+        edge = key[2]
+        assert edge is not None
+        caller, callee = edge[0], edge[1]
+        common = max((callee, caller), key=lambda s: len(touching[s]))  # a tie goes to the callee
+        if common == caller:
+            into = [k for k in touching[caller] if k[2] is not None and k[2][1] == caller]
+            if not into and own_growth.get(caller, 0.0) > noise:
+                renamed[key] = (caller, "service", None)
+                continue
+        renamed[key] = (common, "network", edge)
+    return renamed
+
+
+def _merged(explained: dict[HopKey, float], noise: float) -> tuple[dict[HopKey, float], dict[HopKey, list[HopKey]]]:
+    """Hops of one kind of entry request after network gaps are put on the service they share."""
+    own_growth = {key[0]: value for key, value in explained.items() if key[1] == "service"}
+    grown_network = [k for k, v in explained.items() if k[1] == "network" and v > noise]
+    renamed = _common_service(grown_network, own_growth, noise)
+    merged: dict[HopKey, float] = defaultdict(float)
+    members: dict[HopKey, list[HopKey]] = defaultdict(list)
+    for key, value in explained.items():
+        target = renamed.get(key, key)
+        merged[target] += value
+        members[target].append(key)
+    return merged, members
+
+
+def compare(analysis: Analysis, baseline: Window, incident: Window) -> dict[str, Any]:
+    """The JSON contract of `payscope compare`: both windows, and the hops ranked by what they explain.
+
+    Each kind of entry request (entry service and operation) is compared with itself, so that a change in the
+    traffic mix is not taken for a slowdown; a hop is ranked by what it adds to the kind it slows most.
+    """
+    base_requests, inc_requests = _requests(analysis, baseline), _requests(analysis, incident)
+    base_kinds = defaultdict(int, Counter(k for k, _ in base_requests))
+    inc_kinds = Counter(k for k, _ in inc_requests)
+    kept = {k for k, n in inc_kinds.items() if n >= MIN_REQUESTS and base_kinds[k] >= MIN_REQUESTS}
+    base = _window_stats(baseline, base_requests, kept)
+    inc = _window_stats(incident, inc_requests, kept)
+    groups = [g for g in inc.requests if base.requests.get(g, 0) >= MIN_REQUESTS and inc.requests[g] >= MIN_REQUESTS]
+
+    def crossing(stats: WindowStats, key: HopKey, group: Kind) -> tuple[int, float, float]:
+        """(requests of the kind that cross the hop, their mean time in it, its variance)."""
+        piece = stats.pieces.get(key)
+        n = piece.crossing.get(group, 0) if piece is not None else 0
+        if piece is None or not n:
+            return 0, 0.0, 0.0
+        m = piece.per_group[group] / n
+        return n, m, max(0.0, piece.squares[group] / n - m * m)
+
+    def growth(key: HopKey, group: Kind) -> tuple[float, float]:
+        """What the hop adds per request of the kind (its growth where it is crossed, times how often it is
+        in the incident), and three standard errors of that: less is chance."""
+        nb, mb, vb = crossing(base, key, group)
+        ni, mi, vi = crossing(inc, key, group)
+        if not ni:
+            return -mb * nb / base.requests[group], 0.0
+        share = ni / inc.requests[group]
+        se = math.sqrt((vb / nb if nb else 0.0) + vi / ni)
+        return share * (mi - mb), 3 * share * se
+
+    best: dict[HopKey, tuple[float, Kind, list[HopKey], float]] = {}
+    added: dict[Kind, float] = {}
+    for g in groups:
+        base_median = percentile(sorted(base.durations[g]), 50) or 0.0
+        noise = max(NOISE_MIN_MS, NOISE_SHARE * base_median)
+        added[g] = sum(inc.durations[g]) / inc.requests[g] - sum(base.durations[g]) / base.requests[g]
+        keys = {k for k in set(base.pieces) | set(inc.pieces)
+                if g in (base.pieces[k].per_group if k in base.pieces else {})
+                or g in (inc.pieces[k].per_group if k in inc.pieces else {})}
+        grown = {k: growth(k, g) for k in keys}
+        merged, members = _merged({k: v for k, (v, _) in grown.items()}, noise)
+        for key, value in merged.items():
+            chance = math.sqrt(sum(grown[k][1] ** 2 for k in members[key]))
+            if value > max(noise, chance) and (key not in best or value > best[key][0]):
+                best[key] = (value, g, members[key], noise)
+    hops = []
+    for key, (value, g, members_of, _) in sorted(best.items(), key=lambda kv: -kv[1][0]):
+        base_samples = sorted(v for k in members_of if k in base.pieces for v in base.pieces[k].samples)
+        inc_samples = sorted(v for k in members_of if k in inc.pieces for v in inc.pieces[k].samples)
+        service, component, edge = key
+        hops.append({
+            "service": service, "component": component,
+            "edge": None if edge is None else {"caller": edge[0], "callee": edge[1], "operation": edge[2]},
+            "baseline_ms": _pct(base_samples), "incident_ms": _pct(inc_samples),
+            "explains_ms": round(value, 2), "entry": g[0], "entry_requests": inc.requests[g],
+            "entry_added_ms": round(added[g], 2),
+            "sentence": sentence(service, component, edge, value, added[g], g, _pct(base_samples),
+                                 _pct(inc_samples)),
+        })
+    return {"baseline": _summary(base), "incident": _summary(inc),
+            "noise": f"entry requests are compared kind by kind (entry service and the calls they make); a hop "
+                     f"that adds {NOISE_MIN_MS:g} ms or less to a kind, less than {NOISE_SHARE:.0%} of that kind's "
+                     "baseline median, or less than three standard errors of the difference, is noise and not "
+                     f"listed; kinds with fewer than {MIN_REQUESTS} requests in either window are not compared",
+            "hops": hops}
+
+
+def sentence(service: str, component: str, edge: tuple[str, str, str] | None, value: float, added: float,
+             group: Kind, base: dict[str, float | None], inc: dict[str, float | None]) -> str:
+    """The hop as a line an on-call engineer can paste into an incident channel."""
+    share = f" ({min(1.0, value / added):.0%} of the {added:.0f} ms they gained)" if added > 0 else ""
+    where = {"network": f"on the network into or out of {service}",
+             "service": f"inside {service}'s own code",
+             "dependency": f"in {service}, which has no spans"}[component]
+    call = f" on {edge[0]} -> {edge[1]} ({edge[2]})" if edge else ""
+    return (f"{value:.0f} ms per {group[0]} request that crosses it{share} is lost {where}{call}: p50 {base['p50']} -> "
+            f"{inc['p50']} ms, p99 {base['p99']} -> {inc['p99']} ms")
