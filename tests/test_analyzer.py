@@ -16,7 +16,8 @@ from payscope.model import SpanRow
 from payscope.synth import Call, Service, Simulator, chain
 from tests.helpers import REALDATA, SCENARIOS, payscope, payscope_json
 
-JUDGED = {"timeout_inversion", "late_success", "timeout_below_tail", "retry_budget_overrun", "non_idempotent_retry"}
+JUDGED = {"timeout_inversion", "late_success", "timeout_below_tail", "retry_budget_overrun", "non_idempotent_retry",
+          "network_latency"}
 
 
 def _analysis_of(rows: list[SpanRow]) -> engine.Analysis:
@@ -39,7 +40,7 @@ def _found(analysis: engine.Analysis) -> set[tuple[str, str, str]]:
     return {(f.kind, f.edge[0], f.edge[1]) for f in analysis.findings}
 
 
-@pytest.mark.parametrize("name", ["calm", "marketplace", "subscriptions"])
+@pytest.mark.parametrize("name", ["calm", "marketplace", "subscriptions", "remote-ledger"])
 def test_public_scenarios(name: str) -> None:
     truth = json.loads((SCENARIOS / f"{name}.truth.json").read_text())
     analysis = _analysis_of(_file_spans(SCENARIOS / f"{name}.otlp.jsonl.gz"))
