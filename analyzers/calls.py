@@ -85,6 +85,22 @@ class Call:
         return self.error_class is None
 
     @property
+    def server_ms(self) -> float | None:
+        """The callee's own time on this call (None when its server span is not known)."""
+        if self.server_start_ns is None or self.server_end_ns is None:
+            return None
+        return (self.server_end_ns - self.server_start_ns) / 1e6
+
+    @property
+    def gap_ms(self) -> float | None:
+        """What the caller waited beyond the callee's own time on a successful call: the network, a queue,
+        connection set-up (None when the call failed or its server span is not known)."""
+        server = self.server_ms
+        if server is None or not self.ok:
+            return None
+        return max(0.0, self.duration_ns / 1e6 - server)
+
+    @property
     def timed_out(self) -> bool:
         return self.error_class == "timeout"
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from .calls import Call
 from .engine import Analysis
+from .stats import p50_p99 as _pct
 from .stats import percentile
 
 Window = tuple[int, int]  # [from, to) in nanoseconds
@@ -138,11 +139,6 @@ def _window_stats(window: Window, requests: list[tuple[Kind, dict[HopKey, float]
     return stats
 
 
-def _pct(values: list[float]) -> dict[str, float | None]:
-    return {"p50": None if not values else round(percentile(values, 50) or 0.0, 2),
-            "p99": None if not values else round(percentile(values, 99) or 0.0, 2)}
-
-
 def _summary(stats: WindowStats) -> dict[str, Any]:
     durations = stats.all_durations()
     return {"from_ns": stats.window[0], "to_ns": stats.window[1], "entry_requests": stats.total,
@@ -223,7 +219,7 @@ def compare(analysis: Analysis, baseline: Window, incident: Window) -> dict[str,
         se = math.sqrt((vb / nb if nb else 0.0) + vi / ni)
         return share * (mi - mb), 3 * share * se
 
-    best: dict[HopKey, tuple[float, Kind, list[HopKey], float]] = {}
+    best: dict[HopKey, tuple[float, Kind, list[HopKey]]] = {}
     added: dict[Kind, float] = {}
     for g in groups:
         base_median = percentile(sorted(base.durations[g]), 50) or 0.0
@@ -237,9 +233,9 @@ def compare(analysis: Analysis, baseline: Window, incident: Window) -> dict[str,
         for key, value in merged.items():
             chance = math.sqrt(sum(grown[k][1] ** 2 for k in members[key]))
             if value > max(noise, chance) and (key not in best or value > best[key][0]):
-                best[key] = (value, g, members[key], noise)
+                best[key] = (value, g, members[key])
     hops = []
-    for key, (value, g, members_of, _) in sorted(best.items(), key=lambda kv: -kv[1][0]):
+    for key, (value, g, members_of) in sorted(best.items(), key=lambda kv: -kv[1][0]):
         base_samples = sorted(v for k in members_of if k in base.pieces for v in base.pieces[k].samples)
         inc_samples = sorted(v for k in members_of if k in inc.pieces for v in inc.pieces[k].samples)
         service, component, edge = key

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from payscope.model import SpanRow
 
 from .calls import Call, TraceFacts, is_charge_like, is_idempotent, resolve_aliases, trace_calls
-from .stats import median, ms, percentile
+from .stats import median, ms, p50_p99, percentile
 
 if TYPE_CHECKING:
     from .findings import Finding
@@ -53,6 +53,11 @@ def is_late_success(call: Call) -> bool:
     """The caller gave up while the callee went on to succeed: it finished after the caller stopped waiting,
     or its answer was still on the wire when the caller did (the server span ended inside the client span)."""
     return bool(call.gave_up and call.server_ok and call.server_end_ns is not None)
+
+
+def order_of(facts: TraceFacts) -> str:
+    """What a duplicate charge is counted once per: the order (its first business key), else the trace."""
+    return str(facts.keys[0]) if facts.keys else str(facts.trace_id)
 
 
 @dataclass(slots=True)
@@ -139,15 +144,12 @@ class Edge:
 
     def to_json(self) -> dict[str, Any]:
         pct = self.percentiles()
-        def split(values: list[float]) -> dict[str, float | None]:
-            return {q: None if (v := percentile(values, n)) is None else round(v, 2)
-                    for q, n in (("p50", 50), ("p99", 99))}
-
         return {
             "caller": self.caller, "callee": self.callee, "operation": self.operation,
             "calls": len(self.calls), "healthy_samples": len(self.latency()),
             "latency_ms": {k: None if v is None else round(v, 2) for k, v in pct.items()},
-            "client_ms": split(self.observed_ms), "server_ms": split(self.server_ms), "gap_ms": split(self.gap_ms),
+            "client_ms": p50_p99(self.observed_ms), "server_ms": p50_p99(self.server_ms),
+            "gap_ms": p50_p99(self.gap_ms),
             "censored_calls": len(self.censored_ms),
             "errors": dict(self.errors), "retries": self.retries, "max_attempts": self.max_attempts,
             "timeout": self.timeout.to_json(),
@@ -192,6 +194,10 @@ class Analysis:
             for c in self.calls:
                 self._by_trace[c.trace_id].append(c)
         return self._by_trace.get(trace_id, [])
+
+    def orders_charged_twice(self) -> set[str]:
+        """The orders (or traces, where no order is known) whose transaction charged twice."""
+        return {order_of(t.facts) for t in self.transactions.values() if t.outcome == "duplicate_charge"}
 
     def findings_of(self, trace_id: str) -> list[Finding]:
         """The whole-store findings this trace is evidence of."""
@@ -396,11 +402,10 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
                     edge.observed_ms.append(max(client, ms(c.server_end_ns - c.start_ns)))
                 else:
                     edge.censored_ms.append(client)
-        if answered and c.server_start_ns is not None and c.server_end_ns is not None:
-            server = ms(c.server_end_ns - c.server_start_ns)
+        if answered and (server := c.server_ms) is not None:
             edge.server_ms.append(server)
-            if c.ok:
-                edge.gap_ms.append(max(0.0, client - server))
+            if (gap := c.gap_ms) is not None:
+                edge.gap_ms.append(gap)
         if c.upstream is not None:
             parent = by_span.get((c.trace_id, c.upstream))
             if parent is not None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from payscope.timeparse import format_ms as _ms
+from payscope.timeparse import format_ns
 
 from .calls import Call
 from .engine import Analysis, Edge, EdgeKey, is_business_failure
@@ -385,18 +386,14 @@ def network_latency(analysis: Analysis) -> list[Finding]:
 def _gap_growth(edge: Edge, server50: float) -> tuple[float, float, str] | None:
     """(usual gap, grown gap, when it started) when the gap grew for part of the period: stretches of calls (a
     tenth of them, at least three each), two or more of which run far above the quietest one."""
-    from payscope.timeparse import format_ns
-
-    answered = sorted((c for c in edge.calls if c.ok and c.server_start_ns is not None and c.server_end_ns
-                       is not None), key=lambda c: c.start_ns)
+    answered = sorted((c for c in edge.calls if c.gap_ms is not None), key=lambda c: c.start_ns)
     size = max(NETWORK_MIN_CALLS, len(answered) // 10)
     if len(answered) < 2 * size:
         return None
     stretches = []
     for i in range(0, len(answered) - size + 1, size):
         part = answered[i:i + size]
-        gaps = sorted(max(0.0, (c.duration_ns - (c.server_end_ns or 0) + (c.server_start_ns or 0)) / 1e6)
-                      for c in part)
+        gaps = sorted(c.gap_ms or 0.0 for c in part)
         stretches.append((percentile(gaps, 50) or 0.0, part[0].start_ns))
     usual = min(m for m, _ in stretches)
     floor = max(usual + max(NETWORK_GROWTH_MIN_MS, server50), NETWORK_GROWTH * max(usual, 1.0))

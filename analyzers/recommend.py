@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .calls import Call
-from .engine import Analysis, Edge, EdgeKey, call_budget_ms
+from .engine import Analysis, Edge, EdgeKey, call_budget_ms, order_of
 from .stats import fraction_above, median, ms, nice_ceil_ms, percentile
 
 MARGIN = 1.25          # over the healthy p99
@@ -294,11 +294,6 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
     return ReplayResult(len(analysis.traces), failed, late_total, len(duplicated))
 
 
-def order_of(facts: Any) -> str:
-    """What a duplicate charge is counted once per: the order (its first business key), else the trace."""
-    return str(facts.keys[0]) if facts.keys else str(facts.trace_id)
-
-
 def _walk(chain: list[Call], run_chain: Any, chains_by_parent: dict[tuple[str, str | None], list[list[Call]]]
           ) -> tuple[float, bool, bool, bool]:
     """Run a top-level chain and gather late/duplicate flags from every call below it."""
@@ -318,12 +313,11 @@ def simulate(analysis: Analysis, recommendations: list[Recommendation]) -> dict[
     before = replay(analysis, {r.edge.key: r.current for r in recommendations})
     after = replay(analysis, {r.edge.key: r.recommended for r in recommendations})
     recorded = Counter(t.outcome for t in analysis.transactions.values())
-    duplicated = {order_of(t.facts) for t in analysis.transactions.values() if t.outcome == "duplicate_charge"}
     return {
         "recorded": {"transactions": len(analysis.transactions),
                      "failed": sum(recorded.get(k, 0) for k in ("failed", "timeout", "late_success", "declined")),
                      "late_success": recorded.get("late_success", 0),
-                     "duplicate_charge": len(duplicated)},
+                     "duplicate_charge": len(analysis.orders_charged_twice())},
         "before": before.to_json(), "after": after.to_json(),
         "counts": "transactions are traces; duplicate_charge counts orders charged twice, once per order",
         "model": "what each caller saw, replayed through each call tree under the current and recommended "

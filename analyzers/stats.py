@@ -14,6 +14,12 @@ def percentile(sorted_values: Sequence[float], q: float) -> float | None:
     return float(sorted_values[min(rank, len(sorted_values)) - 1])
 
 
+def p50_p99(sorted_values: Sequence[float]) -> dict[str, float | None]:
+    """The median and the p99 of already sorted values, rounded to hundredths; None when empty."""
+    return {q: None if (v := percentile(sorted_values, n)) is None else round(v, 2)
+            for q, n in (("p50", 50), ("p99", 99))}
+
+
 def median(values: Sequence[float]) -> float | None:
     if not values:
         return None

@@ -103,13 +103,10 @@ def _depths(spans: list[Span]) -> list[tuple[Span, int]]:
 
 def _call_json(call: Call) -> dict[str, Any]:
     """The three times of one call kept apart: what the caller saw, what the callee spent, and the gap."""
-    client = call.duration_ns / 1e6
-    server = None
-    if call.server_start_ns is not None and call.server_end_ns is not None:
-        server = (call.server_end_ns - call.server_start_ns) / 1e6
-    return {"callee": call.callee, "operation": call.operation, "client_ms": round(client, 3),
+    server, gap = call.server_ms, call.gap_ms
+    return {"callee": call.callee, "operation": call.operation, "client_ms": round(call.duration_ns / 1e6, 3),
             "server_ms": None if server is None else round(server, 3),
-            "gap_ms": None if server is None or not call.ok else round(max(0.0, client - server), 3),
+            "gap_ms": None if gap is None else round(gap, 3),
             "late_success": call.late_success, "attempt": call.attempt, "error_class": call.error_class}
 
 
@@ -172,8 +169,6 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
     for tx in analysis.transactions.values():
         outcomes[tx.outcome] = outcomes.get(tx.outcome, 0) + 1
     orders = {k for tx in analysis.transactions.values() for k in tx.facts.keys[:1]}
-    duplicated = {recommend.order_of(tx.facts) for tx in analysis.transactions.values()
-                  if tx.outcome == "duplicate_charge"}
     return {
         "findings": [f.to_json() for f in found],
         "edges": [{**e.to_json(), "recommended_timeout_ms": analysis.recommended_ms(key)}
@@ -181,7 +176,7 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
         "clock_skew": [o.to_json() for o in analysis.offsets],
         "stats": {"traces": len(analysis.traces), "transactions": len(analysis.transactions),
                   "calls": len(analysis.calls), "edges": len(analysis.edges), "orders": len(orders),
-                  "outcomes": outcomes, "orders_charged_twice": len(duplicated),
+                  "outcomes": outcomes, "orders_charged_twice": len(analysis.orders_charged_twice()),
                   "findings_by_severity": {s: sum(f.severity == s for f in found) for s in findings.SEVERITIES
                                            if any(f.severity == s for f in found)}},
     }
