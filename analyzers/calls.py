@@ -93,10 +93,14 @@ class Call:
 
     @property
     def gap_ms(self) -> float | None:
-        """What the caller waited beyond the callee's own time on a successful call: the network, a queue,
-        connection set-up (None when the call failed or its server span is not known)."""
+        """What the caller waited beyond the callee's own time: the network, a queue, connection set-up. Known
+        for a successful call, and, as a lower bound, for one given up while the callee's answer was already
+        on its way (its server span ended inside the client span); None otherwise."""
         server = self.server_ms
-        if server is None or not self.ok:
+        if server is None or self.server_end_ns is None:
+            return None
+        on_the_wire = self.gave_up and bool(self.server_ok) and self.server_end_ns <= self.end_ns
+        if not (self.ok or on_the_wire):
             return None
         return max(0.0, self.duration_ns / 1e6 - server)
 

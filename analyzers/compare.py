@@ -260,7 +260,8 @@ def sentence(service: str, component: str, edge: tuple[str, str, str] | None, va
              group: Kind, base: dict[str, float | None], inc: dict[str, float | None]) -> str:
     """The hop as a line an on-call engineer can paste into an incident channel."""
     share = f" ({min(1.0, value / added):.0%} of the {added:.0f} ms they gained)" if added > 0 else ""
-    where = {"network": f"on the network into or out of {service}",
+    where = {"network": f"between {service} and its caller or callee (the network, a proxy, a queue or a "
+                        "connection pool)",
              "service": f"inside {service}'s own code",
              "dependency": f"in {service}, which has no spans"}[component]
     call = f" on {edge[0]} -> {edge[1]} ({edge[2]})" if edge else ""

@@ -26,7 +26,7 @@ MIN_SAMPLES = 20
 NETWORK_MIN_MS = 20.0
 NETWORK_MIN_CALLS = 3
 NETWORK_GROWTH = 3.0  # ... or, in some stretch of the period, it ran at this many times its usual median
-NETWORK_GROWTH_MIN_MS = 50.0  # ... and this much above it: a busy host's jitter stays below
+NETWORK_GROWTH_MIN_MS = 50.0  # ... and at least this much above it: a busy host's jitter stays below
 
 
 @dataclass
@@ -70,19 +70,26 @@ def late_success(analysis: Analysis, edge: Edge) -> Finding | None:
     if not late:
         return None
     amount = sum(c.amount or 0.0 for c in late)
-    after = sorted((c.server_end_ns or 0) - c.end_ns for c in late)
+    after = sorted((c.server_end_ns or 0) - c.end_ns for c in late if (c.server_end_ns or 0) > c.end_ns)
+    on_the_wire = len(late) - len(after)
     metrics: dict[str, Any] = {
         "late_successes": len(late), "calls": len(edge.calls),
-        "median_ms_after_caller_gave_up": round(after[len(after) // 2] / 1e6, 1),
+        "finished_after_caller_gave_up": len(after), "answer_on_the_wire": on_the_wire,
+        "median_ms_after_caller_gave_up": round(after[len(after) // 2] / 1e6, 1) if after else None,
         "timeout_ms": edge.timeout.value_ms,
     }
     if amount:
         metrics["amount_at_risk"] = round(amount, 2)
+    how = []
+    if after:
+        how.append(f"{len(after)} finished the work {metrics['median_ms_after_caller_gave_up']:.0f} ms after "
+                   f"{edge.caller} gave up (median)")
+    if on_the_wire:
+        how.append(f"{on_the_wire} had finished, their answer still on its way back, when {edge.caller} gave up")
     return Finding(
         "late_success", "critical" if edge.charge_like else "high", edge.key,
         f"{len(late)} calls {_name(edge)} succeeded after {edge.caller} had timed out",
-        f"{edge.caller} gave up waiting, but {edge.callee} carried on and finished the work "
-        f"{metrics['median_ms_after_caller_gave_up']:.0f} ms later (median). "
+        f"{edge.caller} gave up waiting, but {edge.callee} did the work: {' and '.join(how)}. "
         f"{edge.caller} reports a failure for something that happened"
         + (" - for a charge this means a customer was charged for an order marked failed." if edge.charge_like
            else "."),
@@ -349,7 +356,7 @@ def network_latency(analysis: Analysis) -> list[Finding]:
         if gap50 >= NETWORK_MIN_MS and gap50 >= server50:
             flagged.append((edge, gap50, server50, percentile(edge.observed_ms, 50) or 0.0, ""))
             continue
-        grown = _gap_growth(edge, server50)
+        grown = _gap_growth(edge)
         if grown is not None:
             usual, peak, when = grown
             flagged.append((edge, peak, server50, percentile(edge.observed_ms, 50) or 0.0,
@@ -376,14 +383,16 @@ def network_latency(analysis: Analysis) -> list[Finding]:
              "server_ms": {"p50": round(server50, 2), "p99": round(percentile(edge.server_ms, 99) or 0.0, 2)},
              "gap_ms": {"p50": round(gap50, 2), "p99": round(percentile(edge.gap_ms, 99) or 0.0, 2)},
              "calls": len(edge.gap_ms), "common_cause": common if shared else None},
-            [c.trace_id for c in edge.calls if c.ok][:EVIDENCE_IDS],
+            # the calls that lost the most on the wire first
+            [c.trace_id for c in sorted((c for c in edge.calls if c.gap_ms is not None),
+                                        key=lambda c: -(c.gap_ms or 0.0))][:EVIDENCE_IDS],
             {"action": f"find what sits between {edge.caller} and {edge.callee} (network path, proxy, connection "
                        f"pool) and fix it there; meanwhile size the timeout on what {edge.caller} sees",
              "timeout_ms": analysis.recommended_ms(edge.key)}))
     return out
 
 
-def _gap_growth(edge: Edge, server50: float) -> tuple[float, float, str] | None:
+def _gap_growth(edge: Edge) -> tuple[float, float, str] | None:
     """(usual gap, grown gap, when it started) when the gap grew for part of the period: stretches of calls (a
     tenth of them, at least three each), two or more of which run far above the quietest one."""
     answered = sorted((c for c in edge.calls if c.gap_ms is not None), key=lambda c: c.start_ns)
@@ -396,7 +405,7 @@ def _gap_growth(edge: Edge, server50: float) -> tuple[float, float, str] | None:
         gaps = sorted(c.gap_ms or 0.0 for c in part)
         stretches.append((percentile(gaps, 50) or 0.0, part[0].start_ns))
     usual = min(m for m, _ in stretches)
-    floor = max(usual + max(NETWORK_GROWTH_MIN_MS, server50), NETWORK_GROWTH * max(usual, 1.0))
+    floor = max(usual + NETWORK_GROWTH_MIN_MS, NETWORK_GROWTH * max(usual, 1.0))
     grown = [(m, t) for m, t in stretches if m >= floor]
     if len(grown) < 2:  # one slow stretch is a blip (a warm-up, a pause); a delay lasts
         return None

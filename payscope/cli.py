@@ -432,13 +432,9 @@ def compare(
     if output_format == "json":
         _emit_json(document)
         return
-    lines = [f"baseline: {document['baseline']['entry_requests']} entry requests, p50 "
-             f"{document['baseline']['entry_ms']['p50']} ms; incident: {document['incident']['entry_requests']}, "
-             f"p50 {document['incident']['entry_ms']['p50']} ms"]
-    if not document["hops"]:
-        lines.append("no hop grew above noise: " + document["noise"])
-    for i, hop in enumerate(document["hops"], 1):
-        lines.append(f"{i}. [{hop['component']}] {hop['service']}: {hop['sentence']}")
+    from payscope.report import compare_lines
+
+    lines = compare_lines(document)
     if output_format == "markdown":
         sys.stdout.write("# payscope compare\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
     else:
@@ -495,6 +491,7 @@ def demo(
     """Start a real payment system with bad timeouts under payscope, drive it, and investigate it."""
     from payscope import demo as demo_mod
     from payscope import report
+    from payscope.analyzers.compare import compare as compare_windows
     from payscope.analyzers.loader import load
     from payscope.analyzers.views import analysis_document, recommendation_document
     from payscope.collector.store import open_store, resolve_store_url
@@ -539,6 +536,7 @@ def demo(
         one_run(store_path, demo_mod.FAULTY, "the system as configured")
         with open_store(str(store_path), readonly=True) as opened:
             analysis = load(opened)
+            analysis_meta = {"demo_peak": opened.get_meta("demo_peak")}
         document = analysis_document(analysis)
         recs = recommendation_document(analysis, simulate=True)
         out.print()
@@ -546,6 +544,14 @@ def demo(
         out.print()
         out.print("recommended timeouts:")
         report.print_recommendations(recs, out)
+        peak = json.loads(analysis_meta.get("demo_peak") or "null")
+        if peak:
+            window = (int(peak["traffic_start"] * 1e9), int(peak["start"] * 1e9))
+            during = (int(peak["start"] * 1e9), int(peak["end"] * 1e9))
+            out.print()
+            out.print("the sale peak against the time before it (payscope compare):")
+            for line in report.compare_lines(compare_windows(analysis, window, during)):
+                out.print(f"  {line}", markup=False)
         out.print()
         out.print(f"logs of every service: {log_dir}/", markup=False)
         example = next((f["evidence"]["trace_ids"][0] for f in document["findings"] if f["evidence"]["trace_ids"]),

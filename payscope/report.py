@@ -89,6 +89,18 @@ def print_recommendations(document: dict[str, Any], console: Console, *, snippet
                           f"{row['late_success']} late successes; {row['duplicate_charge']} orders charged twice")
 
 
+def compare_lines(document: dict[str, Any]) -> list[str]:
+    """`payscope compare` as lines to paste into an incident channel, best explanation first."""
+    base, inc = document["baseline"], document["incident"]
+    lines = [f"baseline: {base['entry_requests']} entry requests, p50 {format_ms(base['entry_ms']['p50'])}; "
+             f"incident: {inc['entry_requests']}, p50 {format_ms(inc['entry_ms']['p50'])}"]
+    if not document["hops"]:
+        lines.append("no hop grew above noise: " + document["noise"])
+    for i, hop in enumerate(document["hops"], 1):
+        lines.append(f"{i}. [{hop['component']}] {hop['service']}: {hop['sentence']}")
+    return lines
+
+
 def yaml(document: Any) -> str:
     """The document as YAML."""
     import yaml as pyyaml

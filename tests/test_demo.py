@@ -19,6 +19,7 @@ PLANTED = {
     ("non_idempotent_retry", "payment", "bank"),    # charges retried without an idempotency key
     ("timeout_below_tail", "payment", "bank"),      # 400 ms inside the bank's tail
     ("timeout_missing", "order", "inventory"),      # httpx with timeout=None
+    ("network_latency", "payment", "bank"),         # the delaying relay on the bank's link during the peak
 }
 TRUE_CONSEQUENCES = {
     ("late_success", "payment", "bank"), ("late_success", "gateway", "order"),
@@ -59,6 +60,9 @@ def test_demo_finds_every_planted_fault_and_nothing_false(demo_run: tuple[Path, 
     assert found <= PLANTED | TRUE_CONSEQUENCES, found - PLANTED - TRUE_CONSEQUENCES
     for kind, caller, callee in PLANTED:
         assert kind in proc.stdout and f"{caller} -> {callee}" in proc.stdout
+    # the investigation compares the sale peak with the time before it, and names the bank's link first
+    ranked = proc.stdout.split("the sale peak against the time before it")[1].splitlines()
+    assert ranked[2].strip().startswith("1. [network] bank:") and "payment -> bank" in ranked[2], ranked[:4]
 
 
 def test_demo_store_holds_real_failures_and_linked_logs(demo_run: tuple[Path, subprocess.CompletedProcess[str]]

@@ -4,7 +4,8 @@ gateway (proxy, 1 s upstream timeout, nginx-style access log)
   -> order (Flask on gunicorn, 2 workers, JSON logs; no timeout on inventory, 2.5 s on payment)
        -> inventory (FastAPI on uvicorn, text logs)
        -> payment (retries the bank twice without an idempotency key, 0.4 s per try; loguru)
-            -> bank (heavy-tailed latency, worse in the sale peak; idempotency-aware)
+            -> bank (heavy-tailed latency, worse in the sale peak; idempotency-aware; declines some cards)
+               over a link that loses a few hundred ms during the peak (a delaying TCP relay: no netem here)
 
 Every process runs under `payscope run`, beside a `payscope collect`. A traffic generator places
 orders (customers retry once when the gateway gives up), then the logs are ingested and the whole
@@ -30,12 +31,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from payscope.demo.netdelay import DelayingRelay
 from payscope.errors import PayscopeError
 
 NEEDS = ("flask", "gunicorn", "uvicorn", "fastapi", "httpx", "requests", "loguru", "opentelemetry.sdk")
 FAULTY = {"GATEWAY_TIMEOUT": "1.0", "ORDER_PAYMENT_TIMEOUT": "2.5", "ORDER_INVENTORY_TIMEOUT": "none",
           "PAYMENT_BANK_TIMEOUT": "0.4", "PAYMENT_BANK_RETRIES": "2", "PAYMENT_IDEMPOTENCY": "off"}
 SERVICES = ("bank", "payment", "inventory", "order", "gateway")
+BANK_LINK_DELAY_MS = 200.0  # added on the wire between payment and the bank during the sale peak
 
 
 def _free_port() -> int:
@@ -60,6 +63,7 @@ class System:
     seed: int
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    bank_link: DelayingRelay | None = None
 
     @property
     def gateway(self) -> str:
@@ -69,7 +73,7 @@ class System:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for old in self.log_dir.glob("*.log"):
             old.unlink()
-        self.ports = {name: _free_port() for name in ("collector", *SERVICES)}
+        self.ports = {name: _free_port() for name in ("collector", "bank-link", *SERVICES)}
         py = sys.executable
         self.procs["collector"] = subprocess.Popen(
             [py, "-m", "payscope", "collect", "--store", str(self.store), "--http",
@@ -78,7 +82,7 @@ class System:
         _wait_port(self.ports["collector"], "the collector")
         env = dict(os.environ, **self.settings, DEMO_LOG_DIR=str(self.log_dir), DEMO_SEED=str(self.seed),
                    PAYSCOPE_QUIET="1", OTEL_BSP_SCHEDULE_DELAY="200", OTEL_BLRP_SCHEDULE_DELAY="200",
-                   BANK_URL=f"http://127.0.0.1:{self.ports['bank']}",
+                   BANK_URL=f"http://127.0.0.1:{self.ports['bank-link']}",
                    PAYMENT_URL=f"http://127.0.0.1:{self.ports['payment']}",
                    INVENTORY_URL=f"http://127.0.0.1:{self.ports['inventory']}",
                    ORDER_URL=f"http://127.0.0.1:{self.ports['order']}",
@@ -101,6 +105,11 @@ class System:
         for name in SERVICES:
             _wait_port(self.ports[name], name, self.procs[name])
 
+        def link_delay_ms() -> float:
+            return BANK_LINK_DELAY_MS if peak[0] <= time.time() < peak[1] else 0.0
+
+        self.bank_link = DelayingRelay(self.ports["bank-link"], self.ports["bank"], link_delay_ms).start()
+
     def stop(self) -> None:
         """SIGTERM everything (services first, the collector last, so it stores what they flushed)."""
         for name in SERVICES:
@@ -114,6 +123,9 @@ class System:
             proc = self.procs.get(name)
             if proc:
                 _reap(proc)
+        if self.bank_link is not None:
+            self.bank_link.stop()
+            self.bank_link = None
         collector = self.procs.get("collector")
         if collector:
             collector.send_signal(signal.SIGTERM)
@@ -214,8 +226,9 @@ def run_once(store: Path, log_dir: Path, settings: dict[str, str], duration: flo
     """Start the system, drive it, stop it (unless kept), ingest its logs; return what happened."""
     system = System(store, log_dir, settings, seed)
     now = time.time()
+    peak = (now + 5 + 0.4 * duration, now + 5 + 0.7 * duration)
     try:
-        system.start((now + 5 + 0.4 * duration, now + 5 + 0.7 * duration))  # a failed start stops what it started
+        system.start(peak)  # a failed start stops what it started
         say(f"system up: gateway {system.gateway}, collector http://127.0.0.1:{system.ports['collector']}; "
             f"placing orders for {duration:.0f}s (sale peak in the middle)")
         traffic = drive(system.gateway, duration, seed, progress)
@@ -242,6 +255,7 @@ def run_once(store: Path, log_dir: Path, settings: dict[str, str], duration: flo
                    if path.exists() and path.stat().st_size]
         opened.set_meta("demo_traffic", json.dumps({"sent": traffic.sent, "ok": traffic.ok, "failed": traffic.failed,
                                                     "retried": traffic.retried}))
+        opened.set_meta("demo_peak", json.dumps({"start": peak[0], "end": peak[1], "traffic_start": now + 5}))
     return {"traffic": traffic, "log_lines": sum(r.stored for r in reports), "linked": dict(linker.stats.by_method)}
 
 
