@@ -256,6 +256,29 @@ def compare(analysis: Analysis, baseline: Window, incident: Window) -> dict[str,
             "hops": hops}
 
 
+def default_windows(analysis: Analysis, parts: int = 4) -> tuple[Window, Window] | None:
+    """When no one says when the incident was: the slowest of ``parts`` equal stretches of the data (by the
+    median entry request), against the stretch just before it (after it, when it is the first)."""
+    starts = sorted((f.start_ns, f.end_ns - f.start_ns) for f in analysis.traces.values())
+    if len(starts) < 2 * parts:
+        return None
+    t0, t1 = starts[0][0], starts[-1][0] + 1
+    step = (t1 - t0) // parts
+    if step <= 0:
+        return None
+    medians = []
+    for i in range(parts):
+        lo, hi = t0 + i * step, t0 + (i + 1) * step if i < parts - 1 else t1
+        medians.append(percentile(sorted(d for s, d in starts if lo <= s < hi), 50) or 0.0)
+    slow = max(range(parts), key=lambda i: medians[i])
+    other = slow - 1 if slow else 1
+
+    def window(i: int) -> Window:
+        return t0 + i * step, (t0 + (i + 1) * step if i < parts - 1 else t1)
+
+    return window(other), window(slow)
+
+
 def sentence(service: str, component: str, edge: tuple[str, str, str] | None, value: float, added: float,
              group: Kind, base: dict[str, float | None], inc: dict[str, float | None]) -> str:
     """The hop as a line an on-call engineer can paste into an incident channel."""

@@ -388,24 +388,6 @@ def analyze(
         raise typer.Exit(1)
 
 
-def _window(text: str, option: str) -> tuple[int, int]:
-    """FROM..TO, each an RFC 3339 time or Unix seconds, as nanoseconds [from, to)."""
-    from payscope.timeparse import parse_instant_ns
-
-    if ".." not in text:
-        raise PayscopeError(f"{option} {text!r} is not FROM..TO (2022-08-22T05:53:00Z..2022-08-22T05:54:00Z)")
-    ends = []
-    for part in text.split("..", 1):
-        part = part.strip()
-        try:
-            ends.append(int(float(part) * 1e9))
-        except ValueError:
-            ends.append(parse_instant_ns(part, option))
-    if ends[1] <= ends[0]:
-        raise PayscopeError(f"{option} {text!r} ends before it starts")
-    return ends[0], ends[1]
-
-
 @app.command()
 def compare(
     incident: Annotated[str, typer.Option(help="The incident window, FROM..TO (RFC 3339 or Unix seconds).")],
@@ -420,8 +402,10 @@ def compare(
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "markdown"))
-    inc = _window(incident, "--incident")
-    base = _window(baseline, "--baseline") if baseline else (2 * inc[0] - inc[1], inc[0])
+    from payscope.timeparse import parse_window
+
+    inc = parse_window(incident, "--incident")
+    base = parse_window(baseline, "--baseline") if baseline else (2 * inc[0] - inc[1], inc[0])
     if base[0] < inc[1] and inc[0] < base[1]:
         raise PayscopeError("--baseline and --incident overlap: compare two separate windows")
     with open_store(store, readonly=True) as opened:

@@ -30,6 +30,22 @@ def parse_instant_ns(text: str, option: str = "time") -> int:
     return int(moment.timestamp() * 1e9)
 
 
+def parse_window(text: str, option: str = "window") -> tuple[int, int]:
+    """FROM..TO, each an RFC 3339 time or Unix seconds, as nanoseconds [from, to)."""
+    if ".." not in text:
+        raise InputError(f"{option} {text!r} is not FROM..TO (2022-08-22T05:53:00Z..2022-08-22T05:54:00Z)")
+    ends = []
+    for part in text.split("..", 1):
+        part = part.strip()
+        try:
+            ends.append(int(float(part) * 1e9))
+        except ValueError:
+            ends.append(parse_instant_ns(part, option))
+    if ends[1] <= ends[0]:
+        raise InputError(f"{option} {text!r} ends before it starts")
+    return ends[0], ends[1]
+
+
 def format_ns(ns: int) -> str:
     """An ISO 8601 UTC time with milliseconds."""
     return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")

@@ -12,7 +12,7 @@ import pytest
 
 from payscope.collector.store import open_store
 from payscope.tui import data
-from payscope.tui.app import EdgesScreen, FailuresScreen, HelpScreen, TransactionScreen, build
+from payscope.tui.app import CompareScreen, EdgesScreen, FailuresScreen, HelpScreen, TransactionScreen, build
 from payscope.tui.widgets import Waterfall
 from tests.helpers import payscope, payscope_json
 
@@ -228,3 +228,29 @@ def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
+
+
+@pytest.mark.anyio
+async def test_compare_from_the_failed_list_names_the_bank_link(demo_store: Path) -> None:
+    import json
+
+    with open_store(str(demo_store), readonly=True) as opened:
+        peak = json.loads(opened.get_meta("demo_peak") or "{}")
+    app = build(str(demo_store), refresh_seconds=3600)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await _settle(app, pilot)
+        await pilot.press("c")
+        await _settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, CompareScreen) and screen.document is not None
+        assert "requests) against incident" in str(screen.query_one("#compare-status").render())
+        await pilot.press("w")
+        await pilot.press(*f"{peak['traffic_start']}..{peak['start']} {peak['start']}..{peak['end']}", "enter")
+        await _settle(app, pilot)
+        first = screen.document["hops"][0]
+        assert (first["component"], first["service"]) == ("network", "bank"), screen.document["hops"]
+        table = screen.query_one("#hops")
+        assert table.row_count == len(screen.document["hops"])
+        assert "bank" in str(screen.query_one("#hop-sentence").render())
+        await pilot.press("escape")
+        assert isinstance(app.screen, FailuresScreen)

@@ -16,10 +16,11 @@ from textual.worker import Worker, WorkerState
 
 from payscope.analyzers.views import fix_text
 from payscope.collector.store import Store
-from payscope.timeparse import format_ms
+from payscope.errors import PayscopeError
+from payscope.timeparse import format_ms, format_ns, parse_window
 
 from . import data
-from .messages import EdgesLoaded, FailuresLoaded, TransactionLoaded, error_line
+from .messages import CompareLoaded, EdgesLoaded, FailuresLoaded, TransactionLoaded, error_line
 from .widgets import Waterfall
 
 
@@ -37,7 +38,8 @@ HELP = """\
   /              search (trace id, order id, payment id, text)
   o              cycle the outcome filter       s   filter by service
   r              refresh now (new failures also appear by themselves)
-  t              edges and timeouts             q   quit
+  t              edges and timeouts             c   compare: which hop lost the time
+  q              quit
 
 [b]Transaction[/b]
   up/down, j/k   move through spans             space, left/right   fold a subtree
@@ -45,11 +47,17 @@ HELP = """\
   c              copy the trace id              e   write a Markdown report
   escape         back
 
+[b]Compare[/b]
+  the slowest stretch of the data against the one before it, hop by hop
+  w              type the windows: BASELINE INCIDENT, each FROM..TO (RFC 3339 or Unix seconds)
+  escape         back
+
 [b]Edges and timeouts[/b]
   up/down, enter   pick an edge: its latency histogram, with the timeout line
   escape           back
 
-Bars: # server, = client, x error, | where the client's timeout would expire.
+Bars: # server, = client, ~ the gap of a call (client time outside its server span: the network,
+a queue, connection set-up), x error, | where the client's timeout would expire.
 Marks: !timeout/!http_5xx ... error class, late = finished after its caller gave up, retry.
 Bold: the critical path.  ? this help, from anywhere.
 """
@@ -66,7 +74,8 @@ class FailuresScreen(Loading):
     BINDINGS = [
         Binding("slash", "search", "search"), Binding("o", "cycle_outcome", "outcome"),
         Binding("s", "service", "service"), Binding("r", "refresh", "refresh"),
-        Binding("t", "edges", "edges"), Binding("j", "cursor(1)", show=False), Binding("k", "cursor(-1)", show=False),
+        Binding("t", "edges", "edges"), Binding("c", "compare", "compare"),
+        Binding("j", "cursor(1)", show=False), Binding("k", "cursor(-1)", show=False),
     ]
     # fixed widths: the table does not jump about as pages of rows arrive
     COLUMNS = (("time", 12), ("order / payment", 16), ("entry", 30), ("outcome", 16), ("failing hop", 24),
@@ -173,6 +182,9 @@ class FailuresScreen(Loading):
 
     def action_edges(self) -> None:
         self.app.push_screen(EdgesScreen())
+
+    def action_compare(self) -> None:
+        self.app.push_screen(CompareScreen())
 
     @on(DataTable.RowSelected, "#failures")
     def open_transaction(self, event: DataTable.RowSelected) -> None:
@@ -344,6 +356,82 @@ class EdgesScreen(Loading):
                  f"saw them; recommended timeout {format_ms(e['recommended_timeout_ms'])}"]
         lines += data.histogram(values, timeout, recommended_ms=e["recommended_timeout_ms"])
         self.query_one("#histogram", Static).update("\n".join(lines))
+
+
+class CompareScreen(Loading):
+    """`payscope compare` on screen: the hops that lost the time, best explanation first."""
+
+    BINDINGS = [Binding("escape", "app.pop_screen", "back"), Binding("w", "windows", "windows")]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.document: dict[str, Any] | None = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("comparing ...", id="compare-status")
+        yield Input(placeholder="BASELINE INCIDENT, each FROM..TO; enter to compare, escape to cancel",
+                    id="windows")
+        table: DataTable[str] = DataTable(id="hops", cursor_type="row")
+        for label, width in (("#", 3), ("component", 10), ("service", 24), ("edge", 40), ("baseline p50", 12),
+                             ("incident p50", 12), ("explains", 10)):
+            table.add_column(label, width=width)
+        yield table
+        yield VerticalScroll(Static("", id="hop-sentence"), id="hop-box")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#windows", Input).display = False
+        self.query_one(DataTable).focus()
+        self.load(None)
+
+    @work(thread=True, exclusive=True, exit_on_error=False)
+    def load(self, windows: tuple[tuple[int, int], tuple[int, int]] | None) -> None:
+        self.post_message(CompareLoaded(data.compare(self.app.source, windows)))  # type: ignore[attr-defined]
+
+    @on(CompareLoaded)
+    def show(self, message: CompareLoaded) -> None:
+        self.document = doc = message.document
+        table = self.query_one(DataTable)
+        table.clear()
+        for i, hop in enumerate(doc["hops"], 1):
+            edge = hop["edge"]
+            table.add_row(str(i), hop["component"], hop["service"],
+                          f"{edge['caller']} -> {edge['callee']}" if edge else "-",
+                          format_ms(hop["baseline_ms"]["p50"]), format_ms(hop["incident_ms"]["p50"]),
+                          format_ms(hop["explains_ms"]))
+        base, inc = doc["baseline"], doc["incident"]
+        self.query_one("#compare-status", Static).update(
+            f"baseline {format_ns(base['from_ns'])[11:19]}-{format_ns(base['to_ns'])[11:19]} "
+            f"({base['entry_requests']} requests) against incident {format_ns(inc['from_ns'])[11:19]}-"
+            f"{format_ns(inc['to_ns'])[11:19]} ({inc['entry_requests']}): {len(doc['hops'])} hops above noise; "
+            "w: other windows")
+        self.query_one("#hop-sentence", Static).update(
+            doc["hops"][0]["sentence"] if doc["hops"] else "no hop grew above noise: " + doc["noise"])
+
+    @on(DataTable.RowHighlighted, "#hops")
+    def show_sentence(self, event: DataTable.RowHighlighted) -> None:
+        if self.document and event.cursor_row < len(self.document["hops"]):
+            self.query_one("#hop-sentence", Static).update(self.document["hops"][event.cursor_row]["sentence"])
+
+    def action_windows(self) -> None:
+        box = self.query_one("#windows", Input)
+        box.display = True
+        box.focus()
+
+    @on(Input.Submitted, "#windows")
+    def apply_windows(self, event: Input.Submitted) -> None:
+        event.input.display = False
+        self.query_one(DataTable).focus()
+        parts = event.value.split()
+        try:
+            if len(parts) != 2:
+                raise PayscopeError("type two windows: BASELINE INCIDENT, each FROM..TO")
+            windows = (parse_window(parts[0], "baseline"), parse_window(parts[1], "incident"))
+        except PayscopeError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.load(windows)
 
 
 class PayscopeApp(App[None]):

@@ -80,6 +80,18 @@ def edges(source: Source) -> tuple[dict[str, Any], dict[tuple[str, str, str], li
     return views.analysis_document(analysis), {key: list(edge.latency()) for key, edge in analysis.edges.items()}
 
 
+def compare(source: Source, windows: tuple[tuple[int, int], tuple[int, int]] | None = None) -> dict[str, Any]:
+    """`payscope compare` of two windows; without them, the slowest stretch of the data against the one before."""
+    from payscope.analyzers.compare import compare as compare_windows
+    from payscope.analyzers.compare import default_windows
+
+    analysis = source.analysis()
+    chosen = windows or default_windows(analysis)
+    if chosen is None:
+        raise PayscopeError("too few transactions in the store to compare two stretches of time")
+    return compare_windows(analysis, *chosen)
+
+
 def histogram(values: list[float], timeout_ms: float | None, width: int = 50, bins: int = 12,
               recommended_ms: float | None = None) -> list[str]:
     """A latency histogram as text lines, with the timeout and the recommended one marked where they cut."""

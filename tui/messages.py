@@ -24,6 +24,11 @@ class EdgesLoaded(Message):
     latencies: dict[tuple[str, str, str], list[float]]
 
 
+@dataclass
+class CompareLoaded(Message):
+    document: dict[str, Any]
+
+
 def error_line(error: BaseException | None) -> str:
     """One line for a failed read: our own errors say what was wrong; anything else only names its kind,
     since its text or its traceback could carry payment data."""

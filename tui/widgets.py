@@ -13,6 +13,8 @@ from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
 TIMEOUT_MARK = "|"
+GAP_MARK = "~"  # a call's time outside its callee's own span: the network, a queue, connection set-up
+GAP_STYLE = Style(color="yellow")
 
 
 def _flags(rows: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -65,6 +67,11 @@ class Waterfall(ScrollView, can_focus=True):
             if parent:
                 self.children_of[parent] = self.children_of.get(parent, 0) + 1
         self.flags = _flags(rows)
+        by_id = {row["span_id"]: row for row in rows}
+        # a call's server span, drawn inside its client bar so that the gap between them shows
+        self.answer_of: dict[str, dict[str, Any]] = {
+            row["parent_id"]: row for row in rows if row["kind"] == "server"
+            and row.get("parent_id") in by_id and by_id[row["parent_id"]]["kind"] == "client"}
         self.shown: list[int] = []
         self.cursor = 0
         self.label_width = 46
@@ -134,24 +141,48 @@ class Waterfall(ScrollView, can_focus=True):
         label = (label[: self.label_width - 1] + "~") if len(label) > self.label_width else label
         bar_width = max(10, width - self.label_width - 24)
         cells = [" "] * bar_width
-        start = int(row["offset_ms"] / self.total_ms * bar_width)
-        length = max(1, int(row["duration_ms"] / self.total_ms * bar_width))
+        gap_cells: set[int] = set()
+
+        def cell(ms: float) -> int:
+            return int(ms / self.total_ms * bar_width)
+
+        start = cell(row["offset_ms"])
+        length = max(1, cell(row["duration_ms"]))
         glyph = "x" if row["status"] == "error" else ("=" if row["kind"] == "client" else "#")
         for i in range(start, min(bar_width, start + length)):
             cells[i] = glyph
+        answer = self.answer_of.get(row["span_id"])
+        gap = (row.get("call") or {}).get("gap_ms")
+        if answer is not None and row["kind"] == "client":
+            inside = range(cell(answer["offset_ms"]), cell(answer["offset_ms"] + answer["duration_ms"]) + 1)
+            for i in range(start, min(bar_width, start + length)):
+                if i not in inside:
+                    cells[i] = GAP_MARK
+                    gap_cells.add(i)
         timeout = row.get("timeout_ms")
         if timeout:
-            at = int((row["offset_ms"] + timeout) / self.total_ms * bar_width)
+            at = cell(row["offset_ms"] + timeout)
             if 0 <= at < bar_width:
                 cells[at] = TIMEOUT_MARK
-        text = f"{label:<{self.label_width}}{''.join(cells)} {row['duration_ms']:>9.1f}ms{marks}"
+                gap_cells.discard(at)
+        if gap:
+            marks = f" gap {gap:.1f}ms" + marks
         critical = "critical" in self.flags.get(row["span_id"], ())
         style = Style(bold=critical)
         if row["status"] == "error":
             style = Style(color="red", bold=critical)
         if index == self.cursor:
             style = Style(reverse=True, bold=critical)
-        return Strip([Segment(text[:width].ljust(width), style)])
+        head = f"{label:<{self.label_width}}"
+        segments = [Segment(head, style)]
+        for i, char in enumerate(cells):  # runs of one style, the gap in its own colour
+            seg_style = style + GAP_STYLE if i in gap_cells and index != self.cursor else style
+            if segments and segments[-1].style == seg_style:
+                segments[-1] = Segment(segments[-1].text + char, seg_style)
+            else:
+                segments.append(Segment(char, seg_style))
+        segments.append(Segment(f" {row['duration_ms']:>9.1f}ms{marks}", style))
+        return Strip(segments).crop(0, width).extend_cell_length(width, style)
 
     def on_resize(self) -> None:
         self._rebuild()
