@@ -534,9 +534,9 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
     return out
 
 
-def run(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
-        extra_calls: Any = None) -> Analysis:
-    """Calls, clocks, edges and transactions over traces (each a list of the spans of one trace).
+def read(traces: Iterable[list[SpanRow]], *, extra_calls: Any = None) -> Analysis:
+    """The calls of every trace on one clock, and nothing judged yet: no edges, no transactions (what
+    `payscope compare` needs, and the first half of :func:`run`).
 
     ``extra_calls(facts, calls)`` may add calls seen elsewhere (proxy access logs) once the traces are read.
     """
@@ -548,8 +548,17 @@ def run(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue
     entries = {f.root_service for f in facts.values() if not f.root_missing}
     offsets = estimate_offsets(calls, entries)
     apply_offsets(calls, offsets)
+    return Analysis(facts, calls, {}, offsets, {})
+
+
+def run(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
+        extra_calls: Any = None) -> Analysis:
+    """Calls, clocks, edges and transactions over traces (each a list of the spans of one trace)."""
+    analysis = read(traces, extra_calls=extra_calls)
+    calls = analysis.calls
     chains = retry_chains(calls)
     mark_late_successes(calls)
-    edges = build_edges(calls, chains, declared or {})
-    transactions = classify(facts, calls, chains)
-    return Analysis(facts, calls, edges, offsets, transactions, declared or {})
+    analysis.declared = declared or {}
+    analysis.edges = build_edges(calls, chains, analysis.declared)
+    analysis.transactions = classify(analysis.traces, calls, chains)
+    return analysis

@@ -7,12 +7,13 @@ from payscope.collector.store import LogQuery, Store
 from .calls import Call, TraceFacts
 from .declared import declared_timeouts
 from .diagnose import diagnose
-from .engine import Analysis, group_traces
+from .engine import Analysis, group_traces, read
 from .logcalls import log_calls
 
 
-def load(store: Store) -> Analysis:
-    """The whole-store analysis of ``store``."""
+def load(store: Store, *, judge: bool = True) -> Analysis:
+    """The whole-store analysis of ``store``; with ``judge=False`` only the calls of every trace on one clock
+    (:func:`engine.read`), for what needs no more (`payscope compare`)."""
 
     def proxy_calls(facts: dict[str, TraceFacts], calls: list[Call]) -> list[Call]:
         records = [r for _, r in store.search_logs(LogQuery(attribute="status", limit=None))]
@@ -33,4 +34,7 @@ def load(store: Store) -> Analysis:
 
         return log_calls(records, entry_of)
 
-    return diagnose(group_traces(store.iter_rows()), declared=declared_timeouts(store), extra_calls=proxy_calls)
+    traces = group_traces(store.iter_rows())
+    if not judge:
+        return read(traces, extra_calls=proxy_calls)
+    return diagnose(traces, declared=declared_timeouts(store), extra_calls=proxy_calls)

@@ -409,7 +409,7 @@ def compare(
     if base[0] < inc[1] and inc[0] < base[1]:
         raise PayscopeError("--baseline and --incident overlap: compare two separate windows")
     with open_store(store, readonly=True) as opened:
-        document = compare_windows(load(opened), base, inc)
+        document = compare_windows(load(opened, judge=False), base, inc)
     for label, window in (("baseline", document["baseline"]), ("incident", document["incident"])):
         if not window["entry_requests"]:
             raise PayscopeError(f"the --{label} window holds no entry requests in {opened.url}")
