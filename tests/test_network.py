@@ -111,3 +111,14 @@ def test_a_hop_mostly_on_the_wire_is_a_network_finding(tmp_path: Path) -> None:
 def test_bad_windows_exit_2_with_one_line(args: list[str], says: str, stores: dict[str, str]) -> None:
     proc = payscope("compare", "--store", stores[CASES[0]["id"]], *args)
     assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_an_incident_alone_is_compared_with_as_long_just_before_it(stores: dict[str, str]) -> None:
+    case = CASES[2]  # TrainTicket: the baseline minute is a separate recording, so the time before is empty
+    start, end = case["incident"]
+    half = (end - start) / 2
+    doc = payscope_json("compare", "--store", stores[case["id"]], "--incident", f"{start + half}..{end + 0.001}")
+    assert doc["baseline"]["to_ns"] == int((start + half) * 1e9)
+    assert doc["baseline"]["from_ns"] == pytest.approx(int((start + half) * 1e9) - (doc["incident"]["to_ns"]
+                                                       - doc["incident"]["from_ns"]), abs=2)
+    assert doc["baseline"]["entry_requests"] > 0
