@@ -36,6 +36,9 @@ def resolve_trace_ids(store: Store, ident: str) -> list[str]:
     raise InputError(f"no transaction {ident!r} in {store.url}: not a stored trace id, order id or payment id")
 
 
+FAILURE_OUTCOMES = ("timeout", "failed", "declined", "late_success", "duplicate_charge", "recovered")
+
+
 def failure_rows(store: Store, analysis: Analysis, *, since_ns: int | None = None, limit: int | None = 50,
                  offset: int = 0, outcome: str | None = None, service: str | None = None) -> list[dict[str, Any]]:
     """Failed transactions newest first, as the whole-store analysis judged them, each a flat dict (the JSON of

@@ -260,8 +260,9 @@ def logs(
                      ] = None,
     grep: Annotated[Optional[str], typer.Option(help="Only lines containing this text.")] = None,
     level: Annotated[Optional[str], typer.Option(help="Only this level (ERROR, WARN, INFO, ...).")] = None,
-    since: Annotated[Optional[str], typer.Option(help="From this ISO time.")] = None,
-    until: Annotated[Optional[str], typer.Option(help="Until this ISO time.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="From this ISO time, or the last DURATION (30m, 1h, 2d).")
+                     ] = None,
+    until: Annotated[Optional[str], typer.Option(help="Until this ISO time, or DURATION ago.")] = None,
     unlinked: Annotated[bool, typer.Option(help="Only lines linked to no transaction.")] = False,
     limit: Annotated[int, typer.Option(help="At most this many (0 for all).")] = 100,
     output_format: FormatOption = "table",
@@ -269,9 +270,12 @@ def logs(
     """Log records with how each was linked to its transaction."""
     from payscope.analyzers.views import log_json
     from payscope.collector.store import LogQuery, open_store
-    from payscope.timeparse import parse_instant_ns
+    from payscope.timeparse import parse_since_ns
 
     _check_format(output_format, ("table", "json"))
+    if limit < 0:
+        raise PayscopeError(f"--limit {limit} must be 0 (all) or more")
+    now = time.time_ns()
     with open_store(store, readonly=True) as opened:
         traces: list[str | None] = [trace.lower() if trace else None]
         if order:
@@ -281,8 +285,8 @@ def logs(
         found = []
         for trace_id in traces:
             query = LogQuery(service=service, trace_id=trace_id, text=grep, severity=level.upper() if level else None,
-                             since_ns=parse_instant_ns(since, "--since") if since else None,
-                             until_ns=parse_instant_ns(until, "--until") if until else None,
+                             since_ns=parse_since_ns(since, now, "--since") if since else None,
+                             until_ns=parse_since_ns(until, now, "--until") if until else None,
                              unlinked_only=unlinked, limit=limit or None)
             found += [record for _, record in opened.search_logs(query)]
     found.sort(key=lambda r: r.time_ns)
@@ -304,27 +308,35 @@ def logs(
 @app.command()
 def failures(
     store: StoreOption = None,
-    since: Annotated[Optional[str], typer.Option(help="Only the last DURATION (30m, 1h, 2d).")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Only the last DURATION (30m, 1h, 2d), or from an ISO time.")
+                     ] = None,
+    outcome: Annotated[Optional[str], typer.Option(
+        help="Only this outcome: timeout, failed, declined, late_success, duplicate_charge or recovered.")] = None,
+    service: Annotated[Optional[str], typer.Option(help="Only transactions that cross this service.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (0 for all).")] = 50,
     output_format: FormatOption = "table",
 ) -> None:
     """Failed transactions, newest first, one a line."""
     from payscope.analyzers.loader import load
-    from payscope.analyzers.views import failure_rows
+    from payscope.analyzers.views import FAILURE_OUTCOMES, failure_rows
     from payscope.collector.store import open_store
-    from payscope.timeparse import parse_duration_s
+    from payscope.timeparse import parse_since_ns
 
     _check_format(output_format, ("table", "json"))
-    since_ns = None
-    if since:
-        since_ns = time.time_ns() - int(parse_duration_s(since, "--since") * 1e9)
+    if limit < 0:
+        raise PayscopeError(f"--limit {limit} must be 0 (all) or more")
+    if outcome is not None and outcome not in FAILURE_OUTCOMES:
+        raise PayscopeError(f"--outcome {outcome!r} is not one of {', '.join(FAILURE_OUTCOMES)}")
+    since_ns = parse_since_ns(since, time.time_ns()) if since else None
     with open_store(store, readonly=True) as opened:
-        rows = failure_rows(opened, load(opened), since_ns=since_ns, limit=limit or None)
+        rows = failure_rows(opened, load(opened), since_ns=since_ns, limit=limit or None, outcome=outcome,
+                            service=service)
     if output_format == "json":
         _emit_json({"failures": rows})
         return
     if not rows:
-        out.print("no failed transactions" + (f" in the last {since}" if since else ""))
+        out.print("no failed transactions" + (f" since {since}" if since else "")
+                  + (f" with outcome {outcome}" if outcome else "") + (f" through {service}" if service else ""))
         return
     out.print(f"{'time':<29} {'outcome':<16} {'order':<14} {'failing hop':<32} {'error':<10} {'duration':>9}  "
               f"{'trace id':<32}  entry", markup=False)

@@ -46,6 +46,17 @@ def parse_window(text: str, option: str = "window") -> tuple[int, int]:
     return ends[0], ends[1]
 
 
+def parse_since_ns(text: str, now_ns: int, option: str = "--since") -> int:
+    """A moment given as a duration back from ``now_ns`` (30m, 1h, 2d) or as an ISO 8601 time."""
+    if _DURATION.match(text):
+        return now_ns - int(parse_duration_s(text, option) * 1e9)
+    try:
+        return parse_instant_ns(text, option)
+    except InputError:
+        raise InputError(f"{option} {text!r} is neither a duration such as 30m, 1h or 2d nor an ISO 8601 time "
+                         "such as 2026-11-25T10:00:00Z") from None
+
+
 def format_ns(ns: int) -> str:
     """An ISO 8601 UTC time with milliseconds."""
     return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")

@@ -64,3 +64,32 @@ def test_tracebacks_do_not_show_local_variables() -> None:
     from payscope.cli import app
 
     assert app.pretty_exceptions_show_locals is False
+
+
+def test_failures_filter_by_outcome_service_and_since(tmp_path: Path) -> None:
+    from tests.helpers import SCENARIOS, payscope_json
+
+    store = str(tmp_path / "s.db")
+    payscope("import", "traces", str(SCENARIOS / "subscriptions.otlp.jsonl.gz"), "--store", store, check=True)
+    every = payscope_json("failures", "--store", store, "--limit", "0")["failures"]
+    outcomes = {r["outcome"] for r in every}
+    assert "late_success" in outcomes and len(outcomes) >= 2
+    late = payscope_json("failures", "--store", store, "--limit", "0", "--outcome", "late_success")["failures"]
+    assert late and len(late) == sum(r["outcome"] == "late_success" for r in every)
+    service = every[0]["services"][-1]
+    through = payscope_json("failures", "--store", store, "--limit", "0", "--service", service)["failures"]
+    assert through and all(service in r["services"] for r in through)
+    assert len(through) == sum(service in r["services"] for r in every)
+    assert payscope_json("failures", "--store", store, "--service", "no-such-service")["failures"] == []
+    newest = every[0]["time"]
+    assert [r["trace_id"] for r in payscope_json("failures", "--store", store, "--since", newest)["failures"]] \
+        == [r["trace_id"] for r in every if r["time"] >= newest]
+    assert payscope_json("failures", "--store", store, "--since", "1h")["failures"] == []  # recorded long ago
+    table = payscope("failures", "--store", store, "--limit", "3", check=True).stdout.splitlines()
+    assert "order" in table[0].split() and every[0]["order"] and every[0]["order"] in table[1]
+    for args, says in ((["--outcome", "lost"], "--outcome 'lost'"), (["--limit", "-3"], "--limit -3"),
+                       (["--since", "yesterday"], "--since 'yesterday'")):
+        proc = payscope("failures", "--store", store, *args)
+        assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = payscope("logs", "--store", store, "--limit", "-3")
+    assert proc.returncode == 2 and "--limit -3" in proc.stderr

@@ -12,7 +12,7 @@ from payscope.analyzers.loader import load
 from payscope.collector.store import Store
 from payscope.errors import PayscopeError
 
-OUTCOMES = (None, "timeout", "failed", "declined", "late_success", "duplicate_charge", "recovered")
+OUTCOMES = (None, *views.FAILURE_OUTCOMES)
 PAGE = 60
 
 
