@@ -17,6 +17,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from payscope.errors import InputError
 from payscope.model import STATUS_ERROR, STATUS_OK, STATUS_UNSET, EncodedSpan, LogRecord, Span
 
+from .files import check_gzip
 from .otlp import logs_from_request, parse_json_message, spans_from_request
 from .redaction import redact_attributes, redact_text
 from .store.codec import encode_span
@@ -61,6 +62,25 @@ def open_text(path: Path) -> IO[bytes]:
         raw.close()
         return gzip.open(path, "rb")  # type: ignore[return-value]
     return raw
+
+
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def _hex_id(value: Any, widths: tuple[int, ...], what: str, where: str) -> str:
+    """A trace or span id as the format writes it: a string of hex digits of one of ``widths``."""
+    if not isinstance(value, str) or not value or not set(value) <= _HEX or len(value) not in widths:
+        raise InputError(f"{where}: {what} {value!r} is not {' or '.join(map(str, widths))} hex digits")
+    return value
+
+
+def _integer(value: Any, what: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise InputError(f"{where}: {what} {value!r} is not a whole number")
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"{where}: {what} {value!r} is not a whole number") from None
 
 
 def detect_format(document: Any) -> str:
@@ -133,38 +153,80 @@ def _norm_id(value: Any, width: int) -> str:
     return text.rjust(width, "0") if text else ""
 
 
-def _jaeger_trace(trace: dict[str, Any]) -> list[Span]:
+def _jaeger_tags(value: Any, where: str) -> dict[str, Any]:
+    """Jaeger's ``[{"key": ..., "type": ..., "value": ...}]`` as a dict."""
+    if not value:
+        return {}
+    if not isinstance(value, list) or not all(isinstance(t, dict) and isinstance(t.get("key"), str) for t in value):
+        raise InputError(f"{where}: tags are not a list of {{key, value}} objects")
+    return {t["key"]: _tag_value(t) for t in value}
+
+
+def _jaeger_trace(trace: Any, where: str) -> list[Span]:
+    if not isinstance(trace, dict):
+        raise InputError(f"{where}: a trace is {type(trace).__name__}, not an object")
+    spans = trace.get("spans") or []
+    if not isinstance(spans, list):
+        raise InputError(f"{where}: spans is {type(spans).__name__}, not a list")
     processes = trace.get("processes") or {}
+    if not isinstance(processes, dict):
+        raise InputError(f"{where}: processes is {type(processes).__name__}, not an object")
     out = []
-    for raw in trace.get("spans") or []:
+    for i, raw in enumerate(spans):
+        at = f"{where} span {i}"
+        if not isinstance(raw, dict):
+            raise InputError(f"{at}: {type(raw).__name__}, not an object")
+        _hex_id(raw.get("traceID"), tuple(range(1, 33)), "traceID", at)
+        _hex_id(raw.get("spanID"), tuple(range(1, 17)), "spanID", at)
+        if "startTime" not in raw:
+            raise InputError(f"{at}: no startTime")
+        start_us = _integer(raw["startTime"], "startTime", at)
+        duration_us = _integer(raw.get("duration", 0), "duration", at)
         proc = processes.get(raw.get("processID"), raw.get("process") or {})
-        resource = {t["key"]: _tag_value(t) for t in proc.get("tags") or []}
-        resource["service.name"] = proc.get("serviceName", "unknown_service")
-        tags = {t["key"]: _tag_value(t) for t in raw.get("tags") or []}
+        if not isinstance(proc, dict):
+            raise InputError(f"{at}: its process is {type(proc).__name__}, not an object")
+        resource = _jaeger_tags(proc.get("tags"), at)
+        resource["service.name"] = str(proc.get("serviceName", "unknown_service"))
+        tags = _jaeger_tags(raw.get("tags"), at)
         kind = str(tags.pop("span.kind", "internal")).lower()
         status, message = _status_from_tags(tags)
         parent = None
         for ref in raw.get("references") or []:
-            if ref.get("refType", "CHILD_OF") == "CHILD_OF":
+            if isinstance(ref, dict) and ref.get("refType", "CHILD_OF") == "CHILD_OF":
                 parent = _norm_id(ref.get("spanID"), 16)
                 break
-        start_ns = int(raw["startTime"]) * 1000
-        events = [{"name": str({f["key"]: f.get("value") for f in lg.get("fields") or []}.get("event", "log")),
-                   "time_ns": int(lg.get("timestamp", 0)) * 1000,
-                   "attributes": redact_attributes({f["key"]: _tag_value(f) for f in lg.get("fields") or []})}
-                  for lg in raw.get("logs") or []]
+        start_ns = start_us * 1000
+        logs = raw.get("logs") or []
+        if not isinstance(logs, list) or not all(isinstance(lg, dict) for lg in logs):
+            raise InputError(f"{at}: logs are not a list of objects")
+        events = []
+        for lg in logs:
+            fields = _jaeger_tags(lg.get("fields"), at)
+            events.append({"name": str(fields.get("event", "log")),
+                           "time_ns": _integer(lg.get("timestamp", 0), "log timestamp", at) * 1000,
+                           "attributes": redact_attributes(fields)})
         out.append(Span(
             _norm_id(raw.get("traceID"), 32), _norm_id(raw.get("spanID"), 16), parent,
             resource["service.name"], raw.get("operationName", ""),
             kind if kind in ("server", "client", "producer", "consumer", "internal") else "internal",
-            start_ns, start_ns + int(raw.get("duration", 0)) * 1000, status, redact_text(message),
+            start_ns, start_ns + duration_us * 1000, status, redact_text(message),
             redact_attributes(tags), events, redact_attributes(resource)))
     return out
 
 
 # --- Zipkin v2 --------------------------------------------------------------
 
-def _zipkin_span(raw: dict[str, Any]) -> Span:
+def _zipkin_span(raw: dict[str, Any], where: str) -> Span:
+    _hex_id(raw.get("traceId"), (16, 32), "traceId", where)
+    _hex_id(raw.get("id"), (16,), "id", where)
+    if raw.get("parentId") is not None:
+        _hex_id(raw.get("parentId"), (16,), "parentId", where)
+    if "timestamp" not in raw:
+        raise InputError(f"{where}: no timestamp")
+    timestamp = _integer(raw["timestamp"], "timestamp", where)
+    duration = _integer(raw.get("duration") or 0, "duration", where)
+    if not isinstance(raw.get("tags") or {}, dict):
+        raise InputError(f"{where}: tags is not an object")
     tags = dict(raw.get("tags") or {})
     local = raw.get("localEndpoint") or {}
     remote = raw.get("remoteEndpoint") or {}
@@ -183,21 +245,26 @@ def _zipkin_span(raw: dict[str, Any]) -> Span:
     status, message = _status_from_tags(tags)
     if status == STATUS_ERROR and not message:
         message = str(raw.get("tags", {}).get("error", ""))
-    start_ns = int(raw.get("timestamp", 0)) * 1000
+    start_ns = timestamp * 1000
     kind = str(raw.get("kind", "")).lower() or "internal"
     events = [{"name": str(a.get("value", "")), "time_ns": int(a.get("timestamp", 0)) * 1000, "attributes": {}}
               for a in raw.get("annotations") or []]
     return Span(_norm_id(raw.get("traceId"), 32), _norm_id(raw.get("id"), 16),
                 _norm_id(raw.get("parentId"), 16) or None, service, raw.get("name", "") or "",
-                kind, start_ns, start_ns + int(raw.get("duration", 0) or 0) * 1000, status,
+                kind, start_ns, start_ns + duration * 1000, status,
                 redact_text(message), redact_attributes(tags), events, {"service.name": service})
 
 
-def _zipkin_document(doc: list[Any]) -> list[Span]:
+def _zipkin_document(doc: list[Any], where: str) -> list[Span]:
     items: list[Any] = []
     for entry in doc:
         items.extend(entry if isinstance(entry, list) else [entry])
-    return [_zipkin_span(raw) for raw in items if isinstance(raw, dict)]
+    out = []
+    for i, raw in enumerate(items):
+        if not isinstance(raw, dict):
+            raise InputError(f"{where} span {i}: {type(raw).__name__}, not an object")
+        out.append(_zipkin_span(raw, f"{where} span {i}"))
+    return out
 
 
 def _shared_span_merge(spans: list[Span]) -> list[Span]:
@@ -226,15 +293,19 @@ def _shared_span_merge(spans: list[Span]) -> list[Span]:
 def _document_batch(doc: Any, fmt: str, where: str, report: ImportReport) -> Batch:
     if fmt == "otlp":
         return _otlp_document(doc, where, report)
+    # a whole document is checked before any of it is stored: one bad span rejects the file
     if fmt == "jaeger":
         traces = doc.get("data") if isinstance(doc.get("data"), list) else [doc]
-        return Batch(spans=[encode_span(s) for t in traces for s in _jaeger_trace(t)])
-    return Batch(spans=[encode_span(s) for s in _shared_span_merge(_zipkin_document(doc))])
+        spans = [s for i, t in enumerate(traces) for s in _jaeger_trace(t, f"{where} trace {i}")]
+        return Batch(spans=[encode_span(s) for s in spans])
+    return Batch(spans=[encode_span(s) for s in _shared_span_merge(_zipkin_document(doc, where))])
 
 
 def read_trace_file(path: Path, report: ImportReport,
                     on_progress: Callable[[int], None] | None = None) -> Iterator[Batch]:
-    """Batches of spans (and logs) from one file; bad lines are reported, never fatal."""
+    """Batches of spans (and logs) from one file. A bad line of OTLP JSON lines is reported and the rest read;
+    a bad Jaeger or Zipkin document, or a corrupt gzip, is refused whole (InputError) before anything is read."""
+    check_gzip(path)
     stream = open_text(path)
     try:
         first = stream.readline()

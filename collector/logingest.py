@@ -17,6 +17,7 @@ from payscope.errors import InputError
 from payscope.model import LogRecord
 
 from . import logparse
+from .files import check_text
 from .redaction import redact_attributes, redact_text
 
 BATCH = 5000
@@ -63,7 +64,10 @@ def expand(inputs: list[str]) -> list[str]:
             continue
         path = Path(item)
         if path.is_dir():
-            out += sorted(str(p) for p in path.rglob("*") if p.is_file())
+            found = sorted(str(p) for p in path.rglob("*") if p.is_file())
+            if not found:
+                raise InputError(f"{item}: an empty directory, no log file in it")
+            out += found
         elif any(c in item for c in "*?["):
             matches = sorted(glob.glob(item, recursive=True))
             if not matches:
@@ -180,7 +184,11 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
            on_progress: Callable[[str, int], None] | None = None) -> IngestReport:
     """Parse, link (with ``linker``, an analyzers.correlate.Linker) and store every record."""
     report = IngestReport()
-    for source in expand(inputs):
+    sources = expand(inputs)
+    for source in sources:  # every file checked before any is stored
+        if source != "-":
+            check_text(Path(source))
+    for source in sources:
         file_report = FileReport(source)
         report.files.append(file_report)
         batch: list[LogRecord] = []
@@ -204,6 +212,11 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
             flush()
         if on_progress:
             on_progress(source, file_report.records)
+        if not file_report.records and file_report.unparsed:
+            raise InputError(f"{source}: no line is in a known log format, nothing of it was stored (first: "
+                             f"{file_report.problems[0]})")
+        if not file_report.records:
+            raise InputError(f"{source}: empty, no log line in it")
     if linker:
         report.linked = dict(linker.stats.by_method)
     return report

@@ -126,10 +126,14 @@ def import_traces(
     """Import trace files; the format is detected, importing a file twice stores it once."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TaskID, TextColumn
 
-    from payscope.collector.importers import ImportReport, file_size, read_trace_file
+    from payscope.collector.importers import ImportReport, check_gzip, file_size, read_trace_file
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json"))
+    for path in files:  # a missing or corrupt file is refused before anything is stored
+        if not path.exists():
+            raise PayscopeError(f"{path}: no such file")
+        check_gzip(path)
     reports = []
     with open_store(store) as opened:
         for path in files:

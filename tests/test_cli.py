@@ -35,7 +35,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path: Path) -> None:
     bad_since = payscope("import", "traces", str(SCENARIOS / "calm.otlp.jsonl.gz"), "--store", str(tmp_path / "x.db"))
     assert bad_since.returncode == 0
     since = payscope("failures", "--store", str(tmp_path / "x.db"), "--since", "yesterday")
-    assert since.returncode == 2 and "is not a duration" in since.stderr
+    assert since.returncode == 2 and "is neither a duration" in since.stderr and since.stderr.count("\n") == 1
     unknown = payscope("show", "4bf92f3577b34da6a3ce929d0e0e4736", "--store", str(tmp_path / "x.db"))
     assert unknown.returncode == 2 and "no transaction" in unknown.stderr
     usage = payscope("failures", "--no-such-option")

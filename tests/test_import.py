@@ -7,6 +7,8 @@ import json
 import random
 from pathlib import Path
 
+import pytest
+
 from payscope.collector.store import open_store
 from tests.helpers import DATA, REALDATA, SCENARIOS, payscope, payscope_json
 
@@ -98,14 +100,36 @@ def test_bad_lines_are_reported_with_their_line_and_the_rest_kept(tmp_path: Path
                                               for x in good[:2])
 
 
-def test_truncated_gzip_keeps_what_came_before(tmp_path: Path, store_path: Path) -> None:
+def test_a_truncated_gzip_is_refused_whole(tmp_path: Path, store_path: Path) -> None:
     data = (SCENARIOS / "calm.otlp.jsonl.gz").read_bytes()
     cut = tmp_path / "cut.jsonl.gz"
     cut.write_bytes(data[: len(data) // 2])
-    proc = payscope("import", "traces", str(cut), "--store", str(store_path))
-    assert proc.returncode == 0 and "truncated or corrupt" in proc.stderr
+    good = SCENARIOS / "marketplace.otlp.jsonl.gz"
+    proc = payscope("import", "traces", str(good), str(cut), "--store", str(store_path))
+    assert proc.returncode == 2 and "truncated gzip" in proc.stderr and str(cut) in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not store_path.exists()  # checked before anything was stored, the good file too
+
+
+@pytest.mark.parametrize("name, text, says", [
+    ("jaeger-spans.json", '{"data":[{"traceID":"abc","spans":"nope"}]}', "spans is str, not a list"),
+    ("jaeger-start.json", '{"data":[{"traceID":"abc","spans":[{"traceID":"abc","spanID":"1"}]}]}', "no startTime"),
+    ("jaeger-tags.json", '{"data":[{"traceID":"abc","spans":[{"traceID":"abc","spanID":"1","startTime":1,'
+                         '"tags":"x"}]}]}', "tags are not a list"),
+    ("zipkin-ids.json", '[{"traceId":"abc","id":1}]', "traceId 'abc' is not 16 or 32 hex digits"),
+    ("zipkin-id.json", '[{"traceId":"' + "a" * 32 + '","id":1,"timestamp":5}]', "id 1 is not 16 hex digits"),
+    ("zipkin-late.json", '[{"traceId":"' + "a" * 32 + '","id":"' + "b" * 16 + '","timestamp":1},'
+                         '{"traceId":"' + "a" * 32 + '","id":"' + "c" * 16 + '"}]', "span 1: no timestamp"),
+])
+def test_malformed_jaeger_and_zipkin_are_refused_whole(name: str, text: str, says: str, tmp_path: Path,
+                                                        store_path: Path) -> None:
+    path = tmp_path / name
+    path.write_text(text)
+    proc = payscope("import", "traces", str(path), "--store", str(store_path))
+    assert proc.returncode == 2 and says in proc.stderr and name in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
     with open_store(str(store_path), readonly=True) as store:
-        assert 0 < store.counts()["spans"] < 10000
+        assert store.counts()["spans"] == 0
 
 
 def test_unknown_file_is_a_clear_error(tmp_path: Path, store_path: Path) -> None:
