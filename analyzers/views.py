@@ -39,21 +39,28 @@ def resolve_trace_ids(store: Store, ident: str) -> list[str]:
 FAILURE_OUTCOMES = ("timeout", "failed", "declined", "late_success", "duplicate_charge", "recovered")
 
 
-def failure_rows(store: Store, analysis: Analysis, *, since_ns: int | None = None, limit: int | None = 50,
-                 offset: int = 0, outcome: str | None = None, service: str | None = None) -> list[dict[str, Any]]:
-    """Failed transactions newest first, as the whole-store analysis judged them, each a flat dict (the JSON of
-    `payscope failures`). A transaction that went well despite errors inside is ``recovered``."""
+def failure_outcomes(analysis: Analysis, *, since_ns: int | None = None, service: str | None = None
+                     ) -> dict[str, str]:
+    """Trace id -> outcome of every failed transaction (``recovered``: it went well despite errors inside), as
+    the whole-store analysis judged them."""
     errored = {c.trace_id for c in analysis.calls if not c.ok}
-    picked = []
+    out = {}
     for tx in analysis.transactions.values():
         shown = tx.outcome if tx.outcome != "ok" else ("recovered" if tx.trace_id in errored else None)
-        if shown is None or (outcome is not None and shown != outcome):
-            continue
-        if since_ns is not None and tx.facts.start_ns < since_ns:
+        if shown is None or (since_ns is not None and tx.facts.start_ns < since_ns):
             continue
         if service is not None and service not in tx.facts.services:
             continue
-        picked.append((tx, shown))
+        out[tx.trace_id] = shown
+    return out
+
+
+def failure_rows(store: Store, analysis: Analysis, *, since_ns: int | None = None, limit: int | None = 50,
+                 offset: int = 0, outcome: str | None = None, service: str | None = None) -> list[dict[str, Any]]:
+    """Failed transactions newest first, each a flat dict (the JSON of `payscope failures`)."""
+    picked = [(analysis.transactions[tid], shown)
+              for tid, shown in failure_outcomes(analysis, since_ns=since_ns, service=service).items()
+              if outcome is None or shown == outcome]
     picked.sort(key=lambda p: (-p[0].facts.start_ns, p[0].trace_id))
     window = picked[offset:offset + limit] if limit is not None else picked[offset:]
     return [failure_row(store, analysis, tx, shown) for tx, shown in window]

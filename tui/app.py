@@ -85,6 +85,9 @@ class FailuresScreen(Loading):
         super().__init__()
         self.flt = data.Filter()
         self.rows: list[dict[str, Any]] = []
+        self.total = 0
+        self.by_outcome: dict[str, int] = {}
+        self.limit = data.PAGE
         self.input_mode = "search"
 
     def compose(self) -> ComposeResult:
@@ -111,11 +114,20 @@ class FailuresScreen(Loading):
 
     @work(thread=True, exclusive=True, group="failures", exit_on_error=False)
     def load(self) -> None:
-        self.post_message(FailuresLoaded(data.failures(self.app.source, self.flt)))  # type: ignore[attr-defined]
+        page = data.failures(self.app.source, self.flt, self.limit)  # type: ignore[attr-defined]
+        self.post_message(FailuresLoaded(page))
 
     @on(FailuresLoaded)
     def loaded(self, message: FailuresLoaded) -> None:
-        self.show_rows(message.rows)
+        self.total, self.by_outcome = message.page.total, message.page.by_outcome
+        self.show_rows(message.page.rows)
+
+    @on(DataTable.RowHighlighted, "#failures")
+    def page_on(self, event: DataTable.RowHighlighted) -> None:
+        # the cursor at the last row loaded, with more in the store: the next page joins the list
+        if event.cursor_row >= len(self.rows) - 1 and len(self.rows) < self.total and len(self.rows) >= self.limit:
+            self.limit += data.PAGE
+            self.load()
 
     def show_rows(self, rows: list[dict[str, Any]]) -> None:
         table = self.query_one(DataTable)
@@ -133,8 +145,9 @@ class FailuresScreen(Loading):
                     if row["trace_id"] == keep:
                         table.move_cursor(row=i)
                         break
+        shown = f"{len(rows)} of {self.total}" if self.total > len(rows) else f"{self.total}"
         self.query_one("#status", Static).update(
-            f"{len(rows)} failed transactions ({self.flt.describe()})  ?: help")
+            f"{shown} failed transactions ({self.flt.describe()})  ?: help")
 
     def action_cursor(self, delta: int) -> None:
         table = self.query_one(DataTable)
@@ -162,6 +175,7 @@ class FailuresScreen(Loading):
             self.flt.text = value
         else:
             self.flt.service = value
+        self.limit = data.PAGE
         event.input.display = False
         self.query_one(DataTable).focus()
         self.load()
@@ -173,8 +187,8 @@ class FailuresScreen(Loading):
             self.query_one(DataTable).focus()
 
     def action_cycle_outcome(self) -> None:
-        i = data.OUTCOMES.index(self.flt.outcome)
-        self.flt.outcome = data.OUTCOMES[(i + 1) % len(data.OUTCOMES)]
+        self.flt.outcome = data.next_outcome(self.flt.outcome, self.by_outcome)
+        self.limit = data.PAGE
         self.load()
 
     def action_refresh(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +50,17 @@ class Filter:
         return ", ".join(parts)
 
 
-def failures(source: Source, flt: Filter, limit: int = PAGE) -> list[dict[str, Any]]:
+@dataclass
+class FailurePage:
+    """The first ``limit`` failed transactions the filter keeps, how many it keeps in all, and how many each
+    outcome would keep (so that a filter with nothing to show is skipped)."""
+
+    rows: list[dict[str, Any]]
+    total: int
+    by_outcome: dict[str, int]
+
+
+def failures(source: Source, flt: Filter, limit: int = PAGE) -> FailurePage:
     """Failed transactions newest first, filtered; a search by id goes straight to those traces."""
     analysis = source.analysis()
     store = source.store
@@ -59,15 +70,32 @@ def failures(source: Source, flt: Filter, limit: int = PAGE) -> list[dict[str, A
         except PayscopeError:
             ids = []
         if ids:
-            return [views.failure_row(store, analysis, analysis.transactions[tid]) for tid in ids
+            rows = [views.failure_row(store, analysis, analysis.transactions[tid]) for tid in ids
                     if tid in analysis.transactions]
-    rows = views.failure_rows(store, analysis, limit=None if flt.text else limit, outcome=flt.outcome,
-                              service=flt.service)
+            return FailurePage(rows, len(rows), dict(Counter(r["outcome"] for r in rows)))
+    # every outcome of the other filters, counted without building rows; rows only for the page shown
+    outcomes = views.failure_outcomes(analysis, service=flt.service)
     if flt.text:
         needle = flt.text.lower()
-        rows = [row for row in rows if needle in " ".join(
-            [row["entry"], row["failing_hop"] or "", *row["keys"], row["trace_id"]]).lower()]
-    return rows[:limit]
+        rows = [row for row in views.failure_rows(store, analysis, limit=None, service=flt.service)
+                if needle in " ".join([row["entry"], row["failing_hop"] or "", *row["keys"], row["trace_id"]]).lower()]
+        by_outcome = dict(Counter(r["outcome"] for r in rows))
+        kept = [r for r in rows if flt.outcome is None or r["outcome"] == flt.outcome]
+        return FailurePage(kept[:limit], len(kept), by_outcome)
+    by_outcome = dict(Counter(outcomes.values()))
+    total = sum(1 for o in outcomes.values() if flt.outcome is None or o == flt.outcome)
+    rows = views.failure_rows(store, analysis, limit=limit, outcome=flt.outcome, service=flt.service)
+    return FailurePage(rows, total, by_outcome)
+
+
+def next_outcome(current: str | None, by_outcome: dict[str, int]) -> str | None:
+    """The outcome filter after ``current`` that keeps at least one row (all outcomes always does)."""
+    i = OUTCOMES.index(current)
+    for step in range(1, len(OUTCOMES)):
+        candidate = OUTCOMES[(i + step) % len(OUTCOMES)]
+        if candidate is None or by_outcome.get(candidate):
+            return candidate
+    return None
 
 
 def transaction(source: Source, trace_id: str) -> dict[str, Any]:

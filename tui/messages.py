@@ -10,7 +10,7 @@ from textual.message import Message
 
 @dataclass
 class FailuresLoaded(Message):
-    rows: list[dict[str, Any]]
+    page: Any  # data.FailurePage
 
 
 @dataclass
