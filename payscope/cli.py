@@ -21,6 +21,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
     add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 import_app = typer.Typer(help="Import telemetry files into the store.", no_args_is_help=True)
 app.add_typer(import_app, name="import")
@@ -66,7 +67,8 @@ def _emit_json(document: Any) -> None:
 
 # --- run -----------------------------------------------------------------------
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             options_metavar="[OPTIONS] -- CMD ARGS...")
 def run(
     ctx: typer.Context,
     service: Annotated[Optional[str], typer.Option(help="Service name (default: OTEL_SERVICE_NAME or the program).")

@@ -93,3 +93,10 @@ def test_failures_filter_by_outcome_service_and_since(tmp_path: Path) -> None:
         assert proc.returncode == 2 and says in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     proc = payscope("logs", "--store", store, "--limit", "-3")
     assert proc.returncode == 2 and "--limit -3" in proc.stderr
+
+
+def test_help_takes_h_and_run_shows_its_command() -> None:
+    short = payscope("-h", check=True).stdout
+    assert short == payscope("--help", check=True).stdout
+    run = payscope("run", "-h", check=True).stdout
+    assert "payscope run [OPTIONS] -- CMD ARGS..." in run
