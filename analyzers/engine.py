@@ -181,6 +181,7 @@ class Analysis:
     recommendations: dict[EdgeKey, Recommendation] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     _by_trace: dict[str, list[Call]] | None = field(default=None, repr=False)
+    _with_errors: set[str] | None = field(default=None, repr=False)
 
     def recommended_ms(self, key: EdgeKey) -> float | None:
         """The one recommended per-try timeout of an edge, that every finding and screen cites."""
@@ -194,6 +195,12 @@ class Analysis:
             for c in self.calls:
                 self._by_trace[c.trace_id].append(c)
         return self._by_trace.get(trace_id, [])
+
+    def traces_with_errors(self) -> set[str]:
+        """Traces with a failed call in them (made once: the TUI asks on every refresh)."""
+        if self._with_errors is None:
+            self._with_errors = {c.trace_id for c in self.calls if not c.ok}
+        return self._with_errors
 
     def orders_charged_twice(self) -> set[str]:
         """The orders (or traces, where no order is known) whose transaction charged twice."""

@@ -43,7 +43,7 @@ def failure_outcomes(analysis: Analysis, *, since_ns: int | None = None, service
                      ) -> dict[str, str]:
     """Trace id -> outcome of every failed transaction (``recovered``: it went well despite errors inside), as
     the whole-store analysis judged them."""
-    errored = {c.trace_id for c in analysis.calls if not c.ok}
+    errored = analysis.traces_with_errors()
     out = {}
     for tx in analysis.transactions.values():
         shown = tx.outcome if tx.outcome != "ok" else ("recovered" if tx.trace_id in errored else None)
