@@ -17,6 +17,7 @@ first on each connection, then ``("S", [span, ...])`` and ``("L", [log record, .
 
 from __future__ import annotations
 
+import logging
 import marshal
 import os
 import queue
@@ -326,6 +327,16 @@ def serve(listener: socket.socket, app_pid: int, endpoint: str, interval_s: floa
             except OSError:
                 pass
 
+    class _ToNotice(logging.Handler):
+        # the SDK exporters log their retries; on the service's stderr they would change its output, so they
+        # become one payscope notice, which PAYSCOPE_QUIET silences like every other
+        def emit(self, record: logging.LogRecord) -> None:
+            notice(f"the collector at {endpoint} is not answering; telemetry is retried, then dropped, the "
+                   "service is not affected")
+
+    otel_log = logging.getLogger("opentelemetry")
+    otel_log.addHandler(_ToNotice(logging.WARNING))
+    otel_log.propagate = False
     exporter = _Exporter(endpoint, interval_s, notice)
     exporter.start()
     selector = selectors.DefaultSelector()

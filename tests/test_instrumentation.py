@@ -164,6 +164,10 @@ def test_output_and_exit_code_pass_through_even_without_a_collector(tmp_path: Pa
                        env={"PAYSCOPE_QUIET": "1"})
     assert (wrapped.returncode, wrapped.stdout, wrapped.stderr) == (plain.returncode, plain.stdout, plain.stderr)
     assert plain.returncode == 7
+    # not quiet: what payscope adds to the service's stderr is its own one-line notices, never an exporter's log
+    told = payscope("run", "--collector", dead, "--", sys.executable, str(script), "a", "b", input_text="paid\n")
+    added = [line for line in told.stderr.splitlines() if line not in plain.stderr.splitlines()]
+    assert told.returncode == 7 and all(line.startswith("payscope:") for line in added), added
 
 
 def test_b3_and_jaeger_headers_are_continued(tmp_path: Path, collector: CollectorProcess, store_path: Path) -> None:
