@@ -19,7 +19,7 @@ from payscope.model import STATUS_ERROR, STATUS_OK, STATUS_UNSET, EncodedSpan, L
 
 from .files import check_gzip
 from .otlp import logs_from_request, parse_json_message, spans_from_request
-from .redaction import redact_attributes, redact_text
+from .redaction import redact_span
 from .store.codec import encode_span
 
 FORMATS = ("otlp", "jaeger", "zipkin")
@@ -131,7 +131,10 @@ def _tag_value(tag: dict[str, Any]) -> Any:
         except (TypeError, ValueError):
             return value
     if kind in ("float64", "float") and value is not None:
-        return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError, OverflowError):
+            return value
     if kind == "bool" and isinstance(value, str):
         return value.lower() == "true"
     return value
@@ -162,7 +165,7 @@ def _jaeger_tags(value: Any, where: str) -> dict[str, Any]:
     return {t["key"]: _tag_value(t) for t in value}
 
 
-def _jaeger_trace(trace: Any, where: str) -> list[Span]:
+def _jaeger_trace(trace: Any, where: str, report: ImportReport) -> list[Span]:
     if not isinstance(trace, dict):
         raise InputError(f"{where}: a trace is {type(trace).__name__}, not an object")
     spans = trace.get("spans") or []
@@ -174,44 +177,50 @@ def _jaeger_trace(trace: Any, where: str) -> list[Span]:
     out = []
     for i, raw in enumerate(spans):
         at = f"{where} span {i}"
-        if not isinstance(raw, dict):
-            raise InputError(f"{at}: {type(raw).__name__}, not an object")
-        _hex_id(raw.get("traceID"), tuple(range(1, 33)), "traceID", at)
-        _hex_id(raw.get("spanID"), tuple(range(1, 17)), "spanID", at)
-        if "startTime" not in raw:
-            raise InputError(f"{at}: no startTime")
-        start_us = _integer(raw["startTime"], "startTime", at)
-        duration_us = _integer(raw.get("duration", 0), "duration", at)
-        proc = processes.get(raw.get("processID"), raw.get("process") or {})
-        if not isinstance(proc, dict):
-            raise InputError(f"{at}: its process is {type(proc).__name__}, not an object")
-        resource = _jaeger_tags(proc.get("tags"), at)
-        resource["service.name"] = str(proc.get("serviceName", "unknown_service"))
-        tags = _jaeger_tags(raw.get("tags"), at)
-        kind = str(tags.pop("span.kind", "internal")).lower()
-        status, message = _status_from_tags(tags)
-        parent = None
-        for ref in raw.get("references") or []:
-            if isinstance(ref, dict) and ref.get("refType", "CHILD_OF") == "CHILD_OF":
-                parent = _norm_id(ref.get("spanID"), 16)
-                break
-        start_ns = start_us * 1000
-        logs = raw.get("logs") or []
-        if not isinstance(logs, list) or not all(isinstance(lg, dict) for lg in logs):
-            raise InputError(f"{at}: logs are not a list of objects")
-        events = []
-        for lg in logs:
-            fields = _jaeger_tags(lg.get("fields"), at)
-            events.append({"name": str(fields.get("event", "log")),
-                           "time_ns": _integer(lg.get("timestamp", 0), "log timestamp", at) * 1000,
-                           "attributes": redact_attributes(fields)})
-        out.append(Span(
-            _norm_id(raw.get("traceID"), 32), _norm_id(raw.get("spanID"), 16), parent,
-            resource["service.name"], raw.get("operationName", ""),
-            kind if kind in ("server", "client", "producer", "consumer", "internal") else "internal",
-            start_ns, start_ns + duration_us * 1000, status, redact_text(message),
-            redact_attributes(tags), events, redact_attributes(resource)))
+        try:
+            out.append(_jaeger_span(raw, processes, at))
+        except InputError as exc:
+            report.problem(at, str(exc).removeprefix(f"{at}: "))
     return out
+
+
+def _jaeger_span(raw: Any, processes: dict[Any, Any], at: str) -> Span:
+    if not isinstance(raw, dict):
+        raise InputError(f"{at}: {type(raw).__name__}, not an object")
+    _hex_id(raw.get("traceID"), tuple(range(1, 33)), "traceID", at)
+    _hex_id(raw.get("spanID"), tuple(range(1, 17)), "spanID", at)
+    if "startTime" not in raw:
+        raise InputError(f"{at}: no startTime")
+    start_us = _integer(raw["startTime"], "startTime", at)
+    duration_us = _integer(raw.get("duration", 0), "duration", at)
+    proc = processes.get(raw.get("processID"), raw.get("process") or {})
+    if not isinstance(proc, dict):
+        raise InputError(f"{at}: its process is {type(proc).__name__}, not an object")
+    resource = _jaeger_tags(proc.get("tags"), at)
+    resource["service.name"] = str(proc.get("serviceName", "unknown_service"))
+    tags = _jaeger_tags(raw.get("tags"), at)
+    kind = str(tags.pop("span.kind", "internal")).lower()
+    status, message = _status_from_tags(tags)
+    parent = None
+    for ref in raw.get("references") or []:
+        if isinstance(ref, dict) and ref.get("refType", "CHILD_OF") == "CHILD_OF":
+            parent = _norm_id(_hex_id(ref.get("spanID"), tuple(range(1, 17)), "reference spanID", at), 16)
+            break
+    start_ns = start_us * 1000
+    logs = raw.get("logs") or []
+    if not isinstance(logs, list) or not all(isinstance(lg, dict) for lg in logs):
+        raise InputError(f"{at}: logs are not a list of objects")
+    events = []
+    for lg in logs:
+        fields = _jaeger_tags(lg.get("fields"), at)
+        events.append({"name": str(fields.get("event", "log")),
+                       "time_ns": _integer(lg.get("timestamp", 0), "log timestamp", at) * 1000,
+                       "attributes": fields})
+    return _checked(Span(
+        _norm_id(raw.get("traceID"), 32), _norm_id(raw.get("spanID"), 16), parent,
+        resource["service.name"], str(raw.get("operationName", "")),
+        kind if kind in ("server", "client", "producer", "consumer", "internal") else "internal",
+        start_ns, start_ns + duration_us * 1000, status, message, tags, events, resource), at)
 
 
 # --- Zipkin v2 --------------------------------------------------------------
@@ -230,6 +239,11 @@ def _zipkin_span(raw: dict[str, Any], where: str) -> Span:
     tags = dict(raw.get("tags") or {})
     local = raw.get("localEndpoint") or {}
     remote = raw.get("remoteEndpoint") or {}
+    annotations = raw.get("annotations") or []
+    if not isinstance(local, dict) or not isinstance(remote, dict):
+        raise InputError(f"{where}: localEndpoint and remoteEndpoint must be objects")
+    if not isinstance(annotations, list) or not all(isinstance(a, dict) for a in annotations):
+        raise InputError(f"{where}: annotations are not a list of objects")
     service = local.get("serviceName") or "unknown_service"
     if remote.get("serviceName"):
         tags.setdefault("peer.service", remote["serviceName"])
@@ -247,23 +261,43 @@ def _zipkin_span(raw: dict[str, Any], where: str) -> Span:
         message = str(raw.get("tags", {}).get("error", ""))
     start_ns = timestamp * 1000
     kind = str(raw.get("kind", "")).lower() or "internal"
-    events = [{"name": str(a.get("value", "")), "time_ns": int(a.get("timestamp", 0)) * 1000, "attributes": {}}
-              for a in raw.get("annotations") or []]
-    return Span(_norm_id(raw.get("traceId"), 32), _norm_id(raw.get("id"), 16),
-                _norm_id(raw.get("parentId"), 16) or None, service, raw.get("name", "") or "",
-                kind, start_ns, start_ns + duration * 1000, status,
-                redact_text(message), redact_attributes(tags), events, {"service.name": service})
+    events = [{"name": str(a.get("value", "")), "time_ns": _integer(a.get("timestamp", 0), "annotation timestamp",
+                                                                    where) * 1000, "attributes": {}}
+              for a in annotations]
+    return _checked(Span(_norm_id(raw.get("traceId"), 32), _norm_id(raw.get("id"), 16),
+                         _norm_id(raw.get("parentId"), 16) or None, str(service), str(raw.get("name", "") or ""),
+                         kind, start_ns, start_ns + duration * 1000, status, message, tags, events,
+                         {"service.name": str(service)}), where)
 
 
-def _zipkin_document(doc: list[Any], where: str) -> list[Span]:
+_MAX_NS = 2**63 - 1  # what a signed 64-bit store column holds: the year 2262
+
+
+def _checked(span: Span, where: str) -> Span:
+    """A span whose times fit the store, masked; InputError naming what is wrong otherwise."""
+    if span.start_ns < 0 or span.end_ns > _MAX_NS:
+        raise InputError(f"{where}: its time is before 1970 or past the year 2262")
+    if span.end_ns < span.start_ns:
+        raise InputError(f"{where}: it ends before it starts")
+    for event in span.events:
+        if not 0 <= event["time_ns"] <= _MAX_NS:
+            raise InputError(f"{where}: an event's time is before 1970 or past the year 2262")
+    return redact_span(span)
+
+
+def _zipkin_document(doc: list[Any], where: str, report: ImportReport) -> list[Span]:
     items: list[Any] = []
     for entry in doc:
         items.extend(entry if isinstance(entry, list) else [entry])
     out = []
     for i, raw in enumerate(items):
-        if not isinstance(raw, dict):
-            raise InputError(f"{where} span {i}: {type(raw).__name__}, not an object")
-        out.append(_zipkin_span(raw, f"{where} span {i}"))
+        at = f"{where} span {i}"
+        try:
+            if not isinstance(raw, dict):
+                raise InputError(f"{at}: {type(raw).__name__}, not an object")
+            out.append(_zipkin_span(raw, at))
+        except InputError as exc:
+            report.problem(at, str(exc).removeprefix(f"{at}: "))
     return out
 
 
@@ -293,12 +327,19 @@ def _shared_span_merge(spans: list[Span]) -> list[Span]:
 def _document_batch(doc: Any, fmt: str, where: str, report: ImportReport) -> Batch:
     if fmt == "otlp":
         return _otlp_document(doc, where, report)
-    # a whole document is checked before any of it is stored: one bad span rejects the file
+    # A document whose shape is wrong is refused whole; a bad span in a good document is skipped and reported.
     if fmt == "jaeger":
         traces = doc.get("data") if isinstance(doc.get("data"), list) else [doc]
-        spans = [s for i, t in enumerate(traces) for s in _jaeger_trace(t, f"{where} trace {i}")]
-        return Batch(spans=[encode_span(s) for s in spans])
-    return Batch(spans=[encode_span(s) for s in _shared_span_merge(_zipkin_document(doc, where))])
+        spans = [s for i, t in enumerate(traces) for s in _jaeger_trace(t, f"{where} trace {i}", report)]
+    else:
+        spans = _shared_span_merge(_zipkin_document(doc, where, report))
+    batch = Batch()
+    for span in spans:
+        try:
+            batch.spans.append(encode_span(span))
+        except (ValueError, TypeError, OverflowError) as exc:  # a value protobuf cannot hold
+            report.problem(f"{where} span {span.span_id}", f"a value cannot be stored ({exc})")
+    return batch
 
 
 def read_trace_file(path: Path, report: ImportReport,

@@ -18,8 +18,8 @@ from payscope import semconv
 from payscope.errors import InputError
 from payscope.model import SPAN_KINDS, EncodedSpan, LogRecord
 
-from .redaction import may_need_redaction, redact_attributes, redact_text
-from .store.codec import any_value, attributes, decode_span, encode_span, events_of
+from .redaction import is_secret_key, may_need_redaction, redact_any, redact_attributes, redact_log, redact_span
+from .store.codec import any_value, attributes, decode_span, encode_span
 
 _HEX_ID_FIELDS = {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
@@ -45,28 +45,53 @@ def _resource_service(resource: dict[str, Any]) -> str:
     return str(resource.get("service.name") or "unknown_service")
 
 
+_MAX_NS = 2**63 - 1  # what a signed 64-bit store column holds: the year 2262
+
+
 def _problem(span: PbSpan) -> str | None:
     if len(span.trace_id) != 16 or not any(span.trace_id):
-        return f"span {span.name!r}: trace id must be 16 non-zero bytes"
+        return "a span's trace id must be 16 non-zero bytes"
     if len(span.span_id) != 8 or not any(span.span_id):
-        return f"span {span.name!r}: span id must be 8 non-zero bytes"
+        return "a span's span id must be 8 non-zero bytes"
+    if span.parent_span_id and len(span.parent_span_id) != 8:
+        return "a span's parent span id must be 8 bytes"
     if span.end_time_unix_nano < span.start_time_unix_nano:
-        return f"span {span.name!r}: ends before it starts"
+        return "a span ends before it starts"
+    if span.end_time_unix_nano > _MAX_NS:
+        return f"a span's time {span.end_time_unix_nano} ns is past the year 2262"
+    for event in span.events:
+        if event.time_unix_nano > _MAX_NS:
+            return f"a span event's time {event.time_unix_nano} ns is past the year 2262"
     return None
 
 
-def _wanted_attributes(kvs: Any) -> dict[str, Any] | None:
-    """The attributes the analysis reads; None when an integer could be a card number.
+_BIG = 10**12  # no smaller number has the 13 digits of the shortest card number
 
-    (Integers are varints on the wire, invisible to the byte scan of the request.)
+
+def _number_may_be_card(value: Any) -> bool:
+    which = value.WhichOneof("value")
+    if which == "int_value":
+        return value.int_value >= _BIG
+    if which == "double_value":
+        return abs(value.double_value) >= _BIG
+    if which == "array_value":
+        return any(_number_may_be_card(v) for v in value.array_value.values)
+    return which == "kvlist_value"  # keys at depth: decoded and masked the careful way
+
+
+def _wanted_attributes(kvs: Any) -> dict[str, Any] | None:
+    """The attributes the analysis reads; None when a key or a number could need masking.
+
+    (Integers and floats are binary on the wire, invisible to the byte scan of the request, and a
+    secret key's value may be plain text.)
     """
-    read_keys, suffixes = semconv.READ_KEYS, semconv.KEY_SUFFIXES
+    read_keys, suffixes, secret = semconv.READ_KEYS, semconv.KEY_SUFFIXES, is_secret_key
     out = {}
     for kv in kvs:
         value = kv.value
-        if value.int_value >= 10**12:
-            return None
         key = kv.key
+        if secret(key) or (not value.HasField("string_value") and _number_may_be_card(value)):
+            return None
         if key in read_keys or key.endswith(suffixes) or "dempotency" in key or "request_id" in key \
                 or "request-id" in key:
             out[key] = any_value(value)
@@ -76,9 +101,10 @@ def _wanted_attributes(kvs: Any) -> dict[str, Any] | None:
 def spans_from_request(request: ExportTraceServiceRequest, raw: bytes | None = None) -> Decoded:
     """The valid spans of a request, redacted and ready to store; invalid ones counted as rejected.
 
-    ``raw`` is the request as serialized, when at hand. A request whose bytes hold nothing that
-    looks like a card number or a secret takes the fast path: only the attributes the analysis
-    reads are decoded, and each span's body is stored as it came.
+    ``raw`` is the request as serialized, when at hand. The fast path keeps a span's body as it came,
+    and is taken only when nothing in it could need masking: no suspect text anywhere in the
+    request's bytes, no secret key, no number as long as a card number, no events or links (whose
+    numbers are not checked here). Every other span is decoded whole and masked (:func:`redact_span`).
     """
     out = Decoded()
     if raw is None:
@@ -96,21 +122,16 @@ def spans_from_request(request: ExportTraceServiceRequest, raw: bytes | None = N
                 if problem:
                     out.reject(problem)
                     continue
-                wanted = None if careful else _wanted_attributes(span.attributes)
+                wanted = None if careful or span.events or span.links else _wanted_attributes(span.attributes)
                 if wanted is None:
-                    full = decode_span(span, service, resource)
-                    full.attributes = redact_attributes(full.attributes)
-                    full.status_message = redact_text(full.status_message)
-                    for event in full.events:
-                        event["attributes"] = redact_attributes(event["attributes"])
-                    append(encode_span(full))
+                    append(encode_span(redact_span(decode_span(span, service, resource))))
                     continue
                 kind = span.kind
                 parent = span.parent_span_id
                 row = derive(span.trace_id.hex(), span.span_id.hex(), parent.hex() if parent else None, service,
                              span.name, kinds[kind] if 0 <= kind < len(kinds) else "unspecified",
                              span.start_time_unix_nano, span.end_time_unix_nano, span.status.code,
-                             span.status.message, wanted, events_of(span) if span.events else [])
+                             span.status.message, wanted, [])
                 append(EncodedSpan(row, span.SerializeToString(), resource))
     return out
 
@@ -126,25 +147,28 @@ def logs_from_request(request: ExportLogsServiceRequest) -> Decoded:
             for rec in scope_logs.log_records:
                 time_ns = rec.time_unix_nano or rec.observed_time_unix_nano
                 if not time_ns:
-                    out.reject("log record without time_unix_nano or observed_time_unix_nano")
+                    out.reject("a log record has neither time_unix_nano nor observed_time_unix_nano")
+                    continue
+                if time_ns > _MAX_NS:
+                    out.reject(f"a log record's time {time_ns} ns is past the year 2262")
                     continue
                 body = any_value(rec.body) if rec.HasField("body") else ""
-                message = body if isinstance(body, str) else json.dumps(body, default=str)
-                attrs = redact_attributes(attributes(rec.attributes))
-                trace_id = rec.trace_id.hex() if any(rec.trace_id) else None
-                span_id = rec.span_id.hex() if any(rec.span_id) else None
+                message = body if isinstance(body, str) else json.dumps(redact_any(body), default=str)
+                attrs = attributes(rec.attributes)
+                trace_id = rec.trace_id.hex() if len(rec.trace_id) == 16 and any(rec.trace_id) else None
+                span_id = rec.span_id.hex() if len(rec.span_id) == 8 and any(rec.span_id) else None
                 severity = rec.severity_text
                 if not severity and rec.severity_number:
                     severity = _SEVERITY_NAMES.get((rec.severity_number - 1) // 4 * 4 + 1, "")
                 source = str(attrs.get("code.filepath") or attrs.get("log.file.path") or "otlp")
                 if "code.lineno" in attrs and source != "otlp":
                     source = f"{source}:{attrs['code.lineno']}"
-                out.logs.append(LogRecord(
-                    time_ns=time_ns, service=service, host=host, severity=severity.upper(),
-                    message=redact_text(message), attributes=attrs, source=source,
+                out.logs.append(redact_log(LogRecord(
+                    time_ns=time_ns, service=service, host=host, severity=severity.upper()[:16],
+                    message=message, attributes=attrs, source=source,
                     trace_id=trace_id, span_id=span_id,
                     link_method="trace_id" if trace_id else "none",
-                    link_confidence=1.0 if trace_id else 0.0))
+                    link_confidence=1.0 if trace_id else 0.0)))
     return out
 
 

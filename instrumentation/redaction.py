@@ -1,4 +1,13 @@
-"""Keep card numbers, CVVs and credentials out of telemetry: in the service and again in storage."""
+"""Keep card numbers, CVVs and credentials out of telemetry: in the service and again in storage.
+
+A card number (PAN) is 13 to 19 digits, written whole or in groups split by one space, dash, ``+``
+or URL-encoded separator, that starts with an issuer prefix (IIN) of a length that issuer uses and
+passes the Luhn check. All three are required, so ordinary numbers (epochs in ms and ns, order
+ids, amounts) are left alone: an epoch starts with ``1``, which no card issuer uses. A decimal
+trace or span id can look like a card number; it is kept when its key or the text right before it
+says it is one (``trace_id=...``). Everything a span or a log record can carry goes through
+:func:`redact_any`: names, keys and values at any depth, integers and floats.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +16,25 @@ from typing import Any
 
 REDACTED = "[REDACTED]"
 
-# Attribute keys whose values are secrets whatever they hold.
-_SECRET_KEY = re.compile(
-    r"(authorization|cookie|set-cookie|proxy-authorization|x-api-key|api[_-]?key|password|passwd|secret|"
-    r"\bcvv|\bcvc|cvv2|cvc2|card[_.-]?verification|security[_.-]?code|\bpan\b|card[_.-]?number|"
-    r"idempotency[_-]key$)",
-    re.IGNORECASE,
+# --- card numbers ------------------------------------------------------------------------------
+
+# (first digits low, high, lengths): the issuer ranges of the schemes in use (Visa, Mastercard, Amex,
+# Discover, Diners, JCB, UnionPay, Maestro, Mir, RuPay, Troy, Verve).
+_LONG = (16, 17, 18, 19)
+_IIN_RANGES: tuple[tuple[int, int, tuple[int, ...]], ...] = (
+    (4, 4, (13, 16, 19)),
+    (51, 55, (16,)), (2221, 2720, (16,)),
+    (34, 34, (15,)), (37, 37, (15,)),
+    (6011, 6011, _LONG), (644, 649, _LONG), (65, 65, _LONG), (622126, 622925, _LONG),
+    (300, 305, (14, *_LONG)), (36, 36, (14, *_LONG)), (38, 39, _LONG),
+    (3528, 3589, _LONG),
+    (62, 62, _LONG), (81, 82, (16,)),
+    (5018, 5018, (13, 15, *_LONG)), (5020, 5020, (13, 15, *_LONG)), (5038, 5038, (13, 15, *_LONG)),
+    (5893, 5893, (13, 15, *_LONG)), (6304, 6304, (13, 15, *_LONG)), (6759, 6759, (13, 15, *_LONG)),
+    (6761, 6763, (13, 15, *_LONG)),
+    (2200, 2204, _LONG), (60, 60, (16,)), (508, 508, (16,)), (9792, 9792, (16,)),
+    (506099, 506198, (16, 18, 19)), (650002, 650027, (16, 18, 19)),
 )
-# A run of 13-19 digits, optionally split by single spaces or dashes, as card numbers are written.
-_DIGIT_RUN = re.compile(r"(?<![\d])(?:\d[ -]?){12,18}\d(?![\d])")
-# "cvv": "123", cvc=123, "card_cvv":"1234" inside free text (JSON bodies, query strings, log lines).
-_CVV_TEXT = re.compile(
-    r"""(?i)(["']?\b(?:card[_.-]?)?(?:cvv2?|cvc2?|security[_.-]?code)["']?\s*[:=]\s*["']?)(\d{3,4})""")
-_AUTH_TEXT = re.compile(r"(?i)(authorization[\"']?\s*[:=]\s*[\"']?)(?:bearer |basic )?[^\s\"',;]+")
 
 
 def luhn_valid(digits: str) -> bool:
@@ -34,69 +49,181 @@ def luhn_valid(digits: str) -> bool:
     return total % 10 == 0
 
 
-def _mask_pan(match: re.Match[str]) -> str:
-    digits = re.sub(r"[ -]", "", match.group(0))
-    if 13 <= len(digits) <= 19 and luhn_valid(digits):
-        return REDACTED
-    return match.group(0)
+def has_issuer_prefix(digits: str) -> bool:
+    """Whether ``digits`` starts with a card issuer's prefix, at a length that issuer uses."""
+    length = len(digits)
+    for low, high, lengths in _IIN_RANGES:
+        width = len(str(low))
+        if length in lengths and low <= int(digits[:width]) <= high:
+            return True
+    return False
 
 
-_MAYBE_PAN = re.compile(r"\d[\d -]{11,}\d")
+def is_card_number(digits: str) -> bool:
+    """Whether a string of bare digits is a card number: length, issuer prefix and Luhn check."""
+    return 13 <= len(digits) <= 19 and digits.isdigit() and has_issuer_prefix(digits) and luhn_valid(digits)
 
 
-def redact_text(text: str) -> str:
-    """``text`` with Luhn-valid card numbers, CVV values and Authorization values masked."""
-    if not text:
+# One separator between digits: a space, tab, dash, plus or their URL encodings.
+_SEP = r"(?:[ \t+\-\u00a0]|%20|%2[bBdD])"
+_DIGIT_RUN = re.compile(rf"(?<!\d)\d(?:{_SEP}?\d){{11,30}}(?!\d)")
+_SEP_RE = re.compile(_SEP)
+# A cheap test first: most text has no run of 13 digit-or-separator characters.
+_MAYBE_PAN = re.compile(r"\d[\d \t+\-%bBdD\u00a0]{11,}\d")
+# A decimal trace or span id, said to be one by what comes right before it.
+_ID_BEFORE = re.compile(r"(?i)(?:trace|span|parent)[_.\-]?id[\"']?\s*[:=]\s*[\"']?$")
+
+
+def _mask_run(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if _ID_BEFORE.search(match.string, max(0, match.start() - 24), match.start()):
         return text
-    if _MAYBE_PAN.search(text):
-        text = _DIGIT_RUN.sub(_mask_pan, text)
-    lowered = text.lower()
-    if ("cv" in lowered or "security" in lowered) and _CVV_TEXT.search(text):
-        text = _CVV_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
-    if "authorization" in lowered:
-        text = _AUTH_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
+    groups, at = [], 0
+    for sep in _SEP_RE.finditer(text):
+        groups.append((at, sep.start()))
+        at = sep.end()
+    groups.append((at, len(text)))
+    if len(groups) == 1:
+        return REDACTED if is_card_number(text) else text
+    # Grouped: a card number may share the run with a neighbour ("ref 12 4111 1111 1111 1111 cvv 123"),
+    # so every run of whole groups is tried, longest first.
+    n = len(groups)
+    for size in range(n, 0, -1):
+        for first in range(0, n - size + 1):
+            last = first + size - 1
+            digits = "".join(text[a:b] for a, b in groups[first:last + 1])
+            if is_card_number(digits):
+                return text[:groups[first][0]] + REDACTED + text[groups[last][1]:]
     return text
 
 
-# Anything in a raw request that could need masking; a request without any is stored as it came.
-_SUSPECT_DIGITS = re.compile(rb"[0-9][0-9 -]{11,}[0-9]")
-_SUSPECT_WORDS = (b"authorization", b"cookie", b"cvv", b"cvc", b"security", b"password", b"passwd", b"secret",
-                  b"api_key", b"api-key", b"apikey", b"card", b"idempotency")
+# --- other secrets in free text ----------------------------------------------------------------
+
+_CVV_TEXT = re.compile(
+    r"(?i)((?:card[_.\- ]?)?(?:cvv2?|cvc2?|cvn2?|csc|security[_.\- ]?code|card[_.\- ]?verification"
+    r"(?:[_.\- ]?(?:value|code))?)[\"']?\s*[:=]?\s*[\"']?)(\d{3,4})(?!\d)")
+_AUTH_TEXT = re.compile(r"(?i)((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)(?:bearer |basic |digest )?"
+                        r"[^\s\"',;]+")
+_COOKIE_TEXT = re.compile(r"(?i)((?:set-)?cookie[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']+")
+_WORDS = ("cvv", "cvc", "cvn", "csc", "security", "verification", "authorization", "cookie")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with card numbers, CVV values, Authorization and Cookie values masked."""
+    if not text:
+        return text
+    if _MAYBE_PAN.search(text):
+        text = _DIGIT_RUN.sub(_mask_run, text)
+    lowered = text.lower()
+    if any(word in lowered for word in _WORDS):
+        text = _CVV_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
+        text = _AUTH_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
+        text = _COOKIE_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
+    return text
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+_WORD_SPLIT = re.compile(r"[A-Z]?[a-z]+\d*|[A-Z]+\d*(?![a-z])|\d+")
+_SECRET_WORDS = frozenset({
+    "authorization", "cookie", "cookies", "password", "passwd", "pwd", "secret", "cvv", "cvv2", "cvc", "cvc2",
+    "cvn", "cvn2", "csc", "pan", "apikey", "passphrase", "pin"})
+_SECRET_PAIRS = frozenset({
+    ("api", "key"), ("card", "number"), ("card", "num"), ("card", "no"), ("security", "code"),
+    ("card", "verification"), ("set", "cookie"), ("account", "number"), ("private", "key"),
+    ("idempotency", "key")})
+_TOKEN_LAST = frozenset({"token", "jwt", "credential", "credentials"})
+_ID_WORDS = frozenset({"traceid", "spanid", "parentid"})
 _secret_keys: dict[str, bool] = {}
+_id_keys: dict[str, bool] = {}
+
+
+def _words(key: str) -> list[str]:
+    return [w.lower() for w in _WORD_SPLIT.findall(key)]
 
 
 def is_secret_key(key: str) -> bool:
-    """Whether an attribute key names a secret (cached: the same few hundred keys come back all day)."""
+    """Whether an attribute key names a secret, in any spelling (``card_cvv``, ``cardCvv``, ``X-Api-Key``)."""
     known = _secret_keys.get(key)
     if known is None:
-        known = bool(_SECRET_KEY.search(key))
+        words = _words(key)
+        known = (any(w in _SECRET_WORDS for w in words)
+                 or any(pair in _SECRET_PAIRS for pair in zip(words, words[1:], strict=False))
+                 or (bool(words) and words[-1] in _TOKEN_LAST))
         if len(_secret_keys) < 100_000:
             _secret_keys[key] = known
     return known
 
 
-def may_need_redaction(raw: bytes) -> bool:
-    """False when a serialized request holds nothing redaction could act on (one scan of its bytes)."""
-    if _SUSPECT_DIGITS.search(raw) is not None:
-        return True
-    lowered = raw.lower()
-    return any(word in lowered for word in _SUSPECT_WORDS)
+def is_id_key(key: str) -> bool:
+    """Whether a key names a trace or span id (whose decimal form may look like a card number)."""
+    known = _id_keys.get(key)
+    if known is None:
+        words = _words(key)
+        known = len(words) >= 2 and words[-1] == "id" and words[-2] in ("trace", "span", "parent") \
+            or bool(words) and words[-1] in _ID_WORDS
+        if len(_id_keys) < 100_000:
+            _id_keys[key] = known
+    return known
 
 
-def redact_value(key: str, value: Any) -> Any:
-    if is_secret_key(key):
+# --- values at any depth -----------------------------------------------------------------------
+
+_BIG = 10**12  # below this, no integer has the 13 digits of the shortest card number
+
+
+def _number_is_card(value: int | float) -> bool:
+    if isinstance(value, float):
+        if not (value >= _BIG and value.is_integer() and value < 1e19):
+            return False
+        value = int(value)
+    return value >= _BIG and is_card_number(str(value))
+
+
+def redact_any(value: Any, key: str = "") -> Any:
+    """``value`` with every secret masked: strings, numbers, lists and tuples, mappings (keys too)."""
+    if key and is_secret_key(key):
         return REDACTED
     if isinstance(value, str):
         return redact_text(value)
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 10**12:
-        return REDACTED if redact_text(str(value)) == REDACTED else value
-    if isinstance(value, list):
-        return [redact_value(key, v) for v in value]
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)):
+        return REDACTED if not is_id_key(key) and _number_is_card(value) else value
     if isinstance(value, dict):
         return redact_attributes(value)
+    if isinstance(value, (list, tuple)):
+        masked = [redact_any(v, key) for v in value]
+        return tuple(masked) if isinstance(value, tuple) else masked
     return value
 
 
-def redact_attributes(attrs: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``attrs`` that is safe to store (keys kept, secret values masked)."""
-    return {k: redact_value(k, v) for k, v in attrs.items()}
+def redact_value(key: str, value: Any) -> Any:
+    return redact_any(value, key)
+
+
+def redact_attributes(attrs: Any) -> dict[str, Any]:
+    """A copy of ``attrs`` that is safe to store: keys masked where they hold a number, secret values masked."""
+    out: dict[str, Any] = {}
+    for k, v in attrs.items():
+        if is_id_key(k) and isinstance(v, str) and v.isdigit():
+            out[redact_text(k)] = v
+        else:
+            out[redact_text(k)] = redact_any(v, k)
+    return out
+
+
+def may_hold_secret_text(text: str) -> bool:
+    """False when a string surely holds nothing :func:`redact_text` would change."""
+    return bool(_MAYBE_PAN.search(text)) or any(word in text.lower() for word in _WORDS)
+
+
+# Anything in a raw request that could need masking in its strings; a request without any skips the
+# per-string work. Keys, integers and floats are checked by the caller: a number is not text on the wire.
+_SUSPECT_BYTES = re.compile(
+    rb"[0-9][0-9 \t+\-%bBdD]{11,}[0-9]|\xc2\xa0|(?i:cvv|cvc|cvn|csc|security|verification|authorization|cookie)")
+
+
+def may_need_redaction(raw: bytes) -> bool:
+    """False when the strings of a serialized request hold nothing :func:`redact_text` could change."""
+    return _SUSPECT_BYTES.search(raw) is not None

@@ -155,6 +155,11 @@ def import_traces(
                     report.logs += len(batch.logs)
                     report.new_spans += new_spans
             reports.append(report)
+    if not any(r.spans or r.logs for r in reports) and any(r.rejected for r in reports):
+        first = next(p for r in reports for p in r.problems)
+        rejected = sum(r.rejected for r in reports)
+        raise PayscopeError(f"nothing could be imported: {first}"
+                            + (f" (and {rejected - 1} more rejected)" if rejected > 1 else ""))
     if output_format == "json":
         _emit_json({"files": [vars(r) for r in reports]})
         return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -73,22 +74,30 @@ def first(attrs: dict[str, Any], keys: Iterable[str]) -> Any:
     return None
 
 
+_INT32 = 2**31
+
+
 def _int(value: Any) -> int | None:
-    if value is None or type(value) is int:
-        return value
-    try:
-        return int(value)
-    except (TypeError, ValueError):
+    """A small integer attribute (a status, a count), or None when it is not one: the store keeps
+    no number its column cannot hold, so one client's odd value never fails another's batch."""
+    if value is None:
         return None
+    if type(value) is not int:
+        try:
+            value = int(value)
+        except (TypeError, ValueError, OverflowError):
+            return None
+    return value if -_INT32 <= value < _INT32 else None
 
 
 def _float(value: Any) -> float | None:
     if value is None:
         return None
     try:
-        return float(value)
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
+    return number if math.isfinite(number) else None
 
 
 def budget_ms(attrs: dict[str, Any]) -> float | None:
@@ -100,7 +109,7 @@ def budget_ms(attrs: dict[str, Any]) -> float | None:
         if value is None:
             continue
         text = str(value).strip()
-        if text[-1:] in _GRPC_TIMEOUT_UNITS and text[:-1].isdigit():
+        if text[-1:] in _GRPC_TIMEOUT_UNITS and text[:-1].isdigit() and len(text) <= 9:
             return int(text[:-1]) * _GRPC_TIMEOUT_UNITS[text[-1]]
         number = _float(text)
         if number is not None:

@@ -118,10 +118,8 @@ def test_a_truncated_gzip_is_refused_whole(tmp_path: Path, store_path: Path) -> 
                          '"tags":"x"}]}]}', "tags are not a list"),
     ("zipkin-ids.json", '[{"traceId":"abc","id":1}]', "traceId 'abc' is not 16 or 32 hex digits"),
     ("zipkin-id.json", '[{"traceId":"' + "a" * 32 + '","id":1,"timestamp":5}]', "id 1 is not 16 hex digits"),
-    ("zipkin-late.json", '[{"traceId":"' + "a" * 32 + '","id":"' + "b" * 16 + '","timestamp":1},'
-                         '{"traceId":"' + "a" * 32 + '","id":"' + "c" * 16 + '"}]', "span 1: no timestamp"),
 ])
-def test_malformed_jaeger_and_zipkin_are_refused_whole(name: str, text: str, says: str, tmp_path: Path,
+def test_malformed_jaeger_and_zipkin_with_nothing_readable_are_refused(name: str, text: str, says: str, tmp_path: Path,
                                                         store_path: Path) -> None:
     path = tmp_path / name
     path.write_text(text)
@@ -130,6 +128,33 @@ def test_malformed_jaeger_and_zipkin_are_refused_whole(name: str, text: str, say
     assert len(proc.stderr.strip().splitlines()) == 1
     with open_store(str(store_path), readonly=True) as store:
         assert store.counts()["spans"] == 0
+
+
+@pytest.mark.parametrize("fmt", ["jaeger", "zipkin"])
+def test_a_bad_span_is_skipped_and_reported_and_the_rest_stored(fmt: str, tmp_path: Path,
+                                                                 store_path: Path) -> None:
+    good = [{"traceId": "a" * 32, "id": f"{i:016x}", "timestamp": 1_700_000_000_000_000 + i, "duration": 10,
+             "name": "get", "localEndpoint": {"serviceName": "shop"}} for i in range(1, 6)]
+    bad = [{"traceId": "a" * 32, "id": "c" * 16},  # no timestamp
+           {"traceId": "a" * 32, "id": "d" * 16, "timestamp": 2**62, "duration": 1}]  # past the year 2262
+    if fmt == "zipkin":
+        document: object = good[:2] + bad + good[2:]
+    else:
+        def jaeger(z: dict) -> dict:
+            span = {"traceID": z["traceId"], "spanID": z["id"], "operationName": "get", "processID": "p1"}
+            if "timestamp" in z:
+                span |= {"startTime": z["timestamp"], "duration": z.get("duration", 0)}
+            return span
+        document = {"data": [{"traceID": "a" * 32, "processes": {"p1": {"serviceName": "shop"}},
+                              "spans": [jaeger(z) for z in good[:2] + bad + good[2:]]}]}
+    path = tmp_path / f"{fmt}.json"
+    path.write_text(json.dumps(document))
+    proc = payscope("import", "traces", str(path), "--store", str(store_path))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{path}" in proc.stderr and "span 2" in proc.stderr and "span 3" in proc.stderr
+    assert "2262" in proc.stderr and "2 rejected" in proc.stdout
+    with open_store(str(store_path), readonly=True) as store:
+        assert store.counts()["spans"] == 5
 
 
 def test_unknown_file_is_a_clear_error(tmp_path: Path, store_path: Path) -> None:
