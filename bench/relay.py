@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
 from payscope.instrumentation import capture, distro
+from payscope.instrumentation.distro import _masked
 from payscope.instrumentation.relay import Channel, _Rebuilder, span_tuple
 
 SERVER_ATTRIBUTES = {
@@ -147,7 +148,7 @@ def main(argv: list[str]) -> None:
         with tracer.start_as_current_span("POST /payments/{id}", kind=trace.SpanKind.SERVER,
                                           attributes=SERVER_ATTRIBUTES):
             pass
-    frame = marshal.dumps(("S", [span_tuple(s, s.attributes, None) for s in collect.spans]))
+    frame = marshal.dumps(("S", [span_tuple(s, *_masked(s)) for s in collect.spans]))
     rebuild = _Rebuilder()
     resource = rebuild.resource({"service.name": "bench"})
     t0 = time.process_time()

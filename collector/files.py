@@ -1,10 +1,12 @@
-"""Checks on an input file made before anything of it is stored: a gzip that ends early, binary data."""
+"""Checks on input made before anything of it is stored: a gzip that ends early, binary data, text that
+UTF-8 cannot hold."""
 
 from __future__ import annotations
 
 import gzip
 import zlib
 from pathlib import Path
+from typing import Any
 
 from payscope.errors import InputError
 
@@ -37,3 +39,26 @@ def check_text(path: Path) -> None:
         head = stream.read(SNIFF)
     if head and len(head) - len(head.translate(None, _CONTROL)) > BINARY_SHARE * len(head):
         raise InputError(f"{path}: binary data, not a log file; nothing of it was stored")
+
+
+def fix_surrogates(value: Any) -> Any:
+    """``value`` (a JSON document) with lone UTF-16 surrogates (``"\\ud800"``) replaced by U+FFFD and escaped
+    pairs joined, so that every string in it can be stored as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return value
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    if isinstance(value, list):
+        return [fix_surrogates(v) for v in value]
+    if isinstance(value, dict):
+        return {fix_surrogates(k): fix_surrogates(v) for k, v in value.items()}
+    return value
+
+
+def may_hold_surrogates(text: str | bytes) -> bool:
+    """Whether JSON text has a ``\\uD800``-``\\uDFFF`` escape (one scan; false for nearly every document)."""
+    if isinstance(text, bytes):
+        return b"\\ud" in text or b"\\uD" in text
+    return "\\ud" in text or "\\uD" in text

@@ -18,10 +18,12 @@ from payscope.model import LogRecord
 
 from . import logparse
 from .files import check_text
-from .redaction import redact_attributes, redact_text
+from .redaction import redact_log
 
 BATCH = 5000
 SAMPLE_LINES = 50
+MAX_LINE_BYTES = 64 * 1024  # a longer line is reported and skipped, and the rest of the file read
+_MIN_NS, _MAX_NS = -(2**63), 2**63 - 1  # what the store's time column holds: the years 1677 to 2262
 
 
 @dataclass
@@ -92,11 +94,26 @@ def _open(source: str) -> IO[bytes]:
 
 
 def _decoded_lines(stream: IO[bytes], report: FileReport) -> Iterator[tuple[int, str]]:
-    """Numbered text lines; a line that is not UTF-8 is read as Latin-1, a truncated gzip ends the file."""
+    """Numbered text lines; a line that is not UTF-8 is read as Latin-1, a truncated gzip ends the file.
+
+    A line longer than MAX_LINE_BYTES is skipped and reported without being held whole in memory, so
+    that no parser meets it: each runs in time linear in a line no longer than that.
+    """
     lineno = 0
     try:
-        for raw in stream:
+        while True:
+            raw = stream.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                break
             lineno += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                length = len(raw)
+                while raw and not raw.endswith(b"\n"):
+                    raw = stream.readline(1 << 20)
+                    length += len(raw)
+                report.bad(f"{report.source}:{lineno}", f"a line of {length} bytes, longer than the limit of "
+                           f"{MAX_LINE_BYTES}: skipped")
+                continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError:
@@ -143,21 +160,26 @@ def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_o
         for parsed in logparse.records(all_lines(), parser,
                                        lambda n, reason, line: report.bad(f"{source}:{n}", reason)):
             record = _record(parsed, name, source_name, tz, clock_offset_ns)
-            if record is None:
-                report.bad(f"{source}:{parsed.lineno}", "unreadable timestamp")
+            if isinstance(record, str):
+                report.bad(f"{source}:{parsed.lineno}", record)
                 continue
             report.records += 1
+            record.identity()  # fixed now, on the ids the line carried, before linking adds any
             yield record
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
 
 
-def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offset_ns: int) -> LogRecord | None:
+def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offset_ns: int) -> LogRecord | str:
+    """The record of a parsed line, or why there is none."""
     f = parsed.fields
     moment = logparse.parse_time(str(f.get("time") or ""), tz)
     if moment is None:
-        return None
+        return "unreadable timestamp"
+    time_ns = int(moment.timestamp() * 1e9) - offset_ns
+    if not _MIN_NS <= time_ns <= _MAX_NS:
+        return f"timestamp {moment.isoformat()} is outside the years 1677 to 2262"
     message = str(f.get("message") or "")
     if parsed.extra_lines:
         message = "\n".join([message, *parsed.extra_lines])
@@ -171,12 +193,12 @@ def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offs
         request_id = request_id or found_req
     if request_id:
         attrs["request_id"] = str(request_id)
-    return LogRecord(
-        time_ns=int(moment.timestamp() * 1e9) - offset_ns, service=service, message=redact_text(message),
-        severity=str(f.get("level") or ""), host=str(attrs.pop("host", "") or ""),
-        attributes=redact_attributes({k: v for k, v in attrs.items() if v is not None}),
+    return redact_log(LogRecord(
+        time_ns=time_ns, service=service, message=message,
+        severity=str(f.get("level") or "")[:16], host=str(attrs.pop("host", "") or ""),
+        attributes={k: v for k, v in attrs.items() if v is not None},
         source=f"{source}:{parsed.lineno}",
-        trace_id=str(trace_id) if trace_id else None, span_id=str(span_id) if span_id else None)
+        trace_id=str(trace_id) if trace_id else None, span_id=str(span_id) if span_id else None))
 
 
 def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: str = "auto", tz: tzinfo | None = None,

@@ -16,6 +16,8 @@ from typing import Any
 
 from payscope.errors import InputError
 
+from .files import fix_surrogates, may_hold_surrogates
+
 Fields = dict[str, Any]
 
 _LEVELS = {"trace": "TRACE", "debug": "DEBUG", "info": "INFO", "information": "INFO", "notice": "INFO",
@@ -41,10 +43,13 @@ def parse_time(text: str, tz: tzinfo) -> datetime | None:
         return quick if quick.tzinfo else quick.replace(tzinfo=tz)
     except ValueError:
         pass
-    if re.fullmatch(r"\d{10}(?:\.\d+)?", text):
-        return datetime.fromtimestamp(float(text), tz=timezone.utc)
-    if re.fullmatch(r"\d{13}", text):
-        return datetime.fromtimestamp(int(text) / 1000, tz=timezone.utc)
+    try:
+        if re.fullmatch(r"\d{10}(?:\.\d+)?", text):
+            return datetime.fromtimestamp(float(text), tz=timezone.utc)
+        if re.fullmatch(r"\d{13}", text):
+            return datetime.fromtimestamp(int(text) / 1000, tz=timezone.utc)
+    except (OverflowError, OSError, ValueError):
+        return None
     candidate = text.replace(",", ".").replace("Z", "+00:00")
     candidate = re.sub(r"^(\d{4})/(\d\d)/(\d\d)", r"\1-\2-\3", candidate)
     candidate = re.sub(r" ([+-]\d\d):?(\d\d)$", r"\1:\2", candidate)
@@ -92,10 +97,12 @@ def parse_json(line: str) -> Fields | None:
         return None
     try:
         doc = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         return None
     if not isinstance(doc, dict):
         return None
+    if may_hold_surrogates(line):
+        doc = fix_surrogates(doc)
     out: Fields = {"time": _get(doc, _JSON_TIME), "level": level_of(_get(doc, _JSON_LEVEL)),
                    "message": _get(doc, _JSON_MSG), "trace_id": _get(doc, _JSON_TRACE),
                    "span_id": _get(doc, _JSON_SPAN), "request_id": _get(doc, _JSON_REQ)}
@@ -108,7 +115,9 @@ def parse_json(line: str) -> Fields | None:
     return out
 
 
-_LOGFMT_PAIR = re.compile(r'([\w.@-]+)=("(?:[^"\\]|\\.)*"|\S*)')
+# A key starts where a word starts (the look-behind): without it a long run of word characters with no
+# "=" is scanned again from each of its characters, in quadratic time.
+_LOGFMT_PAIR = re.compile(r'(?<![\w.@-])([\w.@-]+)=("(?:[^"\\]|\\.)*"|\S*)')
 
 
 def parse_logfmt(line: str) -> Fields | None:

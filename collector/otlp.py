@@ -18,6 +18,7 @@ from payscope import semconv
 from payscope.errors import InputError
 from payscope.model import SPAN_KINDS, EncodedSpan, LogRecord
 
+from .files import fix_surrogates, may_hold_surrogates
 from .redaction import is_secret_key, may_need_redaction, redact_any, redact_attributes, redact_log, redact_span
 from .store.codec import any_value, attributes, decode_span, encode_span
 
@@ -197,7 +198,9 @@ def parse_json_message(document: Any, message_type: type[Any]) -> Any:
         return json_format.ParseDict(_hex_ids_to_base64(document), message_type(),
                                      ignore_unknown_fields=True)
     except json_format.ParseError as exc:
-        raise InputError(f"not an OTLP JSON request: {exc}") from None
+        raise InputError(f"not an OTLP JSON request: {str(exc)[:300]}") from None
+    except RecursionError:
+        raise InputError("not an OTLP JSON request: nested deeper than OTLP goes") from None
 
 
 def _parse(body: bytes, content_type: str, message_type: type[Any]) -> tuple[Any, bytes | None]:
@@ -207,6 +210,10 @@ def _parse(body: bytes, content_type: str, message_type: type[Any]) -> tuple[Any
             document = json.loads(body)
         except (ValueError, UnicodeDecodeError) as exc:
             raise InputError(f"malformed JSON: {exc}") from None
+        except RecursionError:
+            raise InputError("malformed JSON: nested deeper than the parser goes") from None
+        if may_hold_surrogates(body):
+            document = fix_surrogates(document)
         return parse_json_message(document, message_type), None
     request = message_type()
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +24,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 from . import keys
 from .propagation import request_id
-from .redaction import is_secret_key, redact_text
+from .redaction import redact_any, redact_attributes, redact_text
 
 EXPORT_TIMEOUT_S = 2.0
 QUEUE_SIZE = 4096
@@ -107,51 +106,37 @@ def _notice(message: str) -> None:
         print(f"payscope: {message}", file=sys.stderr, flush=True)
 
 
-# Whatever redact_text could change: a long digit run, a CVV or security code, an Authorization value.
-_LOOK_CLOSER = re.compile(r"\d[\d -]{11,}\d|cv[cv]|security|authorization", re.IGNORECASE)
-
-
-def _clean(attrs: Any) -> dict[str, Any] | None:
-    """Masked attributes, or None when nothing needed masking (one C-level scan of each text value)."""
-    if not attrs:
-        return None
-    out = None
-    look = _LOOK_CLOSER.search
-    for key, value in attrs.items():
-        new = value
-        if is_secret_key(key):
-            new = "[REDACTED]"
-        elif isinstance(value, str):
-            if look(value):
-                new = redact_text(value)
-        elif isinstance(value, tuple) and value and isinstance(value[0], str):  # captured headers
-            if any(look(v) for v in value if isinstance(v, str)):
-                new = tuple(redact_text(v) if isinstance(v, str) else v for v in value)
-        if new is not value and new != value:
-            if out is None:
-                out = dict(attrs)
-            out[key] = new
-    return out
-
-
-def _masked(span: ReadableSpan) -> tuple[Any, str | None]:
-    """A finished span's attributes and status message with secrets masked (the span's own when clean)."""
-    attrs = _clean(span.attributes)
+def _masked(span: ReadableSpan) -> tuple[str, dict[str, Any], list[Any], list[Any], str | None]:
+    """A finished span's name, attributes, events, links and status message, with every secret masked."""
     message = span.status.description
-    return (span.attributes if attrs is None else attrs), (redact_text(message) if message else message)
+    return (redact_text(span.name), redact_attributes(span.attributes or {}),
+            [(redact_text(e.name), e.timestamp, redact_attributes(e.attributes or {})) for e in span.events],
+            [(link.context, redact_attributes(link.attributes or {})) for link in span.links],
+            redact_text(message) if message else message)
 
 
 def _redacted(span: ReadableSpan) -> ReadableSpan:
-    attrs, masked_message = _masked(span)
-    if attrs is span.attributes and masked_message == span.status.description:
-        return span
-    from opentelemetry.trace import Status
+    from opentelemetry.sdk.trace import Event
+    from opentelemetry.trace import Link, Status
 
+    name, attrs, events, links, message = _masked(span)
     return ReadableSpan(
-        name=span.name, context=span.context, parent=span.parent, resource=span.resource,
-        attributes=attrs, events=span.events, links=span.links,
-        kind=span.kind, status=Status(span.status.status_code, masked_message),
+        name=name, context=span.context, parent=span.parent, resource=_masked_resource(span.resource),
+        attributes=attrs, events=[Event(n, a, t) for n, t, a in events], links=[Link(c, a) for c, a in links],
+        kind=span.kind, status=Status(span.status.status_code, message),
         start_time=span.start_time, end_time=span.end_time, instrumentation_scope=span.instrumentation_scope)
+
+
+_resources: dict[int, Resource] = {}
+
+
+def _masked_resource(resource: Resource) -> Resource:
+    """The resource with its attributes masked (once per resource: there are one or two)."""
+    masked = _resources.get(id(resource))
+    if masked is None:
+        masked = _resources[id(resource)] = Resource(redact_attributes(dict(resource.attributes)),
+                                                     resource.schema_url)
+    return masked
 
 
 class BusinessKeyProcessor(SpanProcessor):
@@ -305,11 +290,9 @@ class MaskingLogProcessor(_LogProcessor):
     def on_emit(self, log_record: Any) -> None:
         try:
             record = log_record.log_record
-            if isinstance(record.body, str):
-                record.body = redact_text(record.body)
-            masked = _clean(record.attributes)
-            if masked:
-                for key, value in masked.items():
+            record.body = redact_any(record.body)
+            if record.attributes:
+                for key, value in redact_attributes(record.attributes).items():
                     record.attributes[key] = value
         except Exception:
             pass
@@ -349,7 +332,7 @@ class PayscopeConfigurator(_BaseConfigurator):  # type: ignore[misc]
         if relay_path and os.path.exists(relay_path):
             from .relay import Channel
 
-            channel = Channel(relay_path, dict(resource.attributes), _notice)
+            channel = Channel(relay_path, redact_attributes(dict(resource.attributes)), _notice)
             provider.add_span_processor(RelaySpanProcessor(channel))
         else:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter

@@ -153,17 +153,18 @@ def _writable(item: Any) -> bool:
     return True
 
 
-def span_tuple(span: Any, attributes: Any, description: str | None) -> tuple[Any, ...]:
-    """A finished SDK span as plain values (attributes already masked by the caller)."""
+def span_tuple(span: Any, name: str, attributes: Any, events: Any, links: Any,
+               description: str | None) -> tuple[Any, ...]:
+    """A finished SDK span as plain values (name, attributes, events and links already masked by the caller)."""
     ctx = span.context
     parent = span.parent
     scope = span.instrumentation_scope
     return (
-        span.name, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
+        name, ctx.trace_id, ctx.span_id, int(ctx.trace_flags),
         parent.span_id if parent is not None else 0, bool(parent.is_remote) if parent is not None else False,
         span.kind.value, span.start_time, span.end_time, dict(attributes or {}),
-        [(e.name, e.timestamp, dict(e.attributes or {})) for e in span.events],
-        [(link.context.trace_id, link.context.span_id, dict(link.attributes or {})) for link in span.links],
+        [(n, t, dict(a)) for n, t, a in events],
+        [(c.trace_id, c.span_id, dict(a)) for c, a in links],
         span.status.status_code.value, description,
         scope.name if scope else "", scope.version if scope else None,
     )

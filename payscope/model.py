@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,17 @@ class LogRecord:
     span_id: str | None = None
     link_method: str = "none"
     link_confidence: float = 0.0
+    uid: str = ""  # set when the record is read, before linking changes its trace id (see log_identity)
+
+    def identity(self) -> str:
+        """What makes this record one record: the same line ingested twice is one, and two that differ in
+        time, service, host, source, the trace and span ids they carried, or text, are two."""
+        if not self.uid:
+            digest = hashlib.blake2b("\x1f".join((self.message, self.host, self.trace_id or "",
+                                                  self.span_id or "")).encode("utf-8", "replace"),
+                                     digest_size=12).hexdigest()
+            self.uid = f"{self.time_ns}|{self.service}|{self.source}|{digest}"
+        return self.uid
 
 
 @dataclass(slots=True)

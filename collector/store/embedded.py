@@ -7,7 +7,6 @@ processes read while the collector writes without ever seeing half a batch, and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -124,12 +123,6 @@ def _log_from_row(row: tuple[Any, ...]) -> tuple[int, LogRecord]:
                              message=row[5], attributes=json.loads(row[6]), source=row[7],
                              trace_id=row[8], span_id=row[9], link_method=row[10],
                              link_confidence=row[11])
-
-
-def log_uid(record: LogRecord) -> str:
-    """The identity of a log record: the same line ingested twice is one record."""
-    digest = hashlib.blake2b(record.message.encode("utf-8", "replace"), digest_size=8).hexdigest()
-    return f"{record.time_ns}|{record.service}|{record.source}|{digest}"
 
 
 class EmbeddedStore(Store):
@@ -275,7 +268,7 @@ class EmbeddedStore(Store):
         conn.executemany(
             "INSERT OR IGNORE INTO logs(uid, time_ns, service, host, severity, message, attributes, "
             "source, trace_id, span_id, link_method, link_confidence) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-            [(log_uid(r), r.time_ns, r.service, r.host, r.severity, r.message, _dumps(r.attributes),
+            [(r.identity(), r.time_ns, r.service, r.host, r.severity, r.message, _dumps(r.attributes),
               r.source, r.trace_id, r.span_id, r.link_method, r.link_confidence) for r in logs])
         return conn.total_changes - before
 
