@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,6 +224,30 @@ def _parse(body: bytes, content_type: str, message_type: type[Any]) -> tuple[Any
     return request, body
 
 
+def count_items(request: Any) -> int:
+    """How many spans or log records a parsed request holds (no decoding: lengths of repeated fields)."""
+    if isinstance(request, ExportTraceServiceRequest):
+        return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+    return sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
+
+
+class Signal:
+    """One OTLP signal: its request type and what turns a parsed request into payscope's records."""
+
+    def __init__(self, name: str, message_type: type[Any], convert: Callable[[Any, bytes | None], Decoded]) -> None:
+        self.name = name
+        self.message_type = message_type
+        self.convert = convert
+
+    def parse(self, body: bytes, content_type: str) -> tuple[Any, bytes | None]:
+        """The request message of a body, and its protobuf bytes when that is what came; InputError if unreadable."""
+        return _parse(body, content_type, self.message_type)
+
+
+TRACES = Signal("traces", ExportTraceServiceRequest, spans_from_request)
+LOGS = Signal("logs", ExportLogsServiceRequest, lambda request, raw: logs_from_request(request))
+
+
 def decode_traces(body: bytes, content_type: str) -> Decoded:
     """Decode an OTLP/HTTP traces body; raises InputError when it cannot be read at all."""
     return spans_from_request(*_parse(body, content_type, ExportTraceServiceRequest))
@@ -233,5 +258,5 @@ def decode_logs(body: bytes, content_type: str) -> Decoded:
     return logs_from_request(_parse(body, content_type, ExportLogsServiceRequest)[0])
 
 
-__all__ = ["Decoded", "decode_logs", "decode_traces", "logs_from_request",
-           "parse_json_message", "spans_from_request"]
+__all__ = ["LOGS", "TRACES", "Decoded", "Signal", "count_items", "decode_logs", "decode_traces",
+           "logs_from_request", "parse_json_message", "spans_from_request"]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import hmac
 import json
+import ssl
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Callable
 from concurrent import futures
@@ -18,12 +22,21 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from payscope.errors import InputError
 
-from .otlp import Decoded, decode_logs, decode_traces, logs_from_request, spans_from_request
-from .writer import BatchWriter, OverloadedError
+from .otlp import LOGS, TRACES, Decoded, Signal, count_items
+from .writer import BatchWriter, OverloadedError, RejectedError
 
+# What one request may hold, and what all of them together may hold in memory at once. With these, the
+# collector's memory stays under MEMORY_BOUND_BYTES whatever the number of clients (docs/reliability.md).
 MAX_BODY_BYTES = 32 * 1024 * 1024       # compressed or not, what we accept on the wire
-MAX_INFLATED_BYTES = 128 * 1024 * 1024  # what a gzip body may grow to
+MAX_INFLATED_BYTES = 64 * 1024 * 1024   # what a gzip body may grow to
+MAX_ITEMS_PER_REQUEST = 100_000         # spans or log records in one request (the SDKs send 512)
+BODIES_IN_MEMORY_BYTES = 256 * 1024 * 1024  # request bodies read and not yet decoded, all clients together
+DECODE_SLOTS = 2                        # requests decoded at once (one per core)
+MEMORY_BOUND_BYTES = 1536 * 1024 * 1024
 ACK_TIMEOUT_S = 60.0
+READ_TIMEOUT_S = 15.0   # a client silent this long, mid-request or between requests, is dropped
+MAX_CONNECTIONS = 2048  # open at once; a connection past this is closed at once, so others still get in
+LISTEN_BACKLOG = 1024
 
 
 class BodyError(Exception):
@@ -71,14 +84,68 @@ def _inflate(body: bytes, encoding: str) -> bytes:
         out += inflater.flush()
     except zlib.error as exc:
         raise BodyError(HTTPStatus.BAD_REQUEST, f"body is not valid {encoding}: {exc}") from None
+    if not inflater.eof:  # cut short, perhaps at a flush point where what came before still inflates
+        raise BodyError(HTTPStatus.BAD_REQUEST, f"{encoding} body is truncated: it ends before its end marker")
     return out
 
 
-class Receiver:
-    """What both receivers share: decode, queue for the writer, wait until durable."""
+class Budget:
+    """Bytes that requests may hold in memory together; a request that does not fit is turned away."""
 
-    def __init__(self, writer: BatchWriter) -> None:
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> bool:
+        with self._lock:
+            if self.used + n > self.limit:
+                return False
+            self.used += n
+            return True
+
+    def give(self, n: int) -> None:
+        with self._lock:
+            self.used -= n
+
+
+class Receiver:
+    """What both receivers share: decode (a few at a time, after checking there is room), queue for the
+    writer, wait until durable."""
+
+    def __init__(self, writer: BatchWriter, token: str | None = None) -> None:
         self.writer = writer
+        self.token = token
+        self.bodies = Budget(BODIES_IN_MEMORY_BYTES)
+        self._decoding = threading.BoundedSemaphore(DECODE_SLOTS)
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an Authorization header carries the bearer token (compared in constant time)."""
+        if self.token is None:
+            return True
+        scheme, _, given = (header or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
+
+    def decode(self, signal: Signal, body: bytes, content_type: str) -> Decoded:
+        """A request body decoded, once there is room for what it holds in the write queue.
+
+        InputError when it cannot be read or holds too much, OverloadedError when the queue is full. At
+        most DECODE_SLOTS requests are parsed and decoded at once, whatever the number of clients.
+        """
+        self.writer.check_room(1)
+        with self._decoding:
+            try:
+                request, raw = signal.parse(body, content_type)
+            except InputError:
+                raise
+            except Exception as exc:  # whatever else the parsers raise on hostile input is the input's fault
+                raise InputError(f"unreadable request ({type(exc).__name__})") from None
+            items = count_items(request)
+            if items > MAX_ITEMS_PER_REQUEST:
+                raise InputError(f"{items} spans or log records in one request, more than "
+                                 f"{MAX_ITEMS_PER_REQUEST}: send smaller batches")
+            self.writer.check_room(items)
+            return signal.convert(request, raw)
 
     def accept(self, decoded: Decoded) -> None:
         if decoded.spans or decoded.logs:
@@ -100,12 +167,13 @@ def _response_message(signal: str, decoded: Decoded) -> Any:
 
 
 def make_http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
-    decoders: dict[str, Callable[[bytes, str], Decoded]] = {
-        "/v1/traces": decode_traces, "/v1/logs": decode_logs}
+    signals: dict[str, Signal] = {"/v1/traces": TRACES, "/v1/logs": LOGS}
 
     class OTLPHandler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
         server_version = "payscope-collector"
+        disable_nagle_algorithm = True  # a response in small writes must not wait for the client's delayed ACK
+        timeout = READ_TIMEOUT_S
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
             pass  # one line per request would drown the collector's own output
@@ -123,14 +191,15 @@ def make_http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
         def _error(self, status: int, reason: str, as_json: bool,
                    headers: dict[str, str] | None = None) -> None:
             # The OTLP spec answers errors with a google.rpc.Status.
+            code = 3 if status < 500 else 14
             if as_json:
-                body = json.dumps({"code": 3 if status == 400 else 14, "message": reason}).encode()
-                self._reply(status, body, "application/json", headers)
+                self._reply(status, json.dumps({"code": code, "message": reason}).encode(), "application/json",
+                            headers)
             else:
                 from google.rpc.status_pb2 import Status  # type: ignore[import-untyped]
 
-                msg = Status(code=3 if status == 400 else 14, message=reason)
-                self._reply(status, msg.SerializeToString(), "application/x-protobuf", headers)
+                self._reply(status, Status(code=code, message=reason).SerializeToString(),
+                            "application/x-protobuf", headers)
 
         def do_GET(self) -> None:  # noqa: N802
             if self.path in ("/", "/health", "/healthz"):
@@ -141,14 +210,28 @@ def make_http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
             as_json = content_type == "application/json"
-            decoder = decoders.get(self.path.split("?")[0])
+            if not receiver.authorized(self.headers.get("Authorization")):
+                self.close_connection = True
+                self._error(401, "missing or wrong bearer token", as_json, {"WWW-Authenticate": "Bearer"})
+                return
+            signal = signals.get(self.path.split("?")[0])
             try:
-                body = self._body()
+                body, held = self._body()
             except BodyError as exc:
                 self.close_connection = True
-                self._error(exc.status, str(exc), as_json)
+                self._error(exc.status, str(exc), as_json,
+                            {"Retry-After": "1"} if exc.status == HTTPStatus.SERVICE_UNAVAILABLE else None)
                 return
-            if decoder is None:
+            except OSError:  # the client stalled past the read timeout, or hung up mid-body
+                self.close_connection = True
+                return
+            try:
+                self._handle(signal, body, content_type, as_json)
+            finally:
+                receiver.bodies.give(held)
+
+        def _handle(self, signal: Signal | None, body: bytes, content_type: str, as_json: bool) -> None:
+            if signal is None:
                 self._error(404, f"unknown path {self.path}: use /v1/traces or /v1/logs", as_json)
                 return
             if content_type not in ("application/x-protobuf", "application/protobuf", "application/json"):
@@ -157,31 +240,40 @@ def make_http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 return
             try:
                 body = _inflate(body, (self.headers.get("Content-Encoding") or "").strip().lower())
-                decoded = decoder(body, content_type)
+                decoded = receiver.decode(signal, body, content_type)
+                receiver.accept(decoded)
             except BodyError as exc:
                 self._error(exc.status, str(exc), as_json)
                 return
             except InputError as exc:
                 self._error(400, str(exc), as_json)
                 return
-            try:
-                receiver.accept(decoded)
             except OverloadedError as exc:
                 self._error(503, f"collector overloaded: {exc}", as_json,
                             {"Retry-After": str(OverloadedError.retry_after)})
                 return
-            except Exception as exc:  # the store failed: nothing was acknowledged
-                self._error(503, f"could not store the batch: {exc}", as_json, {"Retry-After": "5"})
+            except RejectedError as exc:
+                self._error(400, str(exc), as_json)
                 return
-            response = _response_message("traces" if self.path.startswith("/v1/traces") else "logs", decoded)
+            except Exception as exc:  # the store failed: nothing was acknowledged
+                self._error(503, f"could not store the batch ({type(exc).__name__})", as_json, {"Retry-After": "5"})
+                return
+            response = _response_message(signal.name, decoded)
             if as_json:
                 self._reply(200, json_format.MessageToJson(response, indent=None).encode(), "application/json")
             else:
                 self._reply(200, response.SerializeToString(), "application/x-protobuf")
 
-        def _body(self) -> bytes:
+        def _body(self) -> tuple[bytes, int]:
+            """The body, and the bytes of the memory budget it holds (given back by the caller)."""
             if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                return _read_chunked(self.rfile, MAX_BODY_BYTES)
+                if not receiver.bodies.take(MAX_BODY_BYTES):
+                    raise _busy()
+                try:
+                    return _read_chunked(self.rfile, MAX_BODY_BYTES), MAX_BODY_BYTES
+                except BaseException:
+                    receiver.bodies.give(MAX_BODY_BYTES)
+                    raise
             length_text = self.headers.get("Content-Length")
             if length_text is None:
                 raise BodyError(HTTPStatus.LENGTH_REQUIRED, "request has neither Content-Length nor a chunked body")
@@ -189,24 +281,79 @@ def make_http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 length = int(length_text)
             except ValueError:
                 raise BodyError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length_text!r}") from None
+            if length < 0:
+                raise BodyError(HTTPStatus.BAD_REQUEST, f"bad Content-Length {length_text!r}")
             if length > MAX_BODY_BYTES:
                 raise BodyError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                 f"body of {length} bytes is larger than the limit of {MAX_BODY_BYTES}")
-            body = self.rfile.read(length)
-            if len(body) != length:
-                raise BodyError(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
-            return body
+            if not receiver.bodies.take(length):
+                raise _busy()
+            try:
+                body = self.rfile.read(length)
+                if len(body) != length:
+                    raise BodyError(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+            except BaseException:
+                receiver.bodies.give(length)
+                raise
+            return body, length
 
     return OTLPHandler
+
+
+def _busy() -> BodyError:
+    return BodyError(HTTPStatus.SERVICE_UNAVAILABLE, "collector busy: too many request bodies in memory; retry")
+
+
+class _Server(ThreadingHTTPServer):
+    """A thread a connection, a bounded number of them, a real listen backlog, and no tracebacks."""
+
+    allow_reuse_address = True
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
+                 tls: ssl.SSLContext | None = None) -> None:
+        self._open = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._tls = tls
+        super().__init__(address, handler)
+
+    def get_request(self) -> tuple[Any, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                time.sleep(0.05)  # out of file descriptors: wait for some to close instead of spinning
+            raise
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._open.acquire(blocking=False):
+            self.shutdown_request(request)  # full: refused at once, where waiting would lock everyone out
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            if self._tls is not None:
+                request.settimeout(READ_TIMEOUT_S)
+                request = self._tls.wrap_socket(request, server_side=True)
+            super().process_request_thread(request, client_address)
+        except (OSError, ssl.SSLError):
+            self.shutdown_request(request)
+        finally:
+            self._open.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        kind = sys.exc_info()[0]
+        if kind is not None and not issubclass(kind, (ConnectionError, TimeoutError)):
+            # one line and no traceback: a traceback could quote what a client sent
+            print(f"payscope collect: a request failed ({kind.__name__})", file=sys.stderr, flush=True)
 
 
 class HTTPReceiver:
     """OTLP/HTTP on a host and port; ``port`` is the bound one (useful with port 0)."""
 
-    def __init__(self, receiver: Receiver, host: str, port: int) -> None:
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer((host, port), make_http_handler(receiver))
-        self.server.daemon_threads = True
+    def __init__(self, receiver: Receiver, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
+        self.server = _Server((host, port), make_http_handler(receiver), tls)
         self.host, self.port = self.server.server_address[:2]
         self._thread = threading.Thread(target=self.server.serve_forever, name="payscope-http", daemon=True)
 
@@ -219,38 +366,49 @@ class HTTPReceiver:
 
 
 class GRPCReceiver:
-    """OTLP/gRPC (traces and logs services) on a host and port."""
+    """OTLP/gRPC (traces and logs services) on a host and port.
 
-    def __init__(self, receiver: Receiver, host: str, port: int) -> None:
+    Requests arrive as bytes and are parsed here, as over HTTP: a malformed one is INVALID_ARGUMENT, never
+    INTERNAL, and clients retry only UNAVAILABLE (overload, a store that failed).
+    """
+
+    def __init__(self, receiver: Receiver, host: str, port: int,
+                 tls: tuple[bytes, bytes] | None = None) -> None:
         import grpc
-        from opentelemetry.proto.collector.logs.v1 import logs_service_pb2_grpc
-        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
 
-        def export(decode: Callable[[Any], Decoded], signal: str) -> Callable[[Any, Any], Any]:
-            def handler(request: Any, context: Any) -> Any:
-                decoded = decode(request)
+        def export(signal: Signal) -> Callable[[bytes, Any], Any]:
+            def handler(body: bytes, context: Any) -> Any:
+                if not receiver.authorized(dict(context.invocation_metadata()).get("authorization")):
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token")
                 try:
+                    decoded = receiver.decode(signal, body, "application/x-protobuf")
                     receiver.accept(decoded)
+                except (InputError, RejectedError) as exc:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
                 except OverloadedError as exc:
                     context.set_trailing_metadata((("retry-after", "1"),))
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"collector overloaded: {exc}")
                 except Exception as exc:
-                    context.abort(grpc.StatusCode.UNAVAILABLE, f"could not store the batch: {exc}")
-                return _response_message(signal, decoded)
+                    context.abort(grpc.StatusCode.UNAVAILABLE, f"could not store the batch ({type(exc).__name__})")
+                return _response_message(signal.name, decoded)
             return handler
 
-        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
-            Export = staticmethod(export(spans_from_request, "traces"))
-
-        class LogsService(logs_service_pb2_grpc.LogsServiceServicer):
-            Export = staticmethod(export(logs_from_request, "logs"))
+        def service(name: str, signal: Signal) -> Any:
+            return grpc.method_handlers_generic_handler(name, {"Export": grpc.unary_unary_rpc_method_handler(
+                export(signal), request_deserializer=None,
+                response_serializer=lambda message: message.SerializeToString())})
 
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8),
                                   options=[("grpc.max_receive_message_length", MAX_BODY_BYTES)])
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self.server)
-        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(LogsService(), self.server)
+        self.server.add_generic_rpc_handlers((
+            service("opentelemetry.proto.collector.trace.v1.TraceService", TRACES),
+            service("opentelemetry.proto.collector.logs.v1.LogsService", LOGS)))
         self.host = host
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        if tls is not None:
+            credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            self.port = self.server.add_secure_port(f"{host}:{port}", credentials)
+        else:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:
             raise OSError(f"cannot listen for OTLP/gRPC on {host}:{port}")
 

@@ -108,13 +108,25 @@ def collect(
     store: StoreOption = None,
     http: Annotated[str, typer.Option(help="OTLP/HTTP listen address; 'off' to disable.")] = "127.0.0.1:4318",
     grpc: Annotated[str, typer.Option(help="OTLP/gRPC listen address; 'off' to disable.")] = "127.0.0.1:4317",
+    token_file: Annotated[Optional[Path], typer.Option(
+        help="A file holding the bearer token clients must send (Authorization: Bearer ...); required to "
+             "listen on any address but this machine's.")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help="TLS certificate (PEM), with --tls-key.")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM), with --tls-cert.")] = None,
 ) -> None:
     """Receive OTLP spans and logs (HTTP and gRPC) and store them until stopped (Ctrl-C)."""
-    from payscope.collector.service import run_collector
+    from payscope.collector.service import Access, read_token, run_collector
     from payscope.collector.store import open_store
 
+    access = Access(read_token(token_file) if token_file else None, tls_cert, tls_key)
+    http_at, grpc_at = None if http == "off" else http, None if grpc == "off" else grpc
+    from payscope.collector.service import parse_listen
+
+    for option, value in (("--http", http_at), ("--grpc", grpc_at)):  # refused before the store is made
+        if value:
+            access.check(parse_listen(value, option)[0], option)
     with open_store(store) as opened:
-        run_collector(opened, None if http == "off" else http, None if grpc == "off" else grpc)
+        run_collector(opened, http_at, grpc_at, access)
 
 
 # --- import ----------------------------------------------------------------------

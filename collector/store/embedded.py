@@ -8,6 +8,7 @@ processes read while the collector writes without ever seeing half a batch, and
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 from collections.abc import Iterable, Iterator
@@ -138,6 +139,12 @@ class EmbeddedStore(Store):
         if readonly and not self.path.exists():
             raise StoreError(f"no payscope store at {self.path} (run `payscope collect` or "
                              "`payscope import traces` first, or pass --store)")
+        if not readonly and not self.path.exists():
+            # payment data: readable by its owner only (SQLite gives the -wal and -shm files the same mode)
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            except OSError as exc:
+                raise StoreError(f"cannot create store {self.path}: {exc.strerror}") from None
         try:
             conn = self._conn()
             if not readonly:
@@ -185,13 +192,14 @@ class EmbeddedStore(Store):
         self._local = threading.local()
 
     # --- writing -------------------------------------------------------------
-    def _resource_id(self, conn: sqlite3.Connection, resource: dict[str, Any]) -> int:
+    def _resource_id(self, conn: sqlite3.Connection, resource: dict[str, Any], staged: dict[str, int]) -> int:
+        """The row id of a resource; one first stored in this transaction is staged, and cached only once
+        the transaction commits (a rollback must leave no id pointing at a row that is not there)."""
         body = _dumps(resource)
-        rid = self._resource_ids.get(body)
+        rid = self._resource_ids.get(body) or staged.get(body)
         if rid is None:
             conn.execute("INSERT OR IGNORE INTO resources(body) VALUES(?)", (body,))
-            rid = conn.execute("SELECT id FROM resources WHERE body=?", (body,)).fetchone()[0]
-            self._resource_ids[body] = rid
+            rid = staged[body] = conn.execute("SELECT id FROM resources WHERE body=?", (body,)).fetchone()[0]
         return rid
 
     def write(self, spans: Iterable[Span | EncodedSpan] = (),
@@ -202,17 +210,19 @@ class EmbeddedStore(Store):
         logs = list(logs)
         with self._write_lock:
             conn = self._conn()
+            staged: dict[str, int] = {}
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                new_spans = self._write_spans(conn, encoded) if encoded else 0
+                new_spans = self._write_spans(conn, encoded, staged) if encoded else 0
                 new_logs = self._write_logs(conn, logs) if logs else 0
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
+            self._resource_ids.update(staged)
         return new_spans, new_logs
 
-    def _write_spans(self, conn: sqlite3.Connection, spans: list[EncodedSpan]) -> int:
+    def _write_spans(self, conn: sqlite3.Connection, spans: list[EncodedSpan], staged: dict[str, int]) -> int:
         resource_cache: dict[int, int] = {}
         trace_ids = list({e.row.trace_id for e in spans})
         rows = []
@@ -221,7 +231,7 @@ class EmbeddedStore(Store):
             rkey = id(e.resource)
             rid = resource_cache.get(rkey)
             if rid is None:
-                rid = resource_cache[rkey] = self._resource_id(conn, e.resource)
+                rid = resource_cache[rkey] = self._resource_id(conn, e.resource, staged)
             r = e.row
             rows.append((r.trace_id, r.span_id, r.parent_id, r.service, r.name, r.kind, r.start_ns, r.end_ns,
                          r.status_code, r.status_message, r.error_class, r.operation, r.peer, r.method,

@@ -1,0 +1,198 @@
+"""No card number, CVV or cookie reaches the store or any command's output, however it is written or
+wherever it sits; ordinary numbers come back unchanged.
+
+A corpus of generated card numbers (Visa, Mastercard, Amex and Discover prefixes and lengths, Luhn-valid,
+whole or grouped by a space, dash, %20 or +, as strings, integers and floats) goes into span names,
+event names, attribute keys and values (in arrays too), URLs, exception messages and stack traces,
+status messages, resource attributes, log bodies and log attributes. It is sent three ways: from a
+plain OpenTelemetry SDK to `payscope collect`, through `payscope run` (the exact bytes that leave it are
+checked), and through `payscope ingest logs`.
+"""
+
+from __future__ import annotations
+
+import gzip
+import http.server
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf.internal.encoder import _VarintBytes  # type: ignore[attr-defined]
+
+from payscope.collector.store import open_store
+from tests.cards import card_numbers, ordinary_numbers, spelled, written_forms
+from tests.helpers import CollectorProcess, free_port, payscope
+
+EMITTER = Path(__file__).parent / "services" / "card_emitter.py"
+PANS_PER_SPAN = 12
+SPANS = 200           # 2,400 card numbers
+ORDINARY_PER_SPAN = 50  # 10,000 ordinary numbers
+CVV_MARKERS = [b"CVV 417", b"cvc2=999", b"SECRETCOOKIE", b"\"417\""]
+
+
+def _corpus(seed: int) -> tuple[dict[str, Any], list[str], list[list[int | str]]]:
+    rng = random.Random(seed)
+    pans = card_numbers(SPANS * PANS_PER_SPAN + 3, rng)
+    ordinary = ordinary_numbers(SPANS * ORDINARY_PER_SPAN, rng)
+    spans, kept = [], []
+    for i in range(SPANS):
+        p = pans[i * PANS_PER_SPAN:(i + 1) * PANS_PER_SPAN]
+        numbers = ordinary[i * ORDINARY_PER_SPAN:(i + 1) * ORDINARY_PER_SPAN]
+        kept.append(numbers)
+        as_float = float(p[3]) if len(p[3]) <= 16 else int(p[3])
+        attributes: dict[str, Any] = {
+            "payment.card": spelled(p[1], rng), "payment.card_int": int(p[2]), "payment.card_float": as_float,
+            "payment.cards": [int(p[4]), int(p[5])], f"seen.{p[6]}": "yes",
+            "url.full": f"https://psp.test/pay?pan={p[7][:4]}%20{p[7][4:8]}%20{p[7][8:]}&order=ord-{i}",
+            "card_cvv": "417", "cardCvv": 4171, "payment.note": "CVV 417, cvc2=999, Cookie: sid=SECRETCOOKIE; x=1",
+            "dd.trace_id": str(rng.randrange(2**63, 2**64)), "order.id": f"ord-{i}",
+            **{f"n.{j}": value for j, value in enumerate(numbers)}}
+        spans.append({
+            "name": f"charge {spelled(p[0], rng)}", "attributes": attributes,
+            "event": f"tokenize {spelled(p[8], rng)}", "event_attributes": {"card": int(p[9])},
+            "exception": f"card {spelled(p[10], rng)} declined", "status": f"declined: {p[11]}",
+            "log": f"charging card {spelled(p[1], rng)} for ord-{i}, trace_id={attributes['dd.trace_id']}, "
+                   f"amounts {' '.join(str(n) for n in numbers[:6])}",
+            "log_attributes": {"payment.card_int": int(p[2]), "card_cvv": "417"}})
+    resource = {"service.name": "cards", "host.name": spelled(pans[-1], rng), "deployment.card": int(pans[-2])}
+    return {"spans": spans, "resource": resource}, pans, kept
+
+
+def _leaks(blob: bytes, pans: list[str]) -> list[str]:
+    """The card numbers (any spelling, or as a protobuf varint) and CVV markers found in ``blob``."""
+    found = [pan for pan in pans if any(form in blob for form in written_forms(pan))
+             or _VarintBytes(int(pan)) in blob]
+    return found + [marker.decode() for marker in CVV_MARKERS if marker in blob]
+
+
+def _store_bytes(store_path: Path) -> bytes:
+    parts = [store_path.read_bytes()]
+    for suffix in ("-wal", "-shm"):
+        side = Path(f"{store_path}{suffix}")
+        if side.exists():
+            parts.append(side.read_bytes())
+    return b"".join(parts)
+
+
+def _outputs(store_path: Path, trace_ids: list[str]) -> bytes:
+    """What the commands print about those traces and their logs, as a user would see it."""
+    out = []
+    for args in (["failures", "--limit", "0"], ["failures", "--format", "json", "--limit", "0"],
+                 ["logs", "--limit", "0"], ["logs", "--format", "json", "--limit", "0"],
+                 *(["show", tid] for tid in trace_ids[:3]),
+                 *(["show", tid, "--format", "json"] for tid in trace_ids[:3])):
+        proc = payscope(*args, "--store", str(store_path), env={"COLUMNS": "400"})
+        assert proc.returncode == 0, (args, proc.stderr)
+        out.append(proc.stdout + proc.stderr)
+    return "".join(out).encode()
+
+
+def _check_ordinary(store_path: Path, kept: list[list[int | str]]) -> None:
+    with open_store(str(store_path), readonly=True) as store:
+        seen = 0
+        for summary in store.traces(limit=None):
+            for span in store.trace(summary.trace_id):
+                if "order.id" not in span.attributes:
+                    continue
+                i = int(span.attributes["order.id"].removeprefix("ord-"))
+                assert [span.attributes[f"n.{j}"] for j in range(ORDINARY_PER_SPAN)] == kept[i]
+                assert span.attributes["dd.trace_id"].isdigit()  # a decimal trace id, kept
+                assert span.attributes["cardCvv"] == span.attributes["card_cvv"] == "[REDACTED]"
+                seen += 1
+        assert seen == SPANS
+
+
+def test_a_plain_sdk_sends_card_numbers_and_none_is_stored_or_shown(tmp_path: Path, collector: CollectorProcess,
+                                                                     store_path: Path) -> None:
+    corpus, pans, kept = _corpus(1)
+    (tmp_path / "corpus.json").write_text(json.dumps(corpus))
+    done = subprocess.run([sys.executable, str(EMITTER), str(tmp_path / "corpus.json")], cwd=tmp_path,
+                          env=dict(os.environ, EMIT_COLLECTOR=collector.http_url), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    with open_store(str(store_path), readonly=True) as store:
+        assert store.counts()["spans"] == SPANS and store.counts()["logs"] == SPANS
+        trace_ids = [t.trace_id for t in store.traces(limit=None)]
+    assert _leaks(_store_bytes(store_path), pans) == []
+    assert _leaks(_outputs(store_path, trace_ids), pans) == []
+    _check_ordinary(store_path, kept)
+
+
+class _Capture(http.server.BaseHTTPRequestHandler):
+    """A plain HTTP server standing in for the collector, keeping the exact bytes it is sent."""
+
+    bodies: list[bytes] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        _Capture.bodies.append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture()
+def capture() -> Iterator[str]:
+    _Capture.bodies = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Capture)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_payscope_run_lets_no_card_number_leave_the_program(tmp_path: Path, capture: str) -> None:
+    corpus, pans, _ = _corpus(2)
+    (tmp_path / "corpus.json").write_text(json.dumps(corpus))
+    resource = ",".join(f"{k}={v}" for k, v in corpus["resource"].items() if k != "service.name")
+    done = subprocess.run([sys.executable, "-m", "payscope", "run", "--service", "cards", "--collector", capture,
+                           "--", sys.executable, str(EMITTER), str(tmp_path / "corpus.json")],
+                          cwd=tmp_path, env=dict(os.environ, OTEL_RESOURCE_ATTRIBUTES=resource),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "emitted 200" in done.stdout, done.stderr
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(b.count(b"charge ") for b in _Capture.bodies) < SPANS:
+        time.sleep(0.2)
+    sent = b"".join(_Capture.bodies)
+    assert sent.count(b"charging card") >= SPANS and sent.count(b"tokenize ") >= SPANS  # all of it was sent
+    assert _leaks(sent, pans) == [] and b"declined" in sent
+
+
+def test_ingested_log_files_keep_no_card_number(tmp_path: Path, store_path: Path) -> None:
+    rng = random.Random(3)
+    pans = card_numbers(3000, rng)
+    json_lines, text_lines = [], []
+    for i in range(0, 2000, 4):
+        json_lines.append(json.dumps({
+            "time": f"2026-11-25T10:{i // 60 % 60:02d}:{i % 60:02d}Z", "level": "error",
+            "message": f"charge {spelled(pans[i], rng)} failed", "host": spelled(pans[i + 1], rng),
+            "card": int(pans[i + 2]), "card_float": float(pans[i + 3]) if len(pans[i + 3]) <= 16 else pans[i + 3],
+            "card_cvv": "417", "note": "Cookie: sid=SECRETCOOKIE"}))
+    for i in range(2000, 3000):
+        text_lines.append(f"2026-11-25 10:00:{i % 60:02d},100 ERROR charging card {spelled(pans[i], rng)} "
+                          f"CVV 417 for ord-{i}")
+    (tmp_path / "gateway.jsonl").write_text("\n".join(json_lines) + "\n")
+    (tmp_path / "payment.log").write_text("\n".join(text_lines) + "\n")
+    proc = payscope("ingest", "logs", str(tmp_path / "gateway.jsonl"), str(tmp_path / "payment.log"),
+                    "--store", str(store_path))
+    assert proc.returncode == 0, proc.stderr
+    with open_store(str(store_path), readonly=True) as store:
+        assert store.counts()["logs"] == len(json_lines) + len(text_lines)
+    assert _leaks(_store_bytes(store_path), pans) == []
+    assert _leaks(_outputs(store_path, []), pans) == []
