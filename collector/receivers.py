@@ -45,7 +45,43 @@ class BodyError(Exception):
         self.status = status
 
 
-def _read_chunked(rfile: Any, limit: int) -> bytes:
+_PIECE = 1024 * 1024
+
+
+class _Held:
+    """What one request holds of the memory budget: taken piece by piece as bytes arrive, so that a
+    client that stalls holds only what it sent."""
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.bytes = 0
+
+    def take(self, n: int) -> None:
+        if not self.budget.take(n):
+            raise BodyError(HTTPStatus.SERVICE_UNAVAILABLE,
+                            "collector busy: too many request bodies in memory; retry")
+        self.bytes += n
+
+    def release(self) -> None:
+        self.budget.give(self.bytes)
+        self.bytes = 0
+
+
+def _read_exact(rfile: Any, length: int, held: _Held) -> bytes:
+    parts: list[bytes] = []
+    left = length
+    while left:
+        want = min(left, _PIECE)
+        held.take(want)
+        piece = rfile.read(want)
+        if len(piece) != want:
+            raise BodyError(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
+        parts.append(piece)
+        left -= want
+    return b"".join(parts)
+
+
+def _read_chunked(rfile: Any, limit: int, held: _Held) -> bytes:
     parts: list[bytes] = []
     total = 0
     while True:
@@ -56,6 +92,8 @@ def _read_chunked(rfile: Any, limit: int) -> bytes:
             size = int(line.split(b";", 1)[0].strip(), 16)
         except ValueError:
             raise BodyError(HTTPStatus.BAD_REQUEST, "bad chunk size line in chunked body") from None
+        if size < 0:
+            raise BodyError(HTTPStatus.BAD_REQUEST, "bad chunk size line in chunked body")
         if size == 0:
             while rfile.readline(1024) not in (b"\r\n", b"\n", b""):
                 pass  # trailers
@@ -63,10 +101,7 @@ def _read_chunked(rfile: Any, limit: int) -> bytes:
         total += size
         if total > limit:
             raise BodyError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body larger than {limit} bytes")
-        chunk = rfile.read(size)
-        if len(chunk) != size:
-            raise BodyError(HTTPStatus.BAD_REQUEST, "chunked body ended early")
-        parts.append(chunk)
+        parts.append(_read_exact(rfile, size, held))
         rfile.readline(8)
 
 
@@ -215,20 +250,21 @@ def make_http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
                 self._error(401, "missing or wrong bearer token", as_json, {"WWW-Authenticate": "Bearer"})
                 return
             signal = signals.get(self.path.split("?")[0])
+            held = _Held(receiver.bodies)
             try:
-                body, held = self._body()
-            except BodyError as exc:
-                self.close_connection = True
-                self._error(exc.status, str(exc), as_json,
-                            {"Retry-After": "1"} if exc.status == HTTPStatus.SERVICE_UNAVAILABLE else None)
-                return
-            except OSError:  # the client stalled past the read timeout, or hung up mid-body
-                self.close_connection = True
-                return
-            try:
+                try:
+                    body = self._body(held)
+                except BodyError as exc:
+                    self.close_connection = True
+                    self._error(exc.status, str(exc), as_json,
+                                {"Retry-After": "1"} if exc.status == HTTPStatus.SERVICE_UNAVAILABLE else None)
+                    return
+                except OSError:  # the client stalled past the read timeout, or hung up mid-body
+                    self.close_connection = True
+                    return
                 self._handle(signal, body, content_type, as_json)
             finally:
-                receiver.bodies.give(held)
+                held.release()
 
         def _handle(self, signal: Signal | None, body: bytes, content_type: str, as_json: bool) -> None:
             if signal is None:
@@ -264,16 +300,10 @@ def make_http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             else:
                 self._reply(200, response.SerializeToString(), "application/x-protobuf")
 
-        def _body(self) -> tuple[bytes, int]:
-            """The body, and the bytes of the memory budget it holds (given back by the caller)."""
+        def _body(self, held: _Held) -> bytes:
+            """The body, its bytes taken from the memory budget as they arrive (given back by the caller)."""
             if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-                if not receiver.bodies.take(MAX_BODY_BYTES):
-                    raise _busy()
-                try:
-                    return _read_chunked(self.rfile, MAX_BODY_BYTES), MAX_BODY_BYTES
-                except BaseException:
-                    receiver.bodies.give(MAX_BODY_BYTES)
-                    raise
+                return _read_chunked(self.rfile, MAX_BODY_BYTES, held)
             length_text = self.headers.get("Content-Length")
             if length_text is None:
                 raise BodyError(HTTPStatus.LENGTH_REQUIRED, "request has neither Content-Length nor a chunked body")
@@ -286,22 +316,9 @@ def make_http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             if length > MAX_BODY_BYTES:
                 raise BodyError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                                 f"body of {length} bytes is larger than the limit of {MAX_BODY_BYTES}")
-            if not receiver.bodies.take(length):
-                raise _busy()
-            try:
-                body = self.rfile.read(length)
-                if len(body) != length:
-                    raise BodyError(HTTPStatus.BAD_REQUEST, "body shorter than its Content-Length")
-            except BaseException:
-                receiver.bodies.give(length)
-                raise
-            return body, length
+            return _read_exact(self.rfile, length, held)
 
     return OTLPHandler
-
-
-def _busy() -> BodyError:
-    return BodyError(HTTPStatus.SERVICE_UNAVAILABLE, "collector busy: too many request bodies in memory; retry")
 
 
 class _Server(ThreadingHTTPServer):

@@ -93,6 +93,7 @@ class Sidecar:
 class _Handler(http.server.BaseHTTPRequestHandler):
     sidecar: Sidecar
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # an answer in small writes must not wait for the client's delayed ACK
     server_version = "payscope-sidecar"
 
     def do_GET(self) -> None:  # noqa: N802 - the stdlib's names

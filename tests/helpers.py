@@ -44,13 +44,13 @@ def payscope_json(*args: str) -> Any:
 class CollectorProcess:
     """`payscope collect` in a child process on free ports; always stopped by the test."""
 
-    def __init__(self, store: Path, *, grpc: bool = True) -> None:
+    def __init__(self, store: Path, *, grpc: bool = True, extra: tuple[str, ...] = ()) -> None:
         self.store = store
         self.http_port = free_port()
         self.grpc_port = free_port() if grpc else None
         args = [sys.executable, "-m", "payscope", "collect", "--store", str(store),
                 "--http", f"127.0.0.1:{self.http_port}",
-                "--grpc", f"127.0.0.1:{self.grpc_port}" if grpc else "off"]
+                "--grpc", f"127.0.0.1:{self.grpc_port}" if grpc else "off", *extra]
         self.proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         self.banner = self._wait_ready()
 
