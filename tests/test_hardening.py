@@ -222,3 +222,30 @@ def test_json_error_bodies_are_google_rpc_status(collector: CollectorProcess) ->
     status, body = _post(conn, b"{nope", {"Content-Type": "application/json"})
     conn.close()
     assert status == 400 and json.loads(body)["code"] == 3
+
+
+def test_concurrent_large_bodies_stay_under_the_memory_bound(collector: CollectorProcess) -> None:
+    from payscope.collector.receivers import MAX_ITEMS_PER_REQUEST, MEMORY_BOUND_BYTES
+
+    template = ExportTraceServiceRequest.FromString(_request("big", 1, n=MAX_ITEMS_PER_REQUEST))
+    bodies = []
+    for k in range(8):  # eight clients at once, each with the most spans a request may hold
+        for i, span in enumerate(template.resource_spans[0].scope_spans[0].spans):
+            span.trace_id = bytes([k + 1]) + (i // 10).to_bytes(15, "big")
+        bodies.append(gzip.compress(template.SerializeToString(), 1))
+    answers: list[int] = []
+
+    def send(body: bytes) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", collector.http_port, timeout=120)
+        answers.append(_post(conn, body, {**PB, "Content-Encoding": "gzip"})[0])
+        conn.close()
+
+    threads = [threading.Thread(target=send, args=(body,)) for body in bodies]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    status = Path(f"/proc/{collector.proc.pid}/status").read_text()
+    peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
+    assert set(answers) <= {200, 503} and 200 in answers, answers  # taken, or turned away to retry: never lost
+    assert peak < MEMORY_BOUND_BYTES, f"peak RSS {peak / 2**20:.0f} MiB"
