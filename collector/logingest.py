@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import IO, Any
 
 from payscope.collector.store import Store
+from payscope.collector.store.api import LogQuery
 from payscope.errors import InputError
 from payscope.model import LogRecord
 
 from . import logparse
 from .files import check_text
+from .otlp import OTLP_SOURCE
 from .redaction import redact_log
 
 BATCH = 5000
@@ -33,6 +35,7 @@ class FileReport:
     lines: int = 0
     records: int = 0
     unparsed: int = 0
+    joined: int = 0  # lines already stored from OTLP: stored once, with both sources
     problems: list[str] = field(default_factory=list)
 
     def bad(self, where: str, reason: str) -> None:
@@ -52,7 +55,8 @@ class IngestReport:
         for f in self.files:
             by_format[f.format] = by_format.get(f.format, 0) + f.records
         return {"lines": sum(f.lines for f in self.files), "records": sum(f.records for f in self.files),
-                "stored": self.stored, "by_format": by_format, "linked": self.linked,
+                "stored": self.stored, "joined": sum(f.joined for f in self.files), "by_format": by_format,
+                "linked": self.linked,
                 "ambiguous": self.linked.get("ambiguous", 0), "unparsed": sum(f.unparsed for f in self.files),
                 "files": [vars(f) for f in self.files]}
 
@@ -201,6 +205,34 @@ def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offs
         trace_id=str(trace_id) if trace_id else None, span_id=str(span_id) if span_id else None))
 
 
+TWIN_WINDOW_NS = 1_000_000_000
+
+
+def join_twins(store: Store, lines: list[LogRecord]) -> list[LogRecord]:
+    """The file lines that are not already stored as records sent over OTLP. A line that is (see
+    LogRecord.is_twin_of) is not stored again: the stored record gets the line's source beside its own."""
+    if not lines:
+        return lines
+    sent: dict[str, list[tuple[int, LogRecord]]] = {}
+    for service in {r.service for r in lines}:
+        times = [r.time_ns for r in lines if r.service == service]
+        sent[service] = store.search_logs(LogQuery(
+            service=service, since_ns=min(times) - TWIN_WINDOW_NS, until_ns=max(times) + TWIN_WINDOW_NS,
+            source_prefix=OTLP_SOURCE, limit=None))
+    fresh, joined, taken = [], [], set()
+    for line in lines:
+        twin = next(((rid, rec) for rid, rec in sent.get(line.service, ())
+                     if rid not in taken and line.is_twin_of(rec)), None)
+        if twin is None:
+            fresh.append(line)
+        else:
+            taken.add(twin[0])
+            joined.append((twin[0], f"{twin[1].source} + {line.source}"))
+    if joined:
+        store.update_log_sources(joined)
+    return fresh
+
+
 def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: str = "auto", tz: tzinfo | None = None,
            clock_offset_ns: int = 0, nginx_format: str | None = None, linker: Any = None,
            on_progress: Callable[[str, int], None] | None = None) -> IngestReport:
@@ -215,12 +247,14 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
         report.files.append(file_report)
         batch: list[LogRecord] = []
 
-        def flush(batch: list[LogRecord] = batch) -> None:
+        def flush(batch: list[LogRecord] = batch, file_report: FileReport = file_report) -> None:
+            fresh = join_twins(store, batch)  # on the ids the lines carried, before linking changes them
+            file_report.joined += len(batch) - len(fresh)
             if linker:
-                linker.prefetch(batch)
-                for record in batch:
+                linker.prefetch(fresh)
+                for record in fresh:
                     linker.link(record)
-            report.stored += store.write(logs=batch)[1]
+            report.stored += store.write(logs=fresh)[1]
             batch.clear()
 
         for record in read_records(source, service, fmt, tz or logparse.parse_tz(None), clock_offset_ns,

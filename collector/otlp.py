@@ -25,6 +25,7 @@ from .store.codec import any_value, attributes, decode_span, encode_span
 
 _HEX_ID_FIELDS = {"traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id"}
 _HEX = re.compile(r"^[0-9a-fA-F]*$")
+OTLP_SOURCE = "otlp"  # where a record sent over OTLP came from starts with this
 _SEVERITY_NAMES = {1: "TRACE", 5: "DEBUG", 9: "INFO", 13: "WARN", 17: "ERROR", 21: "FATAL"}
 
 
@@ -162,9 +163,10 @@ def logs_from_request(request: ExportLogsServiceRequest) -> Decoded:
                 severity = rec.severity_text
                 if not severity and rec.severity_number:
                     severity = _SEVERITY_NAMES.get((rec.severity_number - 1) // 4 * 4 + 1, "")
-                source = str(attrs.get("code.filepath") or attrs.get("log.file.path") or "otlp")
-                if "code.lineno" in attrs and source != "otlp":
-                    source = f"{source}:{attrs['code.lineno']}"
+                where = str(attrs.get("code.filepath") or attrs.get("code.file.path")
+                            or attrs.get("log.file.path") or "")
+                line = attrs.get("code.lineno") or attrs.get("code.line.number")
+                source = f"{OTLP_SOURCE} {where}:{line}" if where and line else f"{OTLP_SOURCE} {where}".strip()
                 out.logs.append(redact_log(LogRecord(
                     time_ns=time_ns, service=service, host=host, severity=severity.upper()[:16],
                     message=message, attributes=attrs, source=source,

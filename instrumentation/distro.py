@@ -57,6 +57,9 @@ class PayscopeDistro(BaseDistro):  # type: ignore[misc]
         os.environ.setdefault("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_SERVER_REQUEST", headers)
         os.environ.setdefault("OTEL_INSTRUMENTATION_HTTP_CAPTURE_HEADERS_CLIENT_REQUEST", headers)
         os.environ.setdefault("OTEL_PYTHON_LOG_CORRELATION", "false")
+        # payscope exports each log record once, through its own handler (one that leaves the service's
+        # basicConfig() working); the logging instrumentor's root handler would send every record again.
+        os.environ["OTEL_PYTHON_LOG_AUTO_INSTRUMENTATION"] = "false"
 
     def load_instrumentor(self, entry_point: Any, **kwargs: Any) -> None:
         if not chosen():

@@ -264,7 +264,8 @@ def ingest_logs(
         return
     formats = ", ".join(f"{n} {fmt}" for fmt, n in sorted(doc["by_format"].items())) or "none"
     linked = ", ".join(f"{n} by {m}" for m, n in sorted(doc["linked"].items())) or "none"
-    out.print(f"{doc['lines']} lines read, {doc['records']} records ({formats}); {doc['stored']} new stored",
+    out.print(f"{doc['lines']} lines read, {doc['records']} records ({formats}); {doc['stored']} new stored"
+              + (f", {doc['joined']} already stored from OTLP (now with both sources)" if doc["joined"] else ""),
               markup=False)
     out.print(f"linked: {linked}", markup=False)
     if doc["unparsed"]:

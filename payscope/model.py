@@ -75,6 +75,19 @@ class LogRecord:
             self.uid = f"{self.time_ns}|{self.service}|{self.source}|{digest}"
         return self.uid
 
+    def is_twin_of(self, sent: LogRecord) -> bool:
+        """Whether this line of a log file and ``sent``, a record that came over OTLP, are one log event
+        that arrived two ways: the same service, the sent body inside the line (a file adds a prefix and
+        ids), the same trace and span ids when both carry them, and the same time to the file's
+        precision (a second when the ids agree, else 2 ms)."""
+        if self.service != sent.service or not sent.message or sent.message not in self.message:
+            return False
+        if self.trace_id and sent.trace_id:
+            if self.trace_id != sent.trace_id or (self.span_id and sent.span_id and self.span_id != sent.span_id):
+                return False
+            return abs(self.time_ns - sent.time_ns) <= 1_000_000_000
+        return abs(self.time_ns - sent.time_ns) <= 2_000_000
+
 
 @dataclass(slots=True)
 class TraceSummary:

@@ -206,3 +206,38 @@ def _iso(ms: float) -> str:
     from datetime import datetime, timezone
 
     return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).isoformat(timespec="milliseconds")
+
+
+def test_a_line_sent_over_otlp_and_written_to_a_file_is_stored_once_with_both_sources(
+        tmp_path: Path, store_path: Path) -> None:
+    from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+
+    from payscope.collector.otlp import logs_from_request
+
+    trace_id = "fe092590d1c445df067702a6854b4f4d"
+    request = ExportLogsServiceRequest()
+    rl = request.resource_logs.add()
+    kv = rl.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", "bank"
+    for i, (body, ns) in enumerate([("charged order ord-1 as ch_1", 1_796_128_181_344_996_352),
+                                     ("charged order ord-2 as ch_2", 1_796_128_181_486_988_032)]):
+        rec = rl.scope_logs.add().log_records.add()
+        rec.time_unix_nano, rec.severity_text = ns, "INFO"
+        rec.body.string_value = body
+        rec.trace_id, rec.span_id = bytes.fromhex(trace_id), bytes([i + 1]) * 8
+    with open_store(str(store_path)) as store:
+        store.write(logs=logs_from_request(request).logs)
+    log = tmp_path / "bank.log"
+    log.write_text(  # the file's times are the same to the millisecond; one line was never sent
+        f"2026-12-01 12:29:41,344 INFO [bank] charged order ord-1 as ch_1 trace_id={trace_id} span_id={'01' * 8}\n"
+        f"2026-12-01 12:29:41,486 INFO [bank] charged order ord-2 as ch_2 trace_id={trace_id} span_id={'01' * 8}\n"
+        f"2026-12-01 12:29:41,487 INFO [bank] reconciled ord-2 trace_id={trace_id}\n")
+    proc = payscope("ingest", "logs", str(log), "--service", "bank", "--store", str(store_path), "--tz", "UTC",
+                    "--format", "json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["joined"] == 1  # ord-2's line names another span: not the same record
+    with open_store(str(store_path), readonly=True) as store:
+        records = sorted(store.search_logs(LogQuery(limit=None)), key=lambda x: x[1].time_ns)
+    sources = [r.source for _, r in records]
+    assert len(records) == 4 and sources[0] == "otlp + bank.log:1"
+    assert sources.count("bank.log:2") == 1 and "bank.log:3" in sources

@@ -98,6 +98,24 @@ def test_logs_of_trace_and_search(backend: Callable[[], Store]) -> None:
     assert store.logs_of_trace(T2)[0].link_method == "time_window"
 
 
+def test_log_sources_filter_and_update(backend: Callable[[], Store]) -> None:
+    store = backend()
+    store.write(logs=[LogRecord(time_ns=5, service="bank", message="charged", source="otlp"),
+                      LogRecord(time_ns=5, service="bank", message="charged", source="bank.log:1")])
+    sent = store.search_logs(LogQuery(source_prefix="otlp"))
+    assert [r.source for _, r in sent] == ["otlp"]
+    store.update_log_sources([(sent[0][0], "otlp + bank.log:1")])
+    assert sorted(r.source for _, r in store.search_logs(LogQuery())) == ["bank.log:1", "otlp + bank.log:1"]
+
+
+def test_distinct_log_records_are_never_merged(backend: Callable[[], Store]) -> None:
+    store = backend()
+    same = {"time_ns": 7, "service": "pay", "message": "retrying charge", "source": "otlp"}
+    new = store.write(logs=[LogRecord(**same, trace_id=T1), LogRecord(**same, trace_id=T2),
+                            LogRecord(**same, host="b"), LogRecord(**same, trace_id=T1)])[1]
+    assert new == 3  # the fourth is the first again
+
+
 def test_business_keys_find_traces(backend: Callable[[], Store]) -> None:
     store = backend()
     store.write(sample_trace(T1, False))

@@ -37,6 +37,7 @@ class LogQuery:
     until_ns: int | None = None
     unlinked_only: bool = False
     attribute: str | None = None  # only records that carry this attribute
+    source_prefix: str | None = None  # only records whose source starts with this ("otlp": sent over OTLP)
     limit: int | None = 100
 
 
@@ -54,6 +55,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def update_log_links(self, links: Iterable[tuple[int, str | None, str | None, str, float]]) -> None:
         """Set (log id, trace id, span id, method, confidence) on stored log records."""
+
+    @abc.abstractmethod
+    def update_log_sources(self, sources: Iterable[tuple[int, str]]) -> None:
+        """Set (log id, source) on stored log records: a record that arrived two ways keeps both sources."""
 
     # --- reading spans -----------------------------------------------------
     @abc.abstractmethod

@@ -290,6 +290,13 @@ class EmbeddedStore(Store):
                              "WHERE id=?", [(t, s, m, c, i) for i, t, s, m, c in links])
             conn.execute("COMMIT")
 
+    def update_log_sources(self, sources: Iterable[tuple[int, str]]) -> None:
+        with self._write_lock:
+            conn = self._conn()
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("UPDATE logs SET source=? WHERE id=?", [(src, i) for i, src in sources])
+            conn.execute("COMMIT")
+
     def write_keys(self, pairs: Iterable[tuple[str, str]]) -> None:
         with self._write_lock:
             conn = self._conn()
@@ -417,6 +424,9 @@ class EmbeddedStore(Store):
             params.append(query.until_ns)
         if query.unlinked_only:
             clauses.append("trace_id IS NULL")
+        if query.source_prefix:
+            clauses.append("substr(source, 1, ?) = ?")
+            params += [len(query.source_prefix), query.source_prefix]
         if query.attribute:
             clauses.append("json_extract(attributes, ?) IS NOT NULL")
             params.append(f'$."{query.attribute}"')

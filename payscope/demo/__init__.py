@@ -256,7 +256,8 @@ def run_once(store: Path, log_dir: Path, settings: dict[str, str], duration: flo
         opened.set_meta("demo_traffic", json.dumps({"sent": traffic.sent, "ok": traffic.ok, "failed": traffic.failed,
                                                     "retried": traffic.retried}))
         opened.set_meta("demo_peak", json.dumps({"start": peak[0], "end": peak[1], "traffic_start": now + 5}))
-    return {"traffic": traffic, "log_lines": sum(r.stored for r in reports), "linked": dict(linker.stats.by_method)}
+    return {"traffic": traffic, "log_lines": sum(r.stored + sum(f.joined for f in r.files) for r in reports),
+            "linked": dict(linker.stats.by_method)}
 
 
 OUTCOME_ROWS = ("orders placed", "orders paid", "orders failed for the customer", "orders charged twice",
