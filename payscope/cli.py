@@ -594,12 +594,69 @@ def demo(
     out.print(f"(before: {store_path}; after: {fixed_path})", markup=False)
 
 
+# What typer shows beside an option, by its type: a word, never a `<type>` placeholder.
+_METAVARS = {"int": "N", "float": "NUMBER", "Path": "PATH", "str": "TEXT", "bool": "", "list[Path]": "PATH",
+             "list[str]": "TEXT"}
+_ClickException: type[Any] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _plain_metavars(command: Any) -> None:
+    """Give every option and argument without one a plain metavar (PATH, N, TEXT; none for a flag)."""
+    for param in getattr(command, "params", []):
+        if param.param_type_name == "argument":
+            param.display_type_rich = _no_type  # the argument's help says what it takes
+        if param.metavar is not None:
+            continue
+        if param.param_type_name == "argument":
+            param.metavar = param.name.upper()
+        else:
+            param.metavar = _METAVARS.get(param.bare_type(), "TEXT")
+    make_help_option = command.get_help_option
+
+    def help_option(ctx: Any, make: Any = make_help_option) -> Any:
+        option = make(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    command.get_help_option = help_option
+    for sub in getattr(command, "commands", {}).values():
+        _plain_metavars(sub)
+
+
+def _no_type(ctx: Any = None) -> None:
+    return None
+
+
 def main() -> None:
-    """Console-script entry point: PayscopeError becomes one line on stderr and exit code 2."""
+    """Console-script entry point: a usage error or a PayscopeError is one line on stderr and exit code 2."""
+    command = typer.main.get_command(app)
+    _plain_metavars(command)
     try:
-        app()  # usage errors exit 2 with Click's own message
+        code = command.main(prog_name="payscope", standalone_mode=False)
     except PayscopeError as exc:
         err.print(f"payscope: error: {exc}", markup=False)
         sys.exit(2)
+    except _click_errors() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command or group: its help
+            command.main(args=[*sys.argv[1:], "--help"], prog_name="payscope")
+        ctx = getattr(exc, "ctx", None)
+        where = ctx.command_path if ctx is not None else "payscope"
+        err.print(f"payscope: error: {exc.format_message()} (see '{where} -h')", markup=False)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # a bug: one line, masked, and the traceback only when asked for
+        if os.environ.get("PAYSCOPE_DEBUG"):
+            raise
+        from payscope.instrumentation.redaction import redact_text
+
+        err.print(f"payscope: internal error: {type(exc).__name__}: {redact_text(str(exc))[:300]} "
+                  "(PAYSCOPE_DEBUG=1 shows the traceback)", markup=False)
+        sys.exit(1)
+    if isinstance(code, int) and code:
+        sys.exit(code)
+
+
+def _click_errors() -> type[Any]:
+    return _ClickException

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from payscope import __version__
 from tests.helpers import SCENARIOS, payscope
@@ -100,3 +103,28 @@ def test_help_takes_h_and_run_shows_its_command() -> None:
     assert short == payscope("--help", check=True).stdout
     run = payscope("run", "-h", check=True).stdout
     assert "payscope run [OPTIONS] -- CMD ARGS..." in run
+
+
+HELP_PAGES = [[], ["run"], ["sidecar"], ["demo"], ["collect"], ["import", "traces"], ["ingest", "logs"],
+            ["ingest", "config"], ["analyze"], ["failures"], ["show"], ["logs"], ["recommend", "timeouts"],
+            ["compare"], ["tui"]]
+
+
+def test_help_shows_no_type_placeholders() -> None:
+    for command in HELP_PAGES:
+        shown = payscope(*command, "-h", check=True, env={"COLUMNS": "100"}).stdout
+        assert "Usage: payscope" in shown
+        assert not re.search(r"<(?:str|int|bool|float|path|Path|list\[[^\]]*\])>", shown), (command, shown)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["failures", "--bogus"], "No such option: --bogus"),
+    (["failures", "--limit", "x"], "Invalid value for '--limit'"),
+    (["show"], "Missing argument 'ID'"),
+    (["analyze", "extra"], "unexpected extra argument"),
+])
+def test_a_usage_error_is_one_line_and_a_hint(args: list[str], says: str) -> None:
+    proc = payscope(*args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("payscope: error:") and says in lines[0] and "-h')" in lines[0]
