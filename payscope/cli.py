@@ -337,11 +337,16 @@ def failures(
     outcome: Annotated[Optional[str], typer.Option(
         help="Only this outcome: timeout, failed, declined, late_success, duplicate_charge or recovered.")] = None,
     service: Annotated[Optional[str], typer.Option(help="Only transactions that cross this service.")] = None,
+    search: Annotated[Optional[str], typer.Option(
+        "--search", "-s", help="Only those matching every term: key=value, http.status_code>=500, duration>=2s, "
+                               "log:TEXT, or words in the entry, hop, keys or logs (as the TUI's /).")] = None,
     limit: Annotated[int, typer.Option(help="At most this many (0 for all).")] = 50,
     output_format: FormatOption = "table",
 ) -> None:
     """Failed transactions, newest first, one a line."""
     from payscope.analyzers.loader import load
+    from payscope.analyzers.search import matching
+    from payscope.analyzers.search import parse as parse_search
     from payscope.analyzers.views import FAILURE_OUTCOMES, failure_rows
     from payscope.collector.store import open_store
     from payscope.timeparse import parse_since_ns
@@ -352,15 +357,21 @@ def failures(
     if outcome is not None and outcome not in FAILURE_OUTCOMES:
         raise PayscopeError(f"--outcome {outcome!r} is not one of {', '.join(FAILURE_OUTCOMES)}")
     since_ns = parse_since_ns(since, time.time_ns()) if since else None
+    query = parse_search(search) if search else None
     with open_store(store, readonly=True) as opened:
-        rows = failure_rows(opened, load(opened), since_ns=since_ns, limit=limit or None, outcome=outcome,
-                            service=service)
+        if query is None:
+            rows = failure_rows(opened, load(opened), since_ns=since_ns, limit=limit or None, outcome=outcome,
+                                service=service)
+        else:
+            rows = matching(opened, failure_rows(opened, load(opened), since_ns=since_ns, limit=None,
+                                                 outcome=outcome, service=service), query)[:limit or None]
     if output_format == "json":
         _emit_json({"failures": rows})
         return
     if not rows:
         out.print("no failed transactions" + (f" since {since}" if since else "")
-                  + (f" with outcome {outcome}" if outcome else "") + (f" through {service}" if service else ""))
+                  + (f" with outcome {outcome}" if outcome else "") + (f" through {service}" if service else "")
+                  + (f" matching {search!r}" if search else ""))
         return
     out.print(f"{'time':<29} {'outcome':<16} {'order':<14} {'failing hop':<32} {'error':<10} {'duration':>9}  "
               f"{'trace id':<32}  entry", markup=False)

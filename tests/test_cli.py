@@ -128,3 +128,43 @@ def test_a_usage_error_is_one_line_and_a_hint(args: list[str], says: str) -> Non
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("payscope: error:") and says in lines[0] and "-h')" in lines[0]
+
+
+def test_failures_search_by_attribute_duration_and_words_as_the_tui_does(tmp_path: Path) -> None:
+    from payscope.collector.store import open_store
+    from payscope.tui.data import Filter, Source, failures
+    from tests.helpers import payscope_json
+
+    store = str(tmp_path / "s.db")
+    payscope("import", "traces", str(SCENARIOS / "marketplace.otlp.jsonl.gz"), "--store", store, check=True)
+    every = payscope_json("failures", "--store", store, "--limit", "0")["failures"]
+    with open_store(store, readonly=True) as opened:
+        statuses = {row["trace_id"]: [s.attributes.get("http.response.status_code", s.attributes.get(
+            "http.status_code")) for s in opened.trace(row["trace_id"])] for row in every}
+    durations = sorted(r["duration_ms"] for r in every)
+    middle = durations[len(durations) // 2]
+    cases = {
+        "http.status_code>=500": [r for r in every if any(isinstance(c, int) and c >= 500
+                                                          for c in statuses[r["trace_id"]])],
+        "http.status_code!=200": [r for r in every if 200 not in statuses[r["trace_id"]]],
+        f"duration>={middle}ms": [r for r in every if r["duration_ms"] >= middle],
+        f"max:{middle}ms": [r for r in every if r["duration_ms"] <= middle],
+        every[0]["entry"].split(": ")[1].split()[0]: [r for r in every if every[0]["entry"].split(": ")[1].split()[0]
+                                                      .lower() in r["entry"].lower() + " " + r["trace_id"]],
+    }
+    assert any(cases.values()) and any(len(c) < len(every) for c in cases.values())  # the cases tell rows apart
+    with open_store(store, readonly=True) as opened:
+        source = Source(opened)
+        for query, expected in cases.items():
+            found = payscope_json("failures", "--store", store, "--limit", "0", "--search", query)["failures"]
+            assert [r["trace_id"] for r in found] == [r["trace_id"] for r in expected], query
+            assert failures(source, Filter(text=query)).total == len(expected), query  # the TUI's /, the same
+    chosen = every[len(every) // 2]["trace_id"]
+    (tmp_path / "gw.log").write_text(f"2026-11-25 10:00:00,100 ERROR upstream said card_issuer_unreachable "
+                                     f"trace_id={chosen}\n")
+    payscope("ingest", "logs", str(tmp_path / "gw.log"), "--store", store, check=True)
+    for query in ("card_issuer_unreachable", "log:issuer_unreachable"):  # a word of a log line of the transaction
+        found = payscope_json("failures", "--store", store, "--limit", "0", "--search", query)["failures"]
+        assert [r["trace_id"] for r in found] == [chosen], query
+    proc = payscope("failures", "--store", store, "--search", "duration>=soon")
+    assert proc.returncode == 2 and "duration>=soon" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

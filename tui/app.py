@@ -35,7 +35,8 @@ class Loading(Screen[None]):
 HELP = """\
 [b]Failed transactions[/b]
   up/down, j/k   move            enter   open the transaction
-  /              search (trace id, order id, payment id, text)
+  /              search: an id, words, key=value, http.status_code>=500,
+                 duration>=2s, log:TEXT
   o              cycle the outcome filter       s   filter by service
   r              refresh now (new failures also appear by themselves)
   t              edges and timeouts             c   compare: which hop lost the time
@@ -93,7 +94,7 @@ class FailuresScreen(Loading):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static("", id="status")
-        yield Input(placeholder="trace id, order id, payment id or text; enter to search, escape to cancel",
+        yield Input(placeholder="id, words, key=value, status>=500, duration>=2s, log:text; enter, escape",
                     id="search")
         table: DataTable[str] = DataTable(id="failures", cursor_type="row", zebra_stripes=False)
         for label, width in self.COLUMNS:
@@ -162,7 +163,8 @@ class FailuresScreen(Loading):
     def _ask(self, mode: str) -> None:
         self.input_mode = mode
         box = self.query_one("#search", Input)
-        box.placeholder = ("trace id, order id, payment id or text" if mode == "search" else "service name") + \
+        box.placeholder = ("id, words, key=value, http.status_code>=500, duration>=2s, log:text" if mode == "search"
+                           else "service name") + \
             "; enter to apply, empty to clear, escape to cancel"
         box.value = (self.flt.text if mode == "search" else self.flt.service) or ""
         box.display = True

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-from payscope.analyzers import views
+from payscope.analyzers import search, views
 from payscope.analyzers.engine import Analysis
 from payscope.analyzers.loader import load
 from payscope.collector.store import Store
@@ -76,9 +76,8 @@ def failures(source: Source, flt: Filter, limit: int = PAGE) -> FailurePage:
     # every outcome of the other filters, counted without building rows; rows only for the page shown
     outcomes = views.failure_outcomes(analysis, service=flt.service)
     if flt.text:
-        needle = flt.text.lower()
-        rows = [row for row in views.failure_rows(store, analysis, limit=None, service=flt.service)
-                if needle in " ".join([row["entry"], row["failing_hop"] or "", *row["keys"], row["trace_id"]]).lower()]
+        rows = search.matching(store, views.failure_rows(store, analysis, limit=None, service=flt.service),
+                               search.parse(flt.text))
         by_outcome = dict(Counter(r["outcome"] for r in rows))
         kept = [r for r in rows if flt.outcome is None or r["outcome"] == flt.outcome]
         return FailurePage(kept[:limit], len(kept), by_outcome)
