@@ -79,7 +79,7 @@ def failure_row(store: Store, analysis: Analysis, tx: Transaction, outcome: str 
         "duration_ms": round((f.end_ns - f.start_ns) / 1e6, 3),
         "duration": format_duration_ns(f.end_ns - f.start_ns), "services": f.services,
         "spans": f.span_count, "errors": summary.error_count if summary else 0, "keys": f.keys,
-        "findings": sorted({found.kind for found in analysis.findings_of(tx.trace_id)}),
+        "findings": list(dict.fromkeys(found.kind for found in analysis.findings_of(tx.trace_id))),  # worst first
     }
 
 

@@ -175,6 +175,43 @@ def test_snapshot_edges(snap_compare, sample_store: str) -> None:  # type: ignor
     assert snap_compare(_app(sample_store), terminal_size=(120, 40), run_before=edges)
 
 
+@pytest.mark.parametrize("size", [(80, 24), (160, 45)])
+def test_snapshot_failures_and_transaction_at_80x24_and_160x45(snap_compare, sample_store: str,  # type: ignore[no-untyped-def]
+                                                               size: tuple[int, int]) -> None:
+    async def open_first(pilot) -> None:  # type: ignore[no-untyped-def]
+        await _settle(pilot.app, pilot)
+        await pilot.press("enter")
+        await _settle(pilot.app, pilot)
+
+    assert snap_compare(_app(sample_store), terminal_size=size, run_before=open_first)
+
+
+def test_snapshot_help_keeps_its_border_at_80x24(snap_compare, sample_store: str) -> None:  # type: ignore[no-untyped-def]
+    async def help_open(pilot) -> None:  # type: ignore[no-untyped-def]
+        await _settle(pilot.app, pilot)
+        await pilot.press("question_mark")
+        await pilot.pause(0.3)
+
+    assert snap_compare(_app(sample_store), terminal_size=(80, 24), run_before=help_open)
+
+
+@pytest.mark.anyio
+async def test_at_80x24_the_fix_is_one_key_from_the_failed_list(sample_store: str) -> None:
+    app = _app(sample_store)
+    async with app.run_test(size=(80, 24)) as pilot:
+        await _settle(app, pilot)
+        table = app.screen.query_one("#failures")
+        first = table.get_row_at(0)
+        assert first[1] in data.OUTCOMES and len(first[1]) <= 16  # the outcome in full, within 80 columns
+        await pilot.press("enter")
+        await _settle(app, pilot)
+        assert isinstance(app.screen, TransactionScreen) and app.screen.has_class("narrow")
+        findings = app.screen.query_one("#findings-box")
+        text = str(app.screen.query_one("#findings").render())
+        assert findings.region.height >= 6 and "fix:" in text and "recommended timeout" in text
+        assert findings.max_scroll_x == 0  # nothing cut off to the right: the text wraps
+
+
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
     failures = payscope_json("failures", "--store", str(demo_store), "--limit", "0")["failures"]

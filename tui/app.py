@@ -44,7 +44,8 @@ HELP = """\
 
 [b]Transaction[/b]
   up/down, j/k   move through spans             space, left/right   fold a subtree
-  tab            next panel (spans, details, logs, findings)
+  tab            next panel (spans, details, findings, logs)
+  d              span details in place of findings and logs (narrow terminals)
   c              copy the trace id              e   write a Markdown report
   escape         back
 
@@ -78,9 +79,10 @@ class FailuresScreen(Loading):
         Binding("t", "edges", "edges"), Binding("c", "compare", "compare"),
         Binding("j", "cursor(1)", show=False), Binding("k", "cursor(-1)", show=False),
     ]
-    # fixed widths: the table does not jump about as pages of rows arrive
-    COLUMNS = (("time", 12), ("order / payment", 16), ("entry", 30), ("outcome", 16), ("failing hop", 24),
-               ("duration", 9), ("findings", 30), ("trace id", 32))
+    # fixed widths, so that the table does not jump about as pages of rows arrive; what an on-call engineer
+    # reads first comes first and fits 80 columns (time, outcome in full, order, failing hop, duration)
+    COLUMNS = (("time", 12), ("outcome", 16), ("order", 12), ("failing hop", 20), ("duration", 8),
+               ("trace id", 32), ("entry", 30), ("findings", 60))
 
     def __init__(self) -> None:
         super().__init__()
@@ -138,9 +140,9 @@ class FailuresScreen(Loading):
             self.rows = rows
             table.clear()
             for row in rows:
-                table.add_row(row["time"][11:23], ", ".join(row["keys"][:2]) or "-", row["entry"][:30],
-                              row["outcome"], row["failing_hop"] or "-", row["duration"],
-                              ",".join(row["findings"]) or "-", row["trace_id"], key=row["trace_id"])
+                table.add_row(row["time"][11:23], row["outcome"], ", ".join(row["keys"][:2]) or "-",
+                              row["failing_hop"] or "-", row["duration"], row["trace_id"], row["entry"][:30],
+                              ",".join(row["findings"]) or "-", key=row["trace_id"])
             if keep is not None:  # the cursor stays on its transaction when new failures arrive above it
                 for i, row in enumerate(rows):
                     if row["trace_id"] == keep:
@@ -208,9 +210,12 @@ class FailuresScreen(Loading):
             self.app.push_screen(TransactionScreen(event.row_key.value))
 
 
+NARROW = 100  # columns below which the transaction screen drops its span details panel
+
+
 class TransactionScreen(Loading):
     BINDINGS = [Binding("escape", "app.pop_screen", "back"), Binding("c", "copy", "copy trace id"),
-                Binding("e", "export", "report")]
+                Binding("e", "export", "report"), Binding("d", "details", "span details")]
 
     def __init__(self, trace_id: str) -> None:
         super().__init__()
@@ -222,16 +227,24 @@ class TransactionScreen(Loading):
         yield Static(f"loading {self.trace_id} ...", id="summary")
         yield Vertical(id="waterfall-box")
         with Horizontal(id="lower"):
-            yield VerticalScroll(Static("", id="details"), id="details-box")
+            yield VerticalScroll(Static("", id="details", markup=False), id="details-box")
             with Vertical(id="right"):
+                yield VerticalScroll(Static("", id="findings", markup=False), id="findings-box")
                 yield DataTable(id="logs", cursor_type="row")
-                yield VerticalScroll(Static("", id="findings"), id="findings-box")
         yield Footer()
 
     def on_mount(self) -> None:
+        width = self.app.size.width
+        self.narrow = width < NARROW
+        self.set_class(self.narrow, "narrow")
         logs: DataTable[str] = self.query_one("#logs", DataTable)
-        for label, width in (("time", 12), ("service", 10), ("linked by", 18), ("level", 5), ("message", 120)):
-            logs.add_column(label, width=width)
+        # the message takes what the panel leaves; a narrow terminal keeps time, level and message only
+        columns = [("time", 12), ("level", 5)] if self.narrow else \
+            [("time", 12), ("service", 10), ("linked by", 13), ("level", 5)]
+        panel = width - 4 if self.narrow else width * 3 // 4 - 4
+        message = max(30, panel - sum(w + 2 for _, w in columns) - 2)
+        for label, w in [*columns, ("message", message)]:
+            logs.add_column(label, width=w)
         self.load()
 
     @work(thread=True, exclusive=True, exit_on_error=False)
@@ -258,12 +271,15 @@ class TransactionScreen(Loading):
         for r in view["logs"]:
             link = r["link"]["method"] + (f" {r['link']['confidence']:.2f}" if r["link"]["method"] not in
                                           ("none", "ambiguous") else "")
-            logs.add_row(r["time"][11:23], r["service"], link, r["level"], r["message"].splitlines()[0][:120],
-                         key=str(id(r)))
+            first = r["message"].splitlines()[0] if r["message"] else ""
+            if self.narrow:
+                logs.add_row(r["time"][11:23], r["level"], f"{r['service']}: {first}", key=str(id(r)))
+            else:
+                logs.add_row(r["time"][11:23], r["service"], link, r["level"], first, key=str(id(r)))
         if not view["logs"]:
-            logs.add_row("", "", "", "", "no log lines linked to this transaction")
-        findings = [f"[{f['severity']}] {f['kind']}: {f['summary']}\n  fix: {fix_text(f)}"
-                    for f in view["findings"]]
+            logs.add_row(*([""] * (len(logs.columns) - 1)), "no log lines linked to this transaction")
+        findings = [f"[{f['severity']}] {f['kind']}\n  fix: {fix_text(f)}\n  {f['summary']}"
+                    for f in view["findings"]]  # worst first, each with its fix before its story
         self.query_one("#findings", Static).update("\n".join(findings) or "no findings for this transaction",
                                                    )
 
@@ -293,6 +309,10 @@ class TransactionScreen(Loading):
                 logs.move_cursor(row=i)
                 break
 
+    def action_details(self) -> None:
+        """On a narrow terminal, the selected span's details in place of the findings and logs, and back."""
+        self.toggle_class("details")
+
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.trace_id)
         self.notify(f"copied {self.trace_id}")
@@ -319,9 +339,9 @@ class EdgesScreen(Loading):
         yield Header()
         yield Static("analysing every edge ...", id="edges-status")
         table: DataTable[str] = DataTable(id="edges", cursor_type="row")
-        for label, width in (("caller -> callee", 24), ("operation", 30), ("timeout", 8), ("source", 11),
-                             ("recommend", 9), ("p50", 7), ("p99", 7), ("p99.9", 7), ("timeout rate", 12),
-                             ("findings", 40)):
+        for label, width in (("caller -> callee", 24), ("timeout", 8), ("recommend", 9), ("findings", 30),
+                             ("p50", 7), ("p99", 7), ("p99.9", 7), ("timeout rate", 12), ("source", 11),
+                             ("operation", 30)):
             table.add_column(label, width=width)
         yield table
         yield VerticalScroll(Static("", id="histogram"), id="histogram-box")
@@ -352,11 +372,11 @@ class EdgesScreen(Loading):
         for e in self.edges:
             t, lat = e["timeout"], e["latency_ms"]
             key = (e["caller"], e["callee"], e["operation"])
-            table.add_row(f"{e['caller']} -> {e['callee']}", e["operation"][:30],
-                          (">=" if t["source"] == "lower_bound" else "") + fmt(t["value_ms"]), t["source"],
-                          fmt(e["recommended_timeout_ms"]),
+            table.add_row(f"{e['caller']} -> {e['callee']}",
+                          (">=" if t["source"] == "lower_bound" else "") + fmt(t["value_ms"]),
+                          fmt(e["recommended_timeout_ms"]), ",".join(kinds.get(key, [])) or "-",
                           fmt(lat["p50"]), fmt(lat["p99"]), fmt(lat["p99.9"]), f"{e['timeout_rate']:.1%}",
-                          ",".join(kinds.get(key, [])) or "-")
+                          t["source"], e["operation"][:30])
         self.query_one("#edges-status", Static).update(
             f"{len(self.edges)} edges; enter shows an edge's latency histogram with its timeout")
 
