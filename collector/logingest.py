@@ -227,7 +227,8 @@ def join_twins(store: Store, lines: list[LogRecord]) -> list[LogRecord]:
             fresh.append(line)
         else:
             taken.add(twin[0])
-            joined.append((twin[0], f"{twin[1].source} + {line.source}"))
+            if line.source not in twin[1].source.split(" + "):  # joined already when the file was read before
+                joined.append((twin[0], f"{twin[1].source} + {line.source}"))
     if joined:
         store.update_log_sources(joined)
     return fresh

@@ -241,3 +241,7 @@ def test_a_line_sent_over_otlp_and_written_to_a_file_is_stored_once_with_both_so
     sources = [r.source for _, r in records]
     assert len(records) == 4 and sources[0] == "otlp + bank.log:1"
     assert sources.count("bank.log:2") == 1 and "bank.log:3" in sources
+    again = payscope("ingest", "logs", str(log), "--service", "bank", "--store", str(store_path), "--tz", "UTC")
+    assert again.returncode == 0, again.stderr
+    with open_store(str(store_path), readonly=True) as store:  # read twice, stored once, each source once
+        assert sorted(r.source for _, r in store.search_logs(LogQuery(limit=None))) == sorted(sources)
