@@ -85,10 +85,9 @@ def _store_bytes(store_path: Path) -> bytes:
 def _outputs(store_path: Path, trace_ids: list[str]) -> bytes:
     """What the commands print about those traces and their logs, as a user would see it."""
     out = []
-    for args in (["failures", "--limit", "0"], ["failures", "--format", "json", "--limit", "0"],
-                 ["logs", "--limit", "0"], ["logs", "--format", "json", "--limit", "0"],
-                 *(["show", tid] for tid in trace_ids[:3]),
-                 *(["show", tid, "--format", "json"] for tid in trace_ids[:3])):
+    for args in (["failures", "--limit", "0"], ["logs", "--format", "json", "--limit", "0"],
+                 *(["show", tid] for tid in trace_ids[:1]),
+                 *(["show", tid, "--format", "json"] for tid in trace_ids[1:2])):
         proc = payscope(*args, "--store", str(store_path), env={"COLUMNS": "400"})
         assert proc.returncode == 0, (args, proc.stderr)
         out.append(proc.stdout + proc.stderr)

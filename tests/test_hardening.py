@@ -71,18 +71,17 @@ def test_a_bad_value_fails_only_its_own_spans_and_every_span_keeps_its_resource(
         collector: CollectorProcess, store_path: Path) -> None:
     results: dict[str, list[tuple[int, bytes]]] = {}
 
-    def client(name: str, bad: bool) -> None:
+    def client(name: str, number: int, bad: bool) -> None:
         conn = http.client.HTTPConnection("127.0.0.1", collector.http_port, timeout=30)
         out = results.setdefault(name, [])
         for i in range(40):
-            trace_byte = hash((name, i)) & 0x7FFF or 1
-            body = _request(name, trace_byte, end_ns=2**64 - 1 if bad else 2_000_000_000,
+            body = _request(name, 1000 * number + i, end_ns=2**64 - 1 if bad else 2_000_000_000,
                             status_code="9" * 30 if bad else "200")
             out.append(_post(conn, body))
         conn.close()
 
-    threads = [threading.Thread(target=client, args=(f"good{i}", False)) for i in range(4)]
-    threads.append(threading.Thread(target=client, args=("bad", True)))
+    threads = [threading.Thread(target=client, args=(f"good{i}", i + 1, False)) for i in range(4)]
+    threads.append(threading.Thread(target=client, args=("bad", 5, True)))
     for t in threads:
         t.start()
     for t in threads:
