@@ -12,7 +12,6 @@ from payscope.instrumentation.redaction import (
     redact_any,
     redact_attributes,
     redact_text,
-    redact_value,
 )
 from payscope.model import LogRecord, Span
 
@@ -41,4 +40,4 @@ def redact_log(record: LogRecord) -> LogRecord:
 
 
 __all__ = ["REDACTED", "is_card_number", "is_secret_key", "luhn_valid", "may_need_redaction", "redact_any",
-           "redact_attributes", "redact_log", "redact_span", "redact_text", "redact_value"]
+           "redact_attributes", "redact_log", "redact_span", "redact_text"]

@@ -198,10 +198,6 @@ def redact_any(value: Any, key: str = "") -> Any:
     return value
 
 
-def redact_value(key: str, value: Any) -> Any:
-    return redact_any(value, key)
-
-
 def redact_attributes(attrs: Any) -> dict[str, Any]:
     """A copy of ``attrs`` that is safe to store: keys masked where they hold a number, secret values masked."""
     out: dict[str, Any] = {}
@@ -211,11 +207,6 @@ def redact_attributes(attrs: Any) -> dict[str, Any]:
         else:
             out[redact_text(k)] = redact_any(v, k)
     return out
-
-
-def may_hold_secret_text(text: str) -> bool:
-    """False when a string surely holds nothing :func:`redact_text` would change."""
-    return bool(_MAYBE_PAN.search(text)) or any(word in text.lower() for word in _WORDS)
 
 
 # Anything in a raw request that could need masking in its strings; a request without any skips the

@@ -648,7 +648,7 @@ def main() -> None:
     except PayscopeError as exc:
         err.print(f"payscope: error: {exc}", markup=False)
         sys.exit(2)
-    except _click_errors() as exc:
+    except _ClickException as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command or group: its help
             command.main(args=[*sys.argv[1:], "--help"], prog_name="payscope")
         ctx = getattr(exc, "ctx", None)
@@ -667,7 +667,3 @@ def main() -> None:
         sys.exit(1)
     if isinstance(code, int) and code:
         sys.exit(code)
-
-
-def _click_errors() -> type[Any]:
-    return _ClickException
