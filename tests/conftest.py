@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from payscope.collector.store import Store, open_store
-from tests.helpers import CollectorProcess
+from tests.helpers import CapturingHandler, CollectorProcess, serving
 
 
 @pytest.fixture()
@@ -41,3 +41,12 @@ def collector(store_path: Path) -> Iterator[CollectorProcess]:
     proc = CollectorProcess(store_path)
     yield proc
     proc.stop()
+
+
+@pytest.fixture()
+def capture() -> Iterator[str]:
+    """The URL of a plain HTTP server standing in for the collector; what it was sent is in
+    ``CapturingHandler.bodies``."""
+    CapturingHandler.bodies = []
+    with serving(CapturingHandler) as url:
+        yield url

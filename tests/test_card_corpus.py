@@ -11,25 +11,20 @@ checked), and through `payscope ingest logs`.
 
 from __future__ import annotations
 
-import gzip
-import http.server
 import json
 import os
 import random
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from google.protobuf.internal.encoder import _VarintBytes  # type: ignore[attr-defined]
 
 from payscope.collector.store import open_store
 from tests.cards import card_numbers, ordinary_numbers, spelled, written_forms
-from tests.helpers import CollectorProcess, free_port, payscope
+from tests.helpers import CapturingHandler, CollectorProcess, payscope
 
 EMITTER = Path(__file__).parent / "services" / "card_emitter.py"
 PANS_PER_SPAN = 12
@@ -125,37 +120,6 @@ def test_a_plain_sdk_sends_card_numbers_and_none_is_stored_or_shown(tmp_path: Pa
     _check_ordinary(store_path, kept)
 
 
-class _Capture(http.server.BaseHTTPRequestHandler):
-    """A plain HTTP server standing in for the collector, keeping the exact bytes it is sent."""
-
-    bodies: list[bytes] = []
-
-    def do_POST(self) -> None:  # noqa: N802
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        _Capture.bodies.append(body)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture()
-def capture() -> Iterator[str]:
-    _Capture.bodies = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Capture)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_payscope_run_lets_no_card_number_leave_the_program(tmp_path: Path, capture: str) -> None:
     corpus, pans, _ = _corpus(2)
     (tmp_path / "corpus.json").write_text(json.dumps(corpus))
@@ -167,7 +131,7 @@ def test_payscope_run_lets_no_card_number_leave_the_program(tmp_path: Path, capt
     assert done.returncode == 0 and "emitted 200" in done.stdout, done.stderr
     deadline = time.monotonic() + 20
     def sent_so_far() -> bytes:
-        return b"".join(_Capture.bodies)
+        return b"".join(CapturingHandler.bodies)
 
     while time.monotonic() < deadline and (sent_so_far().count(b"charging card") < SPANS
                                            or sent_so_far().count(b"tokenize ") < SPANS):

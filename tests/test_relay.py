@@ -3,20 +3,16 @@ program produced, masks secrets before they leave the program, and goes away wit
 
 from __future__ import annotations
 
-import gzip
-import http.server
 import os
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from payscope.collector.store import open_store
-from tests.helpers import CollectorProcess, free_port
+from tests.helpers import CapturingHandler, CollectorProcess
 
 SCRIPT = """
 import logging, os, sys
@@ -88,43 +84,12 @@ def test_in_process_export_still_works_when_asked_for(tmp_path: Path, collector:
     assert _wait_for(there)
 
 
-class _Capture(http.server.BaseHTTPRequestHandler):
-    bodies: list[bytes] = []
-
-    def do_POST(self) -> None:  # noqa: N802 - the stdlib's name
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        if self.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
-        type(self).bodies.append(body)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/x-protobuf")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@pytest.fixture()
-def capture() -> Iterator[str]:
-    """A plain HTTP server standing in for the collector, keeping the exact bytes it is sent."""
-    _Capture.bodies = []
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _Capture)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 @pytest.mark.parametrize("mode", ["relay", "inprocess"])
 def test_card_numbers_cvvs_and_credentials_never_leave_the_program(tmp_path: Path, capture: str, mode: str) -> None:
     done = _run(tmp_path, capture, 3, PAYSCOPE_EXPORT=mode)
     assert done.returncode == 0, done.stderr
-    assert _wait_for(lambda: len(_Capture.bodies) >= 2)  # spans and log records
-    sent = b"".join(_Capture.bodies)
+    assert _wait_for(lambda: len(CapturingHandler.bodies) >= 2)  # spans and log records
+    sent = b"".join(CapturingHandler.bodies)
     assert b"charging o-2" in sent and b"order_id" in sent  # what was sent is readable ...
     for secret in (b"4111111111111111", b"4111 1111 1111 1111", b"s3cr3t-t0ken", b"cvv=123"):
         assert secret not in sent, secret  # ... and the secrets are not in it

@@ -7,7 +7,6 @@ import http.server
 import os
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from payscope.collector.store import open_store
-from tests.helpers import CollectorProcess, free_port, payscope_json
+from tests.helpers import CollectorProcess, payscope_json, serving
 
 SCRIPT = """
 import asyncio, sys
@@ -75,13 +74,8 @@ class _SlowTwice(http.server.BaseHTTPRequestHandler):
 @pytest.fixture()
 def slow_server() -> Iterator[str]:
     _SlowTwice.calls = 0
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _SlowTwice)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(_SlowTwice) as url:
+        yield url
 
 
 def test_tenacity_attempts_and_policy_are_on_each_client_span(tmp_path: Path, slow_server: str,
