@@ -218,11 +218,20 @@ def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
     keyed = next(f for f in failures if f["keys"])
     order_id = keyed["keys"][0]
     session = f"payscope-test-{int(time.time() * 1000)}"
-    cmd = f"{sys.executable} -m payscope tui --store {demo_store}"
-    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "140", "-y", "44", cmd], check=True)
+    # COLUMNS and LINES in the environment would win over the terminal's own size (shutil.get_terminal_size)
+    cmd = f"env -u COLUMNS -u LINES {sys.executable} -m payscope tui --store {demo_store}"
+    # A tmux server of the test's own, with no user config: a server already running on this machine (its
+    # options, an attached client of another size) would otherwise decide the size of the window.
+    tmux = ["tmux", "-L", session, "-f", "/dev/null"]
+    subprocess.run([*tmux, "new-session", "-d", "-s", session, "-x", "140", "-y", "44", cmd], check=True)
+    subprocess.run([*tmux, "set-option", "-t", session, "window-size", "manual"], check=True)
+    subprocess.run([*tmux, "resize-window", "-t", session, "-x", "140", "-y", "44"], check=True)
+    size = subprocess.run([*tmux, "display-message", "-p", "-t", session, "#{pane_width}x#{pane_height}"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert size == "140x44", size  # the wide layout, where the log table has its "linked by" column
 
     def screen() -> str:
-        return subprocess.run(["tmux", "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
+        return subprocess.run([*tmux, "capture-pane", "-p", "-t", session], capture_output=True, text=True).stdout
 
     def wait_for(text: str, timeout: float = 20.0) -> str:
         deadline = time.monotonic() + timeout
@@ -234,7 +243,7 @@ def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
         raise AssertionError(f"{text!r} never appeared:\n{screen()}")
 
     def keys(*k: str) -> None:
-        subprocess.run(["tmux", "send-keys", "-t", session, *k], check=True)
+        subprocess.run([*tmux, "send-keys", "-t", session, *k], check=True)
 
     try:
         wait_for("failed transactions")
@@ -267,13 +276,13 @@ def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
         keys("q")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
-            alive = subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0
+            alive = subprocess.run([*tmux, "has-session", "-t", session], capture_output=True).returncode == 0
             if not alive:
                 break
             time.sleep(0.2)
         assert not alive, "q did not quit"
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        subprocess.run([*tmux, "kill-server"], capture_output=True)
 
 
 
