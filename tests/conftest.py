@@ -50,3 +50,22 @@ def capture() -> Iterator[str]:
     CapturingHandler.bodies = []
     with serving(CapturingHandler) as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def elasticsearch_node() -> Iterator[object]:
+    """One real Elasticsearch node for the session (tests/elastic.py); a provisioning failure fails loudly."""
+    from tests import elastic
+
+    with elastic.running(name="payscope-session") as node:
+        yield node
+
+
+@pytest.fixture()
+def es_url(elasticsearch_node: object) -> Iterator[str]:
+    """The node's URL as a payscope store, emptied of payscope's data before the test."""
+    from tests import elastic
+
+    assert isinstance(elasticsearch_node, elastic.Node)
+    elastic.wipe(elasticsearch_node)
+    yield elasticsearch_node.url.replace("http://", "es://")

@@ -24,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -175,6 +176,7 @@ def start(name: str = "payscope-test", *, port: int | None = None, settings: dic
         "path.data": str(workdir / "data"), "path.logs": str(workdir / "logs"),
         "discovery.type": "single-node", "xpack.security.enabled": "false", "xpack.ml.enabled": "false",
         "ingest.geoip.downloader.enabled": "false", "cluster.routing.allocation.disk.threshold_enabled": "false",
+        "action.destructive_requires_name": "false",  # lets a test wipe everything between tests
         **(settings or {}),
     }
     options = {k: v for k, v in options.items() if v != ""}  # an empty value drops a default (discovery.type)
@@ -214,6 +216,16 @@ def wait_ready(node: Node, timeout: float = 120.0, headers: dict[str, str] | Non
     node.stop()
     raise ProvisionError(f"Elasticsearch did not answer within {timeout:.0f} s: "
                          + node.log.read_text(errors="replace")[-2000:])
+
+
+def wipe(node: Node, headers: dict[str, str] | None = None) -> None:
+    """Delete every data stream and index a test may have made (templates and policies stay)."""
+    for path in ("/_data_stream/*?expand_wildcards=all", "/*,-.*?expand_wildcards=open,closed"):
+        try:
+            node.request("DELETE", path, headers=headers)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 404:
+                raise
 
 
 @contextmanager

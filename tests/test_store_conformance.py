@@ -13,15 +13,16 @@ from payscope.collector.store.embedded import SCHEMA_VERSION
 from payscope.errors import StoreError
 from payscope.model import STATUS_ERROR, STATUS_OK, LogRecord, Span
 
-BACKENDS = ["embedded"]
+BACKENDS = ["embedded", "elasticsearch"]
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Store]]:
     opened: list[Store] = []
+    url = str(tmp_path / "conformance.db") if request.param == "embedded" else request.getfixturevalue("es_url")
 
     def make() -> Store:
-        store = open_store(str(tmp_path / "conformance.db"))
+        store = open_store(url)
         opened.append(store)
         return store
 

@@ -20,11 +20,13 @@ def resolve_store_url(url: str | None) -> str:
 
 
 def open_store(url: str | None = None, *, readonly: bool = False) -> Store:
-    """Open the store named by ``url`` (a file path, or ``es://host:port``)."""
+    """Open the store named by ``url``: a file path, or ``es://host:port`` / ``https://host:port`` for
+    Elasticsearch (``?traces=INDEX&logs=INDEX`` reads another pipeline's indices)."""
     url = resolve_store_url(url)
     if url.startswith(("es://", "http://", "https://")):
-        raise StoreError(f"cannot open {url}: the Elasticsearch backend is not part of this "
-                         "version of payscope; use a file path for the embedded store")
+        from .elastic import ElasticStore
+
+        return ElasticStore(url, readonly=readonly)
     from .embedded import EmbeddedStore
 
     path = Path(url)
