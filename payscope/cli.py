@@ -36,9 +36,36 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 StoreOption = Annotated[
     Optional[str],
     typer.Option("--store", envvar="PAYSCOPE_STORE",
-                 help="Store: a file path (embedded, default ./payscope.db)."),
+                 help="Store: a file path (embedded, default ./payscope.db), or es://HOST:9200 / https://HOST:9200 "
+                      "(Elasticsearch; credentials from PAYSCOPE_ES_API_KEY or PAYSCOPE_ES_USERNAME and "
+                      "PAYSCOPE_ES_PASSWORD, CA from PAYSCOPE_ES_CA_FILE)."),
+]
+TracesIndexOption = Annotated[
+    Optional[str],
+    typer.Option("--traces-index", envvar="PAYSCOPE_ES_TRACES_INDEX", metavar="INDEX",
+                 help="Elasticsearch: read spans another pipeline wrote (traces-generic.otel-default)."),
+]
+LogsIndexOption = Annotated[
+    Optional[str],
+    typer.Option("--logs-index", envvar="PAYSCOPE_ES_LOGS_INDEX", metavar="INDEX",
+                 help="Elasticsearch: read logs another pipeline wrote (logs-generic.otel-default, filebeat-*)."),
 ]
 FormatOption = Annotated[str, typer.Option("--format", "-f", help="Output format: table or json.")]
+
+
+def _indices(store: str | None, traces_index: str | None, logs_index: str | None) -> str | None:
+    """The store URL with the indices to read, for Elasticsearch; a file path must not be given them."""
+    if not (traces_index or logs_index):
+        return store
+    from urllib.parse import urlencode
+
+    from payscope.collector.store import resolve_store_url
+
+    url = resolve_store_url(store)
+    if not url.startswith(("es://", "http://", "https://")):
+        raise PayscopeError("--traces-index and --logs-index need an Elasticsearch --store (es://HOST:9200)")
+    query = urlencode({k: v for k, v in (("traces", traces_index), ("logs", logs_index)) if v})
+    return url + ("&" if "?" in url else "?") + query
 
 
 def _version(value: bool) -> None:
@@ -278,6 +305,8 @@ def ingest_logs(
 @app.command()
 def logs(
     store: StoreOption = None,
+    traces_index: TracesIndexOption = None,
+    logs_index: LogsIndexOption = None,
     service: Annotated[Optional[str], typer.Option(help="Only this service.")] = None,
     trace: Annotated[Optional[str], typer.Option(help="Only lines linked to this trace id.")] = None,
     order: Annotated[Optional[str], typer.Option(help="Only lines of the transactions of this order/payment id.")
@@ -300,7 +329,7 @@ def logs(
     if limit < 0:
         raise PayscopeError(f"--limit {limit} must be 0 (all) or more")
     now = time.time_ns()
-    with open_store(store, readonly=True) as opened:
+    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         traces: list[str | None] = [trace.lower() if trace else None]
         if order:
             traces = list(opened.traces_by_key(order))
@@ -332,6 +361,8 @@ def logs(
 @app.command()
 def failures(
     store: StoreOption = None,
+    traces_index: TracesIndexOption = None,
+    logs_index: LogsIndexOption = None,
     since: Annotated[Optional[str], typer.Option(help="Only the last DURATION (30m, 1h, 2d), or from an ISO time.")
                      ] = None,
     outcome: Annotated[Optional[str], typer.Option(
@@ -358,7 +389,7 @@ def failures(
         raise PayscopeError(f"--outcome {outcome!r} is not one of {', '.join(FAILURE_OUTCOMES)}")
     since_ns = parse_since_ns(since, time.time_ns()) if since else None
     query = parse_search(search) if search else None
-    with open_store(store, readonly=True) as opened:
+    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         if query is None:
             rows = failure_rows(opened, load(opened), since_ns=since_ns, limit=limit or None, outcome=outcome,
                                 service=service)
@@ -385,6 +416,8 @@ def failures(
 def show(
     transaction: Annotated[str, typer.Argument(metavar="ID", help="Trace id, order id or payment id.")],
     store: StoreOption = None,
+    traces_index: TracesIndexOption = None,
+    logs_index: LogsIndexOption = None,
     output_format: FormatOption = "table",
 ) -> None:
     """One transaction: a waterfall of its spans with status and errors."""
@@ -393,7 +426,7 @@ def show(
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json"))
-    with open_store(store, readonly=True) as opened:
+    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         view = transaction_view(opened, load(opened), transaction)
     if output_format == "json":
         _emit_json(view)
@@ -408,6 +441,8 @@ def show(
 @app.command()
 def analyze(
     store: StoreOption = None,
+    traces_index: TracesIndexOption = None,
+    logs_index: LogsIndexOption = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table, json or markdown.")] = "table",
     fail_on: Annotated[Optional[str], typer.Option(
         "--fail-on", help="Exit 1 when a finding at or above this severity exists (low, medium, high, critical).")
@@ -423,7 +458,7 @@ def analyze(
     _check_format(output_format, ("table", "json", "markdown"))
     if fail_on is not None and fail_on not in SEVERITIES:
         raise PayscopeError(f"--fail-on {fail_on!r} is not one of {', '.join(SEVERITIES)}")
-    with open_store(store, readonly=True) as opened:
+    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         document = analysis_document(load(opened))
     if output_format == "json":
         _emit_json(document)
@@ -441,6 +476,8 @@ def compare(
     baseline: Annotated[Optional[str], typer.Option(
         help="The healthy window, FROM..TO (default: as long as the incident, just before it).")] = None,
     store: StoreOption = None,
+    traces_index: TracesIndexOption = None,
+    logs_index: LogsIndexOption = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table, json or markdown.")] = "table",
 ) -> None:
     """Which hop lost the time between a healthy window and an incident, and whether network or code."""
@@ -455,7 +492,7 @@ def compare(
     base = parse_window(baseline, "--baseline") if baseline else (2 * inc[0] - inc[1], inc[0])
     if base[0] < inc[1] and inc[0] < base[1]:
         raise PayscopeError("--baseline and --incident overlap: compare two separate windows")
-    with open_store(store, readonly=True) as opened:
+    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         document = compare_windows(load(opened, judge=False), base, inc)
     for label, window in (("baseline", document["baseline"]), ("incident", document["incident"])):
         if not window["entry_requests"]:
@@ -475,6 +512,8 @@ def compare(
 @recommend_app.command("timeouts")
 def recommend_timeouts(
     store: StoreOption = None,
+    traces_index: TracesIndexOption = None,
+    logs_index: LogsIndexOption = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table, json or yaml.")] = "table",
     simulate: Annotated[bool, typer.Option("--simulate", help="Replay recorded latencies under the "
                                            "current and recommended settings.")] = False,
@@ -487,7 +526,7 @@ def recommend_timeouts(
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "yaml"))
-    with open_store(store, readonly=True) as opened:
+    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         document = recommendation_document(load(opened), simulate=simulate)
     if output_format == "json":
         _emit_json(document)
@@ -500,11 +539,12 @@ def recommend_timeouts(
 # --- tui --------------------------------------------------------------------------
 
 @app.command()
-def tui(store: StoreOption = None) -> None:
+def tui(store: StoreOption = None, traces_index: TracesIndexOption = None,
+        logs_index: LogsIndexOption = None) -> None:
     """Walk failed transactions in the terminal: waterfall, logs, findings, edges and timeouts."""
     from payscope.tui.app import build
 
-    build(store).run()
+    build(_indices(store, traces_index, logs_index)).run()
 
 
 # --- demo --------------------------------------------------------------------------

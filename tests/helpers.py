@@ -80,7 +80,7 @@ def payscope_json(*args: str) -> Any:
 class CollectorProcess:
     """`payscope collect` in a child process on free ports; always stopped by the test."""
 
-    def __init__(self, store: Path, *, grpc: bool = True, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, store: Path | str, *, grpc: bool = True, extra: tuple[str, ...] = ()) -> None:
         self.store = store
         self.http_port = free_port()
         self.grpc_port = free_port() if grpc else None

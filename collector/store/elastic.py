@@ -188,6 +188,7 @@ class ElasticStore(Store):
         self._es = Elasticsearch(f"{scheme}://{parts.hostname}:{parts.port or 9200}", request_timeout=30,
                                  retry_on_timeout=True, max_retries=3, **auth)
         self._readonly = readonly
+        self._dirty = False
         self.traces_index = traces_index or query.get("traces") or env.get("PAYSCOPE_ES_TRACES_INDEX") or TRACES
         self.logs_index = logs_index or query.get("logs") or env.get("PAYSCOPE_ES_LOGS_INDEX") or LOGS
         self.foreign = self.traces_index != TRACES  # written by another pipeline: derive facts on read
@@ -221,7 +222,8 @@ class ElasticStore(Store):
         info = self._es.info()
         major = int(str(info["version"]["number"]).split(".")[0])
         if major < 8:
-            raise StoreError(f"Elasticsearch at {self.url} is version {info['version']['number']}; payscope needs 8 or 9")
+            raise StoreError(f"Elasticsearch at {self.url} is version {info['version']['number']}; "
+                             "payscope needs 8 or 9")
         health = self._es.cluster.health(timeout="5s")
         if health["status"] == "red":
             raise StoreError(f"the Elasticsearch cluster at {self.url} is red (unassigned primary shards): "
@@ -244,15 +246,26 @@ class ElasticStore(Store):
         for stream in (TRACES, LOGS):
             if not self._es.indices.exists(index=stream):
                 self._es.options(ignore_status=400).indices.create_data_stream(name=stream)
-        mapping = self._es.indices.get_mapping(index=TRACES)
-        for index, body in mapping.items():
+        existing = self._es.indices.get_mapping(index=TRACES)
+        for index, body in existing.items():
             found = body["mappings"].get("properties", {}).get("trace_id", {}).get("type")
             if found != "keyword":
                 raise StoreError(f"the index {index} maps trace_id as {found or 'nothing'}, not keyword: "
                                  "it was not made by payscope; pass --store with another cluster or remove it")
 
+    def _refreshed(self) -> None:
+        """Read this process' own writes: what it wrote is made visible before it reads. Other readers see
+        a write within the refresh interval (1 s)."""
+        if self._dirty:
+            self._dirty = False
+            self._call(self._es.indices.refresh, "refresh", index=f"{TRACES},{LOGS},{META},{KEYS}",
+                       ignore_unavailable=True, allow_no_indices=True)
+
     def close(self) -> None:
-        self._es.close()
+        try:
+            self._refreshed()
+        finally:
+            self._es.close()
 
     # --- writing ---------------------------------------------------------------------
     def _bulk(self, actions: list[dict[str, Any]]) -> int:
@@ -261,7 +274,8 @@ class ElasticStore(Store):
         new = 0
         for i in range(0, len(actions), 2 * _BULK_DOCS):
             chunk = actions[i:i + 2 * _BULK_DOCS]
-            result = self._call(self._es.bulk, "write", operations=chunk, refresh="wait_for")
+            result = self._call(self._es.bulk, "write", operations=chunk)
+            self._dirty = True
             failed = []
             for item in result["items"]:
                 outcome = next(iter(item.values()))
@@ -303,6 +317,7 @@ class ElasticStore(Store):
         ids = [str(i) for i in changes]
         for start in range(0, len(ids), _BULK_DOCS):
             chunk = ids[start:start + _BULK_DOCS]
+            self._refreshed()
             found = self._call(self._es.search, "read", index=LOGS, query={"ids": {"values": chunk}},
                                size=len(chunk), source=False)
             actions: list[dict[str, Any]] = []
@@ -310,7 +325,8 @@ class ElasticStore(Store):
                 actions += [{"update": {"_index": hit["_index"], "_id": hit["_id"]}},
                             {"doc": changes[int(hit["_id"])]}]
             if actions:
-                result = self._call(self._es.bulk, "write", operations=actions, refresh="wait_for")
+                result = self._call(self._es.bulk, "write", operations=actions)
+                self._dirty = True
                 if result.get("errors"):
                     raise StoreError(f"Elasticsearch at {self.url} refused a change of log records")
 
@@ -329,15 +345,18 @@ class ElasticStore(Store):
             self._bulk(actions)
 
     def set_meta(self, key: str, value: str) -> None:
-        self._call(self._es.index, "write", index=META, id=key, document={"value": value}, refresh="wait_for")
+        self._call(self._es.index, "write", index=META, id=key, document={"value": value})
+        self._dirty = True
 
     def get_meta(self, key: str) -> str | None:
+        self._refreshed()
         found = self._call(self._es.options(ignore_status=404).get, "read", index=META, id=key)
         return str(found["_source"]["value"]) if found.get("found") else None
 
     # --- reading spans ---------------------------------------------------------------
     def _search(self, index: str, **body: Any) -> dict[str, Any]:
         """One search; an index that does not exist yet holds nothing."""
+        self._refreshed()
         result = dict(self._call(self._es.options(ignore_status=404).search, "read", index=index,
                                  ignore_unavailable=True, allow_no_indices=True, **body))
         if "hits" not in result:
@@ -361,6 +380,7 @@ class ElasticStore(Store):
 
     def _span_hits(self, query: dict[str, Any], sort: list[Any] | None = None) -> Iterator[dict[str, Any]]:
         """Every span document matching ``query``, paged with a point in time and search_after."""
+        self._refreshed()
         pit = self._call(self._es.open_point_in_time, "read", index=self.traces_index, keep_alive="1m",
                          ignore_unavailable=True)["id"]
         after: list[Any] | None = None
@@ -420,7 +440,8 @@ class ElasticStore(Store):
             "root": {"filter": {"bool": {"must_not": {"exists": {"field": "parent_span_id"}}}},
                      "aggs": {"first": {"top_hits": {"size": 1, "sort": by_start,
                                                      "_source": ["name", "payscope.service", "resource"]}}}},
-            "earliest": {"top_hits": {"size": 1, "sort": by_start, "_source": ["name", "payscope.service", "resource"]}},
+            "earliest": {"top_hits": {"size": 1, "sort": by_start,
+                                      "_source": ["name", "payscope.service", "resource"]}},
             "error": {"filter": {"exists": {"field": "payscope.error_class"}},
                       "aggs": {"last": {"top_hits": {"size": 1, "sort": [{"payscope.start_ns": {"order": "desc"}}],
                                                      "_source": ["payscope.error_class", "payscope.service"]}}}},
@@ -635,12 +656,12 @@ def _span_doc(span: Span, row: SpanRow) -> dict[str, Any]:
 
 
 def _span_of(source: dict[str, Any]) -> Span:
-    mine = source.get("payscope") if isinstance(source.get("payscope"), dict) else {}
+    mine = _obj(source.get("payscope"))
     resource = _flat(_nested(source, "resource.attributes") or {})
     start = int(mine["start_ns"]) if "start_ns" in mine else parse_ns(source.get("@timestamp"))
     end = int(mine["end_ns"]) if "end_ns" in mine else start + int(source.get("duration") or 0)
     code, message = _status(source.get("status"))
-    events = source.get("events") if isinstance(source.get("events"), list) else []
+    events: list[dict[str, Any]] = source["events"] if isinstance(source.get("events"), list) else []
     return Span(str(source.get("trace_id", "")).lower(), str(source.get("span_id", "")).lower(),
                 str(source["parent_span_id"]).lower() if source.get("parent_span_id") else None,
                 str(mine.get("service") or resource.get("service.name") or "unknown"), str(source.get("name", "")),
@@ -695,7 +716,7 @@ def _log_doc(record: LogRecord, lid: int) -> dict[str, Any]:
 
 def _log_of(hit: dict[str, Any]) -> tuple[int, LogRecord]:
     source = hit["_source"]
-    mine = source.get("payscope") if isinstance(source.get("payscope"), dict) else {}
+    mine = _obj(source.get("payscope"))
     resource = _flat(_nested(source, "resource.attributes") or {})
     body = source.get("body")
     message = (body.get("text") if isinstance(body, dict) else body) or source.get("message") or ""
@@ -715,6 +736,10 @@ def _log_of(hit: dict[str, Any]) -> tuple[int, LogRecord]:
         trace_id=str(trace_id).lower() if trace_id else None, span_id=str(span_id).lower() if span_id else None,
         link_method=str(mine.get("link_method") or ("trace_id" if trace_id else "none")),
         link_confidence=float(mine.get("link_confidence") or (1.0 if trace_id else 0.0)))
+
+
+def _obj(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _any_field(fields: tuple[str, ...], value: str) -> dict[str, Any]:

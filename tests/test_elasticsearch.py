@@ -1,0 +1,246 @@
+"""The Elasticsearch backend against a real Elasticsearch 8.12.2 (tests/elastic.py): the same answers as the
+embedded store, real SDK exporters through two collectors, another pipeline's documents, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from payscope.collector.store import open_store
+from tests.helpers import CollectorProcess, free_port, payscope, payscope_json
+
+DATA = Path(__file__).parent / "data"
+SCENARIO = DATA / "scenarios" / "marketplace.otlp.jsonl.gz"
+OTEL_DEMO = DATA / "realdata" / "otel-demo_envoy15s_timeout_masked.otlp.json"
+
+
+def _json(*args: str) -> Any:
+    return payscope_json(*args)
+
+
+@pytest.fixture(scope="module")
+def both_stores(tmp_path_factory: pytest.TempPathFactory, elasticsearch_node: Any) -> tuple[str, str]:
+    """The same scenario imported into an embedded store and into Elasticsearch."""
+    from tests import elastic
+
+    elastic.wipe(elasticsearch_node)
+    embedded = str(tmp_path_factory.mktemp("emb") / "s.db")
+    es = elasticsearch_node.url.replace("http://", "es://")
+    for store in (embedded, es):
+        done = payscope("import", "traces", str(SCENARIO), "--store", store)
+        assert done.returncode == 0, done.stderr
+    return embedded, es
+
+
+@pytest.mark.parametrize("command", [
+    ("analyze",),
+    ("failures", "--limit", "0"),
+    ("failures", "--limit", "7", "--outcome", "timeout"),
+    ("recommend", "timeouts"),
+    ("compare", "--incident"),
+])
+def test_every_command_answers_as_on_the_embedded_store(both_stores: tuple[str, str], command: tuple[str, ...]) -> None:
+    embedded, es = both_stores
+    if command[-1] == "--incident":  # the second half of the data against the first
+        with open_store(embedded, readonly=True) as store:
+            starts = [t.start_ns for t in store.traces(limit=None)]
+        middle, last = (min(starts) + max(starts)) // 2 // 10**9, max(starts) // 10**9 + 1
+        command = (*command, f"{middle}..{last}")
+    assert _json(*command, "--store", es) == _json(*command, "--store", embedded)
+
+
+def test_show_a_failed_transaction_as_on_the_embedded_store(both_stores: tuple[str, str]) -> None:
+    embedded, es = both_stores
+    failed = _json("failures", "--limit", "3", "--store", embedded)["failures"]
+    assert failed
+    for f in failed:
+        assert _json("show", f["trace_id"], "--store", es) == \
+            _json("show", f["trace_id"], "--store", embedded)
+
+
+@pytest.mark.anyio
+async def test_the_tui_lists_and_opens_the_same_failures(both_stores: tuple[str, str]) -> None:
+    from payscope.tui.app import TransactionScreen, build
+
+    rows: dict[str, list[Any]] = {}
+    for store in both_stores:
+        app = build(store, refresh_seconds=3600)
+        async with app.run_test(size=(160, 45)) as pilot:
+            for _ in range(100):
+                await pilot.pause(0.1)
+                if app.screen.query_one("#failures").row_count:
+                    break
+            table = app.screen.query_one("#failures")
+            rows[store] = [table.get_row_at(i) for i in range(table.row_count)]
+            await pilot.press("enter")
+            for _ in range(100):
+                await pilot.pause(0.1)
+                if isinstance(app.screen, TransactionScreen) and app.screen.query("#findings"):
+                    break
+            assert isinstance(app.screen, TransactionScreen)
+    embedded, es = both_stores
+    assert rows[es] and [str(r) for r in rows[es]] == [str(r) for r in rows[embedded]]
+
+
+def test_two_collectors_with_sdk_exporters_store_each_span_once(es_url: str) -> None:
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.trace import SpanKind, Status, StatusCode
+
+    collectors = [CollectorProcess(es_url, grpc=False) for _ in range(2)]
+    try:
+        assert all("es://" in c.banner for c in collectors)
+        providers = []
+        for service, collector in (("checkout", collectors[0]), ("payment", collectors[1])):
+            provider = TracerProvider(resource=Resource.create({"service.name": service}))
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=f"{collector.http_url}/v1/traces"),
+                                                           max_export_batch_size=64))
+            providers.append(provider)
+        checkout, payment = (p.get_tracer("tests") for p in providers)
+        trace_ids = []
+        for i in range(120):
+            entry = {"http.route": "/checkout", "app.order.id": f"ord-{i}"}
+            with checkout.start_as_current_span("POST /checkout", kind=SpanKind.SERVER, attributes=entry) as root:
+                with checkout.start_as_current_span("POST", kind=SpanKind.CLIENT,
+                                                    attributes={"server.address": "payment"}) as client:
+                    with payment.start_as_current_span("POST /pay", kind=SpanKind.SERVER,
+                                                       attributes={"http.route": "/pay"}) as server:
+                        if i % 10 == 0:
+                            server.set_status(Status(StatusCode.ERROR, "card declined"))
+                    if i % 10 == 0:
+                        client.set_status(Status(StatusCode.ERROR, "card declined"))
+            trace_ids.append(format(root.get_span_context().trace_id, "032x"))
+        for provider in providers:
+            provider.shutdown()  # flushes: every export was acknowledged by its collector
+    finally:
+        for collector in collectors:
+            collector.stop()
+    with open_store(es_url, readonly=True) as store:
+        assert store.counts()["spans"] == 360
+        assert store.counts()["traces"] == 120
+        whole = store.trace(trace_ids[0])
+        assert [(s.service, s.kind) for s in whole] == [("checkout", "server"), ("checkout", "client"),
+                                                        ("payment", "server")]
+        failed = store.failed_traces(limit=None)
+        assert sorted(f.trace_id for f in failed) == sorted(trace_ids[::10])
+        assert store.traces_by_key("ord-7") == [trace_ids[7]]
+    # the same batch again (a retry after a lost acknowledgement) stores nothing twice
+    with open_store(es_url) as store:
+        assert store.write(whole) == (0, 0)
+
+
+def _otel_mode_doc(span: Any) -> dict[str, Any]:
+    """A span as the OpenTelemetry Collector's Elasticsearch exporter writes it in `otel` mapping mode."""
+    from payscope.collector.store.elastic import iso_ns
+
+    doc = {"@timestamp": iso_ns(span.start_ns), "trace_id": span.trace_id, "span_id": span.span_id,
+           "name": span.name, "kind": span.kind.capitalize(), "duration": span.end_ns - span.start_ns,
+           "status": {"code": {0: "Unset", 1: "Ok", 2: "Error"}[span.status_code]},
+           "attributes": span.attributes, "resource": {"attributes": span.resource},
+           "scope": {"name": "io.opentelemetry.demo"},
+           "data_stream": {"type": "traces", "dataset": "generic.otel", "namespace": "default"}}
+    if span.parent_id:
+        doc["parent_span_id"] = span.parent_id
+    if span.status_message:
+        doc["status"]["message"] = span.status_message
+    return doc
+
+
+# The mapping Elasticsearch 8.16+ gives the exporter's data streams (traces-otel@mappings), with its
+# `passthrough` attribute objects written as the `subobjects: false` objects that 8.12 has.
+_OTEL_TEMPLATE = {
+    "index_patterns": ["traces-generic.otel-*"], "data_stream": {}, "priority": 300,
+    "template": {"mappings": {
+        "dynamic_templates": [{"strings": {"match_mapping_type": "string",
+                                           "mapping": {"type": "keyword", "ignore_above": 1024}}}],
+        "properties": {
+            "@timestamp": {"type": "date_nanos"}, "trace_id": {"type": "keyword"}, "span_id": {"type": "keyword"},
+            "parent_span_id": {"type": "keyword"}, "name": {"type": "keyword"}, "kind": {"type": "keyword"},
+            "duration": {"type": "long"}, "attributes": {"type": "object", "subobjects": False},
+            "resource": {"properties": {"attributes": {"type": "object", "subobjects": False}}}}}},
+}
+# What Filebeat's index template maps the ECS fields a log line carries to.
+_ECS_MAPPING = {"properties": {
+    "@timestamp": {"type": "date"}, "message": {"type": "match_only_text"}, "trace.id": {"type": "keyword"},
+    "span.id": {"type": "keyword"}, "service.name": {"type": "keyword"}, "log.level": {"type": "keyword"},
+    "host.name": {"type": "keyword"}}}
+
+
+def test_another_pipelines_otel_traces_and_ecs_logs_are_read_and_analysed(es_url: str, tmp_path: Path,
+                                                                         elasticsearch_node: Any) -> None:
+    from elasticsearch import Elasticsearch
+    from elasticsearch.helpers import bulk
+
+    embedded = str(tmp_path / "expected.db")
+    assert payscope("import", "traces", str(OTEL_DEMO), "--store", embedded).returncode == 0
+    with open_store(embedded, readonly=True) as store:
+        spans = [s for t in store.traces(limit=None) for s in store.trace(t.trace_id)]
+        failed = store.failed_traces(limit=None)
+    client = Elasticsearch(elasticsearch_node.url)
+    client.indices.put_index_template(name="otel-like", **_OTEL_TEMPLATE)
+    bulk(client, ({"_op_type": "create", "_index": "traces-generic.otel-default", "_source": _otel_mode_doc(s)}
+                  for s in spans), refresh="wait_for")
+    client.indices.create(index="filebeat-8.12.2", mappings=_ECS_MAPPING)
+    lines = [{"@timestamp": f.start_ns // 1_000_000, "message": f"upstream request timeout for {f.trace_id[:8]}",
+              "trace": {"id": f.trace_id}, "service": {"name": f.root_service}, "log": {"level": "ERROR"}}
+             for f in failed]
+    bulk(client, ({"_index": "filebeat-8.12.2", "_source": line} for line in lines), refresh="wait_for")
+    client.close()
+
+    foreign = ("--store", es_url, "--traces-index", "traces-generic.otel-default", "--logs-index", "filebeat-*")
+    assert _json("analyze", *foreign) == _json("analyze", "--store", embedded)
+    listed = _json("failures", "--limit", "0", *foreign)["failures"]
+    assert [f["trace_id"] for f in listed] == \
+        [f["trace_id"] for f in _json("failures", "--limit", "0", "--store", embedded)["failures"]]
+    shown = payscope("show", failed[0].trace_id, *foreign, check=True).stdout
+    assert f"upstream request timeout for {failed[0].trace_id[:8]}" in shown
+    refused = payscope("import", "traces", str(SCENARIO), "--store", es_url + "?traces=traces-generic.otel-default")
+    assert refused.returncode == 2 and "own data streams" in refused.stderr
+
+
+@pytest.mark.parametrize("store, said", [
+    ("es://", "no host"),
+    (f"es://127.0.0.1:{free_port()}", "connection refused"),
+    ("es://no-such-host.invalid:9200", "cannot reach Elasticsearch"),
+])
+def test_a_store_that_cannot_be_used_is_one_line_and_exit_2(store: str, said: str) -> None:
+    done = payscope("failures", "--store", store)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) <= 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_credentials_in_the_url_are_never_shown(elasticsearch_node: Any) -> None:
+    port = free_port()
+    done = payscope("failures", "--store", f"https://admin:hunter2-secret@127.0.0.1:{port}")
+    assert done.returncode == 2 and "hunter2" not in done.stderr + done.stdout, done.stderr
+
+
+def test_an_index_with_an_incompatible_mapping_is_named(elasticsearch_node: Any, es_url: str) -> None:
+    from elasticsearch import Elasticsearch
+
+    client = Elasticsearch(elasticsearch_node.url)
+    client.indices.put_index_template(name="someone-elses", index_patterns=["traces-payscope.otel-*"],
+                                      data_stream={}, priority=900,
+                                      template={"mappings": {"properties": {"trace_id": {"type": "long"}}}})
+    try:
+        done = payscope("import", "traces", str(SCENARIO), "--store", es_url)
+        assert done.returncode == 2 and "maps trace_id as long" in done.stderr, done.stderr
+    finally:
+        client.indices.delete_index_template(name="someone-elses")
+        client.close()
+
+
+def test_the_collector_refuses_an_unreachable_elasticsearch_at_start() -> None:
+    done = subprocess.run([sys.executable, "-m", "payscope", "collect", "--store", f"es://127.0.0.1:{free_port()}",
+                           "--http", f"127.0.0.1:{free_port()}", "--grpc", "off"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "connection refused" in done.stderr and "Traceback" not in done.stderr
+    assert json.dumps(done.stderr).count("\\n") <= 2
