@@ -140,6 +140,9 @@ def collect(
              "listen on any address but this machine's.")] = None,
     tls_cert: Annotated[Optional[Path], typer.Option(help="TLS certificate (PEM), with --tls-key.")] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help="TLS private key (PEM), with --tls-cert.")] = None,
+    spool: Annotated[Optional[Path], typer.Option(
+        help="Elasticsearch only: where acknowledged batches wait while Elasticsearch cannot take them, "
+             "at most 1 GiB (default ~/.cache/payscope/spool).")] = None,
 ) -> None:
     """Receive OTLP spans and logs (HTTP and gRPC) and store them until stopped (Ctrl-C)."""
     from payscope.collector.service import Access, read_token, run_collector
@@ -152,7 +155,7 @@ def collect(
     for option, value in (("--http", http_at), ("--grpc", grpc_at)):  # refused before the store is made
         if value:
             access.check(parse_listen(value, option)[0], option)
-    with open_store(store) as opened:
+    with open_store(store, spool=spool or Path.home() / ".cache" / "payscope" / "spool") as opened:
         run_collector(opened, http_at, grpc_at, access)
 
 

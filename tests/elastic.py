@@ -218,6 +218,14 @@ def wait_ready(node: Node, timeout: float = 120.0, headers: dict[str, str] | Non
                          + node.log.read_text(errors="replace")[-2000:])
 
 
+def restart(node: Node) -> None:
+    """Start a stopped node again on its port, with its data (the same Node object goes on working)."""
+    settings = {k: v for k, v in node.extra.items() if k not in ("transport.port",)}
+    again = start(settings["cluster.name"], port=int(settings["http.port"]), settings=settings,
+                  workdir=node.workdir)
+    node.process, node.transport_port, node.log = again.process, again.transport_port, again.log
+
+
 def wipe(node: Node, headers: dict[str, str] | None = None) -> None:
     """Delete every data stream and index a test may have made (templates and policies stay)."""
     for path in ("/_data_stream/*?expand_wildcards=all", "/*,-.*?expand_wildcards=open,closed"):

@@ -244,3 +244,84 @@ def test_the_collector_refuses_an_unreachable_elasticsearch_at_start() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "connection refused" in done.stderr and "Traceback" not in done.stderr
     assert json.dumps(done.stderr).count("\\n") <= 2
+
+
+def _request(trace: int, spans: int = 5) -> bytes:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = ExportTraceServiceRequest()
+    resource_spans = request.resource_spans.add()
+    attr = resource_spans.resource.attributes.add()
+    attr.key, attr.value.string_value = "service.name", "checkout"
+    scope = resource_spans.scope_spans.add()
+    start = 1_764_590_000_000_000_000 + trace * 1_000_000
+    for i in range(spans):
+        span = scope.spans.add(trace_id=trace.to_bytes(16, "big"), span_id=(i + 1).to_bytes(8, "big"),
+                               name="POST /checkout", kind=2 if i == 0 else 3,
+                               start_time_unix_nano=start + i, end_time_unix_nano=start + 1_000_000 - i)
+        if i:
+            span.parent_span_id = (1).to_bytes(8, "big")
+    return request.SerializeToString()
+
+
+def test_elasticsearch_stopped_under_load_loses_nothing_acknowledged(es_url: str, elasticsearch_node: Any,
+                                                                     tmp_path: Path) -> None:
+    """Elasticsearch is stopped while a client sends, and started again: the collector acknowledges from its
+    disk spool meanwhile, and every acknowledged span is stored once."""
+    import itertools
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests import elastic
+
+    spool = tmp_path / "spool"
+    collector = CollectorProcess(es_url, grpc=False, extra=("--spool", str(spool)))
+    acknowledged: list[int] = []
+    attempts = itertools.count(1)
+    refused = 0
+
+    def send(count: int) -> None:
+        nonlocal refused
+        for _ in range(count):
+            trace = next(attempts)
+            req = urllib.request.Request(f"{collector.http_url}/v1/traces", data=_request(trace), method="POST",
+                                         headers={"Content-Type": "application/x-protobuf"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as response:
+                    assert response.status == 200
+                acknowledged.append(trace)
+            except urllib.error.HTTPError:
+                refused += 1  # not acknowledged: the client would retry it; it need not be stored
+            time.sleep(0.01)
+
+    outage = threading.Event()
+
+    def send_during_outage() -> None:
+        while not outage.is_set() and len(acknowledged) < 5_000:  # bounded
+            send(1)
+
+    try:
+        send(60)
+        elasticsearch_node.stop()
+        sender = threading.Thread(target=send_during_outage, daemon=True)
+        sender.start()
+        time.sleep(3)
+        spooled = len(list(spool.glob("*.batch*")))
+        elastic.restart(elasticsearch_node)
+        outage.set()
+        sender.join(timeout=60)
+        send(60)
+        deadline = time.monotonic() + 90
+        while list(spool.glob("*.batch*")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not list(spool.glob("*.batch*")), "the spool was not replayed"
+    finally:
+        collector.stop()
+    assert spooled > 0, "nothing was spooled while Elasticsearch was down"
+    with open_store(es_url, readonly=True) as store:
+        counts = store.counts()
+        assert counts["spans"] == 5 * len(acknowledged), (counts, len(acknowledged), refused)
+        assert sorted(store.known_traces([f"{t:032x}" for t in acknowledged])) == \
+            sorted(f"{t:032x}" for t in acknowledged)

@@ -19,14 +19,15 @@ def resolve_store_url(url: str | None) -> str:
     return url or os.environ.get("PAYSCOPE_STORE") or DEFAULT_STORE
 
 
-def open_store(url: str | None = None, *, readonly: bool = False) -> Store:
+def open_store(url: str | None = None, *, readonly: bool = False, spool: Path | None = None) -> Store:
     """Open the store named by ``url``: a file path, or ``es://host:port`` / ``https://host:port`` for
-    Elasticsearch (``?traces=INDEX&logs=INDEX`` reads another pipeline's indices)."""
+    Elasticsearch (``?traces=INDEX&logs=INDEX`` reads another pipeline's indices). ``spool``: where a
+    collector keeps acknowledged batches while Elasticsearch cannot take them (the embedded store needs none)."""
     url = resolve_store_url(url)
     if url.startswith(("es://", "http://", "https://")):
         from .elastic import ElasticStore
 
-        return ElasticStore(url, readonly=readonly)
+        return ElasticStore(url, readonly=readonly, spool=spool)
     from .embedded import EmbeddedStore
 
     path = Path(url)

@@ -27,8 +27,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
+import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -38,6 +41,7 @@ from payscope.model import STATUS_ERROR, STATUS_OK, STATUS_UNSET, EncodedSpan, L
 
 from .api import LogQuery, Store, UnsupportedError
 from .codec import decode_body
+from .spool import Spool
 
 TRACES = "traces-payscope.otel-default"
 LOGS = "logs-payscope.otel-default"
@@ -90,6 +94,10 @@ _LOG_MAPPING: dict[str, Any] = {
         }},
     },
 }
+
+
+class UnavailableError(StoreError):
+    """Elasticsearch cannot take the write now (unreachable, overloaded, no primary): worth trying again."""
 
 
 def iso_ns(ns: int) -> str:
@@ -165,7 +173,7 @@ class ElasticStore(Store):
     """A :class:`Store` in Elasticsearch 8 or 9 (see the module docstring)."""
 
     def __init__(self, url: str, *, readonly: bool = False, traces_index: str | None = None,
-                 logs_index: str | None = None) -> None:
+                 logs_index: str | None = None, spool: Path | None = None) -> None:
         from elasticsearch import Elasticsearch
 
         parts = urlsplit(url)
@@ -197,6 +205,13 @@ class ElasticStore(Store):
         self._call(self._check, "connect to")
         if not readonly and not self.foreign:
             self._call(self._install, "set up")
+        self._spool: Spool | None = None
+        self._stop = threading.Event()
+        self._replayer: threading.Thread | None = None
+        if spool is not None and not readonly:
+            self._spool = Spool(spool)
+            self._replayer = threading.Thread(target=self._replay, name="payscope-es-replay", daemon=True)
+            self._replayer.start()
 
     # --- connection and layout -------------------------------------------------------
     def _call(self, fn: Any, doing: str, *args: Any, **kwargs: Any) -> Any:
@@ -213,10 +228,11 @@ class ElasticStore(Store):
             if status == 403:
                 raise StoreError(f"Elasticsearch at {self.url} does not allow this user to {doing} "
                                  f"payscope's indices (403: {_reason(exc)})") from None
-            raise StoreError(f"Elasticsearch at {self.url} could not {doing} payscope's data "
-                             f"({status}: {_reason(exc)})") from None
+            kind = UnavailableError if status == 429 or status >= 500 else StoreError
+            raise kind(f"Elasticsearch at {self.url} could not {doing} payscope's data "
+                       f"({status}: {_reason(exc)})") from None
         except TransportError as exc:
-            raise StoreError(f"cannot reach Elasticsearch at {self.url}: {_transport_reason(exc)}") from None
+            raise UnavailableError(f"cannot reach Elasticsearch at {self.url}: {_transport_reason(exc)}") from None
 
     def _check(self) -> None:
         info = self._es.info()
@@ -262,10 +278,36 @@ class ElasticStore(Store):
                        ignore_unavailable=True, allow_no_indices=True)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._replayer is not None:
+            self._replayer.join(timeout=60)
+            self._replayer = None
         try:
             self._refreshed()
+        except StoreError:
+            pass  # nothing to make visible can be made visible: the spool keeps what is not yet stored
         finally:
             self._es.close()
+
+    def _replay(self) -> None:
+        """Send spooled batches as soon as Elasticsearch takes them again."""
+        assert self._spool is not None
+        while not self._stop.wait(1.0):
+            for claimed, body in self._spool.claim():
+                actions = [json.loads(line) for line in body.splitlines() if line]
+                try:
+                    self._bulk(actions)
+                except UnavailableError:
+                    self._spool.give_back(claimed)
+                    break
+                except StoreError as exc:  # it will never be stored: kept aside, and said, not dropped
+                    os.replace(claimed, claimed.with_name(claimed.name.split(".claimed.")[0] + ".rejected"))
+                    print(f"payscope: a spooled batch was refused and kept in {claimed.parent}: {exc}",
+                          file=sys.stderr)
+                    continue
+                self._spool.done(claimed)
+                if self._stop.is_set():
+                    return
 
     # --- writing ---------------------------------------------------------------------
     def _bulk(self, actions: list[dict[str, Any]]) -> int:
@@ -286,8 +328,10 @@ class ElasticStore(Store):
                     failed.append(outcome)
             if failed:
                 error = failed[0].get("error", {})
-                raise StoreError(f"Elasticsearch at {self.url} refused {len(failed)} documents "
-                                 f"({error.get('type', 'error')}: {str(error.get('reason', ''))[:200]})")
+                retry = all(f.get("status", 500) == 429 or f.get("status", 500) >= 500 for f in failed)
+                raise (UnavailableError if retry else StoreError)(
+                    f"Elasticsearch at {self.url} refused {len(failed)} documents "
+                    f"({error.get('type', 'error')}: {str(error.get('reason', ''))[:200]})")
         return new
 
     def write(self, spans: Iterable[Span | EncodedSpan] = (),
@@ -303,13 +347,19 @@ class ElasticStore(Store):
             else:
                 span, row = item, semconv.row_of(item)
             actions += [{"create": {"_index": TRACES, "_id": f"{row.trace_id}-{row.span_id}"}}, _span_doc(span, row)]
-        new_spans = self._bulk(actions) if actions else 0
-        actions = []
+        log_actions: list[dict[str, Any]] = []
         for record in logs:
             lid = log_id(record)
-            actions += [{"create": {"_index": LOGS, "_id": str(lid)}}, _log_doc(record, lid)]
-        new_logs = self._bulk(actions) if actions else 0
-        return new_spans, new_logs
+            log_actions += [{"create": {"_index": LOGS, "_id": str(lid)}}, _log_doc(record, lid)]
+        try:
+            return (self._bulk(actions) if actions else 0), (self._bulk(log_actions) if log_actions else 0)
+        except UnavailableError:
+            if self._spool is None:
+                raise
+            # acknowledged once on disk; sent when Elasticsearch is back (how many were new is not known)
+            self._spool.put(b"".join(json.dumps(a, separators=(",", ":")).encode() + b"\n"
+                                     for a in actions + log_actions))
+            return len(actions) // 2, len(log_actions) // 2
 
     def _update_logs(self, changes: dict[int, dict[str, Any]]) -> None:
         if self.foreign_logs:
