@@ -428,7 +428,16 @@ class ElasticStore(Store):
                 "def f = doc['resource.attributes.service.name']; if (f.size() > 0) emit(f.value)"}},
         }
 
-    def _span_hits(self, query: dict[str, Any], sort: list[Any] | None = None) -> Iterator[dict[str, Any]]:
+    def _row_source(self) -> list[str]:
+        """What a row needs of a document: payscope's derived facts, or for another pipeline's documents the
+        attributes to derive them from (never the events and resources a whole span carries)."""
+        base = ["trace_id", "span_id", "parent_span_id", "name", "kind", "status"]
+        if self.foreign:
+            return [*base, "@timestamp", "duration", "attributes", "resource.attributes.service.name"]
+        return [*base, "payscope"]
+
+    def _span_hits(self, query: dict[str, Any], sort: list[Any] | None = None,
+                   source: list[str] | None = None) -> Iterator[dict[str, Any]]:
         """Every span document matching ``query``, paged with a point in time and search_after."""
         self._refreshed()
         pit = self._call(self._es.open_point_in_time, "read", index=self.traces_index, keep_alive="1m",
@@ -440,6 +449,8 @@ class ElasticStore(Store):
                                         "sort": (sort or []) + [{"_shard_doc": "asc"}], "track_total_hits": False}
                 if self._runtime():
                     body["runtime_mappings"] = self._runtime()
+                if source is not None:
+                    body["_source"] = source
                 if after is not None:
                     body["search_after"] = after
                 result = self._call(self._es.search, "read", **body)
@@ -455,9 +466,9 @@ class ElasticStore(Store):
             except Exception:  # noqa: BLE001 - the point in time expires by itself
                 pass
 
-    def _spans_of(self, trace_ids: list[str]) -> list[tuple[Span, SpanRow]]:
+    def _spans_of(self, trace_ids: list[str], source: list[str] | None = None) -> list[tuple[Span, SpanRow]]:
         out = []
-        for hit in self._span_hits({"terms": {"trace_id": trace_ids}}):
+        for hit in self._span_hits({"terms": {"trace_id": trace_ids}}, source=source):
             out.append(self._span_and_row(hit["_source"]))
         out.sort(key=lambda pair: (pair[0].start_ns, pair[0].span_id))
         return out
@@ -472,7 +483,7 @@ class ElasticStore(Store):
         return [span for span, _ in self._spans_of([trace_id.lower()])]
 
     def trace_rows(self, trace_id: str) -> list[SpanRow]:
-        return [row for _, row in self._spans_of([trace_id.lower()])]
+        return [row for _, row in self._spans_of([trace_id.lower()], self._row_source())]
 
     def _failed_query(self) -> dict[str, Any]:
         return {"bool": {"should": [{"terms": {"status.code": _ERROR_CODES}},
@@ -563,7 +574,7 @@ class ElasticStore(Store):
     def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
         batch: list[SpanRow] = []
         sort = [{"trace_id": "asc"}, {"payscope.start_ns": "asc"}]
-        for hit in self._span_hits({"match_all": {}}, sort):
+        for hit in self._span_hits({"match_all": {}}, sort, self._row_source()):
             batch.append(self._span_and_row(hit["_source"])[1])
             if len(batch) >= batch_size:
                 yield batch
@@ -581,7 +592,7 @@ class ElasticStore(Store):
             self._server_query(), {"term": {"payscope.service": service}},
             {"range": {"payscope.start_ns": {"gte": time_ns - longest_ns, "lte": time_ns + slack_ns}}},
             {"range": {"payscope.end_ns": {"gte": time_ns - slack_ns}}}]}}
-        return [self._span_and_row(hit["_source"])[1] for hit in self._span_hits(query)]
+        return [self._span_and_row(hit["_source"])[1] for hit in self._span_hits(query, source=self._row_source())]
 
     def traces_by_keys(self, keys: list[str]) -> dict[str, list[str]]:
         out: dict[str, set[str]] = {}
