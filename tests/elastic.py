@@ -12,6 +12,7 @@ runs it; ML is switched off). Its licence is not ours to ship: nothing of it ent
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -19,6 +20,7 @@ import pwd
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tarfile
@@ -129,13 +131,16 @@ class Node:
     transport_port: int
     log: Path
     extra: dict[str, str] = field(default_factory=dict)
+    ca: Path | None = None  # a node with TLS: the CA that signed its certificate
+    headers: dict[str, str] = field(default_factory=dict)  # a node with security: how to log in
 
     def request(self, method: str, path: str, body: object | None = None, *,
                 headers: dict[str, str] | None = None, timeout: float = 10.0) -> object:
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **(headers or {})})
-        with urllib.request.urlopen(req, timeout=timeout) as response:  # noqa: S310 - 127.0.0.1 only
+                                     headers={"Content-Type": "application/json", **self.headers, **(headers or {})})
+        context = ssl.create_default_context(cafile=str(self.ca)) if self.ca else None
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as response:  # noqa: S310
             return json.loads(response.read() or b"null")
 
     def stop(self, *, hard: bool = False) -> None:
@@ -149,12 +154,21 @@ class Node:
 
 
 def start(name: str = "payscope-test", *, port: int | None = None, settings: dict[str, str] | None = None,
-          workdir: Path | None = None, wait: bool = True, heap: str = "512m") -> Node:
-    """Start a node on 127.0.0.1 with its config, data and logs in ``workdir`` (a fresh one by default)."""
+          workdir: Path | None = None, wait: bool = True, heap: str = "512m", secure: bool = False,
+          users: dict[str, str] | None = None) -> Node:
+    """Start a node on 127.0.0.1 with its config, data and logs in ``workdir`` (a fresh one by default).
+    ``secure``: security on as in a real cluster, TLS on HTTP with a CA of its own, and ``users`` (name ->
+    password, superusers) in the file realm."""
     home = provision()
     owner = _run_as()
     workdir = workdir or Path(tempfile.mkdtemp(prefix="payscope-es-"))
     conf = workdir / "config"
+    fresh = not conf.exists()
+    if secure:
+        settings = {"xpack.security.enabled": "true", "xpack.security.http.ssl.enabled": "true",
+                    "xpack.security.http.ssl.key": "certs/node.key",
+                    "xpack.security.http.ssl.certificate": "certs/node.crt",
+                    "xpack.security.http.ssl.certificate_authorities": "certs/ca.crt", **(settings or {})}
     if not conf.exists():
         shutil.copytree(home / "config", conf)
         # the JVM runs in ES_HOME, which the node's user cannot write: its GC log, heap dumps and error files
@@ -164,6 +178,14 @@ def start(name: str = "payscope-test", *, port: int | None = None, settings: dic
                                 .replace("HeapDumpPath=data", f"HeapDumpPath={workdir}/data"))
     for sub in ("data", "logs", "tmp"):
         (workdir / sub).mkdir(exist_ok=True)
+    env = {**os.environ, "ES_JAVA_HOME": _java_home(), "ES_PATH_CONF": str(conf), "ES_TMPDIR": str(workdir / "tmp"),
+           "ES_JAVA_OPTS": f"-Xms{heap} -Xmx{heap}"}
+    env.pop("JAVA_HOME", None)
+    if secure and fresh:
+        _certificates(conf / "certs")
+        for user, password in (users or {}).items():
+            subprocess.run([str(home / "bin" / "elasticsearch-users"), "useradd", user, "-p", password,
+                            "-r", "superuser"], env={**env, "ES_JAVA_OPTS": ""}, check=True, capture_output=True)
     if owner:
         os.chmod(workdir, 0o755)
         for path in [workdir, *workdir.rglob("*")]:
@@ -180,9 +202,6 @@ def start(name: str = "payscope-test", *, port: int | None = None, settings: dic
         **(settings or {}),
     }
     options = {k: v for k, v in options.items() if v != ""}  # an empty value drops a default (discovery.type)
-    env = {**os.environ, "ES_JAVA_HOME": _java_home(), "ES_PATH_CONF": str(conf), "ES_TMPDIR": str(workdir / "tmp"),
-           "ES_JAVA_OPTS": f"-Xms{heap} -Xmx{heap}"}
-    env.pop("JAVA_HOME", None)
     log = workdir / "stdout.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -191,6 +210,11 @@ def start(name: str = "payscope-test", *, port: int | None = None, settings: dic
             user=owner[0] if owner else None, group=owner[1] if owner else None)
     scheme = "https" if options.get("xpack.security.http.ssl.enabled") == "true" else "http"
     node = Node(f"{scheme}://127.0.0.1:{port}", process, workdir, transport, log, options)
+    if scheme == "https":
+        node.ca = conf / "certs" / "ca.crt"
+    if users:
+        name0, password0 = next(iter(users.items()))
+        node.headers = {"Authorization": "Basic " + base64.b64encode(f"{name0}:{password0}".encode()).decode()}
     if wait:
         wait_ready(node)
     return node
@@ -205,7 +229,7 @@ def wait_ready(node: Node, timeout: float = 120.0, headers: dict[str, str] | Non
                                  + node.log.read_text(errors="replace")[-2000:])
         try:
             info = node.request("GET", "/", headers=headers, timeout=2)
-        except OSError:
+        except (OSError, ssl.SSLError):
             time.sleep(0.5)
             continue
         build = info["version"]["build_hash"] if isinstance(info, dict) else None
@@ -216,6 +240,21 @@ def wait_ready(node: Node, timeout: float = 120.0, headers: dict[str, str] | Non
     node.stop()
     raise ProvisionError(f"Elasticsearch did not answer within {timeout:.0f} s: "
                          + node.log.read_text(errors="replace")[-2000:])
+
+
+def _certificates(directory: Path) -> None:
+    """A CA of the test's own, and a certificate it signed for 127.0.0.1 (openssl)."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=payscope test CA",
+            "-keyout", "ca.key", "-out", "ca.crt")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "node.key", "-out", "node.csr")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("x509", "-req", "-in", "node.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+            "-extfile", "san.ext", "-out", "node.crt")
 
 
 def restart(node: Node) -> None:

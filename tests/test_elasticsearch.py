@@ -325,3 +325,35 @@ def test_elasticsearch_stopped_under_load_loses_nothing_acknowledged(es_url: str
         assert counts["spans"] == 5 * len(acknowledged), (counts, len(acknowledged), refused)
         assert sorted(store.known_traces([f"{t:032x}" for t in acknowledged])) == \
             sorted(f"{t:032x}" for t in acknowledged)
+
+
+def test_security_on_tls_and_an_api_key_as_in_a_real_cluster(tmp_path: Path) -> None:
+    """A second node with security on and TLS on HTTP: payscope logs in with an API key and trusts the CA file;
+    a bad key, a wrong password and an untrusted certificate each get one line, exit 2, and no secret."""
+    from tests import elastic
+
+    password = "pw-" + "x7Q2" * 4
+    with elastic.running(name="payscope-secure", secure=True, users={"admin": password}) as node:
+        created = node.request("POST", "/_security/api_key", {"name": "payscope-test"})
+        assert isinstance(created, dict)
+        key = created["encoded"]
+        store = node.url  # https://127.0.0.1:PORT
+        good = {"PAYSCOPE_ES_API_KEY": key, "PAYSCOPE_ES_CA_FILE": str(node.ca)}
+        done = payscope("import", "traces", str(SCENARIO), "--store", store, env=good)
+        assert done.returncode == 0, done.stderr
+        listed = json.loads(payscope("failures", "--store", store, "--format", "json", "--limit", "5",
+                                     env=good, check=True).stdout)["failures"]
+        assert len(listed) == 5
+        for env, said in (
+            ({**good, "PAYSCOPE_ES_API_KEY": "bm90LWEta2V5Om5vcGU="}, "refused the credentials"),
+            ({"PAYSCOPE_ES_USERNAME": "admin", "PAYSCOPE_ES_PASSWORD": "wrong-" + password,
+              "PAYSCOPE_ES_CA_FILE": str(node.ca)}, "refused the credentials"),
+            ({"PAYSCOPE_ES_API_KEY": key}, "not trusted"),
+        ):
+            done = payscope("failures", "--store", store, env=env)
+            shown = done.stdout + done.stderr
+            assert done.returncode == 2 and said in done.stderr, done.stderr
+            assert len(done.stderr.strip().splitlines()) <= 2 and "Traceback" not in shown
+            assert key not in shown and password not in shown and "bm90LWEta2V5" not in shown
+        basic = {"PAYSCOPE_ES_USERNAME": "admin", "PAYSCOPE_ES_PASSWORD": password, "PAYSCOPE_ES_CA_FILE": str(node.ca)}
+        assert payscope("failures", "--store", store, "--limit", "1", env=basic).returncode == 0
