@@ -257,6 +257,36 @@ def _certificates(directory: Path) -> None:
             "-extfile", "san.ext", "-out", "node.crt")
 
 
+@contextmanager
+def cluster(size: int = 3, name: str = "payscope-cluster", heap: str = "384m") -> Iterator[list[Node]]:
+    """``size`` nodes of one cluster on 127.0.0.1, every one master-eligible and a data node."""
+    http = [_free_port() for _ in range(size)]
+    transport = [_free_port() for _ in range(size)]
+    names = [f"{name}-{i}" for i in range(size)]
+    common = {"discovery.type": "", "discovery.seed_hosts": ",".join(f"127.0.0.1:{t}" for t in transport),
+              "cluster.initial_master_nodes": ",".join(names)}
+    nodes: list[Node] = []
+    try:
+        for i in range(size):
+            nodes.append(start(name, port=http[i], heap=heap, wait=False,
+                               settings={**common, "node.name": names[i], "transport.port": str(transport[i])}))
+        for node in nodes:
+            wait_ready(node, timeout=180)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            health = nodes[0].request("GET", "/_cluster/health")
+            if isinstance(health, dict) and health.get("number_of_nodes") == size:
+                break
+            time.sleep(1)
+        else:
+            raise ProvisionError(f"the {size} nodes did not form one cluster")
+        yield nodes
+    finally:
+        for node in nodes:
+            node.stop()
+            shutil.rmtree(node.workdir, ignore_errors=True)
+
+
 def restart(node: Node) -> None:
     """Start a stopped node again on its port, with its data (the same Node object goes on working)."""
     settings = {k: v for k, v in node.extra.items() if k not in ("transport.port",)}

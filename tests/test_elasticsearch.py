@@ -357,3 +357,63 @@ def test_security_on_tls_and_an_api_key_as_in_a_real_cluster(tmp_path: Path) -> 
             assert key not in shown and password not in shown and "bm90LWEta2V5" not in shown
         basic = {"PAYSCOPE_ES_USERNAME": "admin", "PAYSCOPE_ES_PASSWORD": password, "PAYSCOPE_ES_CA_FILE": str(node.ca)}
         assert payscope("failures", "--store", store, "--limit", "1", env=basic).returncode == 0
+
+
+def test_a_three_node_cluster_loses_a_node_under_load_and_goes_on(tmp_path: Path) -> None:
+    """Three nodes, one replica: one node is killed (SIGKILL) while a collector writes; every acknowledged span
+    is stored once, and the analysis runs on what is left."""
+    import itertools
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests import elastic
+
+    with elastic.cluster(3) as nodes:
+        url = "es://" + ",".join(n.url.removeprefix("http://") for n in nodes)
+        collector = CollectorProcess(url, grpc=False, extra=("--spool", str(tmp_path / "spool")))
+        acknowledged: list[int] = []
+        attempts = itertools.count(1)
+        done = threading.Event()
+
+        def send() -> None:
+            while not done.is_set() and len(acknowledged) < 3_000:  # bounded
+                trace = next(attempts)
+                req = urllib.request.Request(f"{collector.http_url}/v1/traces", data=_request(trace),
+                                             method="POST", headers={"Content-Type": "application/x-protobuf"})
+                try:
+                    with urllib.request.urlopen(req, timeout=30):
+                        acknowledged.append(trace)
+                except urllib.error.HTTPError:
+                    pass  # not acknowledged: a real client retries it
+                time.sleep(0.01)
+
+        sender = threading.Thread(target=send, daemon=True)
+        try:
+            sender.start()
+            while len(acknowledged) < 100:
+                time.sleep(0.1)
+            replicas = nodes[0].request("GET", "/traces-payscope.otel-default/_settings")
+            assert isinstance(replicas, dict)
+            assert {v["settings"]["index"]["number_of_replicas"] for v in replicas.values()} == {"1"}
+            nodes[1].stop(hard=True)
+            before = len(acknowledged)
+            deadline = time.monotonic() + 60
+            while len(acknowledged) < before + 200 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert len(acknowledged) >= before + 200, "ingestion stopped with one node of three gone"
+            done.set()
+            sender.join(timeout=60)
+            spool = tmp_path / "spool"
+            deadline = time.monotonic() + 90
+            while list(spool.glob("*.batch*")) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        finally:
+            done.set()
+            collector.stop()
+        with open_store(url, readonly=True) as store:
+            assert store.counts()["spans"] == 5 * len(acknowledged)
+        analysed = payscope("analyze", "--store", url, "--format", "json")
+        assert analysed.returncode == 0, analysed.stderr
+        assert json.loads(analysed.stdout)["stats"]["traces"] == len(acknowledged)

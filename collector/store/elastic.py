@@ -33,7 +33,7 @@ from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from payscope import semconv
 from payscope.errors import StoreError
@@ -179,22 +179,28 @@ class ElasticStore(Store):
         parts = urlsplit(url)
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         scheme = "https" if parts.scheme == "https" else "http"
-        if not parts.hostname:
+        userinfo, _, netloc = parts.netloc.rpartition("@")
+        hosts = _hosts(netloc)
+        if not hosts:
             raise StoreError(f"--store {_safe(url)}: no host in the Elasticsearch URL (es://HOST:9200)")
-        self.url = f"{'https' if scheme == 'https' else 'es'}://{parts.hostname}:{parts.port or 9200}"
+        self.url = f"{'https' if scheme == 'https' else 'es'}://{','.join(hosts)}"
         env = os.environ
         auth: dict[str, Any] = {}
         if env.get("PAYSCOPE_ES_API_KEY"):
             auth["api_key"] = env["PAYSCOPE_ES_API_KEY"]
         elif env.get("PAYSCOPE_ES_USERNAME"):
             auth["basic_auth"] = (env["PAYSCOPE_ES_USERNAME"], env.get("PAYSCOPE_ES_PASSWORD", ""))
+        elif userinfo:
+            user, _, password = userinfo.partition(":")
+            auth["basic_auth"] = (unquote(user), unquote(password))
         ca = query.get("ca_file") or env.get("PAYSCOPE_ES_CA_FILE")
         if ca:
             if not os.path.isfile(ca):
                 raise StoreError(f"the Elasticsearch CA file {ca} does not exist")
             auth["ca_certs"] = ca
-        self._es = Elasticsearch(f"{scheme}://{parts.hostname}:{parts.port or 9200}", request_timeout=30,
-                                 retry_on_timeout=True, max_retries=3, **auth)
+        # every node named is tried in turn: a cluster keeps answering while one of them is down
+        self._es = Elasticsearch([f"{scheme}://{h}" for h in hosts], request_timeout=30, retry_on_timeout=True,
+                                 max_retries=max(3, len(hosts)), **auth)
         self._readonly = readonly
         self._dirty = False
         self.traces_index = traces_index or query.get("traces") or env.get("PAYSCOPE_ES_TRACES_INDEX") or TRACES
@@ -811,12 +817,29 @@ def _escape(text: str) -> str:
     return "".join("\\" + c if c in "*?\\" else c for c in text)
 
 
+def _hosts(netloc: str) -> list[str]:
+    """HOST:PORT of each node in ``a:9200,b:9200`` (9200 when no port is given)."""
+    out = []
+    for item in netloc.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        host, colon, port = item.rpartition(":") if not item.endswith("]") else (item, "", "")
+        if not colon:
+            host, port = item, "9200"
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise StoreError(f"{item!r} in the Elasticsearch URL is not HOST:PORT")
+        out.append(f"{host}:{port}")
+    return out
+
+
 def _safe(url: str) -> str:
     """A URL without the credentials someone may have put in it."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        return url.replace(parts.netloc, parts.netloc.rsplit("@", 1)[-1])
-    return url
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, tail = rest.partition("/")
+    return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{tail}"
 
 
 def _reason(exc: Any) -> str:
