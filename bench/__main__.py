@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ["collector", "analyzer", "compare", "logs", "tui", "instrumentation", "relay"]
+NAMES = ["collector", "analyzer", "compare", "logs", "tui", "instrumentation", "relay", "elasticsearch"]
 
 
 def main() -> None:

@@ -7,19 +7,26 @@ duration, ``X-Request-ID`` (made up, like Envoy does, when the caller sent none)
 remaining budget, and business keys from the query, headers and JSON body. The request goes on to
 the service with a W3C ``traceparent`` naming that span, so a service that does speak OpenTelemetry
 continues the same trace. Secrets are masked before export, as in `payscope run`.
+
+It is built on aiohttp's server and client (asyncio, ``TCP_NODELAY``, HTTP/1.1 keep-alive to both sides)
+and streams: a body of any size, chunked or not, passes through in pieces, never held whole. Only a JSON
+request body of at most ``KEY_BODY_LIMIT`` is read first, for the business keys in it; so a request holds
+at most that much, or one chunk (``CHUNK``) of a stream, in memory at a time.
+
+With ``--delay``, ``--abort`` or ``--reset`` it injects faults into a share of requests (``faults.py``), each
+marked on its span, and changeable at run time on an admin endpoint bound to 127.0.0.1.
 """
 
 from __future__ import annotations
 
-import http.client
-import http.server
+import asyncio
 import os
 import signal
 import sys
-import threading
 import uuid
 from typing import Any
 
+from aiohttp import ClientError, ClientSession, ClientTimeout, ServerDisconnectedError, TCPConnector, web
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -28,23 +35,28 @@ from opentelemetry.trace import Status, StatusCode
 
 from . import keys
 from .distro import QUEUE_SIZE, REQUEST_ID_ATTRIBUTE, BusinessKeyProcessor, RedactingExporter, set_keys
+from .faults import Faults
 from .propagation import PayscopePropagator, title_case
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-              "transfer-encoding", "upgrade", "content-length"}
+              "transfer-encoding", "upgrade", "content-length", "host"}
 TRACE_HEADERS = {"traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
                  "x-b3-sampled", "x-b3-flags", "uber-trace-id"}
 RECORDED_HEADERS = ("idempotency-key", "x-envoy-expected-rq-timeout-ms", "grpc-timeout")
-MAX_BODY = 16 * 1024 * 1024
+KEY_BODY_LIMIT = 1 << 20  # a JSON body up to 1 MiB is read whole for its business keys; larger ones stream
+CHUNK = 64 * 1024
 
 
 class Sidecar:
-    """The proxy: a threading HTTP server, a tracer provider exporting to the collector, an upstream."""
+    """The proxy: an aiohttp server, a pooled client to the service, a tracer provider exporting spans."""
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], service: str, collector: str,
-                 timeout_s: float, provider: TracerProvider | None = None) -> None:
+                 timeout_s: float, provider: TracerProvider | None = None, faults: Faults | None = None) -> None:
+        self.listen = listen
         self.upstream = upstream
+        self.base = f"http://{upstream[0]}:{upstream[1]}"
         self.timeout_s = timeout_s
+        self.faults = faults or Faults()
         if provider is None:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
@@ -58,185 +70,169 @@ class Sidecar:
         self.tracer = provider.get_tracer("payscope.sidecar")
         self.propagator = PayscopePropagator()
         self.names = keys.key_names()
-        self.local = threading.local()
-        handler = type("Handler", (_Handler,), {"sidecar": self})
-        self.server = http.server.ThreadingHTTPServer(listen, handler)
-        self.server.daemon_threads = True
+        self.session: ClientSession | None = None
+        self.runner: web.ServerRunner | None = None
+        self.address = listen
 
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.server.server_address[:2]
-        return str(host), int(port)
+    async def start(self, admin: tuple[str, int] | None = None) -> None:
+        self.session = ClientSession(
+            connector=TCPConnector(limit=0, keepalive_timeout=30, force_close=False),
+            auto_decompress=False,  # the answer passes as the service sent it, compressed or not
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            timeout=ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s))
+        server = web.Server(self.handle, handler_cancellation=True)
+        self.runner = web.ServerRunner(server, handle_signals=False, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, self.listen[0], self.listen[1], backlog=1024, reuse_address=True)
+        await site.start()
+        if self.runner.addresses:  # the port bound when 0 was asked for
+            host, port = self.runner.addresses[0][:2]
+            self.address = (str(host), int(port))
+        if admin is not None:
+            await self.faults.serve_admin(admin)
 
-    def connection(self) -> http.client.HTTPConnection:
-        """This thread's keep-alive connection to the service."""
-        conn = getattr(self.local, "conn", None)
-        if conn is None:
-            conn = self.local.conn = http.client.HTTPConnection(*self.upstream, timeout=self.timeout_s)
-        return conn
-
-    def drop_connection(self) -> None:
-        conn = getattr(self.local, "conn", None)
-        if conn is not None:
-            conn.close()
-            self.local.conn = None
-
-    def serve_forever(self) -> None:
-        self.server.serve_forever(poll_interval=0.2)
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+    async def close(self) -> None:
+        await self.faults.close_admin()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        if self.session is not None:
+            await self.session.close()
         self.provider.shutdown()
 
-
-class _Handler(http.server.BaseHTTPRequestHandler):
-    sidecar: Sidecar
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True  # an answer in small writes must not wait for the client's delayed ACK
-    server_version = "payscope-sidecar"
-
-    def do_GET(self) -> None:  # noqa: N802 - the stdlib's names
-        self._proxy()
-
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET  # noqa: N815
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's signature
-        pass
-
-    def _body(self) -> bytes | None:
-        """The request body, or None when it is too large or malformed (already answered)."""
-        if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
-            chunks: list[bytes] = []
-            total = 0
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass  # trailers
-                    return b"".join(chunks)
-                total += size
-                if total > MAX_BODY:
-                    self._refuse(413, "request body too large for the sidecar")
-                    return None
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline()
-        length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY:
-            self._refuse(413, "request body too large for the sidecar")
-            return None
-        return self.rfile.read(length) if length > 0 else b""
-
-    def _refuse(self, status: int, text: str) -> None:
-        payload = (text + "\n").encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(payload)))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        self.wfile.write(payload)
-        self.close_connection = True
-
-    def _proxy(self) -> None:
-        sidecar = self.sidecar
-        try:
-            body = self._body()
-        except ValueError:
-            self._refuse(400, "malformed chunked body")
-            return
-        if body is None:
-            return
-        path, _, query = self.path.partition("?")
-        id_header = sidecar.propagator.header
-        request_id = self.headers.get(id_header) or uuid.uuid4().hex
+    # --- one request -----------------------------------------------------------------
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path, query = request.path, request.query_string
+        id_header = self.propagator.header
+        request_id = request.headers.get(id_header) or uuid.uuid4().hex
+        peer = request.remote or ""
         attributes: dict[str, Any] = {
-            "http.request.method": self.command, "url.path": path, "url.scheme": "http",
-            "server.address": sidecar.address[0], "server.port": sidecar.address[1],
-            "client.address": self.client_address[0], "network.protocol.version": self.request_version[5:],
+            "http.request.method": request.method, "url.path": path, "url.scheme": "http",
+            "server.address": self.address[0], "server.port": self.address[1],
+            "client.address": peer, "network.protocol.version": f"{request.version.major}.{request.version.minor}",
             f"http.request.header.{id_header}": (request_id,), REQUEST_ID_ATTRIBUTE: request_id,
         }
         if query:
             attributes["url.query"] = query
-        if self.headers.get("User-Agent"):
-            attributes["user_agent.original"] = self.headers["User-Agent"]
+        if request.headers.get("User-Agent"):
+            attributes["user_agent.original"] = request.headers["User-Agent"]
         for name in RECORDED_HEADERS:
-            if self.headers.get(name):
-                attributes[f"http.request.header.{name}"] = tuple(self.headers.get_all(name) or ())
-        context = sidecar.propagator.extract(self.headers)
-        with sidecar.tracer.start_as_current_span(self.command, context=context, kind=trace.SpanKind.SERVER,
-                                                  attributes=attributes, record_exception=False,
-                                                  set_status_on_exception=False) as span:
-            if keys.is_json(self.headers.get("Content-Type")):  # after the query string, as in `payscope run`
-                set_keys(span, keys.from_json(body, sidecar.names))
-            set_keys(span, keys.from_pairs(self.headers.items(), sidecar.names))
-            dropped = HOP_BY_HOP | TRACE_HEADERS | {id_header}
-            forward = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
-            forward[title_case(id_header)] = request_id
-            forward["X-Forwarded-For"] = self.client_address[0]
-            sidecar.propagator.inject(forward)
-            self._forward(span, forward, body)
+            if request.headers.get(name):
+                attributes[f"http.request.header.{name}"] = tuple(request.headers.getall(name))
+        context = self.propagator.extract(request.headers)
+        span = self.tracer.start_span(request.method, context=context, kind=trace.SpanKind.SERVER,
+                                      attributes=attributes, record_exception=False, set_status_on_exception=False)
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                return await self._proxy(request, span, request_id, peer)
+        finally:
+            span.end()
 
-    def _forward(self, span: Any, headers: dict[str, str], body: bytes) -> None:
-        sidecar = self.sidecar
-        for attempt in (1, 2):  # a kept-alive connection the service closed meanwhile gets one fresh retry
-            conn = sidecar.connection()
+    async def _proxy(self, request: web.BaseRequest, span: Any, request_id: str, peer: str) -> web.StreamResponse:
+        body: Any = None
+        set_keys(span, keys.from_pairs(request.headers.items(), self.names))
+        length = request.content_length
+        if keys.is_json(request.headers.get("Content-Type")) and length is not None and length <= KEY_BODY_LIMIT:
+            body = await request.read()  # after the query string, as in `payscope run`
+            set_keys(span, keys.from_json(body, self.names))
+        elif request.body_exists:
+            body = request.content.iter_chunked(CHUNK)
+        fault = self.faults.pick(request.method, request.path)
+        if fault is not None:
+            injected = await fault.apply(span, request)
+            if injected is not None:
+                return injected
+        id_header = self.propagator.header
+        dropped = HOP_BY_HOP | TRACE_HEADERS | {id_header}
+        forward = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
+        if length is not None and body is not None:
+            forward["Content-Length"] = str(length)
+        forward[title_case(id_header)] = request_id
+        forward["X-Forwarded-For"] = peer
+        forward["Host"] = request.headers.get("Host", f"{self.upstream[0]}:{self.upstream[1]}")
+        self.propagator.inject(forward)
+        assert self.session is not None
+        url = self.base + request.raw_path
+        retried = not isinstance(body, (bytes, type(None)))  # a streamed body cannot be sent again
+        while True:
             try:
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                response = conn.getresponse()
-                payload = response.read()
+                upstream = await asyncio.wait_for(
+                    self.session.request(request.method, url, headers=forward, data=body, allow_redirects=False),
+                    self.timeout_s)
                 break
-            except TimeoutError:
-                sidecar.drop_connection()
+            except (TimeoutError, asyncio.TimeoutError):
                 span.set_attribute("error.type", "timeout")
-                span.set_status(Status(StatusCode.ERROR, f"the service did not answer within {sidecar.timeout_s:g} s"))
-                self._fail(span, 504, "upstream timed out")
-                return
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
-                sidecar.drop_connection()
-                if attempt == 2:
-                    self._connection_failed(span, exc)
-                    return
-            except OSError as exc:
-                sidecar.drop_connection()
-                self._connection_failed(span, exc)
-                return
-        span.set_attribute("http.response.status_code", response.status)
-        if response.status >= 500:
-            span.set_status(Status(StatusCode.ERROR))
-            span.set_attribute("error.type", str(response.status))
-        self.send_response_only(response.status, response.reason)
-        for name, value in response.getheaders():
-            if name.lower() not in HOP_BY_HOP:
-                self.send_header(name, value)
-        length = response.getheader("Content-Length") if self.command == "HEAD" else None
-        self.send_header("Content-Length", length or str(len(payload)))  # a HEAD answer keeps the GET's length
-        if response.will_close:
-            sidecar.drop_connection()
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(payload)
+                span.set_status(Status(StatusCode.ERROR, f"the service did not answer within {self.timeout_s:g} s"))
+                return self._fail(span, 504, "upstream timed out")
+            except ServerDisconnectedError as exc:  # a kept-alive connection the service closed meanwhile
+                if retried:
+                    return self._connection_failed(span, exc)
+                retried = True
+            except (ClientError, OSError) as exc:
+                return self._connection_failed(span, exc)
+        try:
+            return await self._answer(request, span, upstream)
+        finally:
+            upstream.release()
 
-    def _connection_failed(self, span: Any, exc: BaseException) -> None:
+    async def _answer(self, request: web.BaseRequest, span: Any, upstream: Any) -> web.StreamResponse:
+        status = upstream.status
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+            span.set_attribute("error.type", str(status))
+        response = web.StreamResponse(status=status, reason=upstream.reason)
+        for name, value in upstream.headers.items():
+            if name.lower() not in HOP_BY_HOP:
+                response.headers.add(name, value)
+        if upstream.headers.get("Content-Length") is not None:
+            response.content_length = int(upstream.headers["Content-Length"])
+        elif request.method != "HEAD" and status not in (204, 304):
+            response.enable_chunked_encoding()
+        await response.prepare(request)
+        if request.method != "HEAD":
+            try:
+                async for chunk in upstream.content.iter_chunked(CHUNK):
+                    await response.write(chunk)
+            except (TimeoutError, asyncio.TimeoutError, ClientError) as exc:
+                span.set_attribute("error.type", "timeout" if not isinstance(exc, ClientError) else type(exc).__name__)
+                span.set_status(Status(StatusCode.ERROR, "the service stopped sending its answer"))
+                raise
+        await response.write_eof()
+        return response
+
+    def _connection_failed(self, span: Any, exc: BaseException) -> web.Response:
         span.set_attribute("error.type", type(exc).__name__)
         span.set_status(Status(StatusCode.ERROR, f"connection to the service failed: {exc}"))
-        self._fail(span, 502, "upstream connection failed")
+        return self._fail(span, 502, "upstream connection failed")
 
-    def _fail(self, span: Any, status: int, text: str) -> None:
+    @staticmethod
+    def _fail(span: Any, status: int, text: str) -> web.Response:
         span.set_attribute("http.response.status_code", status)
-        self._refuse(status, text)
+        return web.Response(status=status, text=text + "\n", headers={"Connection": "close"})
+
+
+async def _serve(sidecar: Sidecar, service: str, collector: str, admin: tuple[str, int] | None) -> None:
+    await sidecar.start(admin)
+    host, port = sidecar.address
+    print(f"payscope sidecar: {service} on {host}:{port} -> {sidecar.upstream[0]}:{sidecar.upstream[1]} "
+          f"(timeout {sidecar.timeout_s:g} s), exporting to {collector}", file=sys.stderr, flush=True)
+    for line in sidecar.faults.describe():
+        print(f"payscope sidecar: FAULT INJECTION ON: {line}", file=sys.stderr, flush=True)
+    if admin is not None:
+        print(f"payscope sidecar: faults can be changed at http://{admin[0]}:{admin[1]}/faults",
+              file=sys.stderr, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await sidecar.close()
 
 
 def run(listen: tuple[str, int], upstream: tuple[str, int], service: str, collector: str,
-        timeout_s: float) -> None:
+        timeout_s: float, faults: Faults | None = None, admin: tuple[str, int] | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C, then export what is left."""
-    sidecar = Sidecar(listen, upstream, service, collector, timeout_s)
-    host, port = sidecar.address
-    print(f"payscope sidecar: {service} on {host}:{port} -> {upstream[0]}:{upstream[1]} "
-          f"(timeout {timeout_s:g} s), exporting to {collector}", file=sys.stderr, flush=True)
-    stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop.set())
-    thread = threading.Thread(target=sidecar.serve_forever, daemon=True)
-    thread.start()
-    stop.wait()
-    sidecar.close()
+    sidecar = Sidecar(listen, upstream, service, collector, timeout_s, faults=faults)
+    asyncio.run(_serve(sidecar, service, collector, admin))

@@ -117,15 +117,31 @@ def sidecar(
     service: Annotated[str, typer.Option(help="The service's name in traces.")],
     collector: Annotated[Optional[str], typer.Option(help="Collector URL (default http://127.0.0.1:4318).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the service's answer before a 504.")] = 60.0,
+    delay: Annotated[Optional[list[str]], typer.Option(
+        metavar="DELAY@SHARE[@ROUTE]", help="Fault injection: delay a share of requests, e.g. 300ms@10%.")] = None,
+    abort: Annotated[Optional[list[str]], typer.Option(
+        metavar="STATUS@SHARE[@ROUTE]", help="Fault injection: answer a share of requests, e.g. 503@5%.")] = None,
+    reset: Annotated[Optional[list[str]], typer.Option(
+        metavar="@SHARE[@ROUTE]", help="Fault injection: reset a share of connections, e.g. @1%.")] = None,
+    admin: Annotated[Optional[str], typer.Option(
+        metavar="127.0.0.1:PORT", help="Admin endpoint to change the faults at run time (this machine only).")
+    ] = None,
 ) -> None:
     """HTTP proxy in front of a service payscope cannot instrument: its requests join the trace."""
     from payscope.collector.service import parse_listen
+    from payscope.instrumentation.faults import Faults, parse
     from payscope.instrumentation.sidecar import run as run_sidecar
 
     if timeout <= 0:
         raise InputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
+    rules = [parse(kind, spec) for kind, specs in (("delay", delay), ("abort", abort), ("reset", reset))
+             for spec in specs or []]
+    admin_at = parse_listen(admin, "--admin") if admin else None
+    if admin_at is not None and admin_at[0] not in ("127.0.0.1", "localhost", "::1"):
+        raise InputError(f"--admin {admin}: the admin endpoint binds this machine only (127.0.0.1)")
     run_sidecar(parse_listen(listen, "--listen"), parse_listen(upstream, "--upstream"), service,
-                collector or os.environ.get("PAYSCOPE_COLLECTOR") or "http://127.0.0.1:4318", timeout)
+                collector or os.environ.get("PAYSCOPE_COLLECTOR") or "http://127.0.0.1:4318", timeout,
+                Faults(rules), admin_at)
 
 
 # --- collect -------------------------------------------------------------------
