@@ -73,6 +73,7 @@ class Call:
     answered_by: str | None = None     # span id of the server span that answered, when it is known
     amount: float | None = None
     http_status: int | None = None
+    fault: str | None = None           # a fault the sidecar injected into this call (delay, abort, reset)
     late_success: bool = False         # set after clock correction
     edge_key: tuple[str, str, str] | None = None  # set once callee names are final
 
@@ -257,7 +258,8 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
             server_start_ns=server.start_ns if server else None,
             server_end_ns=server.end_ns if server else None,
             server_ok=answered_well(server) if server else None,
-            answered_by=server.span_id if server else None, http_status=s.http_status, **common))
+            answered_by=server.span_id if server else None, http_status=s.http_status,
+            fault=(server.fault if server else None) or s.fault, **common))
     # Entry requests: server spans with no server span above them (under a load generator, say).
     entries = [s for s in spans if s.kind in ("server", "consumer") and not _has_server_ancestor(s, by_id)]
     if not entries:
@@ -305,7 +307,7 @@ def _attempts(client: SpanRow, answers: list[SpanRow], common: dict[str, Any],
             span_id=f"{client.span_id}#{i}", callee=server.service, operation=server.operation, start_ns=start,
             end_ns=max(start, end), error_class=error, attempt=i, server_service=server.service,
             server_start_ns=server.start_ns, server_end_ns=server.end_ns, server_ok=server_ok,
-            answered_by=server.span_id, http_status=status, **common))
+            answered_by=server.span_id, http_status=status, fault=server.fault, **common))
     return out
 
 

@@ -91,7 +91,9 @@ def _critical_path(analysis: Analysis, trace_id: str) -> Iterator[tuple[HopKey, 
             own += cursor - c_end
             client = c_end - c_start
             edge = (c.caller, c.callee, c.operation)
-            if c.server_start_ns is None or c.server_end_ns is None or c.answered_by is None:
+            if c.fault is not None:  # a request the sidecar's fault injection held up: injected, not the system
+                yield (c.callee, "injected", edge), client / 1e6
+            elif c.server_start_ns is None or c.server_end_ns is None or c.answered_by is None:
                 yield (c.callee, "dependency", edge), client / 1e6
             else:
                 s_start = max(c.server_start_ns, c_start)
@@ -286,7 +288,8 @@ def sentence(service: str, component: str, edge: tuple[str, str, str] | None, va
     where = {"network": f"between {service} and its caller or callee (the network, a proxy, a queue or a "
                         "connection pool)",
              "service": f"inside {service}'s own code",
-             "dependency": f"in {service}, which has no spans"}[component]
+             "dependency": f"in {service}, which has no spans",
+             "injected": f"in faults the sidecar injected into {service}'s requests"}[component]
     call = f" on {edge[0]} -> {edge[1]} ({edge[2]})" if edge else ""
     return (f"{value:.0f} ms per {group[0]} request that crosses it{share} is lost {where}{call}: p50 {base['p50']} -> "
             f"{inc['p50']} ms, p99 {base['p99']} -> {inc['p99']} ms")

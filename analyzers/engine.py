@@ -120,6 +120,7 @@ class Edge:
     late_successes: list[Call] = field(default_factory=list)
     duplicate_chains: list[list[Call]] = field(default_factory=list)
     self_ms: list[float] = field(default_factory=list)        # callee time not spent in its own calls
+    injected: Counter[str] = field(default_factory=Counter)   # calls the sidecar injected a fault into, by kind
 
     @property
     def key(self) -> EdgeKey:
@@ -155,6 +156,7 @@ class Edge:
             "timeout": self.timeout.to_json(),
             "timeout_rate": round(len(self.timed_out_ms) / len(self.calls), 4) if self.calls else 0.0,
             "idempotent": self.idempotent, "late_successes": len(self.late_successes),
+            "injected_faults": dict(self.injected),
         }
 
 
@@ -397,7 +399,11 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
         edge.calls.append(c)
         client = ms(c.end_ns - c.start_ns)
         answered = c.server_ok and c.server_start_ns is not None and c.server_end_ns is not None
-        if c.error_class is None:
+        if c.fault is not None:
+            # injected, not the system's own: its time and its error are no evidence about any timeout
+            edge.injected[c.fault] += 1
+            answered = False
+        elif c.error_class is None:
             edge.healthy_ms.append(client)
             edge.observed_ms.append(client)
         else:
@@ -432,7 +438,7 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
         if kids:
             for k in kids:
                 edge.downstream[k.edge] += 1
-        if c.server_ok and c.server_start_ns is not None and c.server_end_ns is not None:
+        if c.server_ok and c.fault is None and c.server_start_ns is not None and c.server_end_ns is not None:
             busy = _union_ms([(k.start_ns, k.end_ns) for k in kids]) if kids else 0.0
             edge.self_ms.append(max(0.0, (c.server_end_ns - c.server_start_ns) / 1e6 - busy))
     for chain in chains:
@@ -518,6 +524,8 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
             outcome = "late_success"  # the order says failed, the money moved: the worst case first
         elif trace_id in duplicate:
             outcome = "duplicate_charge"
+        elif not f.root_ok and hop is not None and hop.fault is not None:
+            outcome = "injected"  # the sidecar's fault injection made it fail, not the system
         elif not f.root_ok:
             cls = hop.error_class if hop is not None else f.root_error_class
             if cls == "timeout" or f.root_error_class == "timeout":

@@ -36,7 +36,7 @@ def resolve_trace_ids(store: Store, ident: str) -> list[str]:
     raise InputError(f"no transaction {ident!r} in {store.url}: not a stored trace id, order id or payment id")
 
 
-FAILURE_OUTCOMES = ("timeout", "failed", "declined", "late_success", "duplicate_charge", "recovered")
+FAILURE_OUTCOMES = ("timeout", "failed", "declined", "late_success", "duplicate_charge", "recovered", "injected")
 
 
 def failure_outcomes(analysis: Analysis, *, since_ns: int | None = None, service: str | None = None
@@ -184,6 +184,10 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
         "edges": [{**e.to_json(), "recommended_timeout_ms": analysis.recommended_ms(key)}
                   for key, e in sorted(analysis.edges.items())],
         "clock_skew": [o.to_json() for o in analysis.offsets],
+        # what the sidecar's fault injection did: reported as injected, never as the system's own finding
+        "injected_faults": [{"caller": e.caller, "callee": e.callee, "operation": e.operation, "kind": kind,
+                             "calls": n} for _, e in sorted(analysis.edges.items()) for kind, n in
+                            sorted(e.injected.items())],
         "stats": {"traces": len(analysis.traces), "transactions": len(analysis.transactions),
                   "calls": len(analysis.calls), "edges": len(analysis.edges), "orders": len(orders),
                   "outcomes": outcomes, "orders_charged_twice": len(analysis.orders_charged_twice()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ["collector", "analyzer", "compare", "logs", "tui", "instrumentation", "relay", "elasticsearch"]
+NAMES = ["collector", "analyzer", "compare", "logs", "tui", "instrumentation", "relay", "elasticsearch", "sidecar"]
 
 
 def main() -> None:

@@ -124,6 +124,12 @@ class Sidecar:
         try:
             with trace.use_span(span, end_on_exit=False):
                 return await self._proxy(request, span, request_id, peer)
+        except asyncio.CancelledError:
+            # the caller hung up: the request to the service is dropped with it, as Envoy and nginx do, so
+            # the service did not answer it (it is no success, late or not)
+            span.set_attribute("error.type", "client_closed_request")
+            span.set_status(Status(StatusCode.ERROR, "remote end closed before the answer: the caller hung up"))
+            raise
         finally:
             span.end()
 

@@ -142,6 +142,7 @@ class SpanRow(_Timed):
     amount: float | None = None
     keys: tuple[str, ...] = ()    # business keys: order, payment, charge ids
     caller_budget_ms: float | None = None  # server spans: how long the caller said it would wait
+    fault: str | None = None      # a fault the sidecar injected into this request (delay, abort, reset)
 
 
 @dataclass(slots=True)

@@ -25,6 +25,8 @@ def print_table(document: dict[str, Any], console: Console) -> None:
     for skew in document["clock_skew"]:
         console.print(f"clock of {skew['service']} runs {skew['offset_ms']:+.1f} ms against {skew['reference']} "
                       f"({skew['samples']} call pairs); corrected before analysis")
+    for line in injected_lines(document):
+        console.print(line, markup=False)
     if not document["findings"]:
         console.print("no findings: no timeout, retry or network problem shows in this data")
         return
@@ -41,8 +43,16 @@ def print_table(document: dict[str, Any], console: Console) -> None:
             console.print(f"  e.g. payscope show {f['evidence']['trace_ids'][0]}")
 
 
+def injected_lines(document: dict[str, Any]) -> list[str]:
+    """The faults the sidecar injected, said apart from the findings (they are not the system's own)."""
+    return [f"injected by the sidecar: {f['kind']} on {f['calls']} calls {f['caller']} -> {f['callee']} "
+            f"({f['operation']}); left out of the findings and the latency samples"
+            for f in document.get("injected_faults", [])]
+
+
 def markdown(document: dict[str, Any]) -> str:
     lines = ["# payscope findings", "", counts_line(document["stats"]), ""]
+    lines += [f"- {line}" for line in injected_lines(document)] + ([""] if injected_lines(document) else [])
     if not document["findings"]:
         lines.append("No findings.")
     for f in document["findings"]:

@@ -29,6 +29,7 @@ ATTR_TIMEOUT_READ = "payscope.timeout.read_ms"
 ATTR_TIMEOUT_TOTAL = "payscope.timeout.total_ms"
 ATTR_TIMEOUT_SOURCE = "payscope.timeout.source"
 ATTR_RETRY_MAX = "payscope.retry.max_attempts"
+ATTR_FAULT = "payscope.fault.kind"  # written by the sidecar's fault injection
 ATTR_AMOUNT = ("payscope.amount", "app.payment.amount", "payment.amount", "amount", "app.order.amount")
 
 HTTP_STATUS = ("http.response.status_code", "http.status_code")
@@ -49,7 +50,7 @@ _GRPC_TIMEOUT_UNITS = {"H": 3_600_000.0, "M": 60_000.0, "S": 1000.0, "m": 1.0, "
 READ_KEYS = frozenset(HTTP_STATUS + RPC_STATUS + HTTP_METHOD + ERROR_TYPE + PEER + URL + PATH + ROUTE + ATTR_AMOUNT
                       + BUDGET + (
     "rpc.method", "http.request.resend_count", ATTR_TIMEOUT_CONNECT, ATTR_TIMEOUT_READ, ATTR_TIMEOUT_TOTAL,
-    ATTR_TIMEOUT_SOURCE, ATTR_RETRY_MAX))
+    ATTR_TIMEOUT_SOURCE, ATTR_RETRY_MAX, ATTR_FAULT))
 KEY_SUFFIXES = ("order_id", "orderid", "order.id", "payment_id", "paymentid", "payment.id",
                 "transaction_id", "transaction.id", "charge_id", "charge.id")
 
@@ -208,7 +209,8 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
         _float(attrs.get(ATTR_TIMEOUT_TOTAL)) if captured else None,
         str(attrs[ATTR_TIMEOUT_SOURCE]) if ATTR_TIMEOUT_SOURCE in attrs else None, retry_max,
         _float(first(attrs, ATTR_AMOUNT)), tuple(dict.fromkeys(keys)) if keys else (),
-        budget_ms(attrs) if kind in ("server", "consumer") else None)
+        budget_ms(attrs) if kind in ("server", "consumer") else None,
+        str(attrs[ATTR_FAULT]) if attrs.get(ATTR_FAULT) else None)
 
 
 def span_name_or(name: str, method: str | None) -> str:

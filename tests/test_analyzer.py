@@ -57,7 +57,7 @@ def test_scenario_cli_json_contract(tmp_path: Path) -> None:
     store = str(tmp_path / "s.db")
     payscope("import", "traces", str(SCENARIOS / "subscriptions.otlp.jsonl.gz"), "--store", store, check=True)
     doc = payscope_json("analyze", "--store", store)
-    assert set(doc) == {"findings", "edges", "clock_skew", "stats"}
+    assert set(doc) == {"findings", "edges", "clock_skew", "injected_faults", "stats"}
     first = doc["findings"][0]
     assert set(first) >= {"kind", "severity", "edge", "summary", "metrics", "evidence", "recommendation"}
     assert set(first["edge"]) == {"caller", "callee", "operation"}

@@ -74,7 +74,7 @@ _SPAN_MAPPING: dict[str, Any] = {
             "idempotency_key": {"type": "boolean"}, "timeout_connect_ms": {"type": "double"},
             "timeout_read_ms": {"type": "double"}, "timeout_total_ms": {"type": "double"},
             "timeout_source": {"type": "keyword"}, "retry_max": {"type": "integer"}, "amount": {"type": "double"},
-            "keys": {"type": "keyword"}, "caller_budget_ms": {"type": "double"},
+            "keys": {"type": "keyword"}, "caller_budget_ms": {"type": "double"}, "fault": {"type": "keyword"},
         }},
     },
 }
@@ -710,7 +710,8 @@ def _span_doc(span: Span, row: SpanRow) -> dict[str, Any]:
                 ("http_status", row.http_status), ("timeout_connect_ms", row.timeout_connect_ms),
                 ("timeout_read_ms", row.timeout_read_ms), ("timeout_total_ms", row.timeout_total_ms),
                 ("timeout_source", row.timeout_source), ("retry_max", row.retry_max), ("amount", row.amount),
-                ("keys", list(row.keys) or None), ("caller_budget_ms", row.caller_budget_ms)) if v is not None},
+                ("keys", list(row.keys) or None), ("caller_budget_ms", row.caller_budget_ms),
+                ("fault", row.fault)) if v is not None},
         },
     }
     if span.parent_id:
@@ -742,7 +743,7 @@ def _row_of(span: Span, mine: dict[str, Any]) -> SpanRow:
                    mine.get("callee"), mine.get("method"), mine.get("http_status"), int(mine.get("attempt", 0)),
                    bool(mine.get("idempotency_key")), mine.get("timeout_connect_ms"), mine.get("timeout_read_ms"),
                    mine.get("timeout_total_ms"), mine.get("timeout_source"), mine.get("retry_max"),
-                   mine.get("amount"), tuple(mine.get("keys") or ()), mine.get("caller_budget_ms"))
+                   mine.get("amount"), tuple(mine.get("keys") or ()), mine.get("caller_budget_ms"), mine.get("fault"))
 
 
 def _start_of(source: dict[str, Any]) -> int:

@@ -21,7 +21,7 @@ from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 from .api import LogQuery, Store
 from .codec import decode_body, encode_span
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,7 +35,7 @@ CREATE TABLE IF NOT EXISTS spans(
     attempt INTEGER NOT NULL, idempotency_key INTEGER NOT NULL,
     timeout_connect_ms REAL, timeout_read_ms REAL, timeout_total_ms REAL, timeout_source TEXT,
     retry_max INTEGER, amount REAL, keys TEXT NOT NULL, caller_budget_ms REAL,
-    resource_id INTEGER NOT NULL, body BLOB NOT NULL
+    resource_id INTEGER NOT NULL, body BLOB NOT NULL, fault TEXT
 );
 -- Rows carry their protobuf body, too large for a WITHOUT ROWID table: the table is appended to in
 -- arrival order and this index finds a trace's spans together.
@@ -65,8 +65,9 @@ CREATE INDEX IF NOT EXISTS logs_time ON logs(time_ns);
 _ROW_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, status_code, "
                 "status_message, error_class, operation, peer, method, http_status, attempt, idempotency_key, "
                 "timeout_connect_ms, timeout_read_ms, timeout_total_ms, timeout_source, retry_max, amount, keys, "
-                "caller_budget_ms")
+                "caller_budget_ms, fault")
 _SPAN_COLUMNS = _ROW_COLUMNS + ", resource_id, body"
+_MIGRATIONS = {4: "ALTER TABLE spans ADD COLUMN fault TEXT"}  # from version N to N + 1
 _SPAN_SELECT = ("SELECT s.service, s.body, r.body FROM spans s JOIN resources r ON r.id = s.resource_id")
 _KEY_SEP = "\x1f"
 _TRACE_COLUMNS = ("trace_id, start_ns, end_ns, root_service, root_name, span_count, error_count, "
@@ -111,7 +112,7 @@ def _spanrow(r: tuple[Any, ...]) -> SpanRow:
     return SpanRow(r[0], r[1], r[2], _shared(r[3]), _shared(r[4]), _shared(r[5]), r[6], r[7], r[8],  # type: ignore[arg-type]
                    _shared(r[9]), _shared(r[10]), _shared(r[11]), _shared(r[12]), _shared(r[13]),  # type: ignore[arg-type]
                    r[14], r[15], bool(r[16]), r[17], r[18], r[19], _shared(r[20]), r[21], r[22],
-                   tuple(r[23].split(_KEY_SEP)) if r[23] else (), r[24])
+                   tuple(r[23].split(_KEY_SEP)) if r[23] else (), r[24], _shared(r[25]))
 
 
 def _summary_from_row(row: tuple[Any, ...]) -> TraceSummary:
@@ -155,12 +156,29 @@ class EmbeddedStore(Store):
                         conn.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
                     conn.commit()
             version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            if version is not None and str(version[0]).isdigit() and int(version[0]) in _MIGRATIONS \
+                    and os.access(self.path, os.W_OK):
+                self._migrate(int(version[0]))
+                version = (str(SCHEMA_VERSION),)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a payscope store ({exc})") from None
         if version is None or int(version[0]) != SCHEMA_VERSION:
             found = version[0] if version else "none"
             raise StoreError(f"{self.path} has schema version {found}; this payscope reads "
                              f"version {SCHEMA_VERSION}")
+
+    def _migrate(self, version: int) -> None:
+        """Bring a store of an earlier schema up to this one, in one transaction (readers wait for it)."""
+        conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            while version < SCHEMA_VERSION:
+                conn.execute(_MIGRATIONS[version])
+                version += 1
+            conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            conn.execute("COMMIT")
+        finally:
+            conn.close()
 
     # --- connections ---------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -237,11 +255,11 @@ class EmbeddedStore(Store):
                          r.status_code, r.status_message, r.error_class, r.operation, r.peer, r.method,
                          r.http_status, r.attempt, r.idempotency_key, r.timeout_connect_ms, r.timeout_read_ms,
                          r.timeout_total_ms, r.timeout_source, r.retry_max, r.amount, _KEY_SEP.join(r.keys),
-                         r.caller_budget_ms, rid, e.body))
+                         r.caller_budget_ms, r.fault, rid, e.body))
             for key in r.keys:
                 keys.append((key, r.trace_id))
         before = conn.total_changes
-        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES({','.join('?' * 27)})", rows)
+        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES({','.join('?' * 28)})", rows)
         inserted = conn.total_changes - before
         if keys:
             conn.executemany("INSERT OR IGNORE INTO keys VALUES(?, ?)", keys)
