@@ -28,9 +28,12 @@ from typing import Any
 
 from aiohttp import web
 
-from payscope.errors import InputError
-
 KINDS = ("delay", "abort", "reset")
+
+
+class FaultError(ValueError):
+    """A fault rule that cannot be: says which and why, in one line."""
+
 FAULT_KIND = "payscope.fault.kind"
 FAULT_DELAY = "payscope.fault.delay_ms"
 FAULT_STATUS = "payscope.fault.status"
@@ -81,42 +84,42 @@ class Fault:
 
 
 def parse(kind: str, spec: str) -> Fault:
-    """One ``--delay``/``--abort``/``--reset`` value, or InputError naming what is wrong with it."""
+    """One ``--delay``/``--abort``/``--reset`` value, or FaultError naming what is wrong with it."""
     if kind not in KINDS:
-        raise InputError(f"unknown fault kind {kind!r}: use {', '.join(KINDS)}")
+        raise FaultError(f"unknown fault kind {kind!r}: use {', '.join(KINDS)}")
     parts = spec.split("@", 2)
     if len(parts) < 2:
-        raise InputError(f"--{kind} {spec!r}: write VALUE@SHARE, such as 300ms@10%")
+        raise FaultError(f"--{kind} {spec!r}: write VALUE@SHARE, such as 300ms@10%")
     value, share_text = parts[0].strip(), parts[1].strip()
     route = parts[2].strip() if len(parts) == 3 and parts[2].strip() else None
     match = _SHARE.match(share_text)
     if not match or not 0 < float(match.group(1)) <= 100:
-        raise InputError(f"--{kind} {spec!r}: the share must be a percentage above 0% and at most 100%")
+        raise FaultError(f"--{kind} {spec!r}: the share must be a percentage above 0% and at most 100%")
     share = float(match.group(1)) / 100
     if kind == "delay":
         duration = _DURATION.match(value)
         if not duration:
-            raise InputError(f"--delay {spec!r}: the delay must be a duration such as 300ms or 2s")
+            raise FaultError(f"--delay {spec!r}: the delay must be a duration such as 300ms or 2s")
         ms = float(duration.group(1)) * (1000 if duration.group(2) == "s" else 1)
         if not 0 < ms <= 600_000:
-            raise InputError(f"--delay {spec!r}: the delay must be above 0 and at most 10 minutes")
+            raise FaultError(f"--delay {spec!r}: the delay must be above 0 and at most 10 minutes")
         return Fault("delay", share, route, delay_ms=ms)
     if kind == "abort":
         if not value.isdigit() or not 400 <= int(value) <= 599:
-            raise InputError(f"--abort {spec!r}: the status must be an HTTP error status, 400 to 599")
+            raise FaultError(f"--abort {spec!r}: the status must be an HTTP error status, 400 to 599")
         return Fault("abort", share, route, status=int(value))
     if value:
-        raise InputError(f"--reset {spec!r}: a reset takes no value: write @SHARE, such as @1%")
+        raise FaultError(f"--reset {spec!r}: a reset takes no value: write @SHARE, such as @1%")
     return Fault("reset", share, route)
 
 
 def from_json(document: Any) -> list[Fault]:
     if not isinstance(document, list):
-        raise InputError("the faults must be a JSON list of {kind, value, share, route}")
+        raise FaultError("the faults must be a JSON list of {kind, value, share, route}")
     out = []
     for item in document:
         if not isinstance(item, dict) or set(item) - {"kind", "value", "share", "route"}:
-            raise InputError(f"a fault is {{kind, value, share, route}}, not {json.dumps(item)[:80]}")
+            raise FaultError(f"a fault is {{kind, value, share, route}}, not {json.dumps(item)[:80]}")
         route = item.get("route")
         out.append(parse(str(item.get("kind")), f"{item.get('value', '')}@{item.get('share', '')}"
                          + (f"@{route}" if route else "")))
@@ -146,7 +149,7 @@ class Faults:
         except ValueError:
             loopback = address[0] == "localhost"
         if not loopback:
-            raise InputError(f"--admin {address[0]}:{address[1]}: the admin endpoint binds this machine only "
+            raise FaultError(f"--admin {address[0]}:{address[1]}: the admin endpoint binds this machine only "
                              "(127.0.0.1)")
         app = web.Application()
         app.router.add_get("/faults", self._get)
@@ -167,7 +170,7 @@ class Faults:
     async def _put(self, request: web.Request) -> web.Response:
         try:
             self.rules = from_json(json.loads(await request.read()))
-        except (ValueError, InputError) as exc:
+        except ValueError as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response([rule.to_json() for rule in self.rules])
 

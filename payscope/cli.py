@@ -129,13 +129,16 @@ def sidecar(
 ) -> None:
     """HTTP proxy in front of a service payscope cannot instrument: its requests join the trace."""
     from payscope.collector.service import parse_listen
-    from payscope.instrumentation.faults import Faults, parse
+    from payscope.instrumentation.faults import FaultError, Faults, parse
     from payscope.instrumentation.sidecar import run as run_sidecar
 
     if timeout <= 0:
         raise InputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
-    rules = [parse(kind, spec) for kind, specs in (("delay", delay), ("abort", abort), ("reset", reset))
-             for spec in specs or []]
+    try:
+        rules = [parse(kind, spec) for kind, specs in (("delay", delay), ("abort", abort), ("reset", reset))
+                 for spec in specs or []]
+    except FaultError as exc:
+        raise InputError(str(exc)) from None
     admin_at = parse_listen(admin, "--admin") if admin else None
     if admin_at is not None and admin_at[0] not in ("127.0.0.1", "localhost", "::1"):
         raise InputError(f"--admin {admin}: the admin endpoint binds this machine only (127.0.0.1)")
