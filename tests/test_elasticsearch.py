@@ -207,11 +207,11 @@ def test_another_pipelines_otel_traces_and_ecs_logs_are_read_and_analysed(es_url
 
 @pytest.mark.parametrize("store, said", [
     ("es://", "no host"),
-    (f"es://127.0.0.1:{free_port()}", "connection refused"),
+    ("es://127.0.0.1:{free}", "connection refused"),  # a port nothing listens on, taken when the test runs
     ("es://no-such-host.invalid:9200", "cannot reach Elasticsearch"),
 ])
 def test_a_store_that_cannot_be_used_is_one_line_and_exit_2(store: str, said: str) -> None:
-    done = payscope("failures", "--store", store)
+    done = payscope("failures", "--store", store.replace("{free}", str(free_port())))
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) <= 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
@@ -417,3 +417,22 @@ def test_a_three_node_cluster_loses_a_node_under_load_and_goes_on(tmp_path: Path
         analysed = payscope("analyze", "--store", url, "--format", "json")
         assert analysed.returncode == 0, analysed.stderr
         assert json.loads(analysed.stdout)["stats"]["traces"] == len(acknowledged)
+
+
+def test_failed_lists_beyond_one_aggregation_page_are_whole_and_ordered(es_url: str,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deeper than one ordered terms aggregation holds (shrunk here to 4), the failed list is paged whole with a
+    composite aggregation: every trace, newest first, never silently fewer."""
+    from payscope.collector.store import elastic as backend
+    from tests.test_store_conformance import sample_trace
+
+    monkeypatch.setattr(backend, "_MAX_TERMS", 4)
+    ids = [f"{i:032x}" for i in range(1, 12)]
+    with open_store(es_url) as store:
+        for i, trace_id in enumerate(ids):
+            store.write(sample_trace(trace_id, failed=i % 3 != 0, start_ms=1000 * (i + 1)))
+        failed = [t for i, t in enumerate(ids) if i % 3 != 0]
+        assert [s.trace_id for s in store.failed_traces(limit=None)] == failed[::-1]
+        assert [s.trace_id for s in store.failed_traces(limit=3, offset=2)] == failed[::-1][2:5]
+        assert [s.trace_id for s in store.traces(limit=None)] == ids[::-1]
+        assert len(store.traces(limit=2, offset=9)) == 2

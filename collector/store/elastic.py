@@ -537,8 +537,14 @@ class ElasticStore(Store):
         return out
 
     def _trace_ids(self, query: dict[str, Any], limit: int | None, offset: int) -> list[str]:
-        """Trace ids whose spans match ``query``, newest first (by their earliest matching span)."""
-        size = min(_MAX_TERMS, offset + (limit if limit is not None else _MAX_TERMS))
+        """Trace ids whose spans match ``query``, newest first (by their earliest matching span). A page within
+        the first ``_MAX_TERMS`` is one ordered ``terms`` aggregation; anything deeper (or everything) is paged
+        whole with a ``composite`` aggregation and ordered here: never silently fewer than asked."""
+        if limit is None or offset + limit > _MAX_TERMS:
+            starts = self._all_trace_starts(query)
+            ordered = sorted(starts, key=lambda t: (starts[t], t), reverse=True)
+            return ordered[offset:] if limit is None else ordered[offset:offset + limit]
+        size = offset + limit
         body: dict[str, Any] = {"query": query, "size": 0, "aggs": {"t": {
             "terms": {"field": "trace_id", "size": max(size, 1), "order": {"start": "desc"}},
             "aggs": {"start": {"min": {"field": "payscope.start_ns"}},
@@ -547,6 +553,26 @@ class ElasticStore(Store):
             body["runtime_mappings"] = self._runtime()
         result = self._search(self.traces_index, **body)
         return [b["key"] for b in result.get("aggregations", {}).get("t", {}).get("buckets", [])]
+
+    def _all_trace_starts(self, query: dict[str, Any]) -> dict[str, float]:
+        """Every trace id matching ``query`` with its earliest matching start, paged by ``composite``."""
+        out: dict[str, float] = {}
+        after: dict[str, Any] | None = None
+        while True:
+            composite: dict[str, Any] = {"size": _MAX_TERMS, "sources": [{"t": {"terms": {"field": "trace_id"}}}]}
+            if after is not None:
+                composite["after"] = after
+            body: dict[str, Any] = {"query": query, "size": 0, "aggs": {"t": {
+                "composite": composite, "aggs": {"start": {"min": {"field": "payscope.start_ns"}}}}}}
+            if self._runtime():
+                body["runtime_mappings"] = self._runtime()
+            agg = self._search(self.traces_index, **body).get("aggregations", {}).get("t", {})
+            buckets = agg.get("buckets", [])
+            for b in buckets:
+                out[b["key"]["t"]] = b["start"]["value"] or 0.0
+            after = agg.get("after_key")
+            if not buckets or after is None:
+                return out
 
     def _summaries(self, base: dict[str, Any] | None, since_ns: int | None, until_ns: int | None,
                    limit: int | None, offset: int) -> list[TraceSummary]:
@@ -559,7 +585,9 @@ class ElasticStore(Store):
                 bounds["lt"] = iso_ns(until_ns)
             must.append({"range": {"@timestamp": bounds}})
         ids = self._trace_ids({"bool": {"filter": must}}, limit, offset)
-        found = self._summaries_of(ids)
+        found: dict[str, TraceSummary] = {}
+        for start in range(0, len(ids), 1000):  # summaries in bounded requests
+            found.update(self._summaries_of(ids[start:start + 1000]))
         summaries = [found[t] for t in ids if t in found
                      and (since_ns is None or found[t].start_ns >= since_ns)
                      and (until_ns is None or found[t].start_ns < until_ns)]
