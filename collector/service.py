@@ -142,16 +142,17 @@ def run_collector(store: Store, http: str | None, grpc: str | None, access: Acce
     """Serve until SIGINT or SIGTERM."""
     warn_if_slow_protobuf()
     collector = Collector(store, http, grpc, access or Access())
-    listening = collector.start()
-    print(f"payscope collect: listening on {', '.join(listening)}; storing in {store.url} "
-          f"(protobuf: {protobuf_backend()})", file=sys.stderr, flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:
         stop.set()
 
+    # before the banner: whoever waits for it may stop us at once, and must get a clean stop
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    listening = collector.start()
+    print(f"payscope collect: listening on {', '.join(listening)}; storing in {store.url} "
+          f"(protobuf: {protobuf_backend()})", file=sys.stderr, flush=True)
     while not stop.wait(0.5):
         pass
     collector.stop()

@@ -218,6 +218,10 @@ class Sidecar:
 
 
 async def _serve(sidecar: Sidecar, service: str, collector: str, admin: tuple[str, int] | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # before the port opens: a stop right after is a clean one
+        loop.add_signal_handler(signum, stop.set)
     await sidecar.start(admin)
     host, port = sidecar.address
     print(f"payscope sidecar: {service} on {host}:{port} -> {sidecar.upstream[0]}:{sidecar.upstream[1]} "
@@ -227,10 +231,6 @@ async def _serve(sidecar: Sidecar, service: str, collector: str, admin: tuple[st
     if admin is not None:
         print(f"payscope sidecar: faults can be changed at http://{admin[0]}:{admin[1]}/faults",
               file=sys.stderr, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     try:
         await stop.wait()
     finally:
