@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from opentelemetry.trace import Status, StatusCode
 
 KINDS = ("delay", "abort", "reset")
 
@@ -78,9 +79,10 @@ class Fault:
             span.set_attribute("http.response.status_code", self.status)
             return web.Response(status=self.status, text="fault injected by payscope sidecar\n")
         span.set_attribute("error.type", "connection_reset")
+        span.set_status(Status(StatusCode.ERROR, "connection reset: fault injected by payscope sidecar"))
         if request.transport is not None:
             request.transport.abort()  # an RST, not a clean close: as a crashed or cut-off service
-        raise ConnectionResetError("fault injected by payscope sidecar")
+        return web.Response(status=499)  # never sent: the connection is gone
 
 
 def parse(kind: str, spec: str) -> Fault:

@@ -124,12 +124,14 @@ class Sidecar:
         try:
             with trace.use_span(span, end_on_exit=False):
                 return await self._proxy(request, span, request_id, peer)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
             # the caller hung up: the request to the service is dropped with it, as Envoy and nginx do, so
             # the service did not answer it (it is no success, late or not)
             span.set_attribute("error.type", "client_closed_request")
             span.set_status(Status(StatusCode.ERROR, "remote end closed before the answer: the caller hung up"))
-            raise
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return web.Response(status=499)  # nobody reads it: the connection is gone
         finally:
             span.end()
 
@@ -186,6 +188,16 @@ class Sidecar:
         if status >= 500:
             span.set_status(Status(StatusCode.ERROR))
             span.set_attribute("error.type", str(status))
+        length = upstream.headers.get("Content-Length")
+        if request.method != "HEAD" and length is not None and length.isdigit() and int(length) <= CHUNK:
+            # a small answer of known length (most of them) goes out in one write, headers and body together
+            small = web.Response(status=status, reason=upstream.reason, body=await upstream.read())
+            for name, value in upstream.headers.items():
+                if name.lower() not in HOP_BY_HOP and name.lower() != "content-type":
+                    small.headers.add(name, value)
+            if upstream.headers.get("Content-Type"):
+                small.headers["Content-Type"] = upstream.headers["Content-Type"]
+            return small
         response = web.StreamResponse(status=status, reason=upstream.reason)
         for name, value in upstream.headers.items():
             if name.lower() not in HOP_BY_HOP:

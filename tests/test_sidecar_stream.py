@@ -15,6 +15,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -278,3 +279,29 @@ def test_the_analysis_says_an_injected_delay_is_injected(tmp_path: Path, upstrea
                                    check=True).stdout)
     first = compared["hops"][0]
     assert (first["component"], first["service"]) == ("injected", "bank"), compared["hops"][:3]
+
+
+def test_a_reset_fault_cuts_the_connection_and_is_marked(upstream: int, collector: CollectorProcess,
+                                                         store_path: Path) -> None:
+    proc, port = _sidecar(upstream, collector, "--reset", "@100%@/boom")
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
+            conn.request("POST", "/boom", body=b"{}")
+            conn.getresponse().read()
+        conn.close()
+        fine = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        fine.request("GET", "/ping")
+        assert fine.getresponse().read() == b'{"ok":true}'  # other routes untouched
+        fine.close()
+    finally:
+        err = _stop(proc)
+    assert "Traceback" not in err, err
+    with open_store(str(store_path), readonly=True) as store:
+        deadline = time.monotonic() + 10
+        reset: list[Any] = []
+        while not reset and time.monotonic() < deadline:
+            reset = [s for t in store.traces(limit=None) for s in store.trace(t.trace_id)
+                     if s.attributes.get("payscope.fault.kind") == "reset"]
+            time.sleep(0.2)
+    assert len(reset) == 1 and reset[0].attributes["error.type"] == "connection_reset" and reset[0].status_code == 2
