@@ -255,7 +255,7 @@ class ElasticStore(Store):
         self._es.ilm.put_lifecycle(name=POLICY, policy={"phases": {
             "hot": {"actions": {"rollover": {"max_primary_shard_size": "50gb", "max_age": "1d"}}},
             "delete": {"min_age": self._retention, "actions": {"delete": {}}}}})
-        settings = {"index.lifecycle.name": POLICY, "index.refresh_interval": "1s", "index.codec": "best_compression"}
+        settings = {"index.lifecycle.name": POLICY, "index.refresh_interval": "1s"}
         for name, pattern, mapping in (("payscope-traces", "traces-payscope.otel-*", _SPAN_MAPPING),
                                        ("payscope-logs", "logs-payscope.otel-*", _LOG_MAPPING)):
             self._es.indices.put_index_template(name=name, index_patterns=[pattern], data_stream={}, priority=500,
