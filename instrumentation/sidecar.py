@@ -10,8 +10,8 @@ continues the same trace. Secrets are masked before export, as in `payscope run`
 
 It is built on aiohttp's server and client (asyncio, ``TCP_NODELAY``, HTTP/1.1 keep-alive to both sides)
 and streams: a body of any size, chunked or not, passes through in pieces, never held whole. Only a JSON
-request body of at most ``KEY_BODY_LIMIT`` is read first, for the business keys in it; so a request holds
-at most that much, or one chunk (``CHUNK``) of a stream, in memory at a time.
+request body of at most ``keys.MAX_BODY`` (what key extraction reads) is read first, for the business keys
+in it; so a request holds at most that much, or one chunk (``CHUNK``) of a stream, in memory at a time.
 
 With ``--delay``, ``--abort`` or ``--reset`` it injects faults into a share of requests (``faults.py``), each
 marked on its span, and changeable at run time on an admin endpoint bound to 127.0.0.1.
@@ -43,7 +43,6 @@ HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriza
 TRACE_HEADERS = {"traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
                  "x-b3-sampled", "x-b3-flags", "uber-trace-id"}
 RECORDED_HEADERS = ("idempotency-key", "x-envoy-expected-rq-timeout-ms", "grpc-timeout")
-KEY_BODY_LIMIT = 1 << 20  # a JSON body up to 1 MiB is read whole for its business keys; larger ones stream
 CHUNK = 64 * 1024
 
 
@@ -139,7 +138,7 @@ class Sidecar:
         body: Any = None
         set_keys(span, keys.from_pairs(request.headers.items(), self.names))
         length = request.content_length
-        if keys.is_json(request.headers.get("Content-Type")) and length is not None and length <= KEY_BODY_LIMIT:
+        if keys.is_json(request.headers.get("Content-Type")) and length is not None and length <= keys.MAX_BODY:
             body = await request.read()  # after the query string, as in `payscope run`
             set_keys(span, keys.from_json(body, self.names))
         elif request.body_exists:
