@@ -16,7 +16,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.helpers import CollectorProcess, free_port, stop_all, wait_port
+from tests.helpers import CollectorProcess, free_port, node_server, stop_all, wait_port
 
 UPSTREAM_JS = """
 require("http").createServer((req, res) => {
@@ -46,23 +46,20 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     if not shutil.which("wrk") or not shutil.which("node"):
         sys.exit("bench sidecar needs wrk and node on PATH")
-    with tempfile.TemporaryDirectory() as tmp:
-        upstream_port, sidecar_port = free_port(), free_port()
-        (Path(tmp) / "upstream.js").write_text(UPSTREAM_JS)
+    with tempfile.TemporaryDirectory() as tmp, node_server(UPSTREAM_JS, Path(tmp)) as upstream_port:
+        sidecar_port = free_port()
         collector = CollectorProcess(Path(tmp) / "bench.db", grpc=False)
-        procs = [subprocess.Popen(["node", str(Path(tmp) / "upstream.js"), str(upstream_port)])]
+        sidecar = subprocess.Popen(
+            [sys.executable, "-m", "payscope", "sidecar", "--listen", f"127.0.0.1:{sidecar_port}",
+             "--upstream", f"127.0.0.1:{upstream_port}", "--service", "bank", "--collector", collector.http_url],
+            stderr=subprocess.DEVNULL, env=dict(os.environ))
         try:
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "payscope", "sidecar", "--listen", f"127.0.0.1:{sidecar_port}",
-                 "--upstream", f"127.0.0.1:{upstream_port}", "--service", "bank", "--collector", collector.http_url],
-                stderr=subprocess.DEVNULL, env=dict(os.environ)))
-            wait_port(upstream_port)
             wait_port(sidecar_port)
             wrk(f"http://127.0.0.1:{sidecar_port}/", 2, args.connections)  # warm-up
             direct = wrk(f"http://127.0.0.1:{upstream_port}/pay", args.seconds, args.connections)
             proxied = wrk(f"http://127.0.0.1:{sidecar_port}/pay", args.seconds, args.connections)
         finally:
-            stop_all(procs)
+            stop_all([sidecar])
             collector.stop()
     print(f"sidecar, wrk keep-alive, {args.connections} connections x {args.seconds}s, Node.js upstream, "
           "spans exported to payscope collect, all on this machine")

@@ -150,3 +150,18 @@ def wait_port(port: int, timeout: float = 30.0) -> None:
                 return
         time.sleep(0.05)
     raise AssertionError(f"nothing listening on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+@contextmanager
+def node_server(script: str, directory: Path) -> Iterator[int]:
+    """A plain Node.js HTTP server running ``script`` (which listens on the port given as its argument), on a
+    free port of 127.0.0.1 until the block ends."""
+    port = free_port()
+    path = directory / f"server-{port}.js"
+    path.write_text(script)
+    proc = subprocess.Popen(["node", str(path), str(port)])
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        stop_all([proc])

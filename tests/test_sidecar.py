@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from payscope.collector.store import open_store
-from tests.helpers import CollectorProcess, free_port, payscope, stop_all, wait_port
+from tests.helpers import CollectorProcess, free_port, node_server, payscope, wait_port
 
 BANK_JS = """
 const http = require("http");
@@ -57,14 +57,8 @@ with trace.get_tracer("payment").start_as_current_span("POST /pay", kind=trace.S
 def bank(tmp_path: Path) -> Iterator[int]:
     if shutil.which("node") is None:
         pytest.skip("node not installed: the sidecar test puts it in front of a Node.js service")
-    port = free_port()
-    (tmp_path / "bank.js").write_text(BANK_JS)
-    proc = subprocess.Popen(["node", str(tmp_path / "bank.js"), str(port)])
-    try:
-        wait_port(port)
+    with node_server(BANK_JS, tmp_path) as port:
         yield port
-    finally:
-        stop_all([proc])
 
 
 def test_sidecar_puts_an_uninstrumented_service_into_the_trace(tmp_path: Path, bank: int,

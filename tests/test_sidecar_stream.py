@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from payscope.collector.store import open_store
-from tests.helpers import CollectorProcess, free_port, payscope, stop_all, wait_port
+from tests.helpers import CollectorProcess, free_port, node_server, payscope, wait_port
 
 UPSTREAM_JS = r"""
 const http = require("http");
@@ -60,14 +60,8 @@ PEAK_GROWTH_BOUND_MB = 48  # what 100 MB each way may add to the sidecar's peak 
 def upstream(tmp_path: Path) -> Iterator[int]:
     if shutil.which("node") is None:
         pytest.skip("node not installed: the upstream is a plain Node.js server")
-    port = free_port()
-    (tmp_path / "upstream.js").write_text(UPSTREAM_JS)
-    proc = subprocess.Popen(["node", str(tmp_path / "upstream.js"), str(port)])
-    try:
-        wait_port(port)
+    with node_server(UPSTREAM_JS, tmp_path) as port:
         yield port
-    finally:
-        stop_all([proc])
 
 
 def _sidecar(upstream: int, collector: CollectorProcess, *extra: str) -> tuple[subprocess.Popen[str], int]:
