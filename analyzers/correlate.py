@@ -1,7 +1,10 @@
 """Tie log records to transactions: by trace id, request id, business key, or time window.
 
 Each link says how it was made and how sure it is. A line that could belong to several
-transactions is marked ambiguous with its candidates, never attached to one of them.
+transactions is marked ambiguous with its candidates, never attached to one of them. A line
+with no id is linked by time only when its template is request-scoped (``templates``):
+lines that need the time window wait until every line of the ingest has been read, so that
+what the id-linked lines teach applies to all of them.
 """
 
 from __future__ import annotations
@@ -10,8 +13,11 @@ import re
 from dataclasses import dataclass, field
 
 from payscope.collector.store import Store
-from payscope.model import LogRecord
+from payscope.collector.store.api import LogQuery
+from payscope.model import LogRecord, SpanRow
 from payscope.semconv import normalise_trace_id
+
+from .templates import Templates
 
 DEFAULT_KEY_PATTERNS = (
     r"(?i)\border[_ -]?(?:id|no|number)?\s*[=:#]?\s*[\"']?([A-Za-z]*[-_]?\d[\w-]{2,})",
@@ -25,7 +31,10 @@ WINDOW_LEAD_NS = 10_000_000
 
 CONFIDENCE = {"trace_id": 1.0, "request_id": 0.98, "business_key": 0.9}
 WINDOW_CONFIDENCE_ROUTE = 0.85
+WINDOW_CONFIDENCE_POSITION = 0.75
 WINDOW_CONFIDENCE = 0.6
+MAX_PENDING = 100_000         # lines held for the time window; past this the oldest half is decided early
+STORED_LINES_LEARNED = 5_000  # id-linked lines already stored, per service, that teach templates too
 
 
 @dataclass
@@ -48,6 +57,10 @@ class Linker:
         self._known: dict[str, bool] = {}
         self._by_key: dict[str, list[str]] = {}
         self._traced_services: set[str] | None = None
+        self.templates = Templates()
+        self._pending: list[LogRecord] = []
+        self._rows: dict[str, list[SpanRow]] = {}
+        self._learned_stored: set[str] = set()
 
     def _trace_known(self, trace_id: str) -> bool:
         if trace_id not in self._known:
@@ -90,8 +103,55 @@ class Linker:
                 holding.append(tid)
         return holding
 
+    def link_batch(self, records: list[LogRecord]) -> list[LogRecord]:
+        """Link what ids can link now and return those records; hold the lines that need the time window
+        until ``finish`` (or until MAX_PENDING of them are held, when the oldest half is decided)."""
+        self.prefetch(records)
+        ready = []
+        for record in records:
+            decision = self._by_id(record)
+            if decision is None and self.time_window:
+                self._pending.append(record)
+            else:
+                ready.append(self._apply(record, decision or ("none", None, 0.0, [])))
+        if len(self._pending) > MAX_PENDING:
+            early, self._pending = self._pending[:MAX_PENDING // 2], self._pending[MAX_PENDING // 2:]
+            ready += self._decide_by_time(early)
+        return ready
+
+    def finish(self) -> list[LogRecord]:
+        """The held lines, decided by time window with every template learned."""
+        held, self._pending = self._pending, []
+        return self._decide_by_time(held)
+
     def link(self, record: LogRecord) -> LogRecord:
-        method, trace_id, confidence, candidates = self._decide(record)
+        """Link one record now, with what has been learned so far."""
+        decision = self._by_id(record)
+        if decision is None:
+            return self._decide_by_time([record])[0] if self.time_window else self._apply(
+                record, ("none", None, 0.0, []))
+        return self._apply(record, decision)
+
+    def _decide_by_time(self, records: list[LogRecord]) -> list[LogRecord]:
+        for service in {r.service for r in records}:
+            self._learn_stored(service, [r.time_ns for r in records if r.service == service])
+        return [self._apply(r, self._by_time(r)) for r in records]
+
+    def _learn_stored(self, service: str, times: list[int]) -> None:
+        """Templates from the service's id-linked lines already in the store (an earlier ingest, OTLP)."""
+        if service in self._learned_stored:
+            return
+        self._learned_stored.add(service)
+        hour = 3_600_000_000_000
+        for _, stored in self.store.search_logs(LogQuery(service=service, since_ns=min(times) - hour,
+                                                      until_ns=max(times) + hour, limit=STORED_LINES_LEARNED)):
+            if stored.trace_id and stored.link_method in CONFIDENCE:
+                self.templates.learn(service, stored.message, stored.trace_id, stored.time_ns)
+
+    def _apply(self, record: LogRecord, decision: tuple[str, str | None, float, list[str]]) -> LogRecord:
+        method, trace_id, confidence, candidates = decision
+        if method in CONFIDENCE and trace_id:
+            self.templates.learn(record.service, record.message, trace_id, record.time_ns)
         record.link_method = method
         record.link_confidence = confidence
         if method in ("none", "ambiguous"):
@@ -103,7 +163,8 @@ class Linker:
         self.stats.count(method)
         return record
 
-    def _decide(self, r: LogRecord) -> tuple[str, str | None, float, list[str]]:
+    def _by_id(self, r: LogRecord) -> tuple[str, str | None, float, list[str]] | None:
+        """The link an id makes, ``ambiguous`` when an id names several transactions, or None: no id."""
         tid = normalise_trace_id(r.trace_id)
         if tid and self._trace_known(tid):
             return "trace_id", tid, CONFIDENCE["trace_id"], []
@@ -124,9 +185,14 @@ class Linker:
                 candidates += holding or ids
         if candidates:
             return "ambiguous", None, 0.0, sorted(set(candidates))
-        if self.time_window:
-            return self._by_time(r)
-        return "none", None, 0.0, []
+        return None
+
+    def _trace_rows(self, trace_id: str) -> list[SpanRow]:
+        if trace_id not in self._rows:
+            if len(self._rows) > 50_000:
+                self._rows.clear()
+            self._rows[trace_id] = self.store.trace_rows(trace_id)
+        return self._rows[trace_id]
 
     def _by_time(self, r: LogRecord) -> tuple[str, str | None, float, list[str]]:
         if self._traced_services is not None and r.service not in self._traced_services:
@@ -137,15 +203,26 @@ class Linker:
             return "none", None, 0.0, []
         path = str(r.attributes.get("path") or "")
         status = r.attributes.get("status")
-        if path or status:
+        if path or status:  # an access-log line is a request: its route and status are the evidence
             matching = [s for s in spans if _route_matches(s.operation, path)
                         and (status is None or s.http_status is None or str(s.http_status) == str(status))]
             if len(matching) == 1:
                 return "time_window", matching[0].trace_id, WINDOW_CONFIDENCE_ROUTE, []
             spans = matching or spans
+            if len({s.trace_id for s in spans}) == 1:
+                return "time_window", spans[0].trace_id, WINDOW_CONFIDENCE, []
+        template = self.templates.scoped(r.service, r.message)
+        if template is None:
+            return "none", None, 0.0, []  # a template never logged with an id: background
         traces = sorted({s.trace_id for s in spans})
         if len(traces) == 1:
             return "time_window", traces[0], WINDOW_CONFIDENCE, []
+        anchor = self.templates.anchor(r.service, template, self._trace_rows)
+        if anchor is not None:
+            placed = {s.trace_id for s in spans if anchor.fits(s, r.time_ns)}
+            if len(placed) == 1:
+                r.attributes["link.position"] = anchor.at
+                return "time_window", placed.pop(), WINDOW_CONFIDENCE_POSITION, []
         return "ambiguous", None, 0.0, traces
 
 

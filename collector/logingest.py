@@ -243,6 +243,18 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
     for source in sources:  # every file checked before any is stored
         if source != "-":
             check_text(Path(source))
+    try:
+        _ingest_all(store, sources, report, service, fmt, tz, clock_offset_ns, nginx_format, linker, on_progress)
+    finally:
+        if linker:  # the held lines are stored even when a later file is refused
+            report.stored += store.write(logs=linker.finish())[1]
+            report.linked = dict(linker.stats.by_method)
+    return report
+
+
+def _ingest_all(store: Store, sources: list[str], report: IngestReport, service: str | None, fmt: str,
+                tz: tzinfo | None, clock_offset_ns: int, nginx_format: str | None, linker: Any,
+                on_progress: Callable[[str, int], None] | None) -> None:
     for source in sources:
         file_report = FileReport(source)
         report.files.append(file_report)
@@ -252,9 +264,7 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
             fresh = join_twins(store, batch)  # on the ids the lines carried, before linking changes them
             file_report.joined += len(batch) - len(fresh)
             if linker:
-                linker.prefetch(fresh)
-                for record in fresh:
-                    linker.link(record)
+                fresh = linker.link_batch(fresh)  # lines that need the time window wait for linker.finish
             report.stored += store.write(logs=fresh)[1]
             batch.clear()
 
@@ -274,9 +284,6 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
                              f"{file_report.problems[0]})")
         if not file_report.records:
             raise InputError(f"{source}: empty, no log line in it")
-    if linker:
-        report.linked = dict(linker.stats.by_method)
-    return report
 
 
 __all__ = ["FileReport", "IngestReport", "expand", "ingest"]

@@ -173,18 +173,89 @@ def test_linking_by_request_id_or_order_id_is_exact(store_path: Path, kind: str,
 
 def test_time_window_links_only_when_one_transaction_fits(store_path: Path) -> None:
     truth = _world(store_path)
+    # "order received" is request-scoped: half of its lines (every other pair) carry the request id.
+    # "pool refreshed" never does.
+    with_id = [r for i, r in enumerate(_lines(truth, "request_id")) if i % 4 >= 2]
+    without_id = [LogRecord(time_ns=r.time_ns, service=r.service, message=r.message, source=r.source)
+                  for i, r in enumerate(_lines(truth, "request_id")) if i % 4 < 2]
+    background = _lines(truth, "neither")
     with open_store(str(store_path)) as store:
         linker = Linker(store)
-        linked = [linker.link(r) for r in _lines(truth, "neither")]
-    attached = [r for r in linked if r.link_method == "time_window"]
-    wrong = [r for r in attached if r.trace_id != r.source]
-    assert not wrong  # overlapping transactions of one route: ambiguous, never guessed
-    assert len(attached) >= 0.4 * len(linked)  # the first of each overlapping pair is alone in its window
-    assert {r.link_method for r in linked} <= {"time_window", "ambiguous", "none"}
-    assert sum(r.link_method == "ambiguous" for r in linked) > 0
-    for r in linked:
+        linked = linker.link_batch(without_id + background + with_id)  # the id-less lines come first
+        linked += linker.finish()
+    assert all(r.link_method == "none" and r.trace_id is None for r in linked if r.message == "pool refreshed")
+    plain = [r for r in linked if r.message == "order received" and "request_id" not in r.attributes]
+    assert len(plain) == len(without_id)
+    attached = [r for r in plain if r.link_method == "time_window"]
+    assert not [r for r in attached if r.trace_id != r.source]  # overlapping transactions: ambiguous, never guessed
+    assert len(attached) >= 0.4 * len(plain)  # the first of each overlapping pair is alone in its window
+    assert {r.link_method for r in plain} <= {"time_window", "ambiguous"}
+    assert sum(r.link_method == "ambiguous" for r in plain) > 0
+    for r in plain:
         if r.link_method == "ambiguous":
             assert r.source in r.attributes["link.candidates"] and r.trace_id is None
+
+
+def _busy_service(store_path: Path, seconds: float = 30.0, rate: float = 20.0,
+                  seed: int = 4) -> tuple[str, dict[int, str | None]]:
+    """A payment service at ``rate`` requests/s, several in flight at once, and its logfmt file: request lines
+    that carry the trace id on some lines and not on others, and background lines that never do.
+
+    Returns the file's text and, for each line number without an id, the trace it belongs to (None for a
+    background line)."""
+    rng = random.Random(seed)
+    spans, lines = [], []
+    t0 = 1_800_000_000_000.0
+    t = t0
+    while t < t0 + seconds * 1000:
+        trace = format(rng.getrandbits(128), "032x")
+        end = t + rng.uniform(80, 400)
+        spans.append(_span(trace, format(rng.getrandbits(64), "016x"), None, "payment", "server", t, end))
+
+        def say(at: float, message: str, trace: str = trace) -> None:
+            lines.append((at, message, trace, rng.random() < 0.3))  # 30% of lines carry their trace id
+
+        say(t + rng.uniform(0.1, 1.5), "charge started")
+        say(t + (end - t) * rng.uniform(0.3, 0.6), f"calling bank for {rng.randint(100, 90000) / 100} EUR")
+        if rng.random() < 0.3:
+            say(end - rng.uniform(0.1, 1.5), "charge declined: bank timeout")
+        t += rng.expovariate(rate / 1000)
+    for kind, every in (("cache warm: {} keys", 300), ("pool resized to {} connections", 2000),
+                        ("scheduler tick", 1000)):
+        at = t0 + rng.uniform(0, every)
+        while at < t:
+            lines.append((at, kind.format(rng.randint(1, 64)), None, False))
+            at += every * rng.uniform(0.8, 1.2)
+    lines.sort()
+    text, truth = [], {}
+    for n, (at, message, trace, carries) in enumerate(lines, start=1):
+        ids = f" trace_id={trace}" if carries and trace else ""
+        text.append(f'ts={_iso(at)} level=info msg="{message}"{ids}\n')
+        if not ids:
+            truth[n] = trace
+    with open_store(str(store_path)) as store:
+        store.write(spans)
+    return "".join(text), truth
+
+
+def test_background_lines_stay_unlinked_and_request_lines_link_by_template_and_position(
+        tmp_path: Path, store_path: Path) -> None:
+    text, truth = _busy_service(store_path)
+    log = tmp_path / "payment.log"
+    log.write_text(text)
+    payscope("ingest", "logs", str(log), "--store", str(store_path), check=True)
+    with open_store(str(store_path), readonly=True) as store:
+        records = {int(r.source.rsplit(":", 1)[1]): r for _, r in store.search_logs(LogQuery(limit=None))}
+    background = [n for n, trace in truth.items() if trace is None]
+    scoped = [n for n, trace in truth.items() if trace is not None]
+    assert len(background) > 100 and len(scoped) > 500
+    assert all(records[n].link_method == "none" for n in background)
+    by_time = [n for n in scoped if records[n].link_method == "time_window"]
+    right = [n for n in by_time if records[n].trace_id == truth[n]]
+    assert len(right) >= 0.9 * len(by_time)
+    positioned = [n for n in by_time if records[n].attributes.get("link.position")]
+    assert positioned and {records[n].attributes["link.position"] for n in positioned} == {"start", "end"}
+    assert len(by_time) >= 0.3 * len(scoped)  # at 20 requests/s, position picks the span that time alone cannot
 
 
 def test_logs_cli_json_contract(tmp_path: Path, store_path: Path) -> None:
