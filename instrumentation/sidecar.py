@@ -13,6 +13,12 @@ and streams: a body of any size, chunked or not, passes through in pieces, never
 request body of at most ``keys.MAX_BODY`` (what key extraction reads) is read first, for the business keys
 in it; so a request holds at most that much, or one chunk (``CHUNK``) of a stream, in memory at a time.
 
+With ``--egress`` it is a forward proxy instead, for the service's own outbound calls (the service is pointed
+at it with ``HTTP_PROXY``): it records a client span for each call, with the callee, status and duration,
+continuing the trace the service sent if it sent one, and passes a ``traceparent`` naming that span to the
+callee. When the service hangs up before the answer, the span says so, with how long the service waited:
+its timeout, inferred like any other edge's.
+
 With ``--delay``, ``--abort`` or ``--reset`` it injects faults into a share of requests (``faults.py``), each
 marked on its span, and changeable at run time on an admin endpoint bound to 127.0.0.1.
 """
@@ -38,8 +44,8 @@ from .distro import QUEUE_SIZE, REQUEST_ID_ATTRIBUTE, BusinessKeyProcessor, Reda
 from .faults import Faults
 from .propagation import PayscopePropagator, title_case
 
-HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
-              "transfer-encoding", "upgrade", "content-length", "host"}
+HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
+              "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "host"}
 TRACE_HEADERS = {"traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid",
                  "x-b3-sampled", "x-b3-flags", "uber-trace-id"}
 RECORDED_HEADERS = ("idempotency-key", "x-envoy-expected-rq-timeout-ms", "grpc-timeout")
@@ -49,11 +55,12 @@ CHUNK = 64 * 1024
 class Sidecar:
     """The proxy: an aiohttp server, a pooled client to the service, a tracer provider exporting spans."""
 
-    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int], service: str, collector: str,
+    def __init__(self, listen: tuple[str, int], upstream: tuple[str, int] | None, service: str, collector: str,
                  timeout_s: float, provider: TracerProvider | None = None, faults: Faults | None = None) -> None:
+        """``upstream`` None: egress mode, a forward proxy for the service's outbound calls."""
         self.listen = listen
         self.upstream = upstream
-        self.base = f"http://{upstream[0]}:{upstream[1]}"
+        self.base = f"http://{upstream[0]}:{upstream[1]}" if upstream else ""
         self.timeout_s = timeout_s
         self.faults = faults or Faults()
         if provider is None:
@@ -79,7 +86,7 @@ class Sidecar:
             auto_decompress=False,  # the answer passes as the service sent it, compressed or not
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
             timeout=ClientTimeout(total=None, sock_connect=self.timeout_s, sock_read=self.timeout_s))
-        server = web.Server(self.handle, handler_cancellation=True)
+        server = web.Server(self.handle if self.upstream else self.handle_egress, handler_cancellation=True)
         self.runner = web.ServerRunner(server, handle_signals=False, access_log=None)
         await self.runner.setup()
         site = web.TCPSite(self.runner, self.listen[0], self.listen[1], backlog=1024, reuse_address=True)
@@ -135,30 +142,42 @@ class Sidecar:
             span.end()
 
     async def _proxy(self, request: web.BaseRequest, span: Any, request_id: str, peer: str) -> web.StreamResponse:
-        body: Any = None
-        set_keys(span, keys.from_pairs(request.headers.items(), self.names))
-        length = request.content_length
-        if keys.is_json(request.headers.get("Content-Type")) and length is not None and length <= keys.MAX_BODY:
-            body = await request.read()  # after the query string, as in `payscope run`
-            set_keys(span, keys.from_json(body, self.names))
-        elif request.body_exists:
-            body = request.content.iter_chunked(CHUNK)
+        body = await self._body(request, span)
         fault = self.faults.pick(request.method, request.path)
         if fault is not None:
             injected = await fault.apply(span, request)
             if injected is not None:
                 return injected
         id_header = self.propagator.header
-        dropped = HOP_BY_HOP | TRACE_HEADERS | {id_header}
-        forward = {k: v for k, v in request.headers.items() if k.lower() not in dropped}
-        if length is not None and body is not None:
-            forward["Content-Length"] = str(length)
+        forward = self._forwarded_headers(request, body, {id_header})
         forward[title_case(id_header)] = request_id
         forward["X-Forwarded-For"] = peer
-        forward["Host"] = request.headers.get("Host", f"{self.upstream[0]}:{self.upstream[1]}")
+        forward["Host"] = request.headers.get("Host", self.base.removeprefix("http://"))
         self.propagator.inject(forward)
+        return await self._send(request, span, self.base + request.raw_path, forward, body)
+
+    async def _body(self, request: web.BaseRequest, span: Any) -> Any:
+        """The body to send on: read whole when it is JSON small enough for its business keys (set on the
+        span), else a stream of chunks; None when there is none."""
+        set_keys(span, keys.from_pairs(request.headers.items(), self.names))
+        length = request.content_length
+        if keys.is_json(request.headers.get("Content-Type")) and length is not None and length <= keys.MAX_BODY:
+            body = await request.read()  # after the query string, as in `payscope run`
+            set_keys(span, keys.from_json(body, self.names))
+            return body
+        return request.content.iter_chunked(CHUNK) if request.body_exists else None
+
+    @staticmethod
+    def _forwarded_headers(request: web.BaseRequest, body: Any, dropped: set[str]) -> dict[str, str]:
+        forward = {k: v for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | TRACE_HEADERS | dropped}
+        if request.content_length is not None and body is not None:
+            forward["Content-Length"] = str(request.content_length)
+        return forward
+
+    async def _send(self, request: web.BaseRequest, span: Any, url: str, forward: dict[str, str],
+                    body: Any) -> web.StreamResponse:
+        """The request sent on to ``url`` and its answer streamed back, or the failure answered."""
         assert self.session is not None
-        url = self.base + request.raw_path
         retried = not isinstance(body, (bytes, type(None)))  # a streamed body cannot be sent again
         while True:
             try:
@@ -168,7 +187,7 @@ class Sidecar:
                 break
             except (TimeoutError, asyncio.TimeoutError):
                 span.set_attribute("error.type", "timeout")
-                span.set_status(Status(StatusCode.ERROR, f"the service did not answer within {self.timeout_s:g} s"))
+                span.set_status(Status(StatusCode.ERROR, f"no answer within {self.timeout_s:g} s"))
                 return self._fail(span, 504, "upstream timed out")
             except ServerDisconnectedError as exc:  # a kept-alive connection the service closed meanwhile
                 if retried:
@@ -181,10 +200,54 @@ class Sidecar:
         finally:
             upstream.release()
 
+    # --- egress: one outbound call of the service ------------------------------------------
+    async def handle_egress(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.method == "CONNECT" or not request.raw_path.startswith("http://"):
+            return web.Response(status=400, headers={"Connection": "close"}, text=(
+                "payscope sidecar --egress is a forward proxy for plain http:// calls (set HTTP_PROXY, not "
+                "HTTPS_PROXY): the request target must be an absolute http:// URL\n"))
+        target = request.url
+        port = target.port or 80
+        attributes: dict[str, Any] = {
+            "http.request.method": request.method, "url.full": str(target), "server.address": target.host or "",
+            "server.port": port, "network.protocol.version": f"{request.version.major}.{request.version.minor}",
+        }
+        for name in RECORDED_HEADERS:
+            if request.headers.get(name):
+                attributes[f"http.request.header.{name}"] = tuple(request.headers.getall(name))
+        context = self.propagator.extract(request.headers)  # the service's own trace, when it sends one
+        span = self.tracer.start_span(request.method, context=context, kind=trace.SpanKind.CLIENT,
+                                      attributes=attributes, record_exception=False, set_status_on_exception=False)
+        started = asyncio.get_running_loop().time()
+        try:
+            with trace.use_span(span, end_on_exit=False):
+                body = await self._body(request, span)
+                fault = self.faults.pick(request.method, target.path)
+                if fault is not None:
+                    injected = await fault.apply(span, request)
+                    if injected is not None:
+                        return injected
+                forward = self._forwarded_headers(request, body, set())
+                forward["Host"] = request.headers.get("Host", f"{target.host}:{port}")
+                self.propagator.inject(forward)  # the callee continues from this client span
+                return await self._send(request, span, str(target), forward, body)
+        except (asyncio.CancelledError, ConnectionResetError) as exc:
+            # the service hung up before the answer came: it stopped waiting, which is its timeout
+            waited_ms = (asyncio.get_running_loop().time() - started) * 1000
+            span.set_attribute("error.type", "timeout")
+            span.set_attribute("payscope.egress.abandoned_after_ms", round(waited_ms, 1))
+            span.set_status(Status(StatusCode.ERROR, f"the caller gave up (timeout) after {waited_ms:.0f} ms, "
+                                                     "before the answer"))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return web.Response(status=499)
+        finally:
+            span.end()
+
     async def _answer(self, request: web.BaseRequest, span: Any, upstream: Any) -> web.StreamResponse:
         status = upstream.status
         span.set_attribute("http.response.status_code", status)
-        if status >= 500:
+        if status >= (400 if self.upstream is None else 500):  # a client's call failed on a 4xx too
             span.set_status(Status(StatusCode.ERROR))
             span.set_attribute("error.type", str(status))
         length = upstream.headers.get("Content-Length")
@@ -235,7 +298,9 @@ async def _serve(sidecar: Sidecar, service: str, collector: str, admin: tuple[st
         loop.add_signal_handler(signum, stop.set)
     await sidecar.start(admin)
     host, port = sidecar.address
-    print(f"payscope sidecar: {service} on {host}:{port} -> {sidecar.upstream[0]}:{sidecar.upstream[1]} "
+    behind = f"{sidecar.upstream[0]}:{sidecar.upstream[1]}" if sidecar.upstream else \
+        f"its outbound calls (egress; point it here with HTTP_PROXY=http://{host}:{port})"
+    print(f"payscope sidecar: {service} on {host}:{port} -> {behind} "
           f"(timeout {sidecar.timeout_s:g} s), exporting to {collector}", file=sys.stderr, flush=True)
     for line in sidecar.faults.describe():
         print(f"payscope sidecar: FAULT INJECTION ON: {line}", file=sys.stderr, flush=True)
@@ -248,7 +313,7 @@ async def _serve(sidecar: Sidecar, service: str, collector: str, admin: tuple[st
         await sidecar.close()
 
 
-def run(listen: tuple[str, int], upstream: tuple[str, int], service: str, collector: str,
+def run(listen: tuple[str, int], upstream: tuple[str, int] | None, service: str, collector: str,
         timeout_s: float, faults: Faults | None = None, admin: tuple[str, int] | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C, then export what is left."""
     sidecar = Sidecar(listen, upstream, service, collector, timeout_s, faults=faults)

@@ -113,8 +113,11 @@ def run(
 @app.command()
 def sidecar(
     listen: Annotated[str, typer.Option(help="Address to listen on, HOST:PORT (callers call this).")],
-    upstream: Annotated[str, typer.Option(help="The service behind it, HOST:PORT.")],
     service: Annotated[str, typer.Option(help="The service's name in traces.")],
+    upstream: Annotated[Optional[str], typer.Option(help="The service behind it, HOST:PORT.")] = None,
+    egress: Annotated[bool, typer.Option(
+        "--egress", help="Instead, a forward proxy for the service's own outbound calls (point the service's "
+        "HTTP_PROXY here): client spans for its calls.")] = False,
     collector: Annotated[Optional[str], typer.Option(help="Collector URL (default http://127.0.0.1:4318).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the service's answer before a 504.")] = 60.0,
     delay: Annotated[Optional[list[str]], typer.Option(
@@ -134,6 +137,9 @@ def sidecar(
 
     if timeout <= 0:
         raise InputError(f"--timeout must be a positive number of seconds, not {timeout:g}")
+    if egress == (upstream is not None):
+        raise InputError("give --upstream HOST:PORT (a proxy in front of the service) or --egress (a proxy for its "
+                         "outbound calls), one of the two")
     try:
         rules = [parse(kind, spec) for kind, specs in (("delay", delay), ("abort", abort), ("reset", reset))
                  for spec in specs or []]
@@ -142,7 +148,7 @@ def sidecar(
     admin_at = parse_listen(admin, "--admin") if admin else None
     if admin_at is not None and admin_at[0] not in ("127.0.0.1", "localhost", "::1"):
         raise InputError(f"--admin {admin}: the admin endpoint binds this machine only (127.0.0.1)")
-    run_sidecar(parse_listen(listen, "--listen"), parse_listen(upstream, "--upstream"), service,
+    run_sidecar(parse_listen(listen, "--listen"), parse_listen(upstream, "--upstream") if upstream else None, service,
                 collector or os.environ.get("PAYSCOPE_COLLECTOR") or "http://127.0.0.1:4318", timeout,
                 Faults(rules), admin_at)
 

@@ -116,7 +116,7 @@ class CollectorProcess:
             self.proc.kill()
             self.proc.wait()
         rest = ""
-        if self.proc.stderr:
+        if self.proc.stderr and not self.proc.stderr.closed:  # stopped once already: nothing more to read
             rest = self.proc.stderr.read()
             self.proc.stderr.close()
         return rest
