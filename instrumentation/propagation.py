@@ -1,4 +1,5 @@
-"""Accept W3C tracecontext, B3 (single and multi header) and Jaeger on the way in; emit W3C (and baggage)."""
+"""Accept W3C tracecontext, B3 (single and multi header), Jaeger and SkyWalking's sw8 on the way in; emit W3C
+(and baggage), and sw8 when ``PAYSCOPE_EMIT_SW8`` is set."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from opentelemetry.propagators.textmap import (
 )
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from .sw8 import SkyWalkingPropagator
+
 
 def _incoming() -> list[TextMapPropagator]:
     found: list[TextMapPropagator] = [TraceContextTextMapPropagator()]
@@ -33,7 +36,7 @@ def _incoming() -> list[TextMapPropagator]:
         found.append(JaegerPropagator())
     except ImportError:  # pragma: no cover
         pass
-    return found
+    return [*found, SkyWalkingPropagator(emit=False)]
 
 
 REQUEST_ID = "x-request-id"
@@ -52,7 +55,8 @@ def request_id(context: Context | None) -> str | None:
 
 
 class PayscopePropagator(TextMapPropagator):
-    """Continue whichever trace header arrived; always send W3C ``traceparent`` and baggage onward.
+    """Continue whichever trace header arrived (the first of W3C, B3, Jaeger, sw8); always send W3C
+    ``traceparent`` and baggage onward, and sw8 when asked to.
 
     An incoming ``X-Request-ID`` travels with the request's context and goes out again on every
     call the service makes for it, so that logs which know only the request id can be joined.
@@ -61,7 +65,10 @@ class PayscopePropagator(TextMapPropagator):
     def __init__(self) -> None:
         self.header = request_id_header()
         self._incoming = _incoming()
-        self._outgoing = [TraceContextTextMapPropagator(), W3CBaggagePropagator()]
+        self._outgoing: list[TextMapPropagator] = [TraceContextTextMapPropagator(), W3CBaggagePropagator()]
+        sw8 = SkyWalkingPropagator()
+        if sw8.emit:
+            self._outgoing.append(sw8)
 
     def extract(self, carrier: CarrierT, context: Context | None = None,
                 getter: Getter[CarrierT] = default_getter) -> Context:

@@ -33,6 +33,7 @@ import uuid
 from typing import Any
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, ServerDisconnectedError, TCPConnector, web
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -127,6 +128,7 @@ class Sidecar:
         context = self.propagator.extract(request.headers)
         span = self.tracer.start_span(request.method, context=context, kind=trace.SpanKind.SERVER,
                                       attributes=attributes, record_exception=False, set_status_on_exception=False)
+        token = otel_context.attach(context)  # what arrived with the request (a SkyWalking trace id) goes on
         try:
             with trace.use_span(span, end_on_exit=False):
                 return await self._proxy(request, span, request_id, peer)
@@ -139,6 +141,7 @@ class Sidecar:
                 raise
             return web.Response(status=499)  # nobody reads it: the connection is gone
         finally:
+            otel_context.detach(token)
             span.end()
 
     async def _proxy(self, request: web.BaseRequest, span: Any, request_id: str, peer: str) -> web.StreamResponse:
@@ -219,6 +222,7 @@ class Sidecar:
         span = self.tracer.start_span(request.method, context=context, kind=trace.SpanKind.CLIENT,
                                       attributes=attributes, record_exception=False, set_status_on_exception=False)
         started = asyncio.get_running_loop().time()
+        token = otel_context.attach(context)
         try:
             with trace.use_span(span, end_on_exit=False):
                 body = await self._body(request, span)
@@ -242,6 +246,7 @@ class Sidecar:
                 raise
             return web.Response(status=499)
         finally:
+            otel_context.detach(token)
             span.end()
 
     async def _answer(self, request: web.BaseRequest, span: Any, upstream: Any) -> web.StreamResponse:

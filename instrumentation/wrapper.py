@@ -27,7 +27,8 @@ def _auto_instrumentation_dir() -> str:
 
 CONFIG_FILE = "payscope.toml"
 _RUN_SETTINGS = {"service": "OTEL_SERVICE_NAME", "collector": "PAYSCOPE_COLLECTOR", "export": "PAYSCOPE_EXPORT",
-                 "quiet": "PAYSCOPE_QUIET", "request_id_header": "PAYSCOPE_REQUEST_ID_HEADER"}
+                 "quiet": "PAYSCOPE_QUIET", "request_id_header": "PAYSCOPE_REQUEST_ID_HEADER",
+                 "emit_sw8": "PAYSCOPE_EMIT_SW8"}
 
 
 class ConfigError(Exception):
@@ -56,11 +57,11 @@ def load_config(path: Path) -> dict[str, str]:
             raise ConfigError(f"{path}: [run] {key} is not a setting (known: {', '.join(_RUN_SETTINGS)})")
         if key == "export" and value not in ("relay", "inprocess"):
             raise ConfigError(f"{path}: [run] export must be \"relay\" or \"inprocess\", not {value!r}")
-        if key == "quiet":
+        if key in ("quiet", "emit_sw8"):
             if not isinstance(value, bool):
-                raise ConfigError(f"{path}: [run] quiet must be true or false")
+                raise ConfigError(f"{path}: [run] {key} must be true or false")
             if value:
-                settings["PAYSCOPE_QUIET"] = "1"
+                settings[_RUN_SETTINGS[key]] = "1"
             continue
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{path}: [run] {key} must be a non-empty string")

@@ -103,10 +103,15 @@ def run(
     collector: Annotated[Optional[str], typer.Option(help="Collector URL (default http://127.0.0.1:4318).")] = None,
     config: Annotated[Optional[Path], typer.Option(
         help="Settings file (default: ./payscope.toml when there is one, or PAYSCOPE_CONFIG).")] = None,
+    emit_sw8: Annotated[bool, typer.Option(
+        "--emit-sw8", help="Send SkyWalking's sw8 header on outbound calls too (PAYSCOPE_EMIT_SW8=1).")] = False,
 ) -> None:
     """Run a Python program instrumented, without changing it: payscope run --service order -- python app.py"""
+    from payscope.instrumentation.sw8 import EMIT
     from payscope.instrumentation.wrapper import run as run_instrumented
 
+    if emit_sw8:
+        os.environ[EMIT] = "1"
     run_instrumented(list(ctx.args), service, collector, config)
 
 
@@ -129,6 +134,8 @@ def sidecar(
     admin: Annotated[Optional[str], typer.Option(
         metavar="127.0.0.1:PORT", help="Admin endpoint to change the faults at run time (this machine only).")
     ] = None,
+    emit_sw8: Annotated[bool, typer.Option(
+        "--emit-sw8", help="Send SkyWalking's sw8 header on too (PAYSCOPE_EMIT_SW8=1).")] = False,
 ) -> None:
     """HTTP proxy in front of a service payscope cannot instrument: its requests join the trace."""
     from payscope.collector.service import parse_listen
@@ -146,6 +153,10 @@ def sidecar(
     except FaultError as exc:
         raise InputError(str(exc)) from None
     admin_at = parse_listen(admin, "--admin") if admin else None
+    if emit_sw8:
+        from payscope.instrumentation.sw8 import EMIT
+
+        os.environ[EMIT] = "1"
     if admin_at is not None and admin_at[0] not in ("127.0.0.1", "localhost", "::1"):
         raise InputError(f"--admin {admin}: the admin endpoint binds this machine only (127.0.0.1)")
     run_sidecar(parse_listen(listen, "--listen"), parse_listen(upstream, "--upstream") if upstream else None, service,

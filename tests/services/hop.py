@@ -1,6 +1,7 @@
 """One hop of a chain (Flask's own server): GET /work does its own work, then calls NEXT_URL (if set) with
 requests. ``spin_ms`` in the query is CPU burnt here when this is the last hop (a service slow in its own code);
-the query is passed on down the chain."""
+the query is passed on down the chain. The answer says which trace headers arrived, and what the next hop
+answered."""
 
 import os
 import sys
@@ -17,13 +18,15 @@ app = Flask(__name__)
 @app.get("/work")
 def work():  # type: ignore[no-untyped-def]
     time.sleep(0.005)
+    received = {name: request.headers.get(name) for name in ("traceparent", "sw8")}
     if NEXT:
-        session.get(f"{NEXT}/work", params=request.args, timeout=5).raise_for_status()
-    else:
-        until = time.perf_counter() + int(request.args.get("spin_ms", "0")) / 1000
-        while time.perf_counter() < until:
-            pass
-    return jsonify({"ok": True})
+        answer = session.get(f"{NEXT}/work", params=request.args, timeout=5)
+        answer.raise_for_status()
+        return jsonify({"ok": True, "received": received, "next": answer.json()})
+    until = time.perf_counter() + int(request.args.get("spin_ms", "0")) / 1000
+    while time.perf_counter() < until:
+        pass
+    return jsonify({"ok": True, "received": received})
 
 
 if __name__ == "__main__":
