@@ -128,6 +128,7 @@ def test_payscope_toml_names_the_service_the_collector_and_more_keys(tmp_path: P
 @pytest.mark.parametrize(("text", "message"), [
     ("[run]\nservise = 'x'\n", "[run] servise is not a setting"),
     ("[run]\nexport = 'sometimes'\n", "export must be \"relay\" or \"inprocess\""),
+    ("[run]\nemit_sw8 = 'yes'\n", "[run] emit_sw8 must be true or false"),
     ("[keys]\ncustomer_id = ['c']\n", "[keys] customer_id is not a business key"),
     ("[rnu]\n", "unknown table [rnu]"),
     ("[run\nservice = 'x'\n", "not valid TOML"),
@@ -198,3 +199,12 @@ def test_a_configured_request_id_header_is_recorded_and_passed_on(tmp_path: Path
         echo.server_close()
     assert echoed["x-correlation-id"] == "corr-123" and "x-request-id" not in echoed  # passed on, under its name
     assert server_span.attributes["payscope.request_id"] == "corr-123"
+
+
+def test_emit_sw8_in_payscope_toml_reaches_the_program(tmp_path: Path) -> None:
+    (tmp_path / "payscope.toml").write_text("[run]\nemit_sw8 = true\nquiet = true\n")
+    env = {k: v for k, v in os.environ.items() if k != "PAYSCOPE_EMIT_SW8"}
+    done = subprocess.run([sys.executable, "-m", "payscope", "run", "--", sys.executable, "-c",
+                           "import os; print(os.environ.get('PAYSCOPE_EMIT_SW8'))"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
