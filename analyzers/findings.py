@@ -13,6 +13,9 @@ from .engine import Analysis, Edge, EdgeKey, is_business_failure
 from .stats import fraction_above, percentile
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
+KINDS = ("timeout_inversion", "late_success", "timeout_below_tail", "timeout_missing", "retry_budget_overrun",
+         "non_idempotent_retry", "deadline_not_propagated", "uniform_timeout", "connect_timeout_too_long",
+         "network_latency", "tcc_anomaly")  # the stable finding names (docs/findings.md)
 EVIDENCE_IDS = 5
 # A timeout below the callee's healthy tail kills at least this share of healthy calls.
 BELOW_TAIL_MIN_RATE = 0.01

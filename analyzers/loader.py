@@ -11,12 +11,15 @@ from .engine import Analysis, group_traces, read
 from .logcalls import log_calls
 
 
-def load(store: Store, *, judge: bool = True) -> Analysis:
+def load(store: Store, *, judge: bool = True, window: tuple[int, int] | None = None) -> Analysis:
     """The whole-store analysis of ``store``; with ``judge=False`` only the calls of every trace on one clock
-    (:func:`engine.read`), for what needs no more (`payscope compare`)."""
+    (:func:`engine.read`), for what needs no more (`payscope compare`). With ``window`` (from, to in ns),
+    only the traces that start in it, and the log lines written in it."""
 
     def proxy_calls(facts: dict[str, TraceFacts], calls: list[Call]) -> list[Call]:
-        records = [r for _, r in store.search_logs(LogQuery(attribute="status", limit=None))]
+        since, until = window if window else (None, None)
+        records = [r for _, r in store.search_logs(LogQuery(attribute="status", since_ns=since, until_ns=until,
+                                                            limit=None))]
         if not records:
             return []
         # a proxy that has its own spans is already in the analysis: its log lines would count it twice
@@ -35,6 +38,8 @@ def load(store: Store, *, judge: bool = True) -> Analysis:
         return log_calls(records, entry_of)
 
     traces = group_traces(store.iter_rows())
+    if window is not None:
+        traces = (t for t in traces if window[0] <= min(s.start_ns for s in t) < window[1])
     if not judge:
         return read(traces, extra_calls=proxy_calls)
     return diagnose(traces, declared=declared_timeouts(store), extra_calls=proxy_calls)

@@ -510,6 +510,35 @@ def analyze(
 
 
 @app.command()
+def chaos(
+    scenario: Annotated[Path, typer.Argument(help="The experiment: SCENARIO.toml (faults, traffic, expectations).")],
+    store: StoreOption = None,
+    collector: Annotated[Optional[str], typer.Option(
+        help="Collector the fault-injecting sidecar exports to (default PAYSCOPE_COLLECTOR or "
+        "http://127.0.0.1:4318).")] = None,
+    output_format: Annotated[str, typer.Option("--format", "-f", help="table or json.")] = "table",
+) -> None:
+    """Inject faults in front of a service, drive traffic, and report how timeouts and retries behaved;
+    exit 1 when the scenario's expectations fail."""
+    from payscope import chaos as chaos_run
+    from payscope import report
+    from payscope.collector.store import resolve_store_url
+
+    _check_format(output_format, ("table", "json"))
+    experiment = chaos_run.load_scenario(scenario)
+    document = chaos_run.run(experiment, resolve_store_url(store), collector or os.environ.get("PAYSCOPE_COLLECTOR")
+                             or "http://127.0.0.1:4318", say=lambda line: err.print(f"payscope chaos: {line}",
+                                                                                   markup=False))
+    if output_format == "json":
+        _emit_json(document)
+    else:
+        for line in report.chaos_lines(document):
+            out.print(line, markup=False)
+    if not document["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
 def compare(
     incident: Annotated[str, typer.Option(help="The incident window, FROM..TO (RFC 3339 or Unix seconds).")],
     baseline: Annotated[Optional[str], typer.Option(

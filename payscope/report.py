@@ -111,6 +111,44 @@ def compare_lines(document: dict[str, Any]) -> list[str]:
     return lines
 
 
+def chaos_lines(document: dict[str, Any]) -> list[str]:
+    """What `payscope chaos` says of one experiment: the faults, the traffic, each edge, the verdict."""
+    traffic = document["traffic"]
+    faults = "; ".join(document["faults"])
+    lines = [f"scenario {document['scenario']}: {faults} in front of {document['target']}"]
+    if traffic["command_exit"] is None:
+        statuses = ", ".join(f"{k} x{v}" for k, v in sorted(traffic["statuses"].items()))
+        lines.append(f"traffic: {traffic['sent']} requests, {traffic['ok']} ok, {traffic['failed']} failed "
+                     f"({statuses})")
+    else:
+        lines.append(f"traffic: the command exited {traffic['command_exit']}")
+    outcomes = ", ".join(f"{k} {v}" for k, v in sorted(document["outcomes"].items())) or "none"
+    lines.append(f"{document['transactions']} transactions recorded in the window: {outcomes}; "
+                 f"orders charged twice: {document['orders_charged_twice']}")
+    lines.append("edge                                          calls  injected  timed out  retried  late ok"
+                 "  timeout  recommended  timeouts now -> recommended")
+    for e in document["edges"]:
+        rate = e["expected_timeout_rate"]
+        rates = f"{rate['now']:.1%} -> {rate['recommended']:.1%}" if rate else "-"
+        name = f"{e['caller']} -> {e['callee']} {e['operation']}"
+        lines.append(f"{name[:45]:45} {e['calls']:6} {e['injected']:9} {e['timed_out']:10} {e['retried']:8} "
+                     f"{e['late_success']:8}  {format_ms(e['timeout_ms']):>7}  "
+                     f"{format_ms(e['recommended_timeout_ms']):>11}  {rates}")
+    for f in document["findings"]:
+        edge = f["edge"]
+        lines.append(f"{f['severity'].upper()} {f['kind']}  {edge['caller']} -> {edge['callee']}: {f['summary']}")
+    replay = document["with_recommended_timeouts"]
+    after, recorded = replay["replayed"], replay["recorded"]
+    lines.append(f"with the recommended timeouts (replayed): {after['failed']} failed, {after['late_success']} "
+                 f"late successes, {after['duplicate_charge']} orders charged twice (recorded: {recorded['failed']}, "
+                 f"{recorded['late_success']}, {recorded['duplicate_charge']})")
+    if document["passed"]:
+        lines.append("PASSED: every expectation held")
+    else:
+        lines += [f"FAILED: {failure}" for failure in document["failures"]]
+    return lines
+
+
 def yaml(document: Any) -> str:
     """The document as YAML."""
     import yaml as pyyaml

@@ -182,6 +182,8 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
             route = template_path(str(raw_path or "/")) if (url_match or raw_path is not None) else None
         operation = f"{method} {route}" if method and route else (span_name_or(name, method))
     else:
+        if route is None and method and name.upper() == method and first(attrs, PATH) is not None:
+            route = template_path(str(first(attrs, PATH)))  # a span named only by its method (a sidecar, a proxy)
         operation = f"{method} {route}" if method and route else name
     keys = [str(v) for k, v in attrs.items() if k.lower().endswith(KEY_SUFFIXES) and isinstance(v, (str, int))
             and v != ""]

@@ -64,6 +64,7 @@ class System:
     ports: dict[str, int] = field(default_factory=dict)
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     bank_link: DelayingRelay | None = None
+    bank_url: str | None = None  # where payment calls the bank, when not the delaying link (a chaos sidecar)
 
     @property
     def gateway(self) -> str:
@@ -82,7 +83,7 @@ class System:
         _wait_port(self.ports["collector"], "the collector")
         env = dict(os.environ, **self.settings, DEMO_LOG_DIR=str(self.log_dir), DEMO_SEED=str(self.seed),
                    PAYSCOPE_QUIET="1", OTEL_BSP_SCHEDULE_DELAY="200", OTEL_BLRP_SCHEDULE_DELAY="200",
-                   BANK_URL=f"http://127.0.0.1:{self.ports['bank-link']}",
+                   BANK_URL=self.bank_url or f"http://127.0.0.1:{self.ports['bank-link']}",
                    PAYMENT_URL=f"http://127.0.0.1:{self.ports['payment']}",
                    INVENTORY_URL=f"http://127.0.0.1:{self.ports['inventory']}",
                    ORDER_URL=f"http://127.0.0.1:{self.ports['order']}",

@@ -1,0 +1,115 @@
+"""`payscope chaos` against the demo's real services: the bank slowed by the sidecar's injected delay. With the
+demo's timeouts as shipped, the experiment finds the non-idempotent retry and the late success, and fails;
+with the demo's `--fixed` settings (payscope's own recommendations), the same scenario passes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.helpers import free_port, payscope
+
+SCENARIO = """
+name = "the bank slows down"
+settle = "2s"
+
+[proxy]
+listen = "127.0.0.1:{proxy}"
+upstream = "127.0.0.1:{bank}"
+service = "bank"
+
+[[fault]]
+delay = "350ms"
+share = "50%"
+route = "POST /v1/charges"
+
+[traffic]
+url = "{gateway}/orders/chaos-{label}-{{n}}"
+method = "POST"
+body = '{{"amount": 25}}'
+headers = {{ "Content-Type" = "application/json" }}
+requests = 40
+concurrency = 4
+
+[expect]
+absent = ["late_success", "duplicate_charge", "non_idempotent_retry"]
+"""
+
+
+@pytest.fixture(scope="module")
+def experiments(tmp_path_factory: pytest.TempPathFactory, demo_store: Path) -> dict[str, Any]:
+    from payscope.demo import FAULTY, System, fixed_settings
+
+    out = {}
+    for label, settings in (("shipped", dict(FAULTY)), ("fixed", fixed_settings(demo_store))):
+        tmp = tmp_path_factory.mktemp(f"chaos-{label}")
+        proxy = free_port()
+        system = System(tmp / "payscope.db", tmp / "logs", settings, seed=5, bank_url=f"http://127.0.0.1:{proxy}")
+        system.start(peak=(0.0, 0.0))  # no sale peak: the only slowness is the injected one
+        try:
+            scenario = tmp / "bank-slows.toml"
+            scenario.write_text(SCENARIO.format(proxy=proxy, bank=system.ports["bank"], gateway=system.gateway,
+                                                label=label))
+            done = payscope("chaos", str(scenario), "--store", str(tmp / "payscope.db"), "--collector",
+                            f"http://127.0.0.1:{system.ports['collector']}", "--format", "json", timeout=300)
+        finally:
+            system.stop()
+        out[label] = (done, settings)
+    return out
+
+
+def _findings(doc: dict[str, Any]) -> set[str]:
+    return {f["kind"] for f in doc["findings"]}
+
+
+def test_the_shipped_timeouts_fail_the_experiment(experiments: dict[str, Any]) -> None:
+    done, _ = experiments["shipped"]
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    assert {"non_idempotent_retry", "late_success"} <= _findings(doc)
+    assert not doc["passed"] and any(f.startswith("late_success: found on") for f in doc["failures"])
+    (bank,) = [e for e in doc["edges"] if (e["caller"], e["callee"]) == ("payment", "bank")]
+    assert bank["injected"] > 0 and bank["timed_out"] > 0 and bank["retried"] > 0
+    assert doc["traffic"]["sent"] == 40
+    assert "delay 350 ms on 50% of requests" in doc["faults"][0]
+    assert "FAULT INJECTION ON" in done.stderr
+
+
+def test_the_recommended_timeouts_pass_the_same_experiment(experiments: dict[str, Any]) -> None:
+    done, settings = experiments["fixed"]
+    assert float(settings["PAYMENT_BANK_TIMEOUT"]) > 0.4  # the recommendation, not the shipped value
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    assert doc["passed"] and not {"non_idempotent_retry", "late_success"} & _findings(doc)
+    (bank,) = [e for e in doc["edges"] if (e["caller"], e["callee"]) == ("payment", "bank")]
+    assert bank["injected"] > 0  # the faults were there: the timeouts held under them
+    assert doc["orders_charged_twice"] == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (('delay = "350ms"', 'delay = "350ms"\ncolour = "red"'), "unknown key 'colour'"),
+    (('share = "50%"', 'share = "150%"'), "the share must be a percentage above 0% and at most 100%"),
+    (('requests = 40', 'requests = 0'), "requests must be a whole number from 1 to"),
+    (('absent = ["late_success"', 'absent = ["late_sucess"'), "'late_sucess' is not a finding"),
+    (("[traffic]", "[trafic]"), "unknown key 'trafic'"),
+])
+def test_a_bad_scenario_is_refused_in_one_line(tmp_path: Path, change: tuple[str, str], message: str) -> None:
+    text = SCENARIO.format(proxy=free_port(), bank=free_port(), gateway="http://127.0.0.1:9", label="bad")
+    assert change[0] in text
+    scenario = tmp_path / "bad.toml"
+    scenario.write_text(text.replace(*change))
+    done = payscope("chaos", str(scenario), "--store", str(tmp_path / "payscope.db"))
+    assert done.returncode == 2 and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stdout == ""
+
+
+def test_an_upstream_that_refuses_is_named(tmp_path: Path) -> None:
+    closed = free_port()
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SCENARIO.format(proxy=free_port(), bank=closed, gateway="http://127.0.0.1:9", label="x"))
+    done = payscope("chaos", str(scenario), "--store", str(tmp_path / "payscope.db"))
+    assert done.returncode == 2 and f"127.0.0.1:{closed} refuses connections" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
