@@ -71,15 +71,27 @@ def _problem(span: PbSpan) -> str | None:
 _BIG = 10**12  # no smaller number has the 13 digits of the shortest card number
 
 
-def _number_may_be_card(value: Any) -> bool:
-    which = value.WhichOneof("value")
+def _number_may_be_card(value: Any, which: str | None) -> bool:
     if which == "int_value":
         return value.int_value >= _BIG
     if which == "double_value":
         return abs(value.double_value) >= _BIG
     if which == "array_value":
-        return any(_number_may_be_card(v) for v in value.array_value.values)
+        return any(_number_may_be_card(v, v.WhichOneof("value")) for v in value.array_value.values)
     return which == "kvlist_value"  # keys at depth: decoded and masked the careful way
+
+
+_SKIP, _WANTED, _SECRET = 0, 1, 2
+_key_kinds: dict[str, int] = {}
+
+
+def _key_kind(key: str) -> int:
+    kind = _key_kinds.get(key)
+    if kind is None:
+        kind = _SECRET if is_secret_key(key) else _WANTED if semconv.wanted(key) else _SKIP
+        if len(_key_kinds) < 100_000:
+            _key_kinds[key] = kind
+    return kind
 
 
 def _wanted_attributes(kvs: Any) -> dict[str, Any] | None:
@@ -88,16 +100,21 @@ def _wanted_attributes(kvs: Any) -> dict[str, Any] | None:
     (Integers and floats are binary on the wire, invisible to the byte scan of the request, and a
     secret key's value may be plain text.)
     """
-    read_keys, suffixes, secret = semconv.READ_KEYS, semconv.KEY_SUFFIXES, is_secret_key
     out = {}
+    kinds = _key_kinds
     for kv in kvs:
-        value = kv.value
         key = kv.key
-        if secret(key) or (not value.HasField("string_value") and _number_may_be_card(value)):
+        kind = kinds.get(key)
+        if kind is None:
+            kind = _key_kind(key)
+        if kind == _SECRET:
             return None
-        if key in read_keys or key.endswith(suffixes) or "dempotency" in key or "request_id" in key \
-                or "request-id" in key:
-            out[key] = any_value(value)
+        value = kv.value
+        which = value.WhichOneof("value")
+        if which != "string_value" and _number_may_be_card(value, which):
+            return None
+        if kind == _WANTED:
+            out[key] = value.string_value if which == "string_value" else any_value(value)
     return out
 
 

@@ -211,10 +211,15 @@ def redact_attributes(attrs: Any) -> dict[str, Any]:
 
 # Anything in a raw request that could need masking in its strings; a request without any skips the
 # per-string work. Keys, integers and floats are checked by the caller: a number is not text on the wire.
-_SUSPECT_BYTES = re.compile(
-    rb"[0-9][0-9 \t+\-%bBdD]{11,}[0-9]|\xc2\xa0|(?i:cvv|cvc|cvn|csc|security|verification|authorization|cookie)")
+# (The words are looked for with bytes.find in the lower-cased bytes: a case-insensitive alternation in one
+# pattern costs about 40 us a span, more than everything else the collector does with one.)
+_SUSPECT_DIGITS = re.compile(rb"[0-9][0-9 \t+\-%bBdD]{11,}[0-9]|\xc2\xa0")
+_SUSPECT_WORDS = (b"cvv", b"cvc", b"cvn", b"csc", b"security", b"verification", b"authorization", b"cookie")
 
 
 def may_need_redaction(raw: bytes) -> bool:
     """False when the strings of a serialized request hold nothing :func:`redact_text` could change."""
-    return _SUSPECT_BYTES.search(raw) is not None
+    if _SUSPECT_DIGITS.search(raw) is not None:
+        return True
+    lower = raw.lower()
+    return any(word in lower for word in _SUSPECT_WORDS)

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from google.protobuf.internal.encoder import _VarintBytes  # type: ignore[attr-defined]
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from payscope.collector.store import open_store
 from tests.cards import card_numbers, ordinary_numbers, spelled, written_forms
@@ -165,3 +167,19 @@ def test_ingested_log_files_keep_no_card_number(tmp_path: Path, store_path: Path
         assert store.counts()["logs"] == len(json_lines) + len(text_lines)
     assert _leaks(_store_bytes(store_path), pans) == []
     assert _leaks(_outputs(store_path, []), pans) == []
+
+
+_PIECES = ["4111", "1111", " ", "-", "%20", "5500 0000 0000 0004", "cvv=", "CVC", "Authorization: Bearer x",
+           "cookie=a", "\u00a0", "order 12", "ord-77", "Security code 123", "é", "0", "9"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(_PIECES), st.text(max_size=6)), max_size=14))
+def test_the_request_scan_never_misses_what_masking_would_change(parts: list[str]) -> None:
+    """The fast path skips per-string masking when the byte scan finds nothing: so whatever redact_text would
+    change, the scan must find."""
+    from payscope.instrumentation.redaction import may_need_redaction, redact_text
+
+    text = "".join(parts)
+    if redact_text(text) != text:
+        assert may_need_redaction(text.encode())
