@@ -64,7 +64,8 @@ class Channel:
         self._pid = -1
 
     def _start(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()       # the buffers
+        self._send_lock = threading.Lock()  # the socket: one sender at a time, and no close mid-send
         self._wake = threading.Event()
         self._buffers: dict[str, list[Any]] = {"S": [], "L": []}
         self._sock: socket.socket | None = None
@@ -102,15 +103,16 @@ class Channel:
         with self._lock:
             taken = {kind: items for kind, items in self._buffers.items() if items}
             self._buffers = {"S": [], "L": []}
-        for kind, items in taken.items():
-            self._send(kind, items)
+        with self._send_lock:  # the sender thread and an at-exit close may flush at once
+            for kind, items in taken.items():
+                self._send(kind, items)
 
     def close(self) -> None:
         """Send what is buffered and hang up; say how much was dropped, if anything was."""
         if self._pid != os.getpid():
             return
         self.flush()
-        with self._lock:
+        with self._send_lock:  # after a send the sender thread has under way
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None

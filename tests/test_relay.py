@@ -112,3 +112,57 @@ def test_a_lost_relay_costs_telemetry_not_the_program_and_says_how_much(tmp_path
     assert (done.returncode, done.stdout) == (0, "finished\n")
     assert "the export relay is not reachable" in done.stderr
     assert "50 spans and log records of pid" in done.stderr and "were dropped" in done.stderr
+
+
+def test_the_sender_thread_and_an_at_exit_close_never_interleave_or_lose_frames(tmp_path: Path) -> None:
+    """A program's sender thread and its at-exit close can flush at the same moment; every record still arrives
+    once, in whole frames (a real Unix socket, read as the relay reads it)."""
+    import marshal
+    import socket
+    import threading
+
+    from payscope.instrumentation.relay import BUFFER_LIMIT, HEADER, Channel
+
+    path = str(tmp_path / "relay.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(1)
+    received: list[int] = []
+    problems: list[str] = []
+
+    def relay() -> None:
+        conn, _ = listener.accept()
+        data = b""
+        with conn:
+            while chunk := conn.recv(1 << 16):
+                data += chunk
+        offset = 0
+        while offset < len(data):
+            (length,) = HEADER.unpack_from(data, offset)
+            try:
+                kind, payload = marshal.loads(data[offset + HEADER.size:offset + HEADER.size + length])
+            except (EOFError, ValueError, TypeError):
+                problems.append(f"a garbled frame at byte {offset}")
+                return
+            if kind == "S":
+                received.extend(item[0] for item in payload)
+            offset += HEADER.size + length
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    channel = Channel(path, {"service.name": "race"}, problems.append)
+    sent = 0
+    for round_ in range(150):  # each round: a burst, then the sender thread and a close race to flush it
+        for _ in range(BUFFER_LIMIT // 64):
+            channel.put("S", (sent,))
+            sent += 1
+        flusher = threading.Thread(target=channel.flush)
+        flusher.start()
+        if round_ == 149:
+            channel.close()
+        else:
+            channel.flush()
+        flusher.join()
+    reader.join(timeout=10)
+    listener.close()
+    assert problems == [] and sorted(received) == list(range(sent))
