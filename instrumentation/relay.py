@@ -107,12 +107,15 @@ class Channel:
             for kind, items in taken.items():
                 self._send(kind, items)
 
-    def close(self) -> None:
-        """Send what is buffered and hang up; say how much was dropped, if anything was."""
+    def close(self, end: bool = False) -> None:
+        """Send what is buffered and hang up; say how much was dropped, if anything was. ``end``: tell the relay
+        that the program is done (a sidecar, stopping), so that it exports everything and goes away now."""
         if self._pid != os.getpid():
             return
         self.flush()
         with self._send_lock:  # after a send the sender thread has under way
+            if end:
+                self._send_end()
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None
@@ -135,6 +138,17 @@ class Channel:
                 self._sock = None
             self.notice(f"the export relay is not reachable ({exc.__class__.__name__}); telemetry is dropped, "
                         "the service is not affected")
+
+    def _send_end(self) -> None:
+        try:
+            if self._sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(2.0)
+                sock.connect(self.path)
+                self._sock = sock
+            self._frame("E", None)
+        except OSError:
+            pass  # the relay is gone: it ends on its own when this process exits
 
     def _frame(self, kind: str, payload: Any) -> None:
         try:
@@ -391,14 +405,17 @@ def serve(listener: socket.socket, app_pid: int, endpoint: str, interval_s: floa
                     connections -= 1
                     continue
                 conn.data += chunk
-                _frames(conn, rebuild, exporter)
+                if _frames(conn, rebuild, exporter) and app_gone_at is None:
+                    app_gone_at = time.monotonic()  # the program said it is done: drain, export, go
     exporter.queue.put(None)
     exporter.join(timeout=10)
 
 
-def _frames(conn: _Connection, rebuild: _Rebuilder, exporter: _Exporter) -> None:
+def _frames(conn: _Connection, rebuild: _Rebuilder, exporter: _Exporter) -> bool:
+    """Read the whole frames received; True when one of them said the program is done."""
     data = conn.data
     offset = 0
+    ended = False
     while len(data) - offset >= HEADER.size:
         (length,) = HEADER.unpack_from(data, offset)
         if length > MAX_FRAME:  # not our protocol: stop reading this connection's garbage
@@ -416,7 +433,10 @@ def _frames(conn: _Connection, rebuild: _Rebuilder, exporter: _Exporter) -> None
             conn.resource = rebuild.resource(payload)
         elif kind in ("S", "L") and conn.resource is not None:
             exporter.offer(kind, conn.resource, payload)
+        elif kind == "E":
+            ended = True
     del data[:offset]
+    return ended
 
 
 def start(endpoint: str) -> str | None:

@@ -41,9 +41,17 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Status, StatusCode
 
 from . import keys
-from .distro import QUEUE_SIZE, REQUEST_ID_ATTRIBUTE, BusinessKeyProcessor, RedactingExporter, set_keys
+from .distro import (
+    QUEUE_SIZE,
+    REQUEST_ID_ATTRIBUTE,
+    BusinessKeyProcessor,
+    RedactingExporter,
+    RelaySpanProcessor,
+    set_keys,
+)
 from .faults import Faults
 from .propagation import PayscopePropagator, title_case
+from .redaction import redact_attributes
 
 HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "proxy-connection", "te",
               "trailer", "trailers", "transfer-encoding", "upgrade", "content-length", "host"}
@@ -57,22 +65,33 @@ class Sidecar:
     """The proxy: an aiohttp server, a pooled client to the service, a tracer provider exporting spans."""
 
     def __init__(self, listen: tuple[str, int], upstream: tuple[str, int] | None, service: str, collector: str,
-                 timeout_s: float, provider: TracerProvider | None = None, faults: Faults | None = None) -> None:
-        """``upstream`` None: egress mode, a forward proxy for the service's outbound calls."""
+                 timeout_s: float, provider: TracerProvider | None = None, faults: Faults | None = None,
+                 relay_path: str | None = None) -> None:
+        """``upstream`` None: egress mode, a forward proxy for the service's outbound calls. ``relay_path``: a
+        relay process (``relay.start``) that exports the spans; without one they are exported from here."""
         self.listen = listen
         self.upstream = upstream
         self.base = f"http://{upstream[0]}:{upstream[1]}" if upstream else ""
         self.timeout_s = timeout_s
         self.faults = faults or Faults()
+        self.relay_path = relay_path
+        self.channel: Any = None  # to the relay, when there is one
         if provider is None:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
             provider = TracerProvider(resource=Resource.create({"service.name": service,
                                                                 "payscope.sidecar": True}))
             provider.add_span_processor(BusinessKeyProcessor())
-            provider.add_span_processor(BatchSpanProcessor(
-                RedactingExporter(OTLPSpanExporter(endpoint=f"{collector.rstrip('/')}/v1/traces", timeout=2.0)),
-                max_queue_size=QUEUE_SIZE, schedule_delay_millis=int(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", 500))))
+            if relay_path:  # the encoding and sending happen in the relay process, off the event loop
+                from .relay import Channel
+
+                self.channel = Channel(relay_path, redact_attributes(dict(provider.resource.attributes)), _say)
+                provider.add_span_processor(RelaySpanProcessor(self.channel))
+            else:
+                from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+                provider.add_span_processor(BatchSpanProcessor(
+                    RedactingExporter(OTLPSpanExporter(endpoint=f"{collector.rstrip('/')}/v1/traces", timeout=2.0)),
+                    max_queue_size=QUEUE_SIZE,
+                    schedule_delay_millis=int(os.environ.get("OTEL_BSP_SCHEDULE_DELAY", 500))))
         self.provider = provider
         self.tracer = provider.get_tracer("payscope.sidecar")
         self.propagator = PayscopePropagator()
@@ -104,6 +123,10 @@ class Sidecar:
             await self.runner.cleanup()
         if self.session is not None:
             await self.session.close()
+        if self.channel is not None:
+            self.provider.force_flush()
+            self.channel.close(end=True)
+            await _gone(os.path.dirname(self.relay_path or ""), RELAY_DRAIN_S)  # every span exported
         self.provider.shutdown()
 
     # --- one request -----------------------------------------------------------------
@@ -318,8 +341,27 @@ async def _serve(sidecar: Sidecar, service: str, collector: str, admin: tuple[st
         await sidecar.close()
 
 
+RELAY_DRAIN_S = 15.0  # how long a stopping sidecar waits for its relay to export what it was handed
+
+
+async def _gone(directory: str, timeout_s: float) -> None:
+    """Wait until the relay removed its directory: it has exported everything and exited."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while directory and os.path.exists(directory) and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def _say(message: str) -> None:
+    print(f"payscope sidecar: {message}", file=sys.stderr, flush=True)
+
+
 def run(listen: tuple[str, int], upstream: tuple[str, int] | None, service: str, collector: str,
         timeout_s: float, faults: Faults | None = None, admin: tuple[str, int] | None = None) -> None:
     """Serve until SIGTERM or Ctrl-C, then export what is left."""
-    sidecar = Sidecar(listen, upstream, service, collector, timeout_s, faults=faults)
+    from .relay import start
+
+    # forked before any thread or event loop exists; it exports what this process hands it, and drains
+    # after this process exits
+    relay_path = start(collector.rstrip("/")) if os.environ.get("PAYSCOPE_EXPORT") != "inprocess" else None
+    sidecar = Sidecar(listen, upstream, service, collector, timeout_s, faults=faults, relay_path=relay_path)
     asyncio.run(_serve(sidecar, service, collector, admin))
