@@ -510,6 +510,31 @@ def analyze(
 
 
 @app.command()
+def reconcile(
+    store: StoreOption = None,
+    traces_index: TracesIndexOption = None,
+    logs_index: LogsIndexOption = None,
+    output_format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+) -> None:
+    """The orders finance should look at: charged but failed, charged twice, paid without a charge."""
+    from payscope import report
+    from payscope.analyzers.loader import load
+    from payscope.analyzers.orders import mismatched
+    from payscope.collector.store import open_store
+
+    _check_format(output_format, ("table", "csv", "json"))
+    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
+        found = [o.to_json() for o in mismatched(load(opened))]
+    if output_format == "json":
+        _emit_json({"orders": found, "counts": report.mismatch_counts(found)})
+    elif output_format == "csv":
+        sys.stdout.write(report.reconcile_csv(found))
+    else:
+        for line in report.reconcile_lines(found):
+            out.print(line, markup=False)
+
+
+@app.command()
 def chaos(
     scenario: Annotated[Path, typer.Argument(help="The experiment: SCENARIO.toml (faults, traffic, expectations).")],
     store: StoreOption = None,

@@ -7,7 +7,7 @@ from typing import Any
 from rich.console import Console
 
 from payscope.analyzers.views import fix_text
-from payscope.timeparse import format_ms
+from payscope.timeparse import format_ms, format_ns
 
 SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan", "info": "dim"}
 
@@ -109,6 +109,44 @@ def compare_lines(document: dict[str, Any]) -> list[str]:
     for i, hop in enumerate(document["hops"], 1):
         lines.append(f"{i}. [{hop['component']}] {hop['service']}: {hop['sentence']}")
     return lines
+
+
+def mismatch_counts(orders: list[dict[str, Any]]) -> dict[str, int]:
+    from payscope.analyzers.orders import MISMATCHES
+
+    return {kind: sum(kind in o["mismatches"] for o in orders) for kind in MISMATCHES}
+
+
+def reconcile_lines(orders: list[dict[str, Any]]) -> list[str]:
+    """`payscope reconcile` as a table: one order a row, the most money at risk first."""
+    if not orders:
+        return ["no order to reconcile: every order's charges agree with what its customer was told"]
+    counts = ", ".join(f"{k} {v}" for k, v in mismatch_counts(orders).items() if v)
+    lines = [f"{len(orders)} orders to reconcile: {counts}",
+             f"{'order':24} {'told':9} {'charges':>7} {'at risk':>10}  {'why':38} first trace"]
+    for o in orders:
+        risk = "-" if o["amount_at_risk"] is None else f"{o['amount_at_risk']:.2f}"
+        lines.append(f"{o['order'][:24]:24} {o['final']:9} {len(o['charges']):7} {risk:>10}  "
+                     f"{', '.join(o['mismatches']):38} {o['trace_ids'][0]}")
+    return lines
+
+
+def reconcile_csv(orders: list[dict[str, Any]]) -> str:
+    """One row an order, for a spreadsheet: the charges' trace ids and times in one cell each."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["order", "told", "mismatches", "charges", "charge_attempts", "refunds", "amount",
+                     "amount_at_risk", "charge_times", "charge_trace_ids", "trace_ids"])
+    for o in orders:
+        writer.writerow([o["order"], o["final"], " ".join(o["mismatches"]), len(o["charges"]), o["charge_attempts"],
+                         o["refunds"], "" if o["amount"] is None else o["amount"],
+                         "" if o["amount_at_risk"] is None else o["amount_at_risk"],
+                         " ".join(format_ns(c["time_ns"]) for c in o["charges"]),
+                         " ".join(c["trace_id"] for c in o["charges"]), " ".join(o["trace_ids"])])
+    return buffer.getvalue()
 
 
 def chaos_lines(document: dict[str, Any]) -> list[str]:

@@ -1,0 +1,141 @@
+"""Orders across their traces: the charges that really happened, the state the customer was left in, and the
+orders where the two disagree (what finance asks about the next morning).
+
+An order is a business key (order id, payment id) shared by the traces that make up its life: the first
+attempt, the customer's retry, a callback. Its **charges** are the charge-like calls made for it that the
+charging service answered well, whether or not the caller was still waiting (a late success charged the
+card all the same). Its **final state** is what the customer was told last, by its latest transaction:
+paid, declined or failed. The mismatches:
+
+* ``charged_but_failed``: the customer was told it failed (or it timed out), and a charge went through;
+* ``charged_twice``: more charges went through than the one the order needs;
+* ``paid_without_charge``: the customer was told it was paid, charges were attempted, and none went through.
+
+A refund-like call for the order after its charges (refund, reverse, void, cancel) reconciles them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from .calls import Call
+from .engine import Analysis
+
+CHARGE = re.compile(r"charge|capture|authori[sz]|payment|\bpay\b", re.IGNORECASE)
+REFUND = re.compile(r"refund|revers|void|cancel", re.IGNORECASE)
+MISMATCHES = ("charged_but_failed", "charged_twice", "paid_without_charge")
+
+
+def _named(call: Call, pattern: re.Pattern[str]) -> bool:
+    return call.method in (None, "POST", "PUT") and bool(pattern.search(f"{call.callee} {call.operation}"))
+
+
+def charge_calls(calls: list[Call]) -> list[Call]:
+    """The charge-like calls of one trace that charge themselves: those with no charge-like call made under
+    them (order -> payment -> bank charges once, at the bank). Every attempt counts: a retried charge the
+    charging service answered twice charged twice."""
+    named = [c for c in calls if _named(c, CHARGE) and not _named(c, REFUND)]
+    under = {c.upstream for c in named if c.upstream}
+    return [c for c in named if c.span_id not in under]
+
+
+def charged(call: Call) -> bool:
+    """Whether the charge went through: the charging service answered it well (the caller may have given up
+    before that), or, with no span of the callee, the caller saw it succeed."""
+    return call.server_ok if call.server_ok is not None else call.ok
+
+
+@dataclass
+class Charge:
+    trace_id: str
+    span_id: str
+    caller: str
+    callee: str
+    operation: str
+    time_ns: int
+    amount: float | None
+    caller_saw: str  # ok | late_success | failed: what the caller made of it
+
+    def to_json(self) -> dict[str, Any]:
+        return {"trace_id": self.trace_id, "span_id": self.span_id, "caller": self.caller, "callee": self.callee,
+                "operation": self.operation, "time_ns": self.time_ns, "amount": self.amount,
+                "caller_saw": self.caller_saw}
+
+
+@dataclass
+class Order:
+    key: str
+    trace_ids: list[str]                     # by start time
+    final: str                               # paid | declined | failed: what the customer was told last
+    charges: list[Charge] = field(default_factory=list)
+    attempted: int = 0                       # charge-like calls made, through or not
+    refunds: int = 0
+    amount: float | None = None              # the order's amount, when a span carried one
+
+    @property
+    def paid(self) -> bool:
+        return self.final == "paid"
+
+    @property
+    def mismatches(self) -> list[str]:
+        through = len(self.charges) - self.refunds
+        out = []
+        if not self.paid and through >= 1:
+            out.append("charged_but_failed")
+        if through >= 2:
+            out.append("charged_twice")
+        if self.paid and self.attempted and through <= 0:
+            out.append("paid_without_charge")
+        return out
+
+    @property
+    def at_risk(self) -> float | None:
+        """The money charged that the order does not account for: every charge of a failed order, every charge
+        past the first of a paid one (less refunds)."""
+        amounts = [c.amount if c.amount is not None else self.amount for c in self.charges]
+        extra = amounts[self.refunds:] if not self.paid else amounts[1 + self.refunds:]
+        known = [a for a in extra if a is not None]
+        return round(sum(known), 2) if known else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"order": self.key, "final": self.final, "mismatches": self.mismatches,
+                "charges": [c.to_json() for c in self.charges], "charge_attempts": self.attempted,
+                "refunds": self.refunds, "amount": self.amount, "amount_at_risk": self.at_risk,
+                "trace_ids": self.trace_ids}
+
+
+def orders(analysis: Analysis) -> dict[str, Order]:
+    """Every order with a business key, across its traces."""
+    traces_of: dict[str, list[str]] = defaultdict(list)
+    for trace_id, tx in analysis.transactions.items():
+        if tx.facts.keys:
+            traces_of[str(tx.facts.keys[0])].append(trace_id)
+    out: dict[str, Order] = {}
+    for key, trace_ids in traces_of.items():
+        trace_ids.sort(key=lambda t: analysis.transactions[t].facts.start_ns)
+        last = analysis.transactions[trace_ids[-1]]
+        final = "paid" if last.facts.root_ok else "declined" if last.outcome == "declined" else "failed"
+        order = Order(key, trace_ids, final, amount=next(
+            (analysis.transactions[t].facts.amount for t in trace_ids
+             if analysis.transactions[t].facts.amount is not None), None))
+        for trace_id in trace_ids:
+            calls = analysis.calls_of(trace_id)
+            for c in charge_calls(calls):
+                order.attempted += 1
+                if charged(c):
+                    order.charges.append(Charge(c.trace_id, c.span_id, c.caller, c.callee, c.operation,
+                                                c.server_end_ns or c.end_ns, c.amount,
+                                                "late_success" if c.late_success else "ok" if c.ok else "failed"))
+            order.refunds += sum(1 for c in calls if _named(c, REFUND) and charged(c))
+        order.charges.sort(key=lambda c: c.time_ns)
+        out[key] = order
+    return out
+
+
+def mismatched(analysis: Analysis) -> list[Order]:
+    """The orders finance should look at, the most money first."""
+    found = [o for o in orders(analysis).values() if o.mismatches]
+    return sorted(found, key=lambda o: (-(o.at_risk or 0.0), o.key))

@@ -1,0 +1,63 @@
+"""`payscope reconcile` on the demo's real services, held against ground truth the analysis never reads: the
+bank's own ledger (its log line for every charge it made) and the gateway's access log (what each customer was
+told last)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+from tests.helpers import payscope
+
+
+def _truth(demo_store: Path) -> tuple[Counter[str], dict[str, str]]:
+    logs = demo_store.with_name(demo_store.stem + "-demo-logs")
+    ledger = Counter(re.findall(r"charged order (\S+) amount", (logs / "bank.log").read_text()))
+    told: dict[str, str] = {}
+    for line in (logs / "gateway-access.log").read_text().splitlines():
+        found = re.search(r'"POST /orders/(\S+) HTTP/1\.1" (\d{3})', line)
+        if found:
+            told[found.group(1)] = found.group(2)  # the last line of an order is its last answer
+    return ledger, told
+
+
+def test_reconcile_agrees_with_the_banks_ledger_and_what_customers_were_told(demo_store: Path) -> None:
+    ledger, told = _truth(demo_store)
+    done = payscope("reconcile", "--store", str(demo_store), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    doc = json.loads(done.stdout)
+    by_order = {o["order"]: o for o in doc["orders"]}
+    twice = {o for o, n in ledger.items() if n >= 2}
+    charged_but_failed = {o for o, n in ledger.items() if n >= 1 and told.get(o) != "200"}
+    assert twice and charged_but_failed  # the demo's shipped timeouts make both
+    found_twice = {k for k, o in by_order.items() if "charged_twice" in o["mismatches"]}
+    found_failed = {k for k, o in by_order.items() if "charged_but_failed" in o["mismatches"]}
+    assert found_twice <= twice and len(found_twice) >= 0.97 * len(twice)
+    assert found_failed <= charged_but_failed and len(found_failed) >= 0.97 * len(charged_but_failed)
+    agree = [k for k, o in by_order.items() if len(o["charges"]) == ledger[k]]
+    assert len(agree) >= 0.97 * len(by_order)  # each charge the bank made, counted once
+    assert doc["counts"] == {"charged_but_failed": len(found_failed), "charged_twice": len(found_twice),
+                             "paid_without_charge": 0}
+    risks = [o["amount_at_risk"] for o in doc["orders"]]
+    assert risks == sorted(risks, reverse=True) and risks[0] > 0  # the most money first
+
+
+def test_reconcile_csv_has_one_row_an_order(demo_store: Path) -> None:
+    as_json = json.loads(payscope("reconcile", "--store", str(demo_store), "-f", "json", check=True).stdout)
+    done = payscope("reconcile", "--store", str(demo_store), "--format", "csv", check=True)
+    rows = list(csv.DictReader(io.StringIO(done.stdout)))
+    assert [r["order"] for r in rows] == [o["order"] for o in as_json["orders"]]
+    first, expected = rows[0], as_json["orders"][0]
+    assert int(first["charges"]) == len(expected["charges"]) == len(first["charge_trace_ids"].split())
+    assert float(first["amount_at_risk"]) == expected["amount_at_risk"]
+    table = payscope("reconcile", "--store", str(demo_store), check=True).stdout
+    assert table.startswith(f"{len(rows)} orders to reconcile") and expected["order"] in table
+
+
+def test_reconcile_refuses_an_unknown_format(tmp_path: Path) -> None:
+    done = payscope("reconcile", "--store", str(tmp_path / "x.db"), "--format", "xlsx")
+    assert done.returncode == 2 and "xlsx" in done.stderr and len(done.stderr.strip().splitlines()) == 1
