@@ -166,7 +166,11 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
                                  {"caller": tx.failing_hop[0], "callee": tx.failing_hop[1],
                                   "operation": tx.failing_hop[2]},
                                  "business_keys": tx.facts.keys})
+    from .orders import orders
+
+    order = orders(analysis).get(ident.strip())  # an order id: its charges and what its customer was told
     return {"id": ident, "trace_ids": trace_ids, "transactions": transactions,
+            "order": order.to_json() if order is not None else None,
             "start": format_ns(t0), "duration_ms": round((max(s.end_ns for s in spans) - t0) / 1e6, 3),
             "spans": rows, "logs": logs, "findings": found,
             "clock_skew": [o.to_json() for o in analysis.offsets]}

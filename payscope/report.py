@@ -212,6 +212,12 @@ def render_waterfall(view: dict[str, Any], width: int = 32) -> str:
     """The text waterfall of `payscope show`."""
     total = max(view["duration_ms"], 0.001)
     lines = []
+    order = view.get("order")
+    if order:
+        through = ", ".join(f"{format_ns(c['time_ns'])} ({c['caller_saw']})" for c in order["charges"]) or "none"
+        lines.append(f"order {order['order']}: the customer was told {order['final']}; charges through: "
+                     f"{len(order['charges'])} of {order['charge_attempts']} attempted: {through}"
+                     + (f"; {', '.join(order['mismatches'])}" if order["mismatches"] else ""))
     for tx in view["transactions"]:
         hop = tx["failing_hop"]
         where = f" at {hop['caller']} -> {hop['callee']} ({hop['operation']})" if hop else ""

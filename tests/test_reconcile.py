@@ -61,3 +61,14 @@ def test_reconcile_csv_has_one_row_an_order(demo_store: Path) -> None:
 def test_reconcile_refuses_an_unknown_format(tmp_path: Path) -> None:
     done = payscope("reconcile", "--store", str(tmp_path / "x.db"), "--format", "xlsx")
     assert done.returncode == 2 and "xlsx" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_show_of_an_order_gives_the_same_charges_and_state_as_reconcile(demo_store: Path) -> None:
+    doc = json.loads(payscope("reconcile", "--store", str(demo_store), "-f", "json", check=True).stdout)
+    listed = doc["orders"][0]
+    shown = json.loads(payscope("show", listed["order"], "--store", str(demo_store), "-f", "json",
+                                check=True).stdout)
+    assert shown["order"] == listed  # one answer: the same charges, state and mismatches
+    assert set(shown["trace_ids"]) == set(listed["trace_ids"])
+    table = payscope("show", listed["order"], "--store", str(demo_store), check=True).stdout
+    assert table.startswith(f"order {listed['order']}: the customer was told {listed['final']}")
