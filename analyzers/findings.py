@@ -473,5 +473,8 @@ def find(analysis: Analysis) -> list[Finding]:
                 out.append(found)
     out.extend(uniform_timeout(analysis))
     out.extend(network_latency(analysis))
+    from .tcc import tcc_anomalies  # (it builds on Finding)
+
+    out.extend(tcc_anomalies(analysis))
     out.sort(key=lambda f: (-SEVERITIES.index(f.severity), f.kind, f.edge))
     return out

@@ -1,0 +1,116 @@
+"""TCC anomalies (`tcc_anomaly`): try/confirm/cancel phases out of order, seen from the calls into a participant.
+
+A participant's TCC resource is recognised from its operations, whatever the framework (Seata-style or
+hand-written): the same service and route with ``try`` (or ``prepare``), and ``confirm`` (``commit``) or
+``cancel`` (``rollback``), in place of one path segment, such as ``POST /tcc/try`` beside ``POST /tcc/cancel``.
+A route seen with one phase only is not taken for TCC. The phases of one order (its business key, else its
+trace) are read on the participant's own clock, from the server spans that answered them:
+
+* ``empty_rollback``: a cancel ran while no try of the order had finished (the try was lost, or is still on its
+  way); a participant must accept it and remember it;
+* ``suspension``: a try finished after the order's cancel had started: the funds it froze are never released,
+  unless the participant refuses a try whose cancel it has seen;
+* ``repeated_confirm`` / ``repeated_cancel``: the phase ran more than once, with no idempotency key on it.
+
+A phase the participant never answered (lost on the way, refused by an injected fault) did not run.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from .calls import Call
+from .engine import Analysis, order_of
+from .findings import Finding
+
+_PHASE_WORDS = {"try": "try", "prepare": "try", "confirm": "confirm", "commit": "confirm", "cancel": "cancel",
+                "rollback": "cancel"}
+_SEGMENT = re.compile(r"(?<=[/\s:.])(try|prepare|confirm|commit|cancel|rollback)(?=$|[/?\s:.])", re.IGNORECASE)
+ANOMALIES = ("suspension", "empty_rollback", "repeated_confirm", "repeated_cancel")
+
+
+def phase_of(operation: str) -> tuple[str, str] | None:
+    """(phase, resource) of an operation naming a TCC phase, the resource being the operation with the phase
+    word as ``{phase}``; None for any other operation."""
+    found = list(_SEGMENT.finditer(operation))
+    if len(found) != 1:
+        return None
+    match = found[0]
+    return _PHASE_WORDS[match.group(1).lower()], operation[:match.start()] + "{phase}" + operation[match.end():]
+
+
+@dataclass
+class _Resource:
+    callee: str
+    resource: str
+    callers: set[str] = field(default_factory=set)
+    phases: set[str] = field(default_factory=set)
+    by_order: dict[str, list[tuple[str, Call]]] = field(default_factory=lambda: defaultdict(list))
+
+
+def _ran(call: Call) -> bool:
+    return call.server_ok is True and call.fault not in ("abort", "reset")
+
+
+def anomalies_of(phases: list[tuple[str, Call]]) -> list[str]:
+    """The anomalies of one order's phases at one participant."""
+    ran = [(p, c) for p, c in phases if _ran(c)]
+    tries = [c for p, c in ran if p == "try"]
+    cancels = [c for p, c in ran if p == "cancel"]
+    out = []
+    if any(t.server_end_ns > cancel.server_start_ns for t in tries for cancel in cancels  # type: ignore[operator]
+           if t.server_end_ns is not None and cancel.server_start_ns is not None):
+        out.append("suspension")
+    if any(not any(t.server_end_ns is not None and cancel.server_start_ns is not None
+                   and t.server_end_ns <= cancel.server_start_ns for t in tries) for cancel in cancels):
+        out.append("empty_rollback")
+    for phase in ("confirm", "cancel"):
+        runs = [c for p, c in ran if p == phase]
+        if len(runs) > 1 and not any(c.idempotency_key for c in runs):
+            out.append(f"repeated_{phase}")
+    return out
+
+
+def tcc_anomalies(analysis: Analysis) -> list[Finding]:
+    """One finding per TCC resource where some order's phases went wrong, with the orders of each anomaly."""
+    resources: dict[tuple[str, str], _Resource] = {}
+    for call in analysis.calls:
+        found = phase_of(call.operation)
+        if found is None or call.server_service is None:
+            continue
+        phase, resource = found
+        entry = resources.setdefault((call.callee, resource), _Resource(call.callee, resource))
+        entry.phases.add(phase)
+        entry.callers.add(call.caller)
+        facts = analysis.traces.get(call.trace_id)
+        entry.by_order[order_of(facts) if facts is not None else call.trace_id].append((phase, call))
+    out = []
+    for entry in resources.values():
+        if "try" not in entry.phases or not entry.phases & {"confirm", "cancel"}:
+            continue  # one phase alone is no TCC
+        orders: dict[str, list[str]] = {name: [] for name in ANOMALIES}
+        traces: list[str] = []
+        for order, phases in sorted(entry.by_order.items()):
+            for name in anomalies_of(phases):
+                orders[name].append(order)
+                traces.extend(c.trace_id for _, c in phases)
+        if not any(orders.values()):
+            continue
+        counts = {name: len(found) for name, found in orders.items() if found}
+        said = ", ".join(f"{n} {name.replace('_', ' ')}" for name, n in counts.items())
+        caller = sorted(entry.callers)[0]
+        out.append(Finding(
+            "tcc_anomaly", "critical" if orders["suspension"] else "high", (caller, entry.callee, entry.resource),
+            f"TCC on {entry.callee} ({entry.resource}) out of order: {said}",
+            "The phases of an order reached the participant in an order TCC must survive: a cancel with no "
+            "finished try (empty rollback), a try that finished after its cancel (suspension: the funds it froze "
+            "stay frozen), a confirm or cancel run again without an idempotency key (its effect done twice). "
+            "Timeouts and retries between coordinator and participant produce all three.",
+            metrics={"orders": {k: v for k, v in orders.items() if v}, "counts": counts},
+            trace_ids=list(dict.fromkeys(traces)),
+            recommendation={"action": f"make {entry.callee}'s TCC phases guard themselves: record a cancel even "
+                                      "when no try arrived, refuse a try whose cancel was recorded, and make "
+                                      "confirm and cancel idempotent per order"}))
+    return out
