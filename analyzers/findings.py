@@ -473,8 +473,9 @@ def find(analysis: Analysis) -> list[Finding]:
                 out.append(found)
     out.extend(uniform_timeout(analysis))
     out.extend(network_latency(analysis))
-    from .tcc import tcc_anomalies  # (it builds on Finding)
+    from .tcc import saga_anomalies, tcc_anomalies  # (they build on Finding)
 
     out.extend(tcc_anomalies(analysis))
+    out.extend(saga_anomalies(analysis))
     out.sort(key=lambda f: (-SEVERITIES.index(f.severity), f.kind, f.edge))
     return out

@@ -1,4 +1,5 @@
-"""TCC anomalies (`tcc_anomaly`): try/confirm/cancel phases out of order, seen from the calls into a participant.
+"""TCC and saga anomalies (`tcc_anomaly`): try/confirm/cancel phases out of order, seen from the calls into a
+participant, and saga steps left uncompensated.
 
 A participant's TCC resource is recognised from its operations, whatever the framework (Seata-style or
 hand-written): the same service and route with ``try`` (or ``prepare``), and ``confirm`` (``commit``) or
@@ -13,6 +14,11 @@ trace) are read on the participant's own clock, from the server spans that answe
 * ``repeated_confirm`` / ``repeated_cancel``: the phase ran more than once, with no idempotency key on it.
 
 A phase the participant never answered (lost on the way, refused by an injected fault) did not run.
+
+A **saga step** is a call whose callee also serves its compensation: the same route with ``/cancel``,
+``/compensate``, ``/undo`` or ``/revert`` after it (``POST /reserve`` and ``POST /reserve/cancel``). When a
+later call of the same caller in the trace failed, every step done before it must be compensated after the
+failure; ``compensation_missing`` names the orders where one was not.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ _PHASE_WORDS = {"try": "try", "prepare": "try", "confirm": "confirm", "commit": 
                 "rollback": "cancel"}
 _SEGMENT = re.compile(r"(?<=[/\s:.])(try|prepare|confirm|commit|cancel|rollback)(?=$|[/?\s:.])", re.IGNORECASE)
 ANOMALIES = ("suspension", "empty_rollback", "repeated_confirm", "repeated_cancel")
+_UNDO = re.compile(r"^(?P<step>.+)/(?:cancel|compensate|undo|revert)$", re.IGNORECASE)
 
 
 def phase_of(operation: str) -> tuple[str, str] | None:
@@ -113,4 +120,50 @@ def tcc_anomalies(analysis: Analysis) -> list[Finding]:
             recommendation={"action": f"make {entry.callee}'s TCC phases guard themselves: record a cancel even "
                                       "when no try arrived, refuse a try whose cancel was recorded, and make "
                                       "confirm and cancel idempotent per order"}))
+    return out
+
+
+def saga_anomalies(analysis: Analysis) -> list[Finding]:
+    """One finding per saga step that some failed order left uncompensated."""
+    undo_of: dict[tuple[str, str], str] = {}  # (callee, step operation) -> its compensation's operation
+    for call in analysis.calls:
+        method, _, route = call.operation.partition(" ")
+        match = _UNDO.match(route)
+        if match and call.server_service is not None:
+            undo_of[(call.callee, f"{method} {match.group('step')}")] = call.operation
+    if not undo_of:
+        return []
+    undos = {(callee, undo) for (callee, _), undo in undo_of.items()}
+    missing: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    traces: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    for trace_id, facts in analysis.traces.items():
+        calls = sorted(analysis.calls_of(trace_id), key=lambda c: c.start_ns)
+        for i, failed in enumerate(calls):
+            if failed.ok or (failed.callee, failed.operation) in undos:
+                continue
+            if any(c.ok and (c.caller, c.callee, c.operation) == (failed.caller, failed.callee, failed.operation)
+                   for c in calls[i + 1:]):
+                continue  # retried into a success: the saga went on
+            for step in calls[:i]:
+                undo = undo_of.get((step.callee, step.operation))
+                if undo is None or step.caller != failed.caller or not step.ok:
+                    continue
+                if not any(c.callee == step.callee and c.operation == undo and _ran(c) and c.start_ns >= failed.start_ns
+                           for c in calls):
+                    key = (step.caller, step.callee, step.operation)
+                    missing[key].append(order_of(facts))
+                    traces[key].append(trace_id)
+            break  # the first failure is where the saga turned back
+    out = []
+    for (caller, callee, operation), orders in sorted(missing.items()):
+        orders = sorted(set(orders))
+        out.append(Finding(
+            "tcc_anomaly", "high", (caller, callee, operation),
+            f"saga step {callee} ({operation}) left uncompensated in {len(orders)} failed orders",
+            f"A later step of these orders failed, and {caller} never ran {undo_of[(callee, operation)]} on "
+            f"{callee} afterwards: what the step did ({operation}) stays done for an order that failed.",
+            metrics={"orders": {"compensation_missing": orders}, "counts": {"compensation_missing": len(orders)}},
+            trace_ids=list(dict.fromkeys(traces[(caller, callee, operation)])),
+            recommendation={"action": f"compensate every step done before a failure, whatever the failure (an "
+                                      f"error, a timeout): call {undo_of[(callee, operation)]} on {callee}"}))
     return out

@@ -2,7 +2,11 @@
 the account's try/confirm/cancel written without TCC's guards. Planted faults (a slow try, a lost try, a slow
 confirm) make the coordinator's timeouts and retry produce an empty rollback, a suspension and a repeated
 confirm; the account service's own log says which orders, and the analysis must name the same ones. A run
-without faults finds none."""
+without faults finds none.
+
+And a three-step saga (inventory, payment, shipping, each a service of its own) whose orchestrator forgets
+the first compensation when the last step times out: the inventory's own log says which reservations were
+left behind, and the analysis must name those orders, and not the ones compensated properly."""
 
 from __future__ import annotations
 
@@ -109,3 +113,57 @@ def test_phase_names_are_recognised_in_common_shapes() -> None:
     assert phase_of("AccountService/Confirm") == ("confirm", "AccountService/{phase}")
     assert phase_of("POST /orders/{order_id}") is None and phase_of("POST /retry-policy") is None
     assert phase_of("POST /try/cancel") is None  # two phase words: not one phase of one resource
+
+
+# --- a three-step saga ------------------------------------------------------------------------
+
+SAGA_PLAN = {"none": "", "ship_fails": "fail=ship", "ship_times_out": "slow=ship", "charge_fails": "fail=charge"}
+
+
+def _saga(tmp: Path, faults: bool) -> dict[str, Any]:
+    store = tmp / "payscope.db"
+    collector = CollectorProcess(store, grpc=False)
+    ports = {name: free_port() for name in ("inventory", "payment", "shipping", "orders")}
+    logs = {name: tmp / f"{name}.log" for name in ("inventory", "payment", "shipping")}
+    env = dict(os.environ, OTEL_BSP_SCHEDULE_DELAY="100", INVENTORY_URL=f"http://127.0.0.1:{ports['inventory']}",
+               PAYMENT_URL=f"http://127.0.0.1:{ports['payment']}", SHIPPING_URL=f"http://127.0.0.1:{ports['shipping']}")
+    procs = [_run(name, collector, sys.executable, "saga_step.py", str(ports[name]), action, str(logs[name]), env=env)
+             for name, action in (("inventory", "reserve"), ("payment", "charge"), ("shipping", "ship"))]
+    procs.append(_run("orders", collector, sys.executable, "saga_orchestrator.py", str(ports["orders"]), env=env))
+    planted: dict[str, str] = {}
+    try:
+        for port in ports.values():
+            _wait_http(port)
+        for i in range(16):
+            kind = list(SAGA_PLAN)[i % len(SAGA_PLAN)] if faults else "none"
+            order = f"ord-s{i:03d}"
+            planted[order] = kind
+            request = urllib.request.Request(f"http://127.0.0.1:{ports['orders']}/orders/{order}?{SAGA_PLAN[kind]}",
+                                             data=b"", method="POST")
+            try:
+                urllib.request.urlopen(request, timeout=10).read()
+            except urllib.error.HTTPError:
+                pass
+        time.sleep(1.5)
+    finally:
+        stop_all(procs)
+        collector.stop()
+    return {"store": str(store), "inventory": logs["inventory"].read_text(), "planted": planted}
+
+
+def test_a_saga_step_left_uncompensated_is_found_with_its_orders(tmp_path: Path) -> None:
+    saga = _saga(tmp_path, faults=True)
+    reserved = _logged(saga["inventory"], r"reserve done for order (\S+)")
+    released = _logged(saga["inventory"], r"reserve compensated for order (\S+)")
+    failed = {o for o, kind in saga["planted"].items() if kind != "none"}
+    truth = (reserved - released) & failed  # the inventory's own record: held for an order that failed
+    assert truth == {o for o, kind in saga["planted"].items() if kind == "ship_times_out"}
+    (finding,) = [f for f in _tcc(saga["store"]) if "compensation_missing" in f["metrics"]["orders"]]
+    assert finding["edge"] == {"caller": "orders", "callee": "inventory", "operation": "POST /reserve"}
+    assert set(finding["metrics"]["orders"]["compensation_missing"]) == truth
+    assert "POST /reserve/cancel" in finding["recommendation"]["action"]
+
+
+def test_a_saga_without_faults_is_fine(tmp_path: Path) -> None:
+    saga = _saga(tmp_path, faults=False)
+    assert _tcc(saga["store"]) == []
