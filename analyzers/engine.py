@@ -184,6 +184,7 @@ class Analysis:
     findings: list[Finding] = field(default_factory=list)
     _by_trace: dict[str, list[Call]] | None = field(default=None, repr=False)
     _with_errors: set[str] | None = field(default=None, repr=False)
+    _orders: dict[str, Any] | None = field(default=None, repr=False)
 
     def recommended_ms(self, key: EdgeKey) -> float | None:
         """The one recommended per-try timeout of an edge, that every finding and screen cites."""
@@ -204,9 +205,18 @@ class Analysis:
             self._with_errors = {c.trace_id for c in self.calls if not c.ok}
         return self._with_errors
 
+    def orders(self) -> dict[str, Any]:
+        """Every order across its traces, with its charges and state (``orders.orders``), made once."""
+        if self._orders is None:
+            from .orders import orders
+
+            self._orders = orders(self)
+        return self._orders
+
     def orders_charged_twice(self) -> set[str]:
-        """The orders (or traces, where no order is known) whose transaction charged twice."""
-        return {order_of(t.facts) for t in self.transactions.values() if t.outcome == "duplicate_charge"}
+        """The orders (or traces, where no order is known) that more than one charge went through for, in one
+        transaction or across several (the customer's retry): the one answer of ``orders.Order.mismatches``."""
+        return {key for key, order in self.orders().items() if "charged_twice" in order.mismatches}
 
     def findings_of(self, trace_id: str) -> list[Finding]:
         """The whole-store findings this trace is evidence of."""

@@ -2,10 +2,10 @@
 orders where the two disagree (what finance asks about the next morning).
 
 An order is a business key (order id, payment id) shared by the traces that make up its life: the first
-attempt, the customer's retry, a callback. Its **charges** are the charge-like calls made for it that the
-charging service answered well, whether or not the caller was still waiting (a late success charged the
-card all the same). Its **final state** is what the customer was told last, by its latest transaction:
-paid, declined or failed. The mismatches:
+attempt, the customer's retry, a callback (a trace with no key is an order of its own). Its **charges** are
+the charge-like calls made for it that the charging service answered well, whether or not the caller was
+still waiting (a late success charged the card all the same). Its **final state** is what the customer
+was told last, by its latest transaction: paid, declined or failed. The mismatches:
 
 * ``charged_but_failed``: the customer was told it failed (or it timed out), and a charge went through;
 * ``charged_twice``: more charges went through than the one the order needs;
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .calls import Call
-from .engine import Analysis
+from .engine import Analysis, order_of
 
 CHARGE = re.compile(r"charge|capture|authori[sz]|payment|\bpay\b", re.IGNORECASE)
 REFUND = re.compile(r"refund|revers|void|cancel", re.IGNORECASE)
@@ -108,11 +108,10 @@ class Order:
 
 
 def orders(analysis: Analysis) -> dict[str, Order]:
-    """Every order with a business key, across its traces."""
+    """Every order across its traces (use ``Analysis.orders``, which keeps the answer)."""
     traces_of: dict[str, list[str]] = defaultdict(list)
     for trace_id, tx in analysis.transactions.items():
-        if tx.facts.keys:
-            traces_of[str(tx.facts.keys[0])].append(trace_id)
+        traces_of[order_of(tx.facts)].append(trace_id)  # a trace with no business key is an order of its own
     out: dict[str, Order] = {}
     for key, trace_ids in traces_of.items():
         trace_ids.sort(key=lambda t: analysis.transactions[t].facts.start_ns)
@@ -137,5 +136,5 @@ def orders(analysis: Analysis) -> dict[str, Order]:
 
 def mismatched(analysis: Analysis) -> list[Order]:
     """The orders finance should look at, the most money first."""
-    found = [o for o in orders(analysis).values() if o.mismatches]
+    found = [o for o in analysis.orders().values() if o.mismatches]
     return sorted(found, key=lambda o: (-(o.at_risk or 0.0), o.key))

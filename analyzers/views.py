@@ -12,6 +12,7 @@ from payscope.timeparse import format_duration_ns, format_ms, format_ns
 from . import findings, recommend
 from .calls import Call
 from .engine import Analysis, Transaction, clock_shift_ns
+from .orders import MISMATCHES
 
 
 def log_json(rec: Any) -> dict[str, Any]:
@@ -195,6 +196,8 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
         "stats": {"traces": len(analysis.traces), "transactions": len(analysis.transactions),
                   "calls": len(analysis.calls), "edges": len(analysis.edges), "orders": len(orders),
                   "outcomes": outcomes, "orders_charged_twice": len(analysis.orders_charged_twice()),
+                  "orders_to_reconcile": {kind: sum(kind in o.mismatches for o in analysis.orders().values())
+                                          for kind in MISMATCHES},
                   "findings_by_severity": {s: sum(f.severity == s for f in found) for s in findings.SEVERITIES
                                            if any(f.severity == s for f in found)}},
     }

@@ -22,6 +22,10 @@ def counts_line(stats: dict[str, Any]) -> str:
 
 def print_table(document: dict[str, Any], console: Console) -> None:
     console.print(counts_line(document["stats"]), markup=False)
+    mismatched = {k: v for k, v in document["stats"].get("orders_to_reconcile", {}).items() if v}
+    if mismatched:
+        console.print("orders to reconcile: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in mismatched.items())
+                      + " (payscope reconcile lists them)", markup=False)
     for skew in document["clock_skew"]:
         console.print(f"clock of {skew['service']} runs {skew['offset_ms']:+.1f} ms against {skew['reference']} "
                       f"({skew['samples']} call pairs); corrected before analysis")
