@@ -122,14 +122,18 @@ class Channel:
         if self.dropped:
             self.notice(f"{self.dropped} spans and log records of pid {self._pid} were dropped, not exported")
 
+    def _connect(self) -> None:
+        """A connection to the relay, opened and told this process's resource when there is none."""
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(2.0)
+            sock.connect(self.path)
+            self._sock = sock
+            self._frame("R", self.resource)
+
     def _send(self, kind: str, items: list[Any]) -> None:
         try:
-            if self._sock is None:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(2.0)
-                sock.connect(self.path)
-                self._sock = sock
-                self._frame("R", self.resource)
+            self._connect()
             self._frame(kind, items)
         except (OSError, ValueError) as exc:
             self.dropped += len(items)
@@ -141,11 +145,7 @@ class Channel:
 
     def _send_end(self) -> None:
         try:
-            if self._sock is None:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(2.0)
-                sock.connect(self.path)
-                self._sock = sock
+            self._connect()
             self._frame("E", None)
         except OSError:
             pass  # the relay is gone: it ends on its own when this process exits

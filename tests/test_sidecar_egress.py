@@ -8,7 +8,6 @@ import http.client
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import pytest
 
 from payscope.collector.store import open_store
 from tests.helpers import CollectorProcess, free_port, node_server, payscope, payscope_json, wait_port
+from tests.test_sidecar_stream import _stop
 
 CALLER_TIMEOUT_MS = 250
 
@@ -67,13 +67,6 @@ def _egress(collector: CollectorProcess) -> tuple[subprocess.Popen[str], int]:
                             env=dict(os.environ, OTEL_BSP_SCHEDULE_DELAY="100"), stderr=subprocess.PIPE, text=True)
     wait_port(port)
     return proc, port
-
-
-def _stop(proc: subprocess.Popen[str]) -> str:
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err
-    return err
 
 
 @pytest.fixture()
