@@ -167,9 +167,7 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
                                  {"caller": tx.failing_hop[0], "callee": tx.failing_hop[1],
                                   "operation": tx.failing_hop[2]},
                                  "business_keys": tx.facts.keys})
-    from .orders import orders
-
-    order = orders(analysis).get(ident.strip())  # an order id: its charges and what its customer was told
+    order = analysis.orders().get(ident.strip())  # an order id: its charges and what its customer was told
     return {"id": ident, "trace_ids": trace_ids, "transactions": transactions,
             "order": order.to_json() if order is not None else None,
             "start": format_ns(t0), "duration_ms": round((max(s.end_ns for s in spans) - t0) / 1e6, 3),

@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-NAMES = ["collector", "analyzer", "compare", "logs", "tui", "instrumentation", "relay", "elasticsearch", "sidecar"]
+NAMES = ["collector", "analyzer", "compare", "logs", "linking", "tui", "instrumentation", "relay", "elasticsearch",
+         "sidecar"]
 
 
 def main() -> None:
