@@ -10,6 +10,7 @@ from payscope.timeparse import format_ns
 
 from .calls import Call
 from .engine import Analysis, Edge, EdgeKey, is_business_failure
+from .gaps import gap_cause, stretch_gap_ms, stretches
 from .stats import fraction_above, percentile
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
@@ -349,70 +350,72 @@ def deadline_not_propagated(analysis: Analysis, edge: Edge) -> Finding | None:
 
 
 def network_latency(analysis: Analysis) -> list[Finding]:
-    """Edges whose time is lost between caller and callee, named after a service they all share when they do."""
-    flagged: list[tuple[Edge, float, float, float, str]] = []
+    """Edges whose time is lost between caller and callee, with where it went (:func:`gaps.gap_cause`)."""
+    out = []
     for edge in analysis.edges.values():
         if len(edge.gap_ms) < NETWORK_MIN_CALLS or len(edge.server_ms) < NETWORK_MIN_CALLS:
             continue
         gap50 = percentile(edge.gap_ms, 50) or 0.0
         server50 = percentile(edge.server_ms, 50) or 0.0
+        growth = ""
         if gap50 >= NETWORK_MIN_MS and gap50 >= server50:
-            flagged.append((edge, gap50, server50, percentile(edge.observed_ms, 50) or 0.0, ""))
+            cause = gap_cause(analysis, edge, [c for c in edge.calls if (c.gap_ms or 0.0) >= NETWORK_MIN_MS],
+                              grown=False)
+        elif (grown := _gap_growth(edge)) is not None:
+            usual, gap50, when, slow = grown
+            growth = f"The gap grew from {_ms(usual)} to {_ms(gap50)} at the median from {when} on."
+            cause = gap_cause(analysis, edge, slow, grown=True)
+        else:
             continue
-        grown = _gap_growth(edge)
-        if grown is not None:
-            usual, peak, when = grown
-            flagged.append((edge, peak, server50, percentile(edge.observed_ms, 50) or 0.0,
-                            f"The gap grew from {_ms(usual)} to {_ms(peak)} at the median from {when} on."))
-    touching: dict[str, int] = {}
-    for edge, *_ in flagged:
-        for service in (edge.caller, edge.callee):
-            touching[service] = touching.get(service, 0) + 1
-    out = []
-    for edge, gap50, server50, client50, growth in flagged:
-        common = max((edge.callee, edge.caller), key=lambda s: touching[s])
-        shared = touching[common] >= 2
-        cause = (f"The same gap shows on {touching[common]} hops into and out of {common}: {common}'s network is the "
-                 "common cause." if shared else "")
+        client50 = percentile(edge.observed_ms, 50) or 0.0
+        where, action = _GAP_WORDS[cause.where]
         out.append(Finding(
             "network_latency", "high" if edge.charge_like else "medium", edge.key,
             f"{_name(edge)} loses {_ms(gap50)} per call between {edge.caller} and {edge.callee} "
-            f"({edge.callee}'s own time {_ms(server50)})",
+            f"({edge.callee}'s own time {_ms(server50)}){where.format(s=cause.service)}",
             f"{edge.caller} waits {_ms(client50)} at the median for {edge.callee}, which spends {_ms(server50)} on "
             f"the request itself: {_ms(gap50)} is lost between caller and callee (the network, a proxy, a queue "
-            f"or a connection pool), not in {edge.callee}'s code. {growth} {cause} Timeouts on this call must "
-            f"cover what {edge.caller} sees, not what {edge.callee}'s spans say.".replace("  ", " "),
+            f"or a connection pool), not in {edge.callee}'s code. {growth} Where: {cause.because}. Timeouts on "
+            f"this call must cover what {edge.caller} sees, not what {edge.callee}'s spans say.".replace("  ", " "),
             {"client_ms": {"p50": round(client50, 2), "p99": round(percentile(edge.observed_ms, 99) or 0.0, 2)},
              "server_ms": {"p50": round(server50, 2), "p99": round(percentile(edge.server_ms, 99) or 0.0, 2)},
              "gap_ms": {"p50": round(gap50, 2), "p99": round(percentile(edge.gap_ms, 99) or 0.0, 2)},
-             "calls": len(edge.gap_ms), "common_cause": common if shared else None},
+             "calls": len(edge.gap_ms), "cause": cause.where, "common_cause": cause.service},
             # the calls that lost the most on the wire first
             [c.trace_id for c in sorted((c for c in edge.calls if c.gap_ms is not None),
                                         key=lambda c: -(c.gap_ms or 0.0))][:EVIDENCE_IDS],
-            {"action": f"find what sits between {edge.caller} and {edge.callee} (network path, proxy, connection "
-                       f"pool) and fix it there; meanwhile size the timeout on what {edge.caller} sees",
+            {"action": action.format(caller=edge.caller, callee=edge.callee),
              "timeout_ms": analysis.recommended_ms(edge.key)}))
     return out
 
 
-def _gap_growth(edge: Edge) -> tuple[float, float, str] | None:
-    """(usual gap, grown gap, when it started) when the gap grew for part of the period: stretches of calls (a
-    tenth of them, at least three each), two or more of which run far above the quietest one."""
-    answered = sorted((c for c in edge.calls if c.gap_ms is not None), key=lambda c: c.start_ns)
-    size = max(NETWORK_MIN_CALLS, len(answered) // 10)
-    if len(answered) < 2 * size:
+# what each answer of gaps.gap_cause adds to the summary, and what to do about it
+_GAP_WORDS = {
+    "link": ("", "find what sits between {caller} and {callee} (network path, proxy, connection pool) and fix it "
+                 "there; meanwhile size the timeout on what {caller} sees"),
+    "callee_queue": (": queued in {s}", "give {callee} more workers, or shorten what holds them (its slowest "
+                                        "downstream call); meanwhile size the timeout on what {caller} sees"),
+    "caller": (": on {s}'s side", "look at {caller} itself (its host's network, its CPU, a process too busy to "
+                                  "send and read); meanwhile size the timeout on what {caller} sees"),
+    "callee": (": on {s}'s side", "look at {callee}'s host and network; meanwhile size the timeout on what "
+                                  "{caller} sees"),
+}
+
+
+def _gap_growth(edge: Edge) -> tuple[float, float, str, list[Call]] | None:
+    """(usual gap, grown gap, when it started, the grown stretches' calls) when the gap grew for part of the
+    period: two or more stretches (:func:`gaps.stretches`) run far above the quietest one."""
+    parts = stretches(edge)
+    if len(parts) < 2:
         return None
-    stretches = []
-    for i in range(0, len(answered) - size + 1, size):
-        part = answered[i:i + size]
-        gaps = sorted(c.gap_ms or 0.0 for c in part)
-        stretches.append((percentile(gaps, 50) or 0.0, part[0].start_ns))
-    usual = min(m for m, _ in stretches)
+    medians = [stretch_gap_ms(part) for part in parts]
+    usual = min(medians)
     floor = max(usual + NETWORK_GROWTH_MIN_MS, NETWORK_GROWTH * max(usual, 1.0))
-    grown = [(m, t) for m, t in stretches if m >= floor]
+    grown = [part for part, m in zip(parts, medians, strict=True) if m >= floor]
     if len(grown) < 2:  # one slow stretch is a blip (a warm-up, a pause); a delay lasts
         return None
-    return usual, percentile(sorted(m for m, _ in grown), 50) or 0.0, format_ns(min(t for _, t in grown))
+    return (usual, percentile(sorted(m for m in medians if m >= floor), 50) or 0.0,
+            format_ns(min(part[0].start_ns for part in grown)), [c for part in grown for c in part])
 
 
 def uniform_timeout(analysis: Analysis) -> list[Finding]:

@@ -25,9 +25,11 @@ TRUE_CONSEQUENCES = {
     ("late_success", "payment", "bank"), ("late_success", "gateway", "order"),
     ("timeout_below_tail", "gateway", "order"), ("deadline_not_propagated", "gateway", "order"),
     ("connect_timeout_too_long", "gateway", "order"), ("connect_timeout_too_long", "payment", "bank"),
-    # in the peak, order's 16 gunicorn threads wait on payment: new requests queue before its server span starts
-    ("network_latency", "gateway", "order"),
 }
+# In the peak, order's 16 gunicorn threads all wait on payment: new requests queue before its server span starts
+# (callee_queue), and a loaded machine starves order's own process, so all its outbound calls lose time (caller).
+# Those gaps are real, and they are not on a link: only the relayed bank link may be called one.
+NOT_A_LINK = {"callee_queue", "caller"}
 DURATION = "25"
 
 
@@ -59,7 +61,12 @@ def test_demo_finds_every_planted_fault_and_nothing_false(demo_run: tuple[Path, 
     doc = payscope_json("analyze", "--store", str(store))
     found = {(f["kind"], f["edge"]["caller"], f["edge"]["callee"]) for f in doc["findings"]}
     assert PLANTED <= found
-    assert found <= PLANTED | TRUE_CONSEQUENCES, found - PLANTED - TRUE_CONSEQUENCES
+    causes = {(f["edge"]["caller"], f["edge"]["callee"]): f["metrics"]["cause"] for f in doc["findings"]
+              if f["kind"] == "network_latency"}
+    assert causes.pop(("payment", "bank")) == "link"
+    assert set(causes.values()) <= NOT_A_LINK, causes
+    unexplained = found - PLANTED - TRUE_CONSEQUENCES - {("network_latency", *hop) for hop in causes}
+    assert not unexplained, unexplained
     for kind, caller, callee in PLANTED:
         assert kind in proc.stdout and f"{caller} -> {callee}" in proc.stdout
     # the investigation compares the sale peak with the time before it, and names the bank's link first

@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,10 @@ def _window(pair: tuple[float, float]) -> str:
 
 def test_the_delayed_link_is_a_network_finding_there_and_nowhere_else(chain: dict[str, Any]) -> None:
     found = payscope_json("analyze", "--store", chain["store"])["findings"]
-    network = {(f["edge"]["caller"], f["edge"]["callee"]) for f in found if f["kind"] == "network_latency"}
-    assert network == {("api", "ledger")}, network
+    network = {(f["edge"]["caller"], f["edge"]["callee"]): f for f in found if f["kind"] == "network_latency"}
+    assert set(network) == {("api", "ledger")}, network
+    # nothing else slowed with it: the time went on the path between the two
+    assert network[("api", "ledger")]["metrics"]["cause"] == "link"
 
 
 def test_compare_names_the_delayed_hop_as_network(chain: dict[str, Any]) -> None:
@@ -107,3 +110,39 @@ def test_the_recommended_timeout_covers_the_delayed_calls(chain: dict[str, Any])
 
 def test_services_run_from_outside_any_payscope_folder() -> None:
     assert not (Path(SERVICES) / "payscope").exists()
+
+
+def test_requests_waiting_for_a_busy_worker_are_a_queue_not_the_link(tmp_path: Path) -> None:
+    """api calls a ledger that serves one request at a time (one worker): first one customer at a time, then four
+    at once. The added gap is time queued in front of ledger, and the finding says so."""
+    store = tmp_path / "payscope.db"
+    collector = CollectorProcess(store, grpc=False)
+    ports = {name: free_port() for name in ("api", "ledger")}
+    base = dict(os.environ, OTEL_BSP_SCHEDULE_DELAY="100")
+    procs = [
+        _payscope_run("ledger", collector, sys.executable, "hop.py", str(ports["ledger"]),
+                      env=dict(base, HOP_THREADED="0")),
+        _payscope_run("api", collector, sys.executable, "hop.py", str(ports["api"]),
+                      env=dict(base, NEXT_URL=f"http://127.0.0.1:{ports['ledger']}")),
+    ]
+
+    def order(_: int = 0) -> None:
+        urllib.request.urlopen(f"http://127.0.0.1:{ports['api']}/work?sleep_ms=40", timeout=20).read()
+
+    try:
+        for name in ("ledger", "api"):
+            _wait_http(ports[name])
+        for _ in range(REQUESTS):
+            order()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(order, range(REQUESTS)))
+        time.sleep(1.5)  # every batch out
+    finally:
+        stop_all(procs)
+        collector.stop()
+    found = payscope_json("analyze", "--store", str(store))["findings"]
+    network = {(f["edge"]["caller"], f["edge"]["callee"]): f for f in found if f["kind"] == "network_latency"}
+    assert set(network) == {("api", "ledger")}, network
+    finding = network[("api", "ledger")]
+    assert (finding["metrics"]["cause"], finding["metrics"]["common_cause"]) == ("callee_queue", "ledger")
+    assert "queued in ledger" in finding["summary"] and "worker" in finding["recommendation"]["action"]

@@ -1,6 +1,7 @@
 """One hop of a chain (Flask's own server): GET /work does its own work, then calls NEXT_URL (if set) with
-requests. ``spin_ms`` in the query is CPU burnt here when this is the last hop (a service slow in its own code);
-the query is passed on down the chain. The answer says which trace headers arrived, and what the next hop
+requests. ``spin_ms`` in the query is CPU burnt here when this is the last hop (a service slow in its own code),
+``sleep_ms`` time it waits; the query is passed on down the chain. ``HOP_THREADED=0`` serves one request at a
+time (a pool of one worker). The answer says which trace headers arrived, and what the next hop
 answered."""
 
 import os
@@ -23,6 +24,7 @@ def work():  # type: ignore[no-untyped-def]
         answer = session.get(f"{NEXT}/work", params=request.args, timeout=5)
         answer.raise_for_status()
         return jsonify({"ok": True, "received": received, "next": answer.json()})
+    time.sleep(int(request.args.get("sleep_ms", "0")) / 1000)
     until = time.perf_counter() + int(request.args.get("spin_ms", "0")) / 1000
     while time.perf_counter() < until:
         pass
@@ -33,4 +35,4 @@ if __name__ == "__main__":
     import logging
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    app.run(host="127.0.0.1", port=int(sys.argv[1]), threaded=True)
+    app.run(host="127.0.0.1", port=int(sys.argv[1]), threaded=os.environ.get("HOP_THREADED", "1") != "0")

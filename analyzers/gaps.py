@@ -1,0 +1,132 @@
+"""Where the time a hop lost between caller and callee went: the link between the two, one side's host or
+process, or a queue in front of a callee whose workers were all busy.
+
+The gap of a call (client span minus server span) is everything that is neither the callee's code nor the
+caller's wait for it: the wire, a proxy, a connection pool, the callee's accept queue, a caller too starved of
+CPU to read its answer. Which of these it was shows in what else happened at the same time:
+
+- ``callee_queue``: the slow calls were sent while the callee had as many requests in flight as it ever had,
+  and the quick ones were not. A request that finds every worker busy waits before its server span starts.
+- ``caller``: the caller's calls to its other callees lost time in the same stretch. What they share is the
+  caller: its host's network, or a process too busy to send and read (a starved CPU, a held interpreter lock).
+- ``callee``: the callee's other callers lost time too: the callee's host or its network.
+- ``link``: nothing else slowed with it, or nothing else can be compared: the path between these two.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from .calls import Call
+from .engine import Analysis, Edge
+from .stats import median, percentile
+
+QUEUE_MIN_SHARE = 0.5      # ... of the slow calls sent while the callee was full
+QUEUE_CONTRAST = 2.0       # ... and at least this many times the quick calls' share
+SIBLING_SHARE = 0.25       # a neighbour edge grew too when its gap rose by this share of the hop's own growth
+SIBLING_MIN_MS = 5.0       # ... and by at least this much: a busy host's jitter stays below
+SIBLING_MIN_CALLS = 3      # a neighbour edge with fewer answered calls in the stretch says nothing
+
+
+@dataclass(frozen=True)
+class GapCause:
+    where: str                # link | caller | callee | callee_queue
+    service: str | None       # the service it is on (None for the link)
+    because: str              # one sentence of evidence
+
+
+class Occupancy:
+    """How many requests a service had in flight over time, from its server spans."""
+
+    def __init__(self, intervals: list[tuple[int, int]]) -> None:
+        self.starts = sorted(s for s, _ in intervals)
+        self.ends = sorted(e for _, e in intervals)
+        self.ceiling = max((self.at(s) for s in self.starts), default=0)
+
+    def at(self, t: int) -> int:
+        """Requests in flight at ``t`` (started at or before it, not yet ended)."""
+        return bisect.bisect_right(self.starts, t) - bisect.bisect_right(self.ends, t)
+
+    def full(self, t: int) -> bool:
+        """Every worker busy at ``t``, as far as the spans show: as many requests in flight as ever (within a
+        tenth, for a pool split over processes that fill unevenly)."""
+        return self.ceiling > 0 and self.at(t) >= self.ceiling - self.ceiling // 10
+
+
+def occupancy(analysis: Analysis, service: str) -> Occupancy:
+    """The in-flight profile of ``service``: the server spans that answered calls into it and those its own
+    calls were made under, each once."""
+    spans: dict[str, tuple[int, int]] = {}
+    for c in analysis.calls:
+        if c.callee == service and c.server_start_ns is not None and c.server_end_ns is not None:
+            spans[c.answered_by or f"answer:{c.span_id}"] = (c.server_start_ns, c.server_end_ns)
+        if c.caller == service and c.entry_span_id and c.entry_start_ns is not None and c.entry_end_ns is not None:
+            spans[c.entry_span_id] = (c.entry_start_ns, c.entry_end_ns)
+    return Occupancy(list(spans.values()))
+
+
+def _excess_ms(edge: Edge, window: tuple[int, int], usual_ms: float) -> float | None:
+    """How much more the median call of ``edge`` sent in ``window`` lost than ``usual_ms``; None when too few."""
+    gaps = [g for c in edge.calls if window[0] <= c.start_ns <= window[1] and (g := c.gap_ms) is not None]
+    if len(gaps) < SIBLING_MIN_CALLS:
+        return None
+    return (median(gaps) or 0.0) - usual_ms
+
+
+def stretches(edge: Edge) -> list[list[Call]]:
+    """The edge's answered calls in time order, cut into stretches of a tenth of them (three at least)."""
+    answered = sorted((c for c in edge.calls if c.gap_ms is not None), key=lambda c: c.start_ns)
+    size = max(SIBLING_MIN_CALLS, len(answered) // 10)
+    return [answered[i:i + size] for i in range(0, len(answered) - size + 1, size)]
+
+
+def stretch_gap_ms(part: list[Call]) -> float:
+    """The median gap of a stretch of calls."""
+    return percentile(sorted(c.gap_ms or 0.0 for c in part), 50) or 0.0
+
+
+def usual_gap_ms(edge: Edge) -> float:
+    """The gap of the edge's quietest stretch of calls."""
+    return min((stretch_gap_ms(part) for part in stretches(edge)), default=0.0)
+
+
+def gap_cause(analysis: Analysis, edge: Edge, slow: list[Call], *, grown: bool) -> GapCause:
+    """The one answer to where ``edge``'s lost time went, judged on its ``slow`` calls: those of the stretch in
+    which its gap ``grown`` above its usual, or those with a large gap when it was large all along (and then
+    the neighbours' gaps count from zero as well)."""
+    slow_ids = {id(c) for c in slow}
+    quick = [c for c in edge.calls if c.gap_ms is not None and id(c) not in slow_ids]
+    usual_ms = usual_gap_ms(edge) if grown else 0.0
+    busy = occupancy(analysis, edge.callee)
+    slow_full = sum(busy.full(c.start_ns) for c in slow) / len(slow) if slow else 0.0
+    quick_full = sum(busy.full(c.start_ns) for c in quick) / len(quick) if quick else 0.0
+    if slow_full >= QUEUE_MIN_SHARE and slow_full >= QUEUE_CONTRAST * quick_full:
+        return GapCause("callee_queue", edge.callee,
+                        f"{slow_full:.0%} of the slow calls reached {edge.callee} while it had {busy.ceiling} "
+                        f"requests in flight, its most (against {quick_full:.0%} of the others): they waited "
+                        f"for a free worker")
+    window = (min(c.start_ns for c in slow), max(c.start_ns for c in slow)) if slow else (0, 0)
+    own = (median([c.gap_ms or 0.0 for c in slow]) or 0.0) - usual_ms
+    bar = max(SIBLING_MIN_MS, SIBLING_SHARE * own)
+
+    def grew(side: str) -> list[str] | None:
+        """The other services on ``side`` whose hops with this one's caller/callee lost time as well, or None
+        when some did not (or none can be compared)."""
+        others = [e for e in analysis.edges.values() if e is not edge and (
+            (side == "caller" and e.caller == edge.caller and e.callee != edge.callee)
+            or (side == "callee" and e.callee == edge.callee and e.caller != edge.caller))]
+        judged = [(e, x) for e in others
+                  if (x := _excess_ms(e, window, usual_gap_ms(e) if grown else 0.0)) is not None]
+        if not judged or any(x < bar for _, x in judged):
+            return None
+        return sorted({e.callee if side == "caller" else e.caller for e, _ in judged})
+
+    callee_side, caller_side = grew("callee"), grew("caller")
+    if callee_side:
+        return GapCause("callee", edge.callee, f"the calls into {edge.callee} from {', '.join(callee_side)} lost "
+                                               "time in the same stretch")
+    if caller_side:
+        return GapCause("caller", edge.caller, f"{edge.caller}'s calls to {', '.join(caller_side)} lost time in "
+                                               "the same stretch")
+    return GapCause("link", None, f"no other hop of {edge.caller} or {edge.callee} lost time with it")
