@@ -185,6 +185,7 @@ class Analysis:
     _by_trace: dict[str, list[Call]] | None = field(default=None, repr=False)
     _with_errors: set[str] | None = field(default=None, repr=False)
     _orders: dict[str, Any] | None = field(default=None, repr=False)
+    _problems: dict[str, list[str]] | None = field(default=None, repr=False)
 
     def recommended_ms(self, key: EdgeKey) -> float | None:
         """The one recommended per-try timeout of an edge, that every finding and screen cites."""
@@ -212,6 +213,14 @@ class Analysis:
 
             self._orders = orders(self)
         return self._orders
+
+    def problems(self) -> dict[str, list[str]]:
+        """Trace id -> the consistency problems of its order (``orders.problems``), made once."""
+        if self._problems is None:
+            from .orders import problems
+
+            self._problems = problems(self)
+        return self._problems
 
     def orders_charged_twice(self) -> set[str]:
         """The orders (or traces, where no order is known) that more than one charge went through for, in one

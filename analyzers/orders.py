@@ -134,6 +134,26 @@ def orders(analysis: Analysis) -> dict[str, Order]:
     return out
 
 
+def problems(analysis: Analysis) -> dict[str, list[str]]:
+    """Trace id -> what is inconsistent about its order: the order's mismatches, and the TCC and saga anomalies
+    (``tcc_anomaly`` findings) its order is named in; only traces of such orders. Use ``Analysis.problems``,
+    which keeps the answer: the one filter of `payscope failures --problem` and the TUI."""
+    out: dict[str, list[str]] = defaultdict(list)
+    known = analysis.orders()
+    for order in known.values():
+        for trace_id in order.trace_ids:
+            out[trace_id].extend(order.mismatches)
+    for finding in analysis.findings:
+        if finding.kind != "tcc_anomaly":
+            continue
+        for name, keys in finding.metrics.get("orders", {}).items():
+            for key in keys:
+                for trace_id in known[key].trace_ids if key in known else [key]:
+                    if name not in out[trace_id]:
+                        out[trace_id].append(name)
+    return {trace_id: found for trace_id, found in out.items() if found}
+
+
 def mismatched(analysis: Analysis) -> list[Order]:
     """The orders finance should look at, the most money first."""
     found = [o for o in analysis.orders().values() if o.mismatches]

@@ -13,6 +13,7 @@ from . import findings, recommend
 from .calls import Call
 from .engine import Analysis, Transaction, clock_shift_ns
 from .orders import MISMATCHES
+from .tcc import ANOMALIES
 
 
 def log_json(rec: Any) -> dict[str, Any]:
@@ -38,16 +39,25 @@ def resolve_trace_ids(store: Store, ident: str) -> list[str]:
 
 
 FAILURE_OUTCOMES = ("timeout", "failed", "declined", "late_success", "duplicate_charge", "recovered", "injected")
+# what can be inconsistent about an order (orders.problems); "any" is every one of them
+PROBLEMS = (*MISMATCHES, *ANOMALIES, "compensation_missing", "any")
 
 
-def failure_outcomes(analysis: Analysis, *, since_ns: int | None = None, service: str | None = None
-                     ) -> dict[str, str]:
+def failure_outcomes(analysis: Analysis, *, since_ns: int | None = None, service: str | None = None,
+                     problem: str | None = None) -> dict[str, str]:
     """Trace id -> outcome of every failed transaction (``recovered``: it went well despite errors inside), as
-    the whole-store analysis judged them."""
+    the whole-store analysis judged them. With ``problem`` (one of :data:`PROBLEMS`), only the transactions of
+    orders with that problem, and all of them: an order told "paid" that nothing charged went wrong too."""
     errored = analysis.traces_with_errors()
+    problems = analysis.problems() if problem is not None else {}
     out = {}
     for tx in analysis.transactions.values():
         shown = tx.outcome if tx.outcome != "ok" else ("recovered" if tx.trace_id in errored else None)
+        if problem is not None:
+            found = problems.get(tx.trace_id, [])
+            if not found or (problem != "any" and problem not in found):
+                continue
+            shown = shown or "ok"
         if shown is None or (since_ns is not None and tx.facts.start_ns < since_ns):
             continue
         if service is not None and service not in tx.facts.services:
@@ -57,10 +67,12 @@ def failure_outcomes(analysis: Analysis, *, since_ns: int | None = None, service
 
 
 def failure_rows(store: Store, analysis: Analysis, *, since_ns: int | None = None, limit: int | None = 50,
-                 offset: int = 0, outcome: str | None = None, service: str | None = None) -> list[dict[str, Any]]:
+                 offset: int = 0, outcome: str | None = None, service: str | None = None,
+                 problem: str | None = None) -> list[dict[str, Any]]:
     """Failed transactions newest first, each a flat dict (the JSON of `payscope failures`)."""
     picked = [(analysis.transactions[tid], shown)
-              for tid, shown in failure_outcomes(analysis, since_ns=since_ns, service=service).items()
+              for tid, shown in failure_outcomes(analysis, since_ns=since_ns, service=service,
+                                                 problem=problem).items()
               if outcome is None or shown == outcome]
     picked.sort(key=lambda p: (-p[0].facts.start_ns, p[0].trace_id))
     window = picked[offset:offset + limit] if limit is not None else picked[offset:]
@@ -81,6 +93,7 @@ def failure_row(store: Store, analysis: Analysis, tx: Transaction, outcome: str 
         "duration": format_duration_ns(f.end_ns - f.start_ns), "services": f.services,
         "spans": f.span_count, "errors": summary.error_count if summary else 0, "keys": f.keys,
         "findings": list(dict.fromkeys(found.kind for found in analysis.findings_of(tx.trace_id))),  # worst first
+        "problems": analysis.problems().get(tx.trace_id, []),
     }
 
 

@@ -407,6 +407,10 @@ def failures(
     outcome: Annotated[Optional[str], typer.Option(
         help="Only this outcome: timeout, failed, declined, late_success, duplicate_charge or recovered.")] = None,
     service: Annotated[Optional[str], typer.Option(help="Only transactions that cross this service.")] = None,
+    problem: Annotated[Optional[str], typer.Option(
+        help="Only the transactions of orders left inconsistent, ok ones too: charged_but_failed, charged_twice, "
+             "paid_without_charge, a TCC or saga anomaly (suspension, empty_rollback, repeated_confirm, "
+             "repeated_cancel, compensation_missing), or any.")] = None,
     search: Annotated[Optional[str], typer.Option(
         "--search", "-s", help="Only those matching every term: key=value, http.status_code>=500, duration>=2s, "
                                "log:TEXT, or words in the entry, hop, keys or logs (as the TUI's /).")] = None,
@@ -417,7 +421,7 @@ def failures(
     from payscope.analyzers.loader import load
     from payscope.analyzers.search import matching
     from payscope.analyzers.search import parse as parse_search
-    from payscope.analyzers.views import FAILURE_OUTCOMES, failure_rows
+    from payscope.analyzers.views import FAILURE_OUTCOMES, PROBLEMS, failure_rows
     from payscope.collector.store import open_store
     from payscope.timeparse import parse_since_ns
 
@@ -426,29 +430,33 @@ def failures(
         raise PayscopeError(f"--limit {limit} must be 0 (all) or more")
     if outcome is not None and outcome not in FAILURE_OUTCOMES:
         raise PayscopeError(f"--outcome {outcome!r} is not one of {', '.join(FAILURE_OUTCOMES)}")
+    if problem is not None and problem not in PROBLEMS:
+        raise PayscopeError(f"--problem {problem!r} is not one of {', '.join(PROBLEMS)}")
     since_ns = parse_since_ns(since, time.time_ns()) if since else None
     query = parse_search(search) if search else None
     with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         if query is None:
             rows = failure_rows(opened, load(opened), since_ns=since_ns, limit=limit or None, outcome=outcome,
-                                service=service)
+                                service=service, problem=problem)
         else:
             rows = matching(opened, failure_rows(opened, load(opened), since_ns=since_ns, limit=None,
-                                                 outcome=outcome, service=service), query)[:limit or None]
+                                                 outcome=outcome, service=service, problem=problem),
+                            query)[:limit or None]
     if output_format == "json":
         _emit_json({"failures": rows})
         return
     if not rows:
         out.print("no failed transactions" + (f" since {since}" if since else "")
                   + (f" with outcome {outcome}" if outcome else "") + (f" through {service}" if service else "")
+                  + (f" of orders with {problem}" if problem else "")
                   + (f" matching {search!r}" if search else ""))
         return
     out.print(f"{'time':<29} {'outcome':<16} {'order':<14} {'failing hop':<32} {'error':<10} {'duration':>9}  "
               f"{'trace id':<32}  entry", markup=False)
     for row in rows:
         out.print(f"{row['time']:<29} {row['outcome']:<16} {row['order'] or '-':<14} {row['failing_hop'] or '-':<32} "
-                  f"{row['error_class'] or '-':<10} {row['duration']:>9}  {row['trace_id']:<32}  {row['entry']}",
-                  markup=False)
+                  f"{row['error_class'] or '-':<10} {row['duration']:>9}  {row['trace_id']:<32}  {row['entry']}"
+                  + (f"  ({', '.join(row['problems'])})" if row["problems"] else ""), markup=False)
 
 
 @app.command()

@@ -72,3 +72,26 @@ def test_show_of_an_order_gives_the_same_charges_and_state_as_reconcile(demo_sto
     assert set(shown["trace_ids"]) == set(listed["trace_ids"])
     table = payscope("show", listed["order"], "--store", str(demo_store), check=True).stdout
     assert table.startswith(f"order {listed['order']}: the customer was told {listed['final']}")
+
+
+def test_failures_by_problem_lists_the_orders_the_bank_charged_twice(demo_store: Path) -> None:
+    ledger, _ = _truth(demo_store)
+    twice = {o for o, n in ledger.items() if n >= 2}
+    rows = json.loads(payscope("failures", "--store", str(demo_store), "--problem", "charged_twice", "--limit", "0",
+                               "-f", "json", check=True).stdout)["failures"]
+    listed = {r["order"] for r in rows}
+    assert listed <= twice and len(listed) >= 0.97 * len(twice)
+    assert all("charged_twice" in r["problems"] for r in rows)
+    doc = json.loads(payscope("reconcile", "--store", str(demo_store), "-f", "json", check=True).stdout)
+    traces = {t for o in doc["orders"] if "charged_twice" in o["mismatches"] for t in o["trace_ids"]}
+    assert {r["trace_id"] for r in rows} == traces  # every trace of those orders, the same as reconcile's
+    every = json.loads(payscope("failures", "--store", str(demo_store), "--problem", "any", "--limit", "0",
+                                "-f", "json", check=True).stdout)["failures"]
+    assert {r["trace_id"] for r in every} == {t for o in doc["orders"] for t in o["trace_ids"]}
+    table = payscope("failures", "--store", str(demo_store), "--problem", "charged_twice", check=True).stdout
+    assert "(charged_but_failed, charged_twice)" in table or "(charged_twice)" in table
+
+
+def test_failures_refuses_an_unknown_problem(tmp_path: Path) -> None:
+    done = payscope("failures", "--store", str(tmp_path / "x.db"), "--problem", "charged_thrice")
+    assert done.returncode == 2 and "charged_thrice" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -64,6 +64,19 @@ async def test_failures_filter_search_and_open(demo_store: Path, tmp_path: Path)
             assert screen.total == sum(f["outcome"] == outcome for f in failures)
         assert "all outcomes" in _status(app)
         assert set(seen) == {f["outcome"] for f in failures}
+        inconsistent = payscope_json("failures", "--store", str(demo_store), "--problem", "any", "--limit", "0")
+        await pilot.press("p")  # the order problem filter: the first with rows, as `failures --problem` lists
+        await _settle(app, pilot)
+        problem = screen.flt.problem
+        assert problem is not None and f"problem={problem}" in _status(app)
+        expected = [f for f in inconsistent["failures"] if problem in f["problems"]]
+        assert screen.total == len(expected) and {r["trace_id"] for r in screen.rows} <= {
+            f["trace_id"] for f in expected}
+        assert all(problem in r["problems"] for r in screen.rows)
+        while screen.flt.problem is not None:  # round to no problem filter, through the others with rows
+            await pilot.press("p")
+            await _settle(app, pilot)
+        assert "problem=" not in _status(app)
         await pilot.press("slash")
         await pilot.press(*keyed["keys"][0], "enter")
         await _settle(app, pilot)

@@ -38,6 +38,7 @@ HELP = """\
   /              search: an id, words, key=value, http.status_code>=500,
                  duration>=2s, log:TEXT
   o              cycle the outcome filter       s   filter by service
+  p              cycle the order problem filter (charged twice ...)
   r              refresh now (new failures also appear by themselves)
   t              edges and timeouts             c   compare: which hop lost the time
   q              quit
@@ -75,6 +76,7 @@ class HelpScreen(ModalScreen[None]):
 class FailuresScreen(Loading):
     BINDINGS = [
         Binding("slash", "search", "search"), Binding("o", "cycle_outcome", "outcome"),
+        Binding("p", "cycle_problem", "problem"),
         Binding("s", "service", "service"), Binding("r", "refresh", "refresh"),
         Binding("t", "edges", "edges"), Binding("c", "compare", "compare"),
         Binding("j", "cursor(1)", show=False), Binding("k", "cursor(-1)", show=False),
@@ -90,6 +92,7 @@ class FailuresScreen(Loading):
         self.rows: list[dict[str, Any]] = []
         self.total = 0
         self.by_outcome: dict[str, int] = {}
+        self.by_problem: dict[str, int] = {}
         self.limit = data.PAGE
         self.input_mode = "search"
 
@@ -123,6 +126,7 @@ class FailuresScreen(Loading):
     @on(FailuresLoaded)
     def loaded(self, message: FailuresLoaded) -> None:
         self.total, self.by_outcome = message.page.total, message.page.by_outcome
+        self.by_problem = message.page.by_problem
         self.show_rows(message.page.rows)
 
     @on(DataTable.RowHighlighted, "#failures")
@@ -142,7 +146,7 @@ class FailuresScreen(Loading):
             for row in rows:
                 table.add_row(row["time"][11:23], row["outcome"], ", ".join(row["keys"][:2]) or "-",
                               row["failing_hop"] or "-", row["duration"], row["trace_id"], row["entry"][:30],
-                              ",".join(row["findings"]) or "-", key=row["trace_id"])
+                              ",".join(row["problems"] + row["findings"]) or "-", key=row["trace_id"])
             if keep is not None:  # the cursor stays on its transaction when new failures arrive above it
                 for i, row in enumerate(rows):
                     if row["trace_id"] == keep:
@@ -192,6 +196,11 @@ class FailuresScreen(Loading):
 
     def action_cycle_outcome(self) -> None:
         self.flt.outcome = data.next_outcome(self.flt.outcome, self.by_outcome)
+        self.limit = data.PAGE
+        self.load()
+
+    def action_cycle_problem(self) -> None:
+        self.flt.problem = data.next_problem(self.flt.problem, self.by_problem)
         self.limit = data.PAGE
         self.load()
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from payscope.analyzers import search, views
@@ -14,6 +14,7 @@ from payscope.collector.store import Store
 from payscope.errors import PayscopeError
 
 OUTCOMES = (None, *views.FAILURE_OUTCOMES)
+PROBLEMS = (None, *views.PROBLEMS)
 PAGE = 60
 
 
@@ -40,9 +41,12 @@ class Filter:
     outcome: str | None = None
     service: str | None = None
     text: str | None = None
+    problem: str | None = None  # orders left inconsistent (views.PROBLEMS)
 
     def describe(self) -> str:
         parts = [f"outcome={self.outcome}" if self.outcome else "all outcomes"]
+        if self.problem:
+            parts.append(f"problem={self.problem}")
         if self.service:
             parts.append(f"service={self.service}")
         if self.text:
@@ -58,6 +62,7 @@ class FailurePage:
     rows: list[dict[str, Any]]
     total: int
     by_outcome: dict[str, int]
+    by_problem: dict[str, int] = field(default_factory=dict)  # ... and each problem
 
 
 def failures(source: Source, flt: Filter, limit: int = PAGE) -> FailurePage:
@@ -74,25 +79,38 @@ def failures(source: Source, flt: Filter, limit: int = PAGE) -> FailurePage:
                     if tid in analysis.transactions]
             return FailurePage(rows, len(rows), dict(Counter(r["outcome"] for r in rows)))
     # every outcome of the other filters, counted without building rows; rows only for the page shown
-    outcomes = views.failure_outcomes(analysis, service=flt.service)
+    outcomes = views.failure_outcomes(analysis, service=flt.service, problem=flt.problem)
+    inconsistent = views.failure_outcomes(analysis, service=flt.service, problem="any")
+    by_problem = dict(Counter(p for tid in inconsistent for p in analysis.problems().get(tid, [])))
+    by_problem["any"] = len(inconsistent)
     if flt.text:
-        rows = search.matching(store, views.failure_rows(store, analysis, limit=None, service=flt.service),
-                               search.parse(flt.text))
+        rows = search.matching(store, views.failure_rows(store, analysis, limit=None, service=flt.service,
+                                                         problem=flt.problem), search.parse(flt.text))
         by_outcome = dict(Counter(r["outcome"] for r in rows))
         kept = [r for r in rows if flt.outcome is None or r["outcome"] == flt.outcome]
-        return FailurePage(kept[:limit], len(kept), by_outcome)
+        return FailurePage(kept[:limit], len(kept), by_outcome, by_problem)
     by_outcome = dict(Counter(outcomes.values()))
     total = sum(1 for o in outcomes.values() if flt.outcome is None or o == flt.outcome)
-    rows = views.failure_rows(store, analysis, limit=limit, outcome=flt.outcome, service=flt.service)
-    return FailurePage(rows, total, by_outcome)
+    rows = views.failure_rows(store, analysis, limit=limit, outcome=flt.outcome, service=flt.service,
+                              problem=flt.problem)
+    return FailurePage(rows, total, by_outcome, by_problem)
 
 
 def next_outcome(current: str | None, by_outcome: dict[str, int]) -> str | None:
     """The outcome filter after ``current`` that keeps at least one row (all outcomes always does)."""
-    i = OUTCOMES.index(current)
-    for step in range(1, len(OUTCOMES)):
-        candidate = OUTCOMES[(i + step) % len(OUTCOMES)]
-        if candidate is None or by_outcome.get(candidate):
+    return _next(OUTCOMES, current, by_outcome)
+
+
+def next_problem(current: str | None, by_problem: dict[str, int]) -> str | None:
+    """The problem filter after ``current`` that keeps at least one row (no problem filter always does)."""
+    return _next(PROBLEMS, current, by_problem)
+
+
+def _next(choices: tuple[str | None, ...], current: str | None, counts: dict[str, int]) -> str | None:
+    i = choices.index(current)
+    for step in range(1, len(choices)):
+        candidate = choices[(i + step) % len(choices)]
+        if candidate is None or counts.get(candidate):
             return candidate
     return None
 
