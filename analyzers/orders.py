@@ -2,10 +2,11 @@
 orders where the two disagree (what finance asks about the next morning).
 
 An order is a business key (order id, payment id) shared by the traces that make up its life: the first
-attempt, the customer's retry, a callback (a trace with no key is an order of its own). Its **charges** are
-the charge-like calls made for it that the charging service answered well, whether or not the caller was
-still waiting (a late success charged the card all the same). Its **final state** is what the customer
-was told last, by its latest transaction: paid, declined or failed. The mismatches:
+attempt, the customer's retry, a callback consumed from a queue (a trace with no key is an order of its own).
+Its **charges** are the charge-like calls made for it that the charging service answered well, whether or not
+the caller was still waiting (a late success charged the card all the same). Its **final state** is what the customer
+was told last, by its latest transaction that answered a request (a consumed message answers nobody): paid,
+declined or failed. The mismatches:
 
 * ``charged_but_failed``: the customer was told it failed (or it timed out), and a charge went through;
 * ``charged_twice``: more charges went through than the one the order needs;
@@ -115,7 +116,10 @@ def orders(analysis: Analysis) -> dict[str, Order]:
     out: dict[str, Order] = {}
     for key, trace_ids in traces_of.items():
         trace_ids.sort(key=lambda t: analysis.transactions[t].facts.start_ns)
-        last = analysis.transactions[trace_ids[-1]]
+        # what the customer was told last: by the last request someone waited for (a callback or event consumed
+        # from a queue joins the journey, and tells the customer nothing)
+        asked = [t for t in trace_ids if analysis.transactions[t].facts.asked] or trace_ids
+        last = analysis.transactions[asked[-1]]
         final = "paid" if last.facts.root_ok else "declined" if last.outcome == "declined" else "failed"
         order = Order(key, trace_ids, final, amount=next(
             (analysis.transactions[t].facts.amount for t in trace_ids

@@ -67,6 +67,8 @@ class PayscopeDistro(BaseDistro):  # type: ignore[misc]
             return
         try:
             entry_point.load()().instrument(**{**_HOOKS.get(entry_point.name, {}), **kwargs})
+            if entry_point.name in _AFTER:
+                _AFTER[entry_point.name]()
         except ImportError:
             return  # the library is not installed here: not instrumented, and not reported as such
         except Exception as exc:  # a broken instrumentor must not stop the service
@@ -240,7 +242,45 @@ def _asgi_receive_hook(span: Any, scope: dict[str, Any], message: dict[str, Any]
         pass
 
 
+def _message_keys(span: Any, body: Any) -> None:
+    """A consumed message's JSON body fields onto its consumer span: a callback or an event names its order."""
+    try:
+        if isinstance(body, str):
+            body = body.encode()
+        if isinstance(body, (bytes, bytearray)) and 0 < len(body) <= keys.MAX_BODY:
+            set_keys(span, keys.from_json(bytes(body), _key_processor.names))
+    except Exception:
+        pass
+
+
+def _pika_consume_hook(span: Any, body: bytes, properties: Any) -> None:
+    _message_keys(span, body)
+
+
+def _kafka_consume_hook(span: Any, record: Any, args: Any, kwargs: Any) -> None:
+    _message_keys(span, getattr(record, "value", None))
+
+
+def _confluent_kafka_keys() -> None:
+    """confluent-kafka's instrumentor has no hooks: its consumer span, current once ``poll`` returns a message,
+    gets the message's keys from a wrapper around that ``poll``."""
+    import confluent_kafka
+    import wrapt
+
+    def poll(wrapped: Any, instance: Any, args: Any, kwargs: Any) -> Any:
+        record = wrapped(*args, **kwargs)
+        if record is not None and record.error() is None:
+            _message_keys(getattr(instance, "_current_consume_span", None), record.value())
+        return record
+
+    wrapt.wrap_function_wrapper(confluent_kafka.Consumer, "poll", poll)
+
+
+_AFTER: dict[str, Any] = {"confluent_kafka": _confluent_kafka_keys}
+
 _HOOKS: dict[str, dict[str, Any]] = {
+    "pika": {"consume_hook": _pika_consume_hook},
+    "kafka": {"consume_hook": _kafka_consume_hook},
     "flask": {"request_hook": _wsgi_request_hook},
     "django": {"request_hook": _django_request_hook},
     "fastapi": {"server_request_hook": _asgi_server_hook, "client_request_hook": _asgi_receive_hook},
