@@ -11,7 +11,7 @@ from payscope.timeparse import format_duration_ns, format_ms, format_ns
 
 from . import findings, recommend
 from .calls import Call
-from .engine import Analysis, Transaction, clock_shift_ns
+from .engine import Analysis, Transaction, clock_shift_ns, order_of
 from .orders import MISMATCHES
 from .tcc import ANOMALIES
 
@@ -172,17 +172,23 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
     logs = sorted((log_json(rec) for tid in trace_ids for rec in store.logs_of_trace(tid)),
                   key=lambda r: r["time"])
     transactions = []
-    for tid in trace_ids:
+    for tid in sorted(trace_ids, key=lambda t: (tx.facts.start_ns if (tx := analysis.transactions.get(t)) else 0)):
         tx = analysis.transactions.get(tid)
         if tx:
-            transactions.append({"trace_id": tid, "outcome": tx.outcome, "error_class": tx.error_class,
+            transactions.append({"trace_id": tid, "start": format_ns(tx.facts.start_ns), "outcome": tx.outcome,
+                                 "error_class": tx.error_class,
                                  "failing_hop": None if not tx.failing_hop else
                                  {"caller": tx.failing_hop[0], "callee": tx.failing_hop[1],
                                   "operation": tx.failing_hop[2]},
                                  "business_keys": tx.facts.keys})
     order = analysis.orders().get(ident.strip())  # an order id: its charges and what its customer was told
+    first = analysis.transactions.get(trace_ids[0])
+    belongs = analysis.orders().get(order_of(first.facts)) if first is not None else None
     return {"id": ident, "trace_ids": trace_ids, "transactions": transactions,
             "order": order.to_json() if order is not None else None,
+            # the order this trace is part of, when its journey has more traces than this view shows
+            "journey": {"order": belongs.key, "traces": len(belongs.trace_ids)}
+            if belongs is not None and order is None and len(belongs.trace_ids) > len(trace_ids) else None,
             "start": format_ns(t0), "duration_ms": round((max(s.end_ns for s in spans) - t0) / 1e6, 3),
             "spans": rows, "logs": logs, "findings": found,
             "clock_skew": [o.to_json() for o in analysis.offsets]}

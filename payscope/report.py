@@ -212,9 +212,9 @@ def call_times(call: dict[str, Any] | None) -> str:
     return "[" + " / ".join(parts) + "]"
 
 
-def render_waterfall(view: dict[str, Any], width: int = 32) -> str:
-    """The text waterfall of `payscope show`."""
-    total = max(view["duration_ms"], 0.001)
+def journey_lines(view: dict[str, Any]) -> list[str]:
+    """An order's state and charges, then each of its traces in time order with what became of it (the head of
+    `payscope show` and of the TUI's journey)."""
     lines = []
     order = view.get("order")
     if order:
@@ -225,10 +225,20 @@ def render_waterfall(view: dict[str, Any], width: int = 32) -> str:
     for tx in view["transactions"]:
         hop = tx["failing_hop"]
         where = f" at {hop['caller']} -> {hop['callee']} ({hop['operation']})" if hop else ""
-        lines.append(f"trace {tx['trace_id']}: {tx['outcome']}{where}"
+        lines.append((f"{tx['start']}  " if order else "") + f"trace {tx['trace_id']}: {tx['outcome']}{where}"
                      + (f" [{tx['error_class']}]" if tx["error_class"] else "")
                      + (f"  keys: {', '.join(tx['business_keys'])}" if tx["business_keys"] else ""))
-    lines.append("")
+    journey = view.get("journey")
+    if journey:
+        lines.append(f"part of order {journey['order']}, {journey['traces']} traces: "
+                     f"payscope show {journey['order']}")
+    return lines
+
+
+def render_waterfall(view: dict[str, Any], width: int = 32) -> str:
+    """The text waterfall of `payscope show`."""
+    total = max(view["duration_ms"], 0.001)
+    lines = [*journey_lines(view), ""]
     for row in view["spans"]:
         start = int(row["offset_ms"] / total * width)
         length = max(1, int(row["duration_ms"] / total * width))

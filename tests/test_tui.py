@@ -341,3 +341,36 @@ async def test_the_failed_list_pages_through_the_whole_store(demo_store: Path) -
             await _settle(app, pilot)
         assert [r["trace_id"] for r in screen.rows] == [f["trace_id"] for f in every]
         assert _status(app).startswith(f"{len(every)} failed transactions")
+
+
+@pytest.mark.anyio
+async def test_a_transaction_opens_its_orders_journey(demo_store: Path, tmp_path: Path) -> None:
+    reconciled = payscope_json("reconcile", "--store", str(demo_store))["orders"]
+    order = next(o for o in reconciled if len(o["trace_ids"]) >= 2)  # a customer's retry: two traces or more
+    app = build(str(demo_store), refresh_seconds=3600, report_dir=str(tmp_path))
+    async with app.run_test(size=(160, 45)) as pilot:
+        await _settle(app, pilot)
+        await pilot.press("slash", *order["trace_ids"][-1], "enter")  # the retry's trace, found by its id
+        await _settle(app, pilot)
+        await pilot.press("enter")
+        await _settle(app, pilot)
+        tx = app.screen
+        assert isinstance(tx, TransactionScreen) and tx.view is not None
+        assert tx.view["trace_ids"] == [order["trace_ids"][-1]]
+        hint = str(tx.query_one("#journey").render())
+        assert f"part of order {order['order']} ({len(order['trace_ids'])} traces)" in hint
+        await pilot.press("o")
+        await _settle(app, pilot)
+        journey = app.screen
+        assert isinstance(journey, TransactionScreen) and journey is not tx and journey.view is not None
+        assert journey.view["order"] == order  # the same charges and state as reconcile
+        shown = str(journey.query_one("#journey").render())
+        assert shown.startswith(f"order {order['order']}: the customer was told {order['final']}")
+        # every trace of the order, in time order
+        assert [shown.index(t) for t in order["trace_ids"]] == sorted(shown.index(t) for t in order["trace_ids"])
+        await pilot.press("o")  # the whole order is shown already
+        await _settle(app, pilot)
+        assert app.screen is journey
+        await pilot.press("escape")
+        await _settle(app, pilot)
+        assert app.screen is tx

@@ -17,6 +17,7 @@ from textual.worker import Worker, WorkerState
 from payscope.analyzers.views import fix_text
 from payscope.collector.store import Store
 from payscope.errors import PayscopeError
+from payscope.report import journey_lines
 from payscope.timeparse import format_ms, format_ns, parse_window
 
 from . import data
@@ -48,6 +49,7 @@ HELP = """\
   tab            next panel (spans, details, findings, logs)
   d              span details in place of findings and logs (narrow terminals)
   c              copy the trace id              e   write a Markdown report
+  o              the order's journey (all its traces, its charges)
   escape         back
 
 [b]Compare[/b]
@@ -224,7 +226,8 @@ NARROW = 100  # columns below which the transaction screen drops its span detail
 
 class TransactionScreen(Loading):
     BINDINGS = [Binding("escape", "app.pop_screen", "back"), Binding("c", "copy", "copy trace id"),
-                Binding("e", "export", "report"), Binding("d", "details", "span details")]
+                Binding("e", "export", "report"), Binding("d", "details", "span details"),
+                Binding("o", "journey", "order journey", show=False)]
 
     def __init__(self, trace_id: str) -> None:
         super().__init__()
@@ -234,6 +237,7 @@ class TransactionScreen(Loading):
     def compose(self) -> ComposeResult:
         yield Header()
         yield Static(f"loading {self.trace_id} ...", id="summary")
+        yield Static("", id="journey", markup=False)
         yield Vertical(id="waterfall-box")
         with Horizontal(id="lower"):
             yield VerticalScroll(Static("", id="details", markup=False), id="details-box")
@@ -273,6 +277,11 @@ class TransactionScreen(Loading):
                         for t in view["transactions"])
         self.query_one("#summary", Static).update(
             f"trace {', '.join(view['trace_ids'])}: {txs}  ({len(view['spans'])} spans, {view['duration_ms']:.0f} ms)")
+        journey = self.query_one("#journey", Static)
+        if view["order"] or view["journey"]:  # an order's traces in time order, or the order this one is part of
+            journey.update("\n".join(journey_lines(view)[:8] if view["order"] else [
+                f"part of order {view['journey']['order']} ({view['journey']['traces']} traces): o shows its journey"]))
+        journey.display = bool(view["order"] or view["journey"])
         waterfall = Waterfall(view["spans"], view["duration_ms"], id="waterfall")
         self.query_one("#waterfall-box").mount(waterfall)
         waterfall.focus()
@@ -321,6 +330,13 @@ class TransactionScreen(Loading):
     def action_details(self) -> None:
         """On a narrow terminal, the selected span's details in place of the findings and logs, and back."""
         self.toggle_class("details")
+
+    def action_journey(self) -> None:
+        """The whole order this trace is part of: its traces, charges and what the customer was told."""
+        if self.view and self.view["journey"]:
+            self.app.push_screen(TransactionScreen(self.view["journey"]["order"]))
+        else:
+            self.notify("no other trace of this order" if self.view else "still loading")
 
     def action_copy(self) -> None:
         self.app.copy_to_clipboard(self.trace_id)
