@@ -12,7 +12,7 @@ from payscope.timeparse import format_duration_ns, format_ms, format_ns
 from . import findings, recommend
 from .calls import Call
 from .engine import Analysis, Transaction, clock_shift_ns, order_of
-from .orders import MISMATCHES
+from .orders import MISMATCHES, mismatched
 from .tcc import ANOMALIES
 
 
@@ -215,6 +215,8 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
                   "outcomes": outcomes, "orders_charged_twice": len(analysis.orders_charged_twice()),
                   "orders_to_reconcile": {kind: sum(kind in o.mismatches for o in analysis.orders().values())
                                           for kind in MISMATCHES},
+                  # the order with the most money at risk: where `payscope show` starts a journey
+                  "order_most_at_risk": next((o.key for o in mismatched(analysis)), None),
                   "findings_by_severity": {s: sum(f.severity == s for f in found) for s in findings.SEVERITIES
                                            if any(f.severity == s for f in found)}},
     }

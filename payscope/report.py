@@ -26,6 +26,9 @@ def print_table(document: dict[str, Any], console: Console) -> None:
     if mismatched:
         console.print("orders to reconcile: " + ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in mismatched.items())
                       + " (payscope reconcile lists them)", markup=False)
+        worst = document["stats"].get("order_most_at_risk")
+        if worst:
+            console.print(f"  e.g. payscope show {worst}", markup=False)
     for skew in document["clock_skew"]:
         console.print(f"clock of {skew['service']} runs {skew['offset_ms']:+.1f} ms against {skew['reference']} "
                       f"({skew['samples']} call pairs); corrected before analysis")

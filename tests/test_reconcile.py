@@ -95,3 +95,11 @@ def test_failures_by_problem_lists_the_orders_the_bank_charged_twice(demo_store:
 def test_failures_refuses_an_unknown_problem(tmp_path: Path) -> None:
     done = payscope("failures", "--store", str(tmp_path / "x.db"), "--problem", "charged_thrice")
     assert done.returncode == 2 and "charged_thrice" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_analyze_and_the_demo_point_at_the_order_most_at_risk(demo_store: Path) -> None:
+    doc = json.loads(payscope("reconcile", "--store", str(demo_store), "-f", "json", check=True).stdout)
+    first = doc["orders"][0]["order"]
+    stats = json.loads(payscope("analyze", "--store", str(demo_store), "-f", "json", check=True).stdout)["stats"]
+    assert stats["order_most_at_risk"] == first
+    assert f"e.g. payscope show {first}" in (demo_store.parent / "demo.stdout").read_text()
