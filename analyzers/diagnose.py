@@ -12,13 +12,14 @@ from .engine import Analysis, EdgeKey, TimeoutValue
 
 
 def diagnose(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
-             extra_calls: Any = None) -> Analysis:
+             extra_calls: Any = None, order_rules: Any = None, order_logs: Any = None) -> Analysis:
     """Everything payscope concludes from these traces, each conclusion decided once.
 
     Recommendations come before findings because every finding cites its edge's recommended value
     instead of working out one of its own.
     """
     analysis = engine.run(traces, declared=declared, extra_calls=extra_calls)
+    analysis.order_rules, analysis.order_logs = order_rules, order_logs  # before anything asks for the orders
     analysis.recommendations = {r.edge.key: r for r in recommend.recommend(analysis)}
     analysis.findings = findings.find(analysis)
     return analysis

@@ -186,6 +186,8 @@ class Analysis:
     _with_errors: set[str] | None = field(default=None, repr=False)
     _orders: dict[str, Any] | None = field(default=None, repr=False)
     _problems: dict[str, list[str]] | None = field(default=None, repr=False)
+    order_rules: Any = None  # orders.Rules: what counts as a charge and an answer (payscope.toml [orders])
+    order_logs: Any = None   # orders.LoggedFacts: the log lines those rules name
 
     def recommended_ms(self, key: EdgeKey) -> float | None:
         """The one recommended per-try timeout of an edge, that every finding and screen cites."""

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from payscope.collector.store import LogQuery, Store
+from payscope.model import LogRecord
 
 from .calls import Call, TraceFacts
 from .declared import declared_timeouts
 from .diagnose import diagnose
 from .engine import Analysis, group_traces, read
 from .logcalls import log_calls
+from .orders import LoggedFacts, Rules, configured_rules
 
 
 def load(store: Store, *, judge: bool = True, window: tuple[int, int] | None = None) -> Analysis:
@@ -42,4 +44,24 @@ def load(store: Store, *, judge: bool = True, window: tuple[int, int] | None = N
         traces = (t for t in traces if window[0] <= min(s.start_ns for s in t) < window[1])
     if not judge:
         return read(traces, extra_calls=proxy_calls)
-    return diagnose(traces, declared=declared_timeouts(store), extra_calls=proxy_calls)
+    rules = configured_rules()
+    return diagnose(traces, declared=declared_timeouts(store), extra_calls=proxy_calls, order_rules=rules,
+                    order_logs=logged_facts(store, rules, window))
+
+
+def logged_facts(store: Store, rules: Rules, window: tuple[int, int] | None = None) -> LoggedFacts:
+    """The log lines of traces that the order rules name: each charge a charging service logged, and each
+    trace that told its customer the order failed."""
+    since, until = window if window else (None, None)
+
+    def lines(text: str | None) -> list[LogRecord]:
+        if not text:
+            return []
+        return [r for _, r in store.search_logs(LogQuery(text=text, since_ns=since, until_ns=until, limit=None))]
+
+    def traces(r: LogRecord) -> tuple[str, ...]:  # its trace, or the traces its order id left it between
+        return (r.trace_id,) if r.trace_id else tuple(r.attributes.get("link.candidates") or ())
+
+    return LoggedFacts([(traces(r), r.span_id or "", r.service, r.time_ns) for r in lines(rules.charge_log)
+                        if traces(r)],
+                       {r.trace_id for r in lines(rules.failed_log) if r.trace_id})

@@ -17,10 +17,16 @@ A refund-like call for the order after its charges (refund, reverse, void, cance
 
 from __future__ import annotations
 
+import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import tomllib
+
+from payscope.errors import InputError
 
 from .calls import Call
 from .engine import Analysis, order_of
@@ -30,15 +36,77 @@ REFUND = re.compile(r"refund|revers|void|cancel", re.IGNORECASE)
 MISMATCHES = ("charged_but_failed", "charged_twice", "paid_without_charge")
 
 
+@dataclass(frozen=True)
+class Rules:
+    """What counts as a charge, a refund and the answer a customer got. The defaults fit common REST and gRPC
+    names; the ``[orders]`` table of ``payscope.toml`` changes them (:func:`configured_rules`)."""
+
+    charge: re.Pattern[str] = CHARGE            # on "callee operation" of a POST or PUT (or RPC) call
+    refund: re.Pattern[str] = REFUND
+    answer: re.Pattern[str] | None = None       # on "service operation" of an entry request: what customers see
+    charge_log: str | None = None               # a log line with this text is one charge (a bank without spans)
+    failed_log: str | None = None               # ... is the customer told "failed", whatever the status said
+
+
+@dataclass
+class LoggedFacts:
+    """The log lines the rules name, as the store found them (``loader.load`` reads them)."""
+
+    # traces (one when linked; the candidates when only its order id placed it), span, service, time
+    charges: list[tuple[tuple[str, ...], str, str, int]] = field(default_factory=list)
+    failed: set[str] = field(default_factory=set)                           # traces
+
+
+RULE_KEYS = ("charge", "refund", "answer", "charge_log", "failed_log")
+
+
+def rules_from(table: dict[str, Any], where: str) -> Rules:
+    """Rules from an ``[orders]`` table; InputError naming the setting that cannot be used."""
+    unknown = sorted(set(table) - set(RULE_KEYS))
+    if unknown:
+        raise InputError(f"{where}: [orders] {unknown[0]} is not a setting (known: {', '.join(RULE_KEYS)})")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if not isinstance(value, str) or not value:
+            raise InputError(f"{where}: [orders] {key} must be a non-empty string")
+        if key in ("charge", "refund", "answer"):
+            try:
+                values[key] = re.compile(value, re.IGNORECASE)
+            except re.error as exc:
+                raise InputError(f"{where}: [orders] {key} is not a regular expression: {exc}") from None
+        else:
+            values[key] = value
+    return Rules(**values)
+
+
+def configured_rules() -> Rules:
+    """The rules of ``./payscope.toml`` (or the file ``PAYSCOPE_CONFIG`` names), the defaults without one."""
+    named = os.environ.get("PAYSCOPE_CONFIG")
+    path = Path(named) if named else Path("payscope.toml")
+    if not named and not path.is_file():
+        return Rules()
+    try:
+        document = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML: {exc}") from None
+    table = document.get("orders", {})
+    if not isinstance(table, dict):
+        raise InputError(f"{path}: [orders] must be a table")
+    return rules_from(table, str(path))
+
+
 def _named(call: Call, pattern: re.Pattern[str]) -> bool:
     return call.method in (None, "POST", "PUT") and bool(pattern.search(f"{call.callee} {call.operation}"))
 
 
-def charge_calls(calls: list[Call]) -> list[Call]:
+def charge_calls(calls: list[Call], rules: Rules | None = None) -> list[Call]:
     """The charge-like calls of one trace that charge themselves: those with no charge-like call made under
     them (order -> payment -> bank charges once, at the bank). Every attempt counts: a retried charge the
     charging service answered twice charged twice."""
-    named = [c for c in calls if _named(c, CHARGE) and not _named(c, REFUND)]
+    rules = rules or Rules()
+    named = [c for c in calls if _named(c, rules.charge) and not _named(c, rules.refund)]
     under = {c.upstream for c in named if c.upstream}
     return [c for c in named if c.span_id not in under]
 
@@ -109,33 +177,52 @@ class Order:
 
 
 def orders(analysis: Analysis) -> dict[str, Order]:
-    """Every order across its traces (use ``Analysis.orders``, which keeps the answer)."""
+    """Every order across its traces (use ``Analysis.orders``, which keeps the answer), by ``analysis.order_rules``
+    and the log lines they name (``analysis.order_logs``)."""
+    rules: Rules = analysis.order_rules or Rules()
+    logged: LoggedFacts = analysis.order_logs or LoggedFacts()
     traces_of: dict[str, list[str]] = defaultdict(list)
     for trace_id, tx in analysis.transactions.items():
         traces_of[order_of(tx.facts)].append(trace_id)  # a trace with no business key is an order of its own
+    charge_lines: dict[str, list[tuple[str, str, str, int]]] = defaultdict(list)
+    for traces, span_id, service, time_ns in logged.charges:
+        # a charge logged after its caller gave up sits between the order's traces: any of them is its order
+        owners = {order_of(analysis.transactions[t].facts) for t in traces if t in analysis.transactions}
+        if len(owners) == 1:
+            charge_lines[owners.pop()].append((traces[0], span_id, service, time_ns))
     out: dict[str, Order] = {}
     for key, trace_ids in traces_of.items():
         trace_ids.sort(key=lambda t: analysis.transactions[t].facts.start_ns)
-        # what the customer was told last: by the last request someone waited for (a callback or event consumed
-        # from a queue joins the journey, and tells the customer nothing)
-        asked = [t for t in trace_ids if analysis.transactions[t].facts.asked] or trace_ids
-        last = analysis.transactions[asked[-1]]
-        final = "paid" if last.facts.root_ok else "declined" if last.outcome == "declined" else "failed"
-        order = Order(key, trace_ids, final, amount=next(
+        order = Order(key, trace_ids, _told(analysis, trace_ids, rules, logged), amount=next(
             (analysis.transactions[t].facts.amount for t in trace_ids
              if analysis.transactions[t].facts.amount is not None), None))
         for trace_id in trace_ids:
             calls = analysis.calls_of(trace_id)
-            for c in charge_calls(calls):
+            for c in charge_calls(calls, rules):
                 order.attempted += 1
-                if charged(c):
+                if charged(c) and rules.charge_log is None:
                     order.charges.append(Charge(c.trace_id, c.span_id, c.caller, c.callee, c.operation,
                                                 c.server_end_ns or c.end_ns, c.amount,
                                                 "late_success" if c.late_success else "ok" if c.ok else "failed"))
-            order.refunds += sum(1 for c in calls if _named(c, REFUND) and charged(c))
+            order.refunds += sum(1 for c in calls if _named(c, rules.refund) and charged(c))
+        for trace_id, span_id, service, time_ns in charge_lines.get(key, []):  # the charging service's own word
+            order.charges.append(Charge(trace_id, span_id, "", service, f"log: {rules.charge_log}", time_ns, None,
+                                        "logged"))
         order.charges.sort(key=lambda c: c.time_ns)
         out[key] = order
     return out
+
+
+def _told(analysis: Analysis, trace_ids: list[str], rules: Rules, logged: LoggedFacts) -> str:
+    """What the customer was told last: by the last request someone waited for (a callback or event consumed
+    from a queue joins the journey, and tells the customer nothing), of those the rules call an answer."""
+    facts = [analysis.transactions[t].facts for t in trace_ids]
+    asked = [f for f in facts if f.asked and (rules.answer is None or
+                                              rules.answer.search(f"{f.root_service} {f.root_operation}"))]
+    last = analysis.transactions[(asked or [f for f in facts if f.asked] or facts)[-1].trace_id]
+    if last.trace_id in logged.failed:
+        return "failed"
+    return "paid" if last.facts.root_ok else "declined" if last.outcome == "declined" else "failed"
 
 
 def problems(analysis: Analysis) -> dict[str, list[str]]:

@@ -47,9 +47,9 @@ def load_config(path: Path) -> dict[str, str]:
         raise ConfigError(f"{path}: cannot be read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    unknown = set(document) - {"run", "keys"}
+    unknown = set(document) - {"run", "keys", "orders"}  # [orders] is the analysis' (what counts as a charge)
     if unknown:
-        raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}] (known: [run], [keys])")
+        raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}] (known: [run], [keys], [orders])")
     settings: dict[str, str] = {}
     run_table = document.get("run", {})
     for key, value in run_table.items():

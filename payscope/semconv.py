@@ -57,6 +57,9 @@ KEY_SUFFIXES = ("order_id", "orderid", "order.id", "payment_id", "paymentid", "p
 _ID_SEGMENT = re.compile(r"^(?:\d+|[0-9a-fA-F-]{16,}|[0-9a-fA-F]{8,}|[A-Za-z]{2,4}_[A-Za-z0-9]{6,}|"
                          r"(?=(?:\D*\d){3})[\w.-]+)$")  # or anything with 3+ digits: ord-1000, INV2024001
 _URL = re.compile(r"^[a-z][a-z0-9+.-]*://(?:[^@/]*@)?([^/:?#]+)[^/?#]*(/[^?#]*)?", re.IGNORECASE)
+# a route's parameter segment as frameworks write it: {order_id} (OpenAPI, FastAPI, Spring), <order_id> or
+# <int:order_id> (Flask, Django), :order_id (Express, Rails)
+_ROUTE_PARAM = re.compile(r"\{[^/{}]+\}|<(?:\w+:)?\w+>|:\w+")
 _KEY_TEMPLATE = re.compile(r"order|payment|charge|transaction|invoice", re.IGNORECASE)
 
 
@@ -193,9 +196,9 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
                 if item:
                     keys.append(f"rid:{item}")
     path = first(attrs, PATH)
-    if route and path and "{" in str(route):
+    if route and path and any(mark in str(route) for mark in "{<:"):
         for tmpl, actual in zip(str(route).split("/"), str(path).split("?")[0].split("/"), strict=False):
-            if tmpl.startswith("{") and tmpl.endswith("}") and _KEY_TEMPLATE.search(tmpl):
+            if _ROUTE_PARAM.fullmatch(tmpl) and _KEY_TEMPLATE.search(tmpl) and actual:
                 keys.append(actual)
     captured = ATTR_TIMEOUT_SOURCE in attrs or ATTR_TIMEOUT_READ in attrs or ATTR_TIMEOUT_TOTAL in attrs \
         or ATTR_RETRY_MAX in attrs

@@ -30,12 +30,14 @@ from tests.test_queue import CONSUMER as PIKA_CONSUMER  # consumes the "captures
 from tests.test_queue import rabbitmq  # noqa: F401  (the fixture: a private RabbitMQ node)
 
 SHOP = textwrap.dedent("""
-    import os, sys
+    import logging, os, sys
     import requests
     from flask import Flask, jsonify, request
 
     app = Flask(__name__)
     PSP = os.environ["PSP_URL"]
+    SOFT = os.environ.get("SHOP_SOFT") == "1"  # a failure answered 200 with "failed" in the body, as some APIs do
+    log = logging.getLogger("shop")
 
 
     @app.post("/orders/<order_id>")
@@ -44,8 +46,14 @@ SHOP = textwrap.dedent("""
             answer = requests.post(f"{PSP}/charges", json=request.get_json(), timeout=0.3)
             answer.raise_for_status()
         except requests.RequestException:
-            return jsonify({"order_id": order_id, "status": "failed"}), 504
+            log.warning("order failed: the provider did not answer")
+            return jsonify({"order_id": order_id, "status": "failed"}), 200 if SOFT else 504
         return jsonify({"order_id": order_id, "status": "paid"})
+
+
+    @app.get("/orders/<order_id>")
+    def status(order_id):  # a status page the customer's browser polls: not what the customer was told
+        return jsonify({"order_id": order_id, "status": "unknown"})
 
 
     app.run(host="127.0.0.1", port=int(sys.argv[1]), threaded=True)
@@ -73,15 +81,19 @@ TANSU = Path(_MESH.origin).parent / "bin" / "tansu" if _MESH and _MESH.origin el
 
 
 class Provider(BaseHTTPRequestHandler):
-    """The payment provider (not ours, no spans): the first charge of an order answers after the shop gave up."""
+    """The payment provider (not ours, no spans): the first charge of an order answers after the shop gave up.
+    It logs each charge it makes in ``ledger`` (its own log, with no trace ids)."""
 
     seen: set[str] = set()
+    ledger: list[str] = []
 
     def do_POST(self) -> None:  # noqa: N802
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         if body["order_id"] not in Provider.seen:
             Provider.seen.add(body["order_id"])
             time.sleep(0.6)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z"
+        Provider.ledger.append(f"{stamp} INFO charged order {body['order_id']} amount {body['amount']}")
         data = json.dumps({"charge_id": f"ch-{body['order_id']}", "status": "captured"}).encode()
         try:
             self.send_response(200)
@@ -119,18 +131,21 @@ def tansu() -> Iterator[str]:
         broker.wait()
 
 
-def _journey(tmp_path: Path, collector: CollectorProcess, consumer: list[str],
-             publish: Callable[[list[bytes]], None]) -> str:
-    """Two orders through a shop that gives up on a slow provider: ``o-1`` is retried by its customer and paid,
-    ``o-2`` is not. The provider's callback for each comes through the queue after both checkouts."""
+def _journey(tmp_path: Path, collector: CollectorProcess, consumer: list[str] | None = None,
+             publish: Callable[[list[bytes]], None] | None = None, soft: bool = False) -> str:
+    """Two orders through a shop that gives up on a slow provider: ``ord-1001`` is retried by its customer and paid,
+    ``ord-1002`` is not. With a ``consumer``, the provider's callback for each comes through the queue after both
+    checkouts."""
     (tmp_path / "shop.py").write_text(SHOP)
-    (tmp_path / "consumer.py").write_text(PIKA_CONSUMER if consumer[0] == "pika" else KAFKA_CONSUMER)
-    Provider.seen = set()
+    consumer = consumer or ["none"]
+    (tmp_path / "consumer.py").write_text(PIKA_CONSUMER if consumer[0] == "pika" else KAFKA_CONSUMER
+                                          if consumer[0] == "kafka" else "")
+    Provider.seen, Provider.ledger = set(), []
     provider = ThreadingHTTPServer(("127.0.0.1", 0), Provider)
     threading.Thread(target=provider.serve_forever, daemon=True).start()
     shop_port = free_port()
     env = dict(os.environ, PSP_URL=f"http://127.0.0.1:{provider.server_address[1]}", OTEL_BSP_SCHEDULE_DELAY="100",
-               OTEL_BLRP_SCHEDULE_DELAY="100")
+               OTEL_BLRP_SCHEDULE_DELAY="100", SHOP_SOFT="1" if soft else "0")
     run = [sys.executable, "-m", "payscope", "run", "--collector", collector.http_url]
     procs = [subprocess.Popen([*run, "--service", "callbacks", "--", sys.executable, "consumer.py", *consumer[1:]],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -151,13 +166,17 @@ def _journey(tmp_path: Path, collector: CollectorProcess, consumer: list[str],
             except urllib.error.HTTPError as failed:
                 return failed.code
 
-        assert [checkout("o-1"), checkout("o-2"), checkout("o-1")] == [504, 504, 200]
+        failed = 200 if soft else 504
+        assert [checkout("ord-1001"), checkout("ord-1002"), checkout("ord-1001")] == [failed, failed, 200]
+        if soft:  # the customer looks at the order's page afterwards
+            urllib.request.urlopen(f"http://127.0.0.1:{shop_port}/orders/ord-1002", timeout=10).read()
         time.sleep(0.2)
-        publish([json.dumps({"order_id": o, "status": "captured", "charge_id": f"ch-{o}"}).encode()
-                 for o in ("o-1", "o-2")])
+        if publish is not None:
+            publish([json.dumps({"order_id": o, "status": "captured", "charge_id": f"ch-{o}"}).encode()
+                     for o in ("ord-1001", "ord-1002")])
         procs[0].wait(timeout=60)  # the consumer stops after both callbacks
         assert procs[0].returncode == 0
-        time.sleep(0.5)
+        time.sleep(0.8)
     finally:
         stop_all(procs)
         provider.shutdown()
@@ -166,7 +185,7 @@ def _journey(tmp_path: Path, collector: CollectorProcess, consumer: list[str],
 
 
 def _assert_journeys(store: str) -> None:
-    for order, told, traces in (("o-1", "paid", 3), ("o-2", "failed", 2)):
+    for order, told, traces in (("ord-1001", "paid", 3), ("ord-1002", "failed", 2)):
         shown = payscope_json("show", order, "--store", store)
         assert len(shown["trace_ids"]) == traces, (order, shown["trace_ids"])
         # the callback joined the journey; what the customer was told is still the checkout's answer
@@ -204,3 +223,43 @@ def test_a_callback_through_kafka_joins_its_orders_journey(tansu: str, tmp_path:
         assert producer.flush(20) == 0
 
     _assert_journeys(_journey(tmp_path, collector, ["kafka", tansu, "2"], publish))
+
+
+def test_order_rules_in_payscope_toml_count_a_providers_logged_charges_and_a_failure_said_with_200(
+        tmp_path: Path, collector: CollectorProcess) -> None:
+    """The provider has no spans, only its log of charges; the shop says "failed" with a 200, and its status page
+    answers after the checkout. By default payscope cannot see any of it; `[orders]` in payscope.toml names the
+    provider's charge line, the shop's failure line and the requests that answer a customer, and the orders come
+    out as the provider's own log says."""
+    store = _journey(tmp_path, collector, soft=True)
+    ledger = tmp_path / "psp.log"
+    ledger.write_text("\n".join(Provider.ledger) + "\n")
+    # the slow first charges went through too
+    assert sorted(line.split()[4] for line in Provider.ledger) == ["ord-1001", "ord-1001", "ord-1002"]
+    payscope("ingest", "logs", str(ledger), "--service", "psp", "--store", store, check=True)
+
+    def orders(config: str | None) -> dict[str, Any]:
+        env = {"PAYSCOPE_CONFIG": str(tmp_path / "payscope.toml")} if config else {}
+        if config:
+            (tmp_path / "payscope.toml").write_text(config)
+        done = payscope("reconcile", "--store", store, "-f", "json", env=env, check=True)
+        shown = {o: json.loads(payscope("show", o, "--store", store, "-f", "json", env=env, check=True).stdout)
+                 for o in ("ord-1001", "ord-1002")}
+        assert {o["order"] for o in json.loads(done.stdout)["orders"]} == {
+            o for o, view in shown.items() if view["order"]["mismatches"]}  # one answer in both commands
+        return {o: view["order"] for o, view in shown.items()}
+
+    default = orders(None)
+    assert default["ord-1002"]["final"] == "paid" and default["ord-1002"]["mismatches"] == ["paid_without_charge"]
+    rules = '[orders]\ncharge_log = "charged order"\nfailed_log = "order failed"\n'
+    assert orders(rules)["ord-1002"]["final"] == "paid"  # the status page answered last
+    ruled = orders(rules + 'answer = "POST /orders"\n')  # only the checkout's answer is what the customer was told
+    assert (ruled["ord-1001"]["final"], len(ruled["ord-1001"]["charges"])) == ("paid", 2)
+    assert ruled["ord-1001"]["mismatches"] == ["charged_twice"]
+    assert (ruled["ord-1002"]["final"], len(ruled["ord-1002"]["charges"])) == ("failed", 1)
+    assert ruled["ord-1002"]["mismatches"] == ["charged_but_failed"]
+    assert {c["caller_saw"] for o in ruled.values() for c in o["charges"]} == {"logged"}
+    (tmp_path / "payscope.toml").write_text('[orders]\ncharge = "(x"\n')
+    bad = payscope("reconcile", "--store", store, env={"PAYSCOPE_CONFIG": str(tmp_path / "payscope.toml")})
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert "[orders] charge is not a regular expression" in bad.stderr
