@@ -21,10 +21,7 @@ import os
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from payscope.errors import InputError
 
@@ -81,17 +78,15 @@ def rules_from(table: dict[str, Any], where: str) -> Rules:
 
 def configured_rules() -> Rules:
     """The rules of ``./payscope.toml`` (or the file ``PAYSCOPE_CONFIG`` names), the defaults without one."""
-    named = os.environ.get("PAYSCOPE_CONFIG")
-    path = Path(named) if named else Path("payscope.toml")
-    if not named and not path.is_file():
+    from payscope.instrumentation.config import ConfigError, config_path, read_config
+
+    path = config_path(os.environ)
+    if path is None:
         return Rules()
     try:
-        document = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: cannot be read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise InputError(f"{path}: not valid TOML: {exc}") from None
-    table = document.get("orders", {})
+        table = read_config(path).get("orders", {})
+    except ConfigError as exc:
+        raise InputError(str(exc)) from None
     if not isinstance(table, dict):
         raise InputError(f"{path}: [orders] must be a table")
     return rules_from(table, str(path))

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .config import ConfigError, config_path, read_config
 from .keys import CANONICAL
 
 DEFAULT_COLLECTOR = "http://127.0.0.1:4318"
@@ -25,28 +26,16 @@ def _auto_instrumentation_dir() -> str:
     return str(Path(auto.__file__).parent)
 
 
-CONFIG_FILE = "payscope.toml"
 _RUN_SETTINGS = {"service": "OTEL_SERVICE_NAME", "collector": "PAYSCOPE_COLLECTOR", "export": "PAYSCOPE_EXPORT",
                  "quiet": "PAYSCOPE_QUIET", "request_id_header": "PAYSCOPE_REQUEST_ID_HEADER",
                  "emit_sw8": "PAYSCOPE_EMIT_SW8"}
-
-
-class ConfigError(Exception):
-    """payscope.toml could not be used; the message names the file and what is wrong."""
 
 
 def load_config(path: Path) -> dict[str, str]:
     """Environment settings from a ``payscope.toml``: ``[run]`` (service, collector, export, quiet,
     request_id_header) and
     ``[keys]`` (canonical key = list of field names holding it)."""
-    import tomllib
-
-    try:
-        document = tomllib.loads(path.read_text())
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot be read: {exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    document = read_config(path)
     unknown = set(document) - {"run", "keys", "orders"}  # [orders] is the analysis' (what counts as a charge)
     if unknown:
         raise ConfigError(f"{path}: unknown table [{sorted(unknown)[0]}] (known: [run], [keys], [orders])")
@@ -86,10 +75,7 @@ def environment(command: Sequence[str], service: str | None, collector: str | No
     """The environment the program runs in: flags, then the environment, then ``payscope.toml``."""
     env = dict(os.environ if base is None else base)
     if config is None:
-        named = env.get("PAYSCOPE_CONFIG")
-        config = Path(named) if named else Path(CONFIG_FILE)
-        if not named and not config.is_file():
-            config = None
+        config = config_path(env)
     if config is not None:
         from_file = load_config(config)
         # key names from both apply; the environment's come later, so they win a clash

@@ -19,7 +19,7 @@ ALLOWED = {
     "collector": ("payscope.collector", "payscope.model", "payscope.semconv", "payscope.errors",
                   "payscope.instrumentation.redaction"),
     "analyzers": ("payscope.analyzers", "payscope.collector.store", "payscope.model", "payscope.semconv",
-                  "payscope.errors", "payscope.timeparse"),
+                  "payscope.errors", "payscope.timeparse", "payscope.instrumentation.config"),
     "tui": ("payscope.tui", "payscope.analyzers", "payscope.collector.store", "payscope.model", "payscope.errors",
             "payscope.timeparse", "payscope.report"),
 }
