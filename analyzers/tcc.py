@@ -5,7 +5,8 @@ A participant's TCC resource is recognised from its operations, whatever the fra
 hand-written): the same service and route with ``try`` (or ``prepare``), and ``confirm`` (``commit``) or
 ``cancel`` (``rollback``), in place of one path segment, such as ``POST /tcc/try`` beside ``POST /tcc/cancel``.
 A route seen with one phase only is not taken for TCC. The phases of one order (its business key, else its
-trace) are read on the participant's own clock, from the server spans that answered them:
+trace) are read on the participant's own clock, from the server spans that answered them; a try and a cancel are
+judged together within one global transaction (a trace: the customer's retry of an order is another one):
 
 * ``empty_rollback``: a cancel ran while no try of the order had finished (the try was lost, or is still on its
   way); a participant must accept it and remember it;
@@ -64,15 +65,23 @@ def _ran(call: Call) -> bool:
 def anomalies_of(phases: list[tuple[str, Call]]) -> list[str]:
     """The anomalies of one order's phases at one participant."""
     ran = [(p, c) for p, c in phases if _ran(c)]
-    tries = [c for p, c in ran if p == "try"]
-    cancels = [c for p, c in ran if p == "cancel"]
     out = []
-    if any(t.server_end_ns > cancel.server_start_ns for t in tries for cancel in cancels  # type: ignore[operator]
-           if t.server_end_ns is not None and cancel.server_start_ns is not None):
-        out.append("suspension")
-    if any(not any(t.server_end_ns is not None and cancel.server_start_ns is not None
-                   and t.server_end_ns <= cancel.server_start_ns for t in tries) for cancel in cancels):
-        out.append("empty_rollback")
+    # a try and a cancel belong together within one global transaction (one trace): the customer's retry of the
+    # order is a transaction of its own, whose try may well follow the first one's cancel
+    by_trace: dict[str, list[tuple[str, Call]]] = defaultdict(list)
+    for p, c in ran:
+        by_trace[c.trace_id].append((p, c))
+    for steps in by_trace.values():
+        tries = [c for p, c in steps if p == "try"]
+        cancels = [c for p, c in steps if p == "cancel"]
+        if "suspension" not in out and any(
+                t.server_end_ns > cancel.server_start_ns for t in tries for cancel in cancels  # type: ignore[operator]
+                if t.server_end_ns is not None and cancel.server_start_ns is not None):
+            out.append("suspension")
+        if "empty_rollback" not in out and any(
+                not any(t.server_end_ns is not None and cancel.server_start_ns is not None
+                        and t.server_end_ns <= cancel.server_start_ns for t in tries) for cancel in cancels):
+            out.append("empty_rollback")
     for phase in ("confirm", "cancel"):
         runs = [c for p, c in ran if p == phase]
         if len(runs) > 1 and not any(c.idempotency_key for c in runs):

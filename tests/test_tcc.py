@@ -49,11 +49,13 @@ def _system(tmp: Path, faults: bool) -> dict[str, Any]:
     try:
         _wait_http(account)
         _wait_http(coordinator)
-        for i in range(24):
-            kind = list(PLAN)[i % len(PLAN)] if faults else "none"
-            order = f"ord-t{i:03d}"
+        plan = [(f"ord-t{i:03d}", list(PLAN)[i % len(PLAN)] if faults else "none") for i in range(24)]
+        if not faults:  # a declined order that its customer pays again: a second global transaction, no anomaly
+            plan += [("ord-r000", "declined"), ("ord-r000", "none")]
+        for order, kind in plan:
             planted[order] = kind
-            request = urllib.request.Request(f"http://127.0.0.1:{coordinator}/pay/{order}?{PLAN[kind]}",
+            query = "decline=1" if kind == "declined" else PLAN[kind]
+            request = urllib.request.Request(f"http://127.0.0.1:{coordinator}/pay/{order}?{query}",
                                              data=b"", method="POST")
             try:
                 urllib.request.urlopen(request, timeout=10).read()
@@ -100,7 +102,9 @@ def test_each_anomaly_is_found_with_the_orders_the_account_logged(faulty: dict[s
 def test_without_faults_there_is_no_tcc_anomaly(tmp_path: Path) -> None:
     clean = _system(tmp_path, faults=False)
     assert "again" not in clean["log"] and "nothing frozen" not in clean["log"]
-    assert _tcc(clean["store"]) == []
+    # the retry's try follows the declined attempt's cancel: the account, which keys by order, says so
+    assert "froze 25.00 for order ord-r000 after its cancel" in clean["log"]
+    assert _tcc(clean["store"]) == []  # ... but each try has its own cancel or confirm: nothing is left frozen
     found = payscope_json("analyze", "--store", clean["store"], "--format", "json")
     assert any(e["operation"] == "POST /tcc/try" for e in found["edges"])  # the phases were seen, and judged fine
 

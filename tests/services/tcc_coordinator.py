@@ -1,7 +1,7 @@
 """A payment coordinator running TCC against the account service: try (200 ms), then confirm (200 ms a try,
 retried once) or, when the try failed, cancel. The query string plants faults for one order: ``hold_try_ms``
 and ``hold_confirm_ms`` slow the account's phase, ``lose_try=1`` sends the try where nothing listens (it
-never arrives)."""
+never arrives), ``decline=1`` cancels after a good try (another participant refused)."""
 
 import os
 import sys
@@ -29,7 +29,7 @@ def pay(order: str):  # type: ignore[no-untyped-def]
     args = request.args
     amount = float(args.get("amount", "25"))
     tried = _call(NOWHERE if args.get("lose_try") else ACCOUNT, "try", order, amount, args.get("hold_try_ms"), 0.2)
-    if not tried:
+    if not tried or args.get("decline"):  # the try failed, or another participant said no (decline=1)
         _call(ACCOUNT, "cancel", order, amount, None, 2.0)
         return jsonify({"order_id": order, "paid": False}), 502
     for _ in range(2):  # a confirm that times out is sent again: the account must make it idempotent
