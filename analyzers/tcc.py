@@ -12,7 +12,9 @@ judged together within one global transaction (a trace: the customer's retry of 
   way); a participant must accept it and remember it;
 * ``suspension``: a try finished after the order's cancel had started: the funds it froze are never released,
   unless the participant refuses a try whose cancel it has seen;
-* ``repeated_confirm`` / ``repeated_cancel``: the phase ran more than once, with no idempotency key on it.
+* ``repeated_confirm``: the order was confirmed more than once, in any of its transactions, with no idempotency
+  key (its effect done twice: stock taken, money captured); ``repeated_cancel``: one transaction's cancel ran
+  more than once (its try undone twice).
 
 A phase the participant never answered (lost on the way, refused by an injected fault) did not run.
 
@@ -82,10 +84,16 @@ def anomalies_of(phases: list[tuple[str, Call]]) -> list[str]:
                 not any(t.server_end_ns is not None and cancel.server_start_ns is not None
                         and t.server_end_ns <= cancel.server_start_ns for t in tries) for cancel in cancels):
             out.append("empty_rollback")
-    for phase in ("confirm", "cancel"):
-        runs = [c for p, c in ran if p == phase]
-        if len(runs) > 1 and not any(c.idempotency_key for c in runs):
-            out.append(f"repeated_{phase}")
+    # an order is confirmed once: a second confirm, in any of its transactions, does its effect twice; a cancel
+    # undoes its own transaction's try, and only a second one there undoes twice
+    confirms = [c for p, c in ran if p == "confirm"]
+    if len(confirms) > 1 and not any(c.idempotency_key for c in confirms):
+        out.append("repeated_confirm")
+    for steps in by_trace.values():
+        cancels = [c for p, c in steps if p == "cancel"]
+        if len(cancels) > 1 and not any(c.idempotency_key for c in cancels):
+            out.append("repeated_cancel")
+            break
     return out
 
 

@@ -20,6 +20,7 @@ PLANTED = {
     ("timeout_below_tail", "payment", "bank"),      # 400 ms inside the bank's tail
     ("timeout_missing", "order", "inventory"),      # httpx with timeout=None
     ("network_latency", "payment", "bank"),         # the delaying relay on the bank's link during the peak
+    ("tcc_anomaly", "order", "inventory"),          # a customer's retry of a paid order confirms its stock again
 }
 TRUE_CONSEQUENCES = {
     ("late_success", "payment", "bank"), ("late_success", "gateway", "order"),
@@ -72,6 +73,19 @@ def test_demo_finds_every_planted_fault_and_nothing_false(demo_run: tuple[Path, 
     # the investigation compares the sale peak with the time before it, and names the bank's link first
     ranked = proc.stdout.split("the sale peak against the time before it")[1].splitlines()
     assert ranked[2].strip().startswith("1. [network] bank:") and "payment -> bank" in ranked[2], ranked[:4]
+
+
+def test_the_demo_tcc_anomaly_is_the_inventorys_own_record(demo_run: tuple[Path, subprocess.CompletedProcess[str]]
+                                                              ) -> None:
+    store, _ = demo_run
+    logs = store.with_name(store.stem + "-demo-logs")
+    again = set(re.findall(r"confirmed items for order (\S+) again", (logs / "inventory.log").read_text()))
+    doc = payscope_json("analyze", "--store", str(store))
+    (tcc,) = [f for f in doc["findings"] if f["kind"] == "tcc_anomaly"]
+    assert again and set(tcc["metrics"]["orders"]) == {"repeated_confirm"}
+    assert set(tcc["metrics"]["orders"]["repeated_confirm"]) == again  # each order the inventory confirmed twice
+    twice = payscope_json("failures", "--store", str(store), "--problem", "repeated_confirm", "--limit", "0")
+    assert {r["order"] for r in twice["failures"]} == again
 
 
 def test_demo_store_holds_real_failures_and_linked_logs(demo_run: tuple[Path, subprocess.CompletedProcess[str]]

@@ -89,7 +89,7 @@ def test_failures_by_problem_lists_the_orders_the_bank_charged_twice(demo_store:
                                 "-f", "json", check=True).stdout)["failures"]
     assert {r["trace_id"] for r in every} == {t for o in doc["orders"] for t in o["trace_ids"]}
     table = payscope("failures", "--store", str(demo_store), "--problem", "charged_twice", check=True).stdout
-    assert "(charged_but_failed, charged_twice)" in table or "(charged_twice)" in table
+    assert re.search(r"\((?:\w+, )*charged_twice(?:, \w+)*\)$", table.splitlines()[1])  # the row names them
 
 
 def test_failures_refuses_an_unknown_problem(tmp_path: Path) -> None:

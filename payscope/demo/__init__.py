@@ -2,7 +2,8 @@
 
 gateway (proxy, 1 s upstream timeout, nginx-style access log)
   -> order (Flask on gunicorn, 2 workers, JSON logs; no timeout on inventory, 2.5 s on payment)
-       -> inventory (FastAPI on uvicorn, text logs)
+       -> inventory (FastAPI on uvicorn, text logs; TCC on the stock: try, then confirm or cancel, confirm not
+                     idempotent: a customer's retry of a paid order confirms its stock twice)
        -> payment (retries the bank twice without an idempotency key, 0.4 s per try; loguru)
             -> bank (heavy-tailed latency, worse in the sale peak; idempotency-aware; declines some cards)
                over a link that loses a few hundred ms during the peak (a delaying TCP relay: no netem here)

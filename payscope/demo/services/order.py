@@ -1,4 +1,5 @@
-"""Order service: Flask under gunicorn (2 workers), JSON logs; reserves stock, then takes payment."""
+"""Order service: Flask under gunicorn (2 workers), JSON logs; holds stock (TCC try), takes payment, then
+confirms or cancels the stock."""
 
 from __future__ import annotations
 
@@ -39,16 +40,24 @@ def create(order_id: str):  # type: ignore[no-untyped-def]
     body = request.get_json(silent=True) or {}
     amount = body.get("amount", 0)
     log.info("order received", extra={"fields": {"order_id": order_id, "amount": amount}})
+    stock = f"{INVENTORY}/reserve/{order_id}"  # TCC on the stock: try, then confirm or cancel
     try:
-        inventory.post(f"{INVENTORY}/reserve/{order_id}").raise_for_status()
+        inventory.post(f"{stock}/try").raise_for_status()
+    except httpx.HTTPError as exc:
+        log.error("order failed", extra={"fields": {"order_id": order_id, "error": type(exc).__name__}})
+        return jsonify({"order_id": order_id, "status": "failed"}), 502
+    try:
         resp = payments.post(f"{PAYMENT}/payments", json={"order_id": order_id, "amount": amount})
         if resp.status_code == 402:
+            inventory.post(f"{stock}/cancel")
             log.warning("order declined", extra={"fields": {"order_id": order_id}})
             return jsonify({"order_id": order_id, "status": "declined"}), 402
         resp.raise_for_status()
     except httpx.HTTPError as exc:
+        inventory.post(f"{stock}/cancel")
         log.error("order failed", extra={"fields": {"order_id": order_id, "error": type(exc).__name__}})
         return jsonify({"order_id": order_id, "status": "failed"}), 502
+    inventory.post(f"{stock}/confirm")  # no idempotency key: the customer's retry of a paid order confirms again
     log.info("order confirmed", extra={"fields": {"order_id": order_id}})
     return jsonify({"order_id": order_id, "status": "confirmed"})
 
