@@ -142,6 +142,7 @@ class TraceFacts:
     keys: list[str] = field(default_factory=list)
     amount: float | None = None
     asked: bool = True  # entered by a request someone waited for (a server span), not by a consumed message
+    root_status: int | None = None  # the HTTP status the entry request answered with
 
 
 def answered_well(server: SpanRow) -> bool:
@@ -278,7 +279,8 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
         root_missing=root.parent_id is not None, failing_entry=failing[0].span_id if failing else None,
         span_count=len(spans),
         services=sorted({s.service for s in spans}), keys=sorted(set(keys)), amount=amount,
-        asked=any(s.kind == "server" for s in entries) or not any(s.kind == "consumer" for s in entries))
+        asked=any(s.kind == "server" for s in entries) or not any(s.kind == "consumer" for s in entries),
+        root_status=root.http_status)
     return facts, calls
 
 

@@ -10,7 +10,7 @@ from payscope.timeparse import format_ns
 
 from .calls import Call
 from .engine import Analysis, Edge, EdgeKey, is_business_failure
-from .gaps import gap_cause, stretch_gap_ms, stretches
+from .gaps import Occupancy, gap_cause, occupancies, stretch_gap_ms, stretches
 from .stats import fraction_above, percentile
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
@@ -352,6 +352,7 @@ def deadline_not_propagated(analysis: Analysis, edge: Edge) -> Finding | None:
 def network_latency(analysis: Analysis) -> list[Finding]:
     """Edges whose time is lost between caller and callee, with where it went (:func:`gaps.gap_cause`)."""
     out = []
+    busy: dict[str, Occupancy] | None = None  # every service's in-flight profile, made once when needed
     for edge in analysis.edges.values():
         if len(edge.gap_ms) < NETWORK_MIN_CALLS or len(edge.server_ms) < NETWORK_MIN_CALLS:
             continue
@@ -359,12 +360,14 @@ def network_latency(analysis: Analysis) -> list[Finding]:
         server50 = percentile(edge.server_ms, 50) or 0.0
         growth = ""
         if gap50 >= NETWORK_MIN_MS and gap50 >= server50:
+            busy = busy if busy is not None else occupancies(analysis)
             cause = gap_cause(analysis, edge, [c for c in edge.calls if (c.gap_ms or 0.0) >= NETWORK_MIN_MS],
-                              grown=False)
+                              grown=False, busy=busy)
         elif (grown := _gap_growth(edge)) is not None:
             usual, gap50, when, slow = grown
             growth = f"The gap grew from {_ms(usual)} to {_ms(gap50)} at the median from {when} on."
-            cause = gap_cause(analysis, edge, slow, grown=True)
+            busy = busy if busy is not None else occupancies(analysis)
+            cause = gap_cause(analysis, edge, slow, grown=True, busy=busy)
         else:
             continue
         client50 = percentile(edge.observed_ms, 50) or 0.0

@@ -54,16 +54,17 @@ class Occupancy:
         return self.ceiling > 0 and self.at(t) >= self.ceiling - self.ceiling // 10
 
 
-def occupancy(analysis: Analysis, service: str) -> Occupancy:
-    """The in-flight profile of ``service``: the server spans that answered calls into it and those its own
-    calls were made under, each once."""
-    spans: dict[str, tuple[int, int]] = {}
+def occupancies(analysis: Analysis) -> dict[str, Occupancy]:
+    """Each service's in-flight profile, in one pass over the calls: the server spans that answered calls into
+    it and those its own calls were made under, each once."""
+    spans: dict[str, dict[str, tuple[int, int]]] = {}
     for c in analysis.calls:
-        if c.callee == service and c.server_start_ns is not None and c.server_end_ns is not None:
-            spans[c.answered_by or f"answer:{c.span_id}"] = (c.server_start_ns, c.server_end_ns)
-        if c.caller == service and c.entry_span_id and c.entry_start_ns is not None and c.entry_end_ns is not None:
-            spans[c.entry_span_id] = (c.entry_start_ns, c.entry_end_ns)
-    return Occupancy(list(spans.values()))
+        if c.server_start_ns is not None and c.server_end_ns is not None:
+            spans.setdefault(c.callee, {})[c.answered_by or f"answer:{c.span_id}"] = (c.server_start_ns,
+                                                                                       c.server_end_ns)
+        if c.entry_span_id and c.entry_start_ns is not None and c.entry_end_ns is not None:
+            spans.setdefault(c.caller, {})[c.entry_span_id] = (c.entry_start_ns, c.entry_end_ns)
+    return {service: Occupancy(list(found.values())) for service, found in spans.items()}
 
 
 def _excess_ms(edge: Edge, window: tuple[int, int], usual_ms: float) -> float | None:
@@ -91,19 +92,20 @@ def usual_gap_ms(edge: Edge) -> float:
     return min((stretch_gap_ms(part) for part in stretches(edge)), default=0.0)
 
 
-def gap_cause(analysis: Analysis, edge: Edge, slow: list[Call], *, grown: bool) -> GapCause:
+def gap_cause(analysis: Analysis, edge: Edge, slow: list[Call], *, grown: bool,
+              busy: dict[str, Occupancy] | None = None) -> GapCause:
     """The one answer to where ``edge``'s lost time went, judged on its ``slow`` calls: those of the stretch in
     which its gap ``grown`` above its usual, or those with a large gap when it was large all along (and then
-    the neighbours' gaps count from zero as well)."""
+    the neighbours' gaps count from zero as well). ``busy``: :func:`occupancies`, made once for many edges."""
     slow_ids = {id(c) for c in slow}
     quick = [c for c in edge.calls if c.gap_ms is not None and id(c) not in slow_ids]
     usual_ms = usual_gap_ms(edge) if grown else 0.0
-    busy = occupancy(analysis, edge.callee)
-    slow_full = sum(busy.full(c.start_ns) for c in slow) / len(slow) if slow else 0.0
-    quick_full = sum(busy.full(c.start_ns) for c in quick) / len(quick) if quick else 0.0
+    callee = (busy if busy is not None else occupancies(analysis)).get(edge.callee) or Occupancy([])
+    slow_full = sum(callee.full(c.start_ns) for c in slow) / len(slow) if slow else 0.0
+    quick_full = sum(callee.full(c.start_ns) for c in quick) / len(quick) if quick else 0.0
     if slow_full >= QUEUE_MIN_SHARE and slow_full >= QUEUE_CONTRAST * quick_full:
         return GapCause("callee_queue", edge.callee,
-                        f"{slow_full:.0%} of the slow calls reached {edge.callee} while it had {busy.ceiling} "
+                        f"{slow_full:.0%} of the slow calls reached {edge.callee} while it had {callee.ceiling} "
                         f"requests in flight, its most (against {quick_full:.0%} of the others): they waited "
                         f"for a free worker")
     window = (min(c.start_ns for c in slow), max(c.start_ns for c in slow)) if slow else (0, 0)

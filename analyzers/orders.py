@@ -43,6 +43,10 @@ class Rules:
     answer: re.Pattern[str] | None = None       # on "service operation" of an entry request: what customers see
     charge_log: str | None = None               # a log line with this text is one charge (a bank without spans)
     failed_log: str | None = None               # ... is the customer told "failed", whatever the status said
+    paid_status: tuple[int, ...] = ()           # the answer's HTTP statuses that mean paid (default: a success)
+    tcc_try: re.Pattern[str] | None = None      # on an operation: the part that names its TCC phase, for names
+    tcc_confirm: re.Pattern[str] | None = None  # the common words (try/prepare, confirm/commit, cancel/rollback)
+    tcc_cancel: re.Pattern[str] | None = None   # do not give (POST /stock/hold, /take, /release)
 
 
 @dataclass
@@ -54,7 +58,9 @@ class LoggedFacts:
     failed: set[str] = field(default_factory=set)                           # traces
 
 
-RULE_KEYS = ("charge", "refund", "answer", "charge_log", "failed_log")
+RULE_KEYS = ("charge", "refund", "answer", "charge_log", "failed_log", "paid_status", "tcc_try", "tcc_confirm",
+             "tcc_cancel")
+_PATTERNS = ("charge", "refund", "answer", "tcc_try", "tcc_confirm", "tcc_cancel")
 
 
 def rules_from(table: dict[str, Any], where: str) -> Rules:
@@ -64,9 +70,15 @@ def rules_from(table: dict[str, Any], where: str) -> Rules:
         raise InputError(f"{where}: [orders] {unknown[0]} is not a setting (known: {', '.join(RULE_KEYS)})")
     values: dict[str, Any] = {}
     for key, value in table.items():
+        if key.endswith("_status"):
+            if not isinstance(value, list) or not value or not all(
+                    isinstance(v, int) and not isinstance(v, bool) and 100 <= v <= 599 for v in value):
+                raise InputError(f"{where}: [orders] {key} must be a list of HTTP statuses, such as [200, 201]")
+            values[key] = tuple(value)
+            continue
         if not isinstance(value, str) or not value:
             raise InputError(f"{where}: [orders] {key} must be a non-empty string")
-        if key in ("charge", "refund", "answer"):
+        if key in _PATTERNS:
             try:
                 values[key] = re.compile(value, re.IGNORECASE)
             except re.error as exc:
@@ -217,7 +229,8 @@ def _told(analysis: Analysis, trace_ids: list[str], rules: Rules, logged: Logged
     last = analysis.transactions[(asked or [f for f in facts if f.asked] or facts)[-1].trace_id]
     if last.trace_id in logged.failed:
         return "failed"
-    return "paid" if last.facts.root_ok else "declined" if last.outcome == "declined" else "failed"
+    paid = last.facts.root_status in rules.paid_status if rules.paid_status else last.facts.root_ok
+    return "paid" if paid else "declined" if last.outcome == "declined" else "failed"
 
 
 def problems(analysis: Analysis) -> dict[str, list[str]]:

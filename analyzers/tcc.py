@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from .calls import Call
 from .engine import Analysis, order_of
 from .findings import Finding
+from .orders import Rules
 
 _PHASE_WORDS = {"try": "try", "prepare": "try", "confirm": "confirm", "commit": "confirm", "cancel": "cancel",
                 "rollback": "cancel"}
@@ -41,9 +42,15 @@ ANOMALIES = ("suspension", "empty_rollback", "repeated_confirm", "repeated_cance
 _UNDO = re.compile(r"^(?P<step>.+)/(?:cancel|compensate|undo|revert)$", re.IGNORECASE)
 
 
-def phase_of(operation: str) -> tuple[str, str] | None:
+def phase_of(operation: str, rules: Rules | None = None) -> tuple[str, str] | None:
     """(phase, resource) of an operation naming a TCC phase, the resource being the operation with the phase
-    word as ``{phase}``; None for any other operation."""
+    word as ``{phase}``; None for any other operation. The rules' own phase patterns (``[orders] tcc_try``...)
+    come first."""
+    for phase, pattern in (("try", rules.tcc_try), ("confirm", rules.tcc_confirm),
+                           ("cancel", rules.tcc_cancel)) if rules is not None else ():
+        mapped = list(pattern.finditer(operation)) if pattern is not None else []
+        if len(mapped) == 1:
+            return phase, operation[:mapped[0].start()] + "{phase}" + operation[mapped[0].end():]
     found = list(_SEGMENT.finditer(operation))
     if len(found) != 1:
         return None
@@ -101,7 +108,7 @@ def tcc_anomalies(analysis: Analysis) -> list[Finding]:
     """One finding per TCC resource where some order's phases went wrong, with the orders of each anomaly."""
     resources: dict[tuple[str, str], _Resource] = {}
     for call in analysis.calls:
-        found = phase_of(call.operation)
+        found = phase_of(call.operation, analysis.order_rules)
         if found is None or call.server_service is None:
             continue
         phase, resource = found

@@ -36,7 +36,7 @@ SHOP = textwrap.dedent("""
 
     app = Flask(__name__)
     PSP = os.environ["PSP_URL"]
-    SOFT = os.environ.get("SHOP_SOFT") == "1"  # a failure answered 200 with "failed" in the body, as some APIs do
+    SOFT = os.environ.get("SHOP_SOFT") == "1"  # a failure answered 202 "pending", as some APIs do
     log = logging.getLogger("shop")
 
 
@@ -47,7 +47,7 @@ SHOP = textwrap.dedent("""
             answer.raise_for_status()
         except requests.RequestException:
             log.warning("order failed: the provider did not answer")
-            return jsonify({"order_id": order_id, "status": "failed"}), 200 if SOFT else 504
+            return jsonify({"order_id": order_id, "status": "pending"}), 202 if SOFT else 504
         return jsonify({"order_id": order_id, "status": "paid"})
 
 
@@ -166,7 +166,7 @@ def _journey(tmp_path: Path, collector: CollectorProcess, consumer: list[str] | 
             except urllib.error.HTTPError as failed:
                 return failed.code
 
-        failed = 200 if soft else 504
+        failed = 202 if soft else 504
         assert [checkout("ord-1001"), checkout("ord-1002"), checkout("ord-1001")] == [failed, failed, 200]
         if soft:  # the customer looks at the order's page afterwards
             urllib.request.urlopen(f"http://127.0.0.1:{shop_port}/orders/ord-1002", timeout=10).read()
@@ -225,9 +225,9 @@ def test_a_callback_through_kafka_joins_its_orders_journey(tansu: str, tmp_path:
     _assert_journeys(_journey(tmp_path, collector, ["kafka", tansu, "2"], publish))
 
 
-def test_order_rules_in_payscope_toml_count_a_providers_logged_charges_and_a_failure_said_with_200(
+def test_order_rules_in_payscope_toml_count_a_providers_logged_charges_and_a_failure_said_with_202(
         tmp_path: Path, collector: CollectorProcess) -> None:
-    """The provider has no spans, only its log of charges; the shop says "failed" with a 200, and its status page
+    """The provider has no spans, only its log of charges; the shop says "pending" with a 202, and its status page
     answers after the checkout. By default payscope cannot see any of it; `[orders]` in payscope.toml names the
     provider's charge line, the shop's failure line and the requests that answer a customer, and the orders come
     out as the provider's own log says."""
@@ -254,6 +254,8 @@ def test_order_rules_in_payscope_toml_count_a_providers_logged_charges_and_a_fai
     rules = '[orders]\ncharge_log = "charged order"\nfailed_log = "order failed"\n'
     assert orders(rules)["ord-1002"]["final"] == "paid"  # the status page answered last
     ruled = orders(rules + 'answer = "POST /orders"\n')  # only the checkout's answer is what the customer was told
+    by_status = orders(rules.replace('failed_log = "order failed"', "paid_status = [200]") + 'answer = "POST /orders"')
+    assert by_status["ord-1002"]["final"] == "failed"  # a 202 "pending" is not paid: the same answer as the log's
     assert (ruled["ord-1001"]["final"], len(ruled["ord-1001"]["charges"])) == ("paid", 2)
     assert ruled["ord-1001"]["mismatches"] == ["charged_twice"]
     assert (ruled["ord-1002"]["final"], len(ruled["ord-1002"]["charges"])) == ("failed", 1)
@@ -263,3 +265,6 @@ def test_order_rules_in_payscope_toml_count_a_providers_logged_charges_and_a_fai
     bad = payscope("reconcile", "--store", store, env={"PAYSCOPE_CONFIG": str(tmp_path / "payscope.toml")})
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert "[orders] charge is not a regular expression" in bad.stderr
+    (tmp_path / "payscope.toml").write_text('[orders]\npaid_status = "200"\n')
+    bad = payscope("analyze", "--store", store, env={"PAYSCOPE_CONFIG": str(tmp_path / "payscope.toml")})
+    assert bad.returncode == 2 and "[orders] paid_status must be a list of HTTP statuses" in bad.stderr

@@ -110,6 +110,7 @@ def test_without_faults_there_is_no_tcc_anomaly(tmp_path: Path) -> None:
 
 
 def test_phase_names_are_recognised_in_common_shapes() -> None:
+    from payscope.analyzers.orders import rules_from
     from payscope.analyzers.tcc import phase_of
 
     assert phase_of("POST /tcc/try") == ("try", "POST /tcc/{phase}")
@@ -117,6 +118,11 @@ def test_phase_names_are_recognised_in_common_shapes() -> None:
     assert phase_of("AccountService/Confirm") == ("confirm", "AccountService/{phase}")
     assert phase_of("POST /orders/{order_id}") is None and phase_of("POST /retry-policy") is None
     assert phase_of("POST /try/cancel") is None  # two phase words: not one phase of one resource
+    # words of its own, mapped in payscope.toml [orders]
+    mapped = rules_from({"tcc_try": "hold", "tcc_confirm": "take", "tcc_cancel": "release$"}, "payscope.toml")
+    assert [phase_of(op, mapped) for op in ("POST /stock/hold", "POST /stock/take", "POST /stock/release")] == [
+        ("try", "POST /stock/{phase}"), ("confirm", "POST /stock/{phase}"), ("cancel", "POST /stock/{phase}")]
+    assert phase_of("POST /stock/hold") is None and phase_of("POST /tcc/try", mapped) == ("try", "POST /tcc/{phase}")
 
 
 # --- a three-step saga ------------------------------------------------------------------------
