@@ -360,16 +360,14 @@ def network_latency(analysis: Analysis) -> list[Finding]:
         server50 = percentile(edge.server_ms, 50) or 0.0
         growth = ""
         if gap50 >= NETWORK_MIN_MS and gap50 >= server50:
-            busy = busy if busy is not None else occupancies(analysis)
-            cause = gap_cause(analysis, edge, [c for c in edge.calls if (c.gap_ms or 0.0) >= NETWORK_MIN_MS],
-                              grown=False, busy=busy)
+            slow = [c for c in edge.calls if (c.gap_ms or 0.0) >= NETWORK_MIN_MS]
         elif (grown := _gap_growth(edge)) is not None:
             usual, gap50, when, slow = grown
             growth = f"The gap grew from {_ms(usual)} to {_ms(gap50)} at the median from {when} on."
-            busy = busy if busy is not None else occupancies(analysis)
-            cause = gap_cause(analysis, edge, slow, grown=True, busy=busy)
         else:
             continue
+        busy = busy if busy is not None else occupancies(analysis)
+        cause = gap_cause(analysis, edge, slow, grown=bool(growth), busy=busy)
         client50 = percentile(edge.observed_ms, 50) or 0.0
         where, action = _GAP_WORDS[cause.where]
         out.append(Finding(

@@ -93,14 +93,14 @@ def usual_gap_ms(edge: Edge) -> float:
 
 
 def gap_cause(analysis: Analysis, edge: Edge, slow: list[Call], *, grown: bool,
-              busy: dict[str, Occupancy] | None = None) -> GapCause:
+              busy: dict[str, Occupancy]) -> GapCause:
     """The one answer to where ``edge``'s lost time went, judged on its ``slow`` calls: those of the stretch in
     which its gap ``grown`` above its usual, or those with a large gap when it was large all along (and then
-    the neighbours' gaps count from zero as well). ``busy``: :func:`occupancies`, made once for many edges."""
+    the neighbours' gaps count from zero as well). ``busy``: :func:`occupancies`, made once for every edge."""
     slow_ids = {id(c) for c in slow}
     quick = [c for c in edge.calls if c.gap_ms is not None and id(c) not in slow_ids]
     usual_ms = usual_gap_ms(edge) if grown else 0.0
-    callee = (busy if busy is not None else occupancies(analysis)).get(edge.callee) or Occupancy([])
+    callee = busy.get(edge.callee) or Occupancy([])
     slow_full = sum(callee.full(c.start_ns) for c in slow) / len(slow) if slow else 0.0
     quick_full = sum(callee.full(c.start_ns) for c in quick) / len(quick) if quick else 0.0
     if slow_full >= QUEUE_MIN_SHARE and slow_full >= QUEUE_CONTRAST * quick_full:

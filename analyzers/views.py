@@ -172,15 +172,14 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
     logs = sorted((log_json(rec) for tid in trace_ids for rec in store.logs_of_trace(tid)),
                   key=lambda r: r["time"])
     transactions = []
-    for tid in sorted(trace_ids, key=lambda t: (tx.facts.start_ns if (tx := analysis.transactions.get(t)) else 0)):
-        tx = analysis.transactions.get(tid)
-        if tx:
-            transactions.append({"trace_id": tid, "start": format_ns(tx.facts.start_ns), "outcome": tx.outcome,
-                                 "error_class": tx.error_class,
-                                 "failing_hop": None if not tx.failing_hop else
-                                 {"caller": tx.failing_hop[0], "callee": tx.failing_hop[1],
-                                  "operation": tx.failing_hop[2]},
-                                 "business_keys": tx.facts.keys})
+    for tx in sorted((analysis.transactions[t] for t in trace_ids if t in analysis.transactions),
+                     key=lambda tx: tx.facts.start_ns):  # a journey in time order
+        transactions.append({"trace_id": tx.trace_id, "start": format_ns(tx.facts.start_ns), "outcome": tx.outcome,
+                             "error_class": tx.error_class,
+                             "failing_hop": None if not tx.failing_hop else
+                             {"caller": tx.failing_hop[0], "callee": tx.failing_hop[1],
+                              "operation": tx.failing_hop[2]},
+                             "business_keys": tx.facts.keys})
     order = analysis.orders().get(ident.strip())  # an order id: its charges and what its customer was told
     first = analysis.transactions.get(trace_ids[0])
     belongs = analysis.orders().get(order_of(first.facts)) if first is not None else None
