@@ -58,9 +58,15 @@ def severity_at_least(severity: str, threshold: str) -> bool:
     return SEVERITIES.index(severity) >= SEVERITIES.index(threshold)
 
 
-def _evidence(calls: list[Call]) -> list[str]:
-    """Trace ids of these calls, leaving out calls the callee refused: a decline says nothing of a timeout."""
-    return [c.trace_id for c in calls if not is_business_failure(c)]
+def _evidence(analysis: Analysis, calls: list[Call]) -> list[str]:
+    """Trace ids of these calls, leaving out calls the callee refused and transactions that were declined: a
+    decline says nothing of a timeout (a declined order's stock released without a timeout is no example of
+    what a missing timeout does)."""
+    def declined(trace_id: str) -> bool:
+        tx = analysis.transactions.get(trace_id)
+        return tx is not None and tx.outcome == "declined"
+
+    return [c.trace_id for c in calls if not is_business_failure(c) and not declined(c.trace_id)]
 
 
 def _name(edge: Edge) -> str:
@@ -155,7 +161,7 @@ def timeout_below_tail(analysis: Analysis, edge: Edge) -> Finding | None:
         {"timeout_ms": round(t, 1), "timeout_source": timeout.source, "callee_p99_ms": round(p99, 1),
          "callee_p50_ms": round(percentile(values, 50) or 0.0, 1),
          "expected_false_timeout_rate": round(rate, 4), "samples": len(values)},
-        _evidence([c for c in edge.calls if c.gave_up]),
+        _evidence(analysis, [c for c in edge.calls if c.gave_up]),
         {"timeout_ms": recommended, "action": f"raise the per-try timeout to {_ms(recommended)}"})
 
 
@@ -204,7 +210,7 @@ def timeout_inversion(analysis: Analysis, edge: Edge) -> Finding | None:
     t = edge.timeout.value_ms
     if t > wait + self_ms:
         return None
-    evidence = _evidence([c for c in edge.calls if c.gave_up])
+    evidence = _evidence(analysis, [c for c in edge.calls if c.gave_up])
     return Finding(
         "timeout_inversion", "high", edge.key,
         f"{edge.caller} gives up on {edge.callee} after {_ms(t)}, but {edge.callee} {_waits(down)} "
@@ -243,7 +249,7 @@ def retry_budget_overrun(analysis: Analysis, edge: Edge) -> Finding | None:
                   and analysis.edges[k].max_attempts >= 2]
     if deadline is not None and worst > deadline[0]:
         d, up = deadline
-        chains = _evidence([c for c in edge.calls if c.attempt >= 1])
+        chains = _evidence(analysis, [c for c in edge.calls if c.attempt >= 1])
         rec = analysis.recommendations.get(edge.key)
         return Finding(
             "retry_budget_overrun", "high" if edge.charge_like else "medium", edge.key,
@@ -269,7 +275,7 @@ def retry_budget_overrun(analysis: Analysis, edge: Edge) -> Finding | None:
             "Retrying at more than one layer multiplies the load on the deepest service exactly when it is "
             "struggling. Retry at one layer only, usually the one closest to the user.",
             {"upstream_attempts": up.max_attempts, "attempts": edge.max_attempts, "total_attempts": total},
-            _evidence([c for c in edge.calls if c.attempt >= 1]),
+            _evidence(analysis, [c for c in edge.calls if c.attempt >= 1]),
             {"action": f"retry at one layer only (keep {up.caller}'s retries or {edge.caller}'s, not both)"})
     return None
 
@@ -291,7 +297,7 @@ def non_idempotent_retry(analysis: Analysis, edge: Edge) -> Finding | None:
         + (f". This happened {len(dup)} times: two attempts both succeeded." if dup else "."),
         {"retried_calls": len(retried), "duplicate_charges": len(dup), "max_attempts": edge.max_attempts,
          "calls_with_idempotency_key": round(edge.key_share, 3)},
-        [ch[0].trace_id for ch in dup] + _evidence(retried),
+        [ch[0].trace_id for ch in dup] + _evidence(analysis, retried),
         {"action": "send an Idempotency-Key header (the same on every attempt) or stop retrying this call",
          "retries": 0})
 
@@ -306,7 +312,7 @@ def timeout_missing(analysis: Analysis, edge: Edge) -> Finding | None:
             f"When {edge.callee} hangs, every {edge.caller} worker calling it hangs too, until the pool is "
             "exhausted and unrelated requests fail.",
             {"calls": len(edge.calls), "worst_ms": edge.healthy_ms[-1] if edge.healthy_ms else None},
-            _evidence(edge.calls)[:EVIDENCE_IDS],
+            _evidence(analysis, edge.calls)[:EVIDENCE_IDS],
             {"timeout_ms": tail, "action": f"set a timeout of {_ms(tail)}"})
     if timeout.known and timeout.value_ms is not None:
         worst = edge.latency()[-1] if edge.latency() else None
@@ -318,7 +324,7 @@ def timeout_missing(analysis: Analysis, edge: Edge) -> Finding | None:
                 f"and above its caller's {_ms(deadline[0])}",
                 "A timeout this long protects nothing: the caller's own caller has long given up.",
                 {"timeout_ms": timeout.value_ms, "worst_healthy_ms": worst, "caller_deadline_ms": deadline[0]},
-                _evidence(edge.calls)[:EVIDENCE_IDS],
+                _evidence(analysis, edge.calls)[:EVIDENCE_IDS],
                 {"timeout_ms": tail, "action": f"shorten the timeout to {_ms(tail)}"})
     return None
 
@@ -344,7 +350,7 @@ def deadline_not_propagated(analysis: Analysis, edge: Edge) -> Finding | None:
         f"{edge.callee} starts {len(orphans)} downstream calls after {edge.caller} has already given up",
         f"{edge.caller} does not tell {edge.callee} how long it will wait (no deadline header), so "
         f"{edge.callee} keeps working - and calling others - for a request nobody is waiting for.",
-        {"calls_after_deadline": len(orphans)}, _evidence(orphans),
+        {"calls_after_deadline": len(orphans)}, _evidence(analysis, orphans),
         {"action": "propagate the remaining budget (grpc-timeout, x-envoy-expected-rq-timeout-ms) and "
                    "check it before each downstream call"})
 
