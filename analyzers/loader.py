@@ -62,6 +62,6 @@ def logged_facts(store: Store, rules: Rules, window: tuple[int, int] | None = No
     def traces(r: LogRecord) -> tuple[str, ...]:  # its trace, or the traces its order id left it between
         return (r.trace_id,) if r.trace_id else tuple(r.attributes.get("link.candidates") or ())
 
-    return LoggedFacts([(traces(r), r.span_id or "", r.service, r.time_ns) for r in lines(rules.charge_log)
-                        if traces(r)],
+    return LoggedFacts([(found, r.span_id or "", r.service, r.time_ns) for r in lines(rules.charge_log)
+                        if (found := traces(r))],
                        {r.trace_id for r in lines(rules.failed_log) if r.trace_id})
