@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import os
 import random
 import statistics
 import tempfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from payscope.collector.decoding import default_workers
 from tests.helpers import CollectorProcess
 
 SPANS_PER_REQUEST = 512
@@ -137,34 +137,50 @@ def load(port: int, payloads: list[bytes], clients: int, seconds: float) -> tupl
     return acked, latencies, rejected
 
 
+def run(payloads: list[bytes], clients: int, seconds: float, workers: int) -> tuple[float, float, float, int, int]:
+    """spans/s acknowledged, p50 and p99 ms, requests acked and told to retry, into a fresh store."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "bench.db"
+        collector = CollectorProcess(store, grpc=False, extra=("--workers", str(workers)))
+        try:
+            # the decoding processes start on the first large request: started before the clock
+            conn = http.client.HTTPConnection("127.0.0.1", collector.http_port, timeout=60)
+            conn.request("POST", "/v1/traces", body=make_request(10**6),
+                         headers={"Content-Type": "application/x-protobuf"})
+            conn.getresponse().read()
+            conn.close()
+            start = time.perf_counter()
+            acked, latencies, rejected = load(collector.http_port, payloads, clients, seconds)
+            elapsed = time.perf_counter() - start
+        finally:
+            collector.stop()
+    latencies.sort()
+    p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
+    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else float("nan")
+    return acked * SPANS_PER_REQUEST / elapsed, p50, p99, acked, rejected
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench collector")
-    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--clients", default="2,4", help="numbers of concurrent senders, comma-separated")
+    parser.add_argument("--workers", default=f"0,{default_workers()}",
+                        help="`payscope collect --workers` values to compare, comma-separated (0: one process)")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--payloads", type=int, default=400, help="distinct requests (each its own traces)")
     args = parser.parse_args(argv)
     payloads = [make_request(i) for i in range(args.payloads)]
     ceiling = decode_only(payloads[:50], 3.0)
     flatten = decode_and_flatten(payloads[:20], 3.0)
-    with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "bench.db"
-        collector = CollectorProcess(store, grpc=False)
-        try:
-            start = time.perf_counter()
-            acked, latencies, rejected = load(collector.http_port, payloads, args.clients, args.seconds)
-            elapsed = time.perf_counter() - start
-        finally:
-            collector.stop()
-        size = os.path.getsize(store)
-    rate = acked * SPANS_PER_REQUEST / elapsed
-    latencies.sort()
-    p50 = statistics.median(latencies) * 1000
-    p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else float("nan")
-    print(f"collector ingest, {args.clients} clients x {args.seconds:.0f}s, {SPANS_PER_REQUEST} spans/request, "
-          f"protobuf over HTTP, embedded store (WAL, synchronous=FULL)")
+    print(f"collector ingest, {args.seconds:.0f}s a run, {SPANS_PER_REQUEST} spans/request, protobuf over HTTP, "
+          f"embedded store (WAL, synchronous=FULL)")
     print(f"  decode only (protobuf upb, the ceiling):   {ceiling:12,.0f} spans/s")
-    print(f"  payscope decode + redact, no storage:       {flatten:12,.0f} spans/s  "
+    print(f"  payscope decode + redact, one process:      {flatten:12,.0f} spans/s  "
           f"({flatten / ceiling:.3f} of ceiling)")
-    print(f"  collect, acknowledged and durable:          {rate:12,.0f} spans/s  ({rate / ceiling:.3f} of ceiling)")
-    print(f"  acknowledgement latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms; {acked} requests acked, "
-          f"{rejected} told to retry; store {size / 1e6:.0f} MB")
+    base: dict[int, float] = {}
+    for clients in (int(c) for c in args.clients.split(",")):
+        for workers in (int(w) for w in args.workers.split(",")):
+            rate, p50, p99, acked, rejected = run(payloads, clients, args.seconds, workers)
+            base.setdefault(clients, rate)
+            print(f"  collect --workers {workers}, {clients} senders, acknowledged and durable: {rate:10,.0f} spans/s "
+                  f"({rate / ceiling:.3f} of ceiling, x{rate / base[clients]:.2f} of the first) | ack p50 "
+                  f"{p50:.0f} ms, p99 {p99:.0f} ms | {acked} acked, {rejected} told to retry", flush=True)

@@ -17,7 +17,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from payscope import semconv
 from payscope.errors import InputError
-from payscope.model import SPAN_KINDS, EncodedSpan, LogRecord
+from payscope.model import SPAN_KINDS, EncodedSpan, LogRecord, SpanRow, row_fields
 
 from .files import fix_surrogates, may_hold_surrogates
 from .redaction import is_secret_key, may_need_redaction, redact_any, redact_attributes, redact_log, redact_span
@@ -42,6 +42,18 @@ class Decoded:
         self.rejected += 1
         if len(self.reasons) < 5:
             self.reasons.append(reason)
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # sent back from a decoding process: spans as columns of plain tuples, the cheapest to pickle
+        spans = self.spans
+        return _rebuilt, ([row_fields(e.row) for e in spans], [e.body for e in spans], [e.resource for e in spans],
+                          self.logs, self.rejected, self.reasons)
+
+
+def _rebuilt(rows: list[tuple[Any, ...]], bodies: list[bytes], resources: list[dict[str, Any]],
+             logs: list[LogRecord], rejected: int, reasons: list[str]) -> Decoded:
+    return Decoded([EncodedSpan(SpanRow(*r), b, res) for r, b, res in zip(rows, bodies, resources, strict=True)],
+                   logs, rejected, reasons)
 
 
 def _resource_service(resource: dict[str, Any]) -> str:

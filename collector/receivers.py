@@ -22,7 +22,8 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from payscope.errors import InputError
 
-from .otlp import LOGS, TRACES, Decoded, Signal, count_items
+from .decoding import DecodePool
+from .otlp import LOGS, TRACES, Decoded, Signal
 from .writer import BatchWriter, OverloadedError, RejectedError
 
 # What one request may hold, and what all of them together may hold in memory at once. With these, the
@@ -148,11 +149,12 @@ class Receiver:
     """What both receivers share: decode (a few at a time, after checking there is room), queue for the
     writer, wait until durable."""
 
-    def __init__(self, writer: BatchWriter, token: str | None = None) -> None:
+    def __init__(self, writer: BatchWriter, token: str | None = None, decoder: DecodePool | None = None) -> None:
         self.writer = writer
         self.token = token
         self.bodies = Budget(BODIES_IN_MEMORY_BYTES)
-        self._decoding = threading.BoundedSemaphore(DECODE_SLOTS)
+        self.decoder = decoder or DecodePool(0)
+        self._decoding = threading.BoundedSemaphore(max(DECODE_SLOTS, self.decoder.workers))
 
     def authorized(self, header: str | None) -> bool:
         """Whether an Authorization header carries the bearer token (compared in constant time)."""
@@ -162,25 +164,15 @@ class Receiver:
         return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.token.encode())
 
     def decode(self, signal: Signal, body: bytes, content_type: str) -> Decoded:
-        """A request body decoded, once there is room for what it holds in the write queue.
+        """A request body decoded (in a worker process when it is large), once the write queue has room.
 
         InputError when it cannot be read or holds too much, OverloadedError when the queue is full. At
-        most DECODE_SLOTS requests are parsed and decoded at once, whatever the number of clients.
+        most one request per decoding process (and at least DECODE_SLOTS) is decoded at once, whatever the
+        number of clients; the writer checks room again for what the request turned out to hold.
         """
         self.writer.check_room(1)
         with self._decoding:
-            try:
-                request, raw = signal.parse(body, content_type)
-            except InputError:
-                raise
-            except Exception as exc:  # whatever else the parsers raise on hostile input is the input's fault
-                raise InputError(f"unreadable request ({type(exc).__name__})") from None
-            items = count_items(request)
-            if items > MAX_ITEMS_PER_REQUEST:
-                raise InputError(f"{items} spans or log records in one request, more than "
-                                 f"{MAX_ITEMS_PER_REQUEST}: send smaller batches")
-            self.writer.check_room(items)
-            return signal.convert(request, raw)
+            return self.decoder.decode(signal.name, body, content_type, MAX_ITEMS_PER_REQUEST)
 
     def accept(self, decoded: Decoded) -> None:
         if decoded.spans or decoded.logs:

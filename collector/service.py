@@ -12,6 +12,7 @@ from pathlib import Path
 
 from payscope.errors import InputError
 
+from .decoding import DecodePool
 from .receivers import GRPCReceiver, HTTPReceiver, Receiver, protobuf_backend, warn_if_slow_protobuf
 from .store import Store
 from .writer import BatchWriter
@@ -95,7 +96,9 @@ class Collector:
     http: str | None = "127.0.0.1:4318"
     grpc: str | None = "127.0.0.1:4317"
     access: Access = field(default_factory=Access)
+    workers: int = 0  # decoding processes (collector/decoding.py); 0 decodes in the receiving threads
     writer: BatchWriter = field(init=False)
+    decoder: DecodePool = field(init=False)
     receivers: list[HTTPReceiver | GRPCReceiver] = field(default_factory=list)
 
     def start(self) -> list[str]:
@@ -108,7 +111,8 @@ class Collector:
         tls = self.access.ssl_context()
         raise_open_files_limit()
         self.writer = BatchWriter(self.store)
-        receiver = Receiver(self.writer, self.access.token)
+        self.decoder = DecodePool(self.workers)
+        receiver = Receiver(self.writer, self.access.token, self.decoder)
         listening = []
         scheme = "https" if tls else "http"
         try:
@@ -134,14 +138,17 @@ class Collector:
         for receiver in self.receivers:
             receiver.stop()
         self.receivers.clear()
+        if hasattr(self, "decoder"):
+            self.decoder.close()
         if hasattr(self, "writer"):
             self.writer.close()
 
 
-def run_collector(store: Store, http: str | None, grpc: str | None, access: Access | None = None) -> None:
+def run_collector(store: Store, http: str | None, grpc: str | None, access: Access | None = None,
+                  workers: int = 0) -> None:
     """Serve until SIGINT or SIGTERM."""
     warn_if_slow_protobuf()
-    collector = Collector(store, http, grpc, access or Access())
+    collector = Collector(store, http, grpc, access or Access(), workers)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

@@ -179,8 +179,12 @@ def collect(
     spool: Annotated[Optional[Path], typer.Option(
         help="Elasticsearch only: where acknowledged batches wait while Elasticsearch cannot take them, "
              "at most 1 GiB (default ~/.cache/payscope/spool).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Processes that decode large requests (default: one per core; 0: decode in the receiving "
+             "threads).", min=0, max=64)] = None,
 ) -> None:
     """Receive OTLP spans and logs (HTTP and gRPC) and store them until stopped (Ctrl-C)."""
+    from payscope.collector.decoding import default_workers
     from payscope.collector.service import Access, read_token, run_collector
     from payscope.collector.store import open_store
 
@@ -192,7 +196,7 @@ def collect(
         if value:
             access.check(parse_listen(value, option)[0], option)
     with open_store(store, spool=spool or Path.home() / ".cache" / "payscope" / "spool") as opened:
-        run_collector(opened, http_at, grpc_at, access)
+        run_collector(opened, http_at, grpc_at, access, default_workers() if workers is None else workers)
 
 
 # --- import ----------------------------------------------------------------------

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from operator import attrgetter
 from typing import Any
 
 Attributes = dict[str, Any]
@@ -143,6 +144,9 @@ class SpanRow(_Timed):
     keys: tuple[str, ...] = ()    # business keys: order, payment, charge ids
     caller_budget_ms: float | None = None  # server spans: how long the caller said it would wait
     fault: str | None = None      # a fault the sidecar injected into this request (delay, abort, reset)
+
+
+row_fields = attrgetter(*(f.name for f in fields(SpanRow)))  # a row as a plain tuple: SpanRow(*row_fields(r))
 
 
 @dataclass(slots=True)

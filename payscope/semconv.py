@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -188,18 +189,24 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
         if route is None and method and name.upper() == method and first(attrs, PATH) is not None:
             route = template_path(str(first(attrs, PATH)))  # a span named only by its method (a sidecar, a proxy)
         operation = f"{method} {route}" if method and route else name
-    keys = [str(v) for k, v in attrs.items() if k.lower().endswith(KEY_SUFFIXES) and isinstance(v, (str, int))
-            and v != ""]
+    keys = []
+    request_ids: list[str] = []
+    idempotency = False
     for k, v in attrs.items():
+        lowered = k.lower()
+        if lowered.endswith(KEY_SUFFIXES) and isinstance(v, (str, int)) and v != "":
+            keys.append(str(v))
         if "request_id" in k or "request-id" in k:  # captured X-Request-ID: lets log lines find the trace
-            for item in (v if isinstance(v, (list, tuple)) else [v]):
-                if item:
-                    keys.append(f"rid:{item}")
+            request_ids.extend(f"rid:{item}" for item in (v if isinstance(v, (list, tuple)) else [v]) if item)
+        if "dempotency" in lowered:
+            idempotency = True
+    keys += request_ids
     path = first(attrs, PATH)
-    if route and path and any(mark in str(route) for mark in "{<:"):
-        for tmpl, actual in zip(str(route).split("/"), str(path).split("?")[0].split("/"), strict=False):
-            if _ROUTE_PARAM.fullmatch(tmpl) and _KEY_TEMPLATE.search(tmpl) and actual:
-                keys.append(actual)
+    if route and path:
+        slots = _key_slots(str(route))
+        if slots:
+            segments = str(path).split("?")[0].split("/")
+            keys.extend(segments[i] for i in slots if i < len(segments) and segments[i])
     captured = ATTR_TIMEOUT_SOURCE in attrs or ATTR_TIMEOUT_READ in attrs or ATTR_TIMEOUT_TOTAL in attrs \
         or ATTR_RETRY_MAX in attrs
     retry_max = _int(attrs.get(ATTR_RETRY_MAX)) if captured else None
@@ -207,8 +214,7 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
         trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, status_code, status_message,
         classify_error(kind, status_code, http_status, rpc_status, text), operation,
         str(peer) if peer is not None else None, method, http_status,
-        _int(attrs.get("http.request.resend_count")) or 0,
-        any("dempotency" in k.lower() for k in attrs),
+        _int(attrs.get("http.request.resend_count")) or 0, idempotency,
         _float(attrs.get(ATTR_TIMEOUT_CONNECT)) if captured else None,
         _float(attrs.get(ATTR_TIMEOUT_READ)) if captured else None,
         _float(attrs.get(ATTR_TIMEOUT_TOTAL)) if captured else None,
@@ -216,6 +222,15 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
         _float(first(attrs, ATTR_AMOUNT)), tuple(dict.fromkeys(keys)) if keys else (),
         budget_ms(attrs) if kind in ("server", "consumer") else None,
         str(attrs[ATTR_FAULT]) if attrs.get(ATTR_FAULT) else None)
+
+
+@functools.lru_cache(maxsize=4096)
+def _key_slots(route: str) -> tuple[int, ...]:
+    """Which segments of a route are a business key's parameter (``/orders/{order_id}``: segment 2)."""
+    if not any(mark in route for mark in "{<:"):
+        return ()
+    return tuple(i for i, tmpl in enumerate(route.split("/"))
+                 if _ROUTE_PARAM.fullmatch(tmpl) and _KEY_TEMPLATE.search(tmpl))
 
 
 def span_name_or(name: str, method: str | None) -> str:

@@ -218,3 +218,94 @@ def test_sigterm_stops_cleanly_and_reports(store_path: Path) -> None:
     time.sleep(0.1)
     with open_store(str(store_path), readonly=True) as store:
         assert store.counts()["spans"] == 3
+
+
+def _large_request(card: str) -> bytes:
+    """Over the size decoded in a worker: 800 spans of a payment flow, one with a card number in text, one
+    with a card number as an integer, and one invalid (a zero trace id)."""
+    req = ExportTraceServiceRequest()
+    rs = req.resource_spans.add()
+    kv = rs.resource.attributes.add()
+    kv.key, kv.value.string_value = "service.name", "payment"
+    ss = rs.scope_spans.add()
+    for i in range(800):
+        sp = ss.spans.add()
+        sp.trace_id = (1000 + i // 8).to_bytes(16, "big")
+        sp.span_id = (i + 1).to_bytes(8, "big")
+        if i % 8:
+            sp.parent_span_id = i.to_bytes(8, "big")
+        sp.kind = 2 if i % 2 == 0 else 3
+        sp.name = "POST /charges/{order_id}"
+        sp.start_time_unix_nano = 1_767_000_000_000_000_000 + i * 1_000_000
+        sp.end_time_unix_nano = sp.start_time_unix_nano + 5_000_000 + i * 1000
+        for key, value in (("http.request.method", "POST"), ("http.route", "/charges/{order_id}"),
+                           ("url.path", f"/charges/ord-{i // 8}"), ("server.address", "bank")):
+            kv = sp.attributes.add()
+            kv.key, kv.value.string_value = key, value
+        kv = sp.attributes.add()
+        kv.key, kv.value.int_value = "http.response.status_code", 504 if i % 50 == 0 else 200
+    ss.spans[3].attributes.add(key="payment.note").value.string_value = f"card {card} declined"
+    ss.spans[5].attributes.add(key="payment.pan").value.int_value = int(card)
+    bad = ss.spans.add()
+    bad.trace_id, bad.span_id = b"\x00" * 16, b"\x09" * 8
+    return req.SerializeToString()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(pid):
+                out.append(int(entry.name))
+        except OSError:
+            continue
+    return out
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+def test_large_requests_decode_in_worker_processes_exactly_as_in_process(tmp_path: Path) -> None:
+    from payscope.collector.decoding import INLINE_BELOW_BYTES
+
+    card = "4111111111111111"
+    body = _large_request(card)
+    assert len(body) > INLINE_BELOW_BYTES
+    stored = {}
+    for workers in ("2", "0"):
+        path = tmp_path / f"workers-{workers}.db"
+        proc = CollectorProcess(path, grpc=False, extra=("--workers", workers))
+        try:
+            status, answer, _ = _post(proc.http_port, body, PB)
+            assert status == 200
+            response = ExportTraceServiceResponse.FromString(answer)
+            assert response.partial_success.rejected_spans == 1
+            assert "trace id" in response.partial_success.error_message
+            bad, reason, _ = _post(proc.http_port, b"\xff" * (INLINE_BELOW_BYTES + 10), PB)
+            assert bad == 400 and b"malformed protobuf" in reason
+            decoders = [p for p in _children(proc.proc.pid) if b"multiprocessing" in
+                        (Path("/proc") / str(p) / "cmdline").read_bytes()]
+            assert bool(decoders) == (workers != "0")
+        finally:
+            if workers == "0":
+                proc.stop()
+            else:  # killed with -9, its decoding processes leave by themselves
+                proc.kill9()
+                deadline = time.monotonic() + 10
+                while any(_running(p) for p in decoders) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert not any(_running(p) for p in decoders)
+        with open_store(str(path), readonly=True) as store:
+            rows = sorted((r for batch in store.iter_rows() for r in batch), key=lambda r: r.span_id)
+            assert len(rows) == 800
+            bodies = [s.attributes for s in store.trace((1000).to_bytes(16, "big").hex())]
+        stored[workers] = rows, bodies
+        assert not any(card.encode() in f.read_bytes() for f in tmp_path.glob(f"{path.name}*"))
+    assert stored["2"] == stored["0"]
+    assert any(r.error_class == "timeout" for r in stored["2"][0])
+    assert ("ord-0",) in {r.keys for r in stored["2"][0]}

@@ -61,6 +61,33 @@ def test_writes_are_idempotent(backend: Callable[[], Store]) -> None:
     assert store.write(logs=[log]) == (0, 0)
 
 
+def _summary_fields(store: Store, trace: str) -> tuple[object, ...]:
+    found = store.trace_summary(trace)
+    assert found is not None
+    return (found.start_ns, found.end_ns, found.root_service, found.root_name, found.span_count, found.error_count,
+            sorted(found.services), found.error_class, found.error_service)
+
+
+def test_a_summary_is_the_same_however_its_spans_arrive(backend: Callable[[], Store], tmp_path: Path) -> None:
+    spans = sample_trace(T1, True) + [
+        span(T1, "1000000000000004", "1000000000000003", "order", "client", 1003, 1050, STATUS_ERROR,
+             **{"server.address": "payment"}),
+        span(T1, "1000000000000005", "1000000000000004", "payment", "server", 1004, 1200)]
+    whole = open_store(str(tmp_path / "whole.db"))
+    whole.write(spans)
+    expected = _summary_fields(whole, T1)
+    whole.close()
+    assert expected[2:4] == ("gateway", "server op") and expected[4:6] == (5, 2)
+    assert expected[1] == 1200 * 1_000_000 and expected[7:] == ("business", "order")
+    store = backend()
+    # children before their root, a span twice, and the root last: the root may arrive after all
+    assert store.write([spans[4], spans[2]]) == (2, 0)
+    assert _summary_fields(store, T1)[2:3] == ("order",)  # the earliest so far, until the root comes
+    assert store.write([spans[2], spans[3], spans[1]]) == (2, 0)
+    assert store.write([spans[0], spans[0], spans[4]]) == (1, 0)
+    assert _summary_fields(store, T1) == expected
+
+
 def test_trace_by_id_is_ordered_and_whole(backend: Callable[[], Store]) -> None:
     store = backend()
     spans = sample_trace(T1, True)
@@ -153,6 +180,27 @@ def test_embedded_records_schema_version_and_refuses_another(tmp_path: Path) -> 
     conn.close()
     with pytest.raises(StoreError, match="schema version 99"):
         open_store(str(path))
+
+
+def test_embedded_brings_a_version_5_store_up_to_date(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with open_store(str(path)) as store:
+        store.write(sample_trace(T1, True)[1:])
+    conn = sqlite3.connect(path)  # what version 5 wrote: no ranks kept with a summary
+    conn.execute("ALTER TABLE traces DROP COLUMN root_rank")
+    conn.execute("ALTER TABLE traces DROP COLUMN error_rank")
+    conn.execute("UPDATE meta SET value='5' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with open_store(str(path)) as store:
+        assert store.write(sample_trace(T1, True)[:1]) == (1, 0)
+        summary = store.trace_summary(T1)
+        assert summary is not None
+        assert (summary.root_service, summary.root_name, summary.span_count, summary.error_count,
+                summary.error_class, summary.error_service) == ("gateway", "server op", 3, 1, "business", "gateway")
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    conn.close()
 
 
 def test_embedded_refuses_a_file_that_is_not_a_store(tmp_path: Path) -> None:

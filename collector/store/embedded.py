@@ -21,7 +21,7 @@ from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 from .api import LogQuery, Store
 from .codec import decode_body, encode_span
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -45,7 +45,8 @@ CREATE TABLE IF NOT EXISTS traces(
     trace_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
     root_service TEXT NOT NULL, root_name TEXT NOT NULL,
     span_count INTEGER NOT NULL, error_count INTEGER NOT NULL,
-    error_class TEXT, error_service TEXT, services TEXT NOT NULL
+    error_class TEXT, error_service TEXT, services TEXT NOT NULL,
+    root_rank INTEGER, error_rank INTEGER  -- how the root and the error were chosen: see _Summary
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS traces_start ON traces(start_ns);
 CREATE INDEX IF NOT EXISTS traces_failed ON traces(start_ns) WHERE error_count > 0;
@@ -67,7 +68,16 @@ _ROW_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, en
                 "timeout_connect_ms, timeout_read_ms, timeout_total_ms, timeout_source, retry_max, amount, keys, "
                 "caller_budget_ms, fault")
 _SPAN_COLUMNS = _ROW_COLUMNS + ", resource_id, body"
-_MIGRATIONS = {4: "ALTER TABLE spans ADD COLUMN fault TEXT"}  # from version N to N + 1
+_ROOT_RANK = 4_000_000_000_000_000_000  # sorts spans with a parent after every root, within int64
+_ROOT_RANK_SQL = f"(parent_id IS NOT NULL) * {_ROOT_RANK} + start_ns"
+_ERROR_RANK_SQL = "start_ns * 2 + (kind IN ('client', 'producer'))"
+_MIGRATIONS: dict[int, tuple[str, ...]] = {  # from version N to N + 1
+    4: ("ALTER TABLE spans ADD COLUMN fault TEXT",),
+    5: ("ALTER TABLE traces ADD COLUMN root_rank INTEGER", "ALTER TABLE traces ADD COLUMN error_rank INTEGER",
+        f"UPDATE traces SET root_rank = (SELECT min({_ROOT_RANK_SQL}) FROM spans WHERE spans.trace_id = "
+        f"traces.trace_id), error_rank = (SELECT max({_ERROR_RANK_SQL}) FROM spans WHERE spans.trace_id = "
+        "traces.trace_id AND error_class IS NOT NULL)"),
+}
 _SPAN_SELECT = ("SELECT s.service, s.body, r.body FROM spans s JOIN resources r ON r.id = s.resource_id")
 _KEY_SEP = "\x1f"
 _TRACE_COLUMNS = ("trace_id, start_ns, end_ns, root_service, root_name, span_count, error_count, "
@@ -75,7 +85,6 @@ _TRACE_COLUMNS = ("trace_id, start_ns, end_ns, root_service, root_name, span_cou
 _LOG_COLUMNS = ("id, time_ns, service, host, severity, message, attributes, source, trace_id, "
                 "span_id, link_method, link_confidence")
 
-_ROOT_RANK = 4_000_000_000_000_000_000  # sorts spans with a parent after every root, within int64
 _CHUNK = 500
 
 
@@ -127,6 +136,66 @@ def _log_from_row(row: tuple[Any, ...]) -> tuple[int, LogRecord]:
                              link_confidence=row[11])
 
 
+class _Summary:
+    """A trace's summary, kept up to date span by span as spans arrive, in any order and any batches.
+
+    The root is the span without a parent, else the earliest (the root may never arrive): the least
+    ``root_rank``. The error is the one that started last, a client before its server on a tie (where the
+    failure began): the greatest ``error_rank``.
+    """
+
+    __slots__ = ("trace_id", "start_ns", "end_ns", "root_service", "root_name", "span_count", "error_count",
+                 "services", "error_class", "error_service", "root_rank", "error_rank", "changed")
+
+    def __init__(self, trace_id: str) -> None:
+        self.trace_id = trace_id
+        self.start_ns: int | None = None
+        self.end_ns: int | None = None
+        self.root_rank: int | None = None
+        self.error_rank: int | None = None
+        self.root_service = self.root_name = ""
+        self.span_count = self.error_count = 0
+        self.services: set[str] = set()
+        self.error_class: str | None = None
+        self.error_service: str | None = None
+        self.changed = False
+
+    @classmethod
+    def of(cls, row: tuple[Any, ...]) -> _Summary:
+        (trace_id, start, end, root_service, root_name, count, errors, services, error_class, error_service,
+         root_rank, error_rank) = row
+        summary = cls(trace_id)
+        summary.start_ns, summary.end_ns, summary.root_service, summary.root_name = start, end, root_service, root_name
+        summary.span_count, summary.error_count = count, errors
+        summary.services = set(services.split(",")) if services else set()
+        summary.error_class, summary.error_service = error_class, error_service
+        summary.root_rank, summary.error_rank = root_rank, error_rank
+        return summary
+
+    def add(self, r: SpanRow) -> None:
+        self.changed = True
+        if self.start_ns is None or r.start_ns < self.start_ns:
+            self.start_ns = r.start_ns
+        if self.end_ns is None or r.end_ns > self.end_ns:
+            self.end_ns = r.end_ns
+        rank = (r.parent_id is not None) * _ROOT_RANK + r.start_ns
+        if self.root_rank is None or rank < self.root_rank:
+            self.root_rank, self.root_service, self.root_name = rank, r.service, r.name
+        self.span_count += 1
+        self.services.add(r.service)
+        if r.status_code == 2 or r.error_class is not None:
+            self.error_count += 1
+        if r.error_class is not None:
+            rank = r.start_ns * 2 + (r.kind in ("client", "producer"))
+            if self.error_rank is None or rank > self.error_rank:
+                self.error_rank, self.error_class, self.error_service = rank, r.error_class, r.service
+
+    def row(self) -> tuple[Any, ...]:
+        return (self.trace_id, self.start_ns, self.end_ns, self.root_service, self.root_name, self.span_count,
+                self.error_count, ",".join(sorted(self.services)), self.error_class, self.error_service,
+                self.root_rank, self.error_rank)
+
+
 class EmbeddedStore(Store):
     """A :class:`Store` in one SQLite file (see the module docstring for why)."""
 
@@ -173,7 +242,8 @@ class EmbeddedStore(Store):
         try:
             conn.execute("BEGIN IMMEDIATE")
             while version < SCHEMA_VERSION:
-                conn.execute(_MIGRATIONS[version])
+                for statement in _MIGRATIONS[version]:
+                    conn.execute(statement)
                 version += 1
             conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             conn.execute("COMMIT")
@@ -241,11 +311,19 @@ class EmbeddedStore(Store):
         return new_spans, new_logs
 
     def _write_spans(self, conn: sqlite3.Connection, spans: list[EncodedSpan], staged: dict[str, int]) -> int:
+        """Insert the spans not stored yet (a write is idempotent) and fold them into their traces' summaries."""
+        new: dict[tuple[str, str], EncodedSpan] = {}
+        for e in spans:  # the first of two copies in one batch is the one kept, as INSERT OR IGNORE would
+            new.setdefault((e.row.trace_id, e.row.span_id), e)
+        summaries = self._stored_summaries(conn, list({tid for tid, _ in new}))
+        for chunk in _chunks(list(summaries)):  # only a trace with a summary can have spans stored already
+            for found in conn.execute(f"SELECT trace_id, span_id FROM spans WHERE trace_id IN ({_marks(chunk)})",
+                                      chunk):
+                new.pop(found, None)
         resource_cache: dict[int, int] = {}
-        trace_ids = list({e.row.trace_id for e in spans})
         rows = []
         keys = []
-        for e in spans:
+        for e in new.values():
             rkey = id(e.resource)
             rid = resource_cache.get(rkey)
             if rid is None:
@@ -258,38 +336,26 @@ class EmbeddedStore(Store):
                          r.caller_budget_ms, r.fault, rid, e.body))
             for key in r.keys:
                 keys.append((key, r.trace_id))
-        before = conn.total_changes
+            summary = summaries.get(r.trace_id)
+            if summary is None:
+                summary = summaries[r.trace_id] = _Summary(r.trace_id)
+            summary.add(r)
         conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES({','.join('?' * 28)})", rows)
-        inserted = conn.total_changes - before
         if keys:
             conn.executemany("INSERT OR IGNORE INTO keys VALUES(?, ?)", keys)
-        self._refresh_traces(conn, trace_ids)
-        return inserted
+        conn.executemany(f"INSERT OR REPLACE INTO traces({_TRACE_COLUMNS}, root_rank, error_rank) "
+                         f"VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", [s.row() for s in summaries.values() if s.changed])
+        return len(rows)
 
     @staticmethod
-    def _refresh_traces(conn: sqlite3.Connection, trace_ids: list[str]) -> None:
-        """Recompute the summaries of the traces a batch touched, from all their stored spans."""
-        rows = []
+    def _stored_summaries(conn: sqlite3.Connection, trace_ids: list[str]) -> dict[str, _Summary]:
+        """The stored summaries of those of ``trace_ids`` that have one."""
+        out = {}
         for chunk in _chunks(trace_ids):
-            marks = _marks(chunk)
-            roots = {r[0]: (r[1], r[2]) for r in conn.execute(
-                # a span without a parent first, else the earliest (the root may never arrive)
-                f"SELECT trace_id, service, name, min((parent_id IS NOT NULL) * {_ROOT_RANK} + start_ns) "
-                f"FROM spans WHERE trace_id IN ({marks}) GROUP BY trace_id", chunk)}
-            errors = {r[0]: (r[1], r[2]) for r in conn.execute(
-                # the error that started last (a client before its server on a tie): where the failure began
-                f"SELECT trace_id, error_class, service, max(start_ns * 2 + (kind IN ('client', 'producer'))) "
-                f"FROM spans "
-                f"WHERE trace_id IN ({marks}) AND error_class IS NOT NULL GROUP BY trace_id", chunk)}
-            for tid, start, end, count, failed, services in conn.execute(
-                    f"SELECT trace_id, min(start_ns), max(end_ns), count(*), "
-                    f"sum(status_code=2 OR error_class IS NOT NULL), group_concat(DISTINCT service) "
-                    f"FROM spans WHERE trace_id IN ({marks}) GROUP BY trace_id", chunk):
-                root = roots[tid]
-                err = errors.get(tid, (None, None))
-                rows.append((tid, start, end, root[0], root[1], count, failed or 0, services, err[0], err[1]))
-        conn.executemany(f"INSERT OR REPLACE INTO traces({_TRACE_COLUMNS}) "
-                         f"VALUES(?,?,?,?,?,?,?,?,?,?)", rows)
+            for row in conn.execute(f"SELECT {_TRACE_COLUMNS}, root_rank, error_rank FROM traces "
+                                    f"WHERE trace_id IN ({_marks(chunk)})", chunk):
+                out[row[0]] = _Summary.of(row)
+        return out
 
     def _write_logs(self, conn: sqlite3.Connection, logs: list[LogRecord]) -> int:
         before = conn.total_changes

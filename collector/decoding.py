@@ -1,0 +1,101 @@
+"""Decoding OTLP requests in worker processes, so that every core decodes while the writer commits.
+
+Decoding a span (protobuf to redacted, derived facts) is per-span Python, and in one process it shares
+one core with the HTTP threads and the writer. :class:`DecodePool` sends each large request's bytes to
+one of a few worker processes and gets back exactly what decoding in-process would have given: a
+:class:`~payscope.collector.otlp.Decoded`, or the InputError that says what was wrong with the input.
+Redaction happens in the worker, before anything reaches the writer, so nothing changes in what is
+stored. Small requests are decoded in the receiving thread: for them the round trip would cost more
+than it saves.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from payscope.errors import InputError
+
+from .otlp import LOGS, TRACES, Decoded, count_items
+
+INLINE_BELOW_BYTES = 64 * 1024  # a request smaller than this is decoded where it arrived
+_SIGNALS = {TRACES.name: TRACES, LOGS.name: LOGS}
+
+
+def default_workers() -> int:
+    """One decoding process per core this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def decode_request(signal_name: str, body: bytes, content_type: str, max_items: int) -> Decoded:
+    """Parse and convert one request body; InputError when it cannot be read or holds too much."""
+    signal = _SIGNALS[signal_name]
+    try:
+        request, raw = signal.parse(body, content_type)
+    except InputError:
+        raise
+    except Exception as exc:  # whatever else the parsers raise on hostile input is the input's fault
+        raise InputError(f"unreadable request ({type(exc).__name__})") from None
+    items = count_items(request)
+    if items > max_items:
+        raise InputError(f"{items} spans or log records in one request, more than {max_items}: "
+                         "send smaller batches")
+    return signal.convert(request, raw)
+
+
+def _watch_parent(parent: int) -> None:
+    """In a worker: exit when the collector that started it is gone, killed with -9 too."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="payscope-parent-watch", daemon=True).start()
+
+
+class DecodePool:
+    """A few spawned worker processes decoding request bodies; started on the first large request."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _executor(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                # spawn, not fork: the collector has threads, and a fork copies their locks held
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                 initializer=_watch_parent, initargs=(os.getpid(),))
+            return self._pool
+
+    def decode(self, signal_name: str, body: bytes, content_type: str, max_items: int) -> Decoded:
+        if self.workers <= 0 or len(body) < INLINE_BELOW_BYTES:
+            return decode_request(signal_name, body, content_type, max_items)
+        pool = self._executor()
+        try:
+            return pool.submit(decode_request, signal_name, body, content_type, max_items).result()
+        except BrokenProcessPool:
+            # a worker died (killed, out of memory): start new ones, and decode this request here
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = None
+            pool.shutdown(wait=False, cancel_futures=True)
+            return decode_request(signal_name, body, content_type, max_items)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+__all__ = ["INLINE_BELOW_BYTES", "DecodePool", "decode_request", "default_workers"]
