@@ -54,11 +54,28 @@ def flows() -> list[Topology]:
     return out
 
 
-def build(size: int) -> Path:
+def short_flows() -> list[Topology]:
+    """What a load test leaves: many traces of one to three spans (an endpoint alone, or calling one other)."""
+    s = {x.name: x for x in [
+        Service("api", 3, route="/api/items/{id}"),
+        Service("checkout", 6, route="/checkout/{order_id}", calls=[Call("payment", 800)]),
+        Service("payment", 12, sigma=0.6, tail_p=0.02, tail_ms=400, route="/payments"),
+        Service("search", 4, route="/search", calls=[Call("index", 300)]),
+        Service("index", 2, route="/query"),
+        Service("health", 0.2, route="/healthz"),
+    ]}
+    return [Topology(s, entry) for entry in ("api", "checkout", "search", "health")]
+
+
+SHAPES = {"ten": flows, "short": short_flows}
+
+
+def build(size: int, shape: str = "ten") -> Path:
     OUT.mkdir(exist_ok=True)
     from payscope.collector.store.embedded import SCHEMA_VERSION
 
-    path = OUT / f"analyzer-{size}-v{SCHEMA_VERSION}.db"
+    name = f"analyzer-{size}" if shape == "ten" else f"analyzer-{shape}-{size}"
+    path = OUT / f"{name}-v{SCHEMA_VERSION}.db"
     if path.exists():
         return path
     tmp = path.with_suffix(".building")
@@ -68,7 +85,7 @@ def build(size: int) -> Path:
     written = 0
     seed = 0
     start = time.perf_counter()
-    topologies = flows()
+    topologies = SHAPES[shape]()
     while written < size:
         sim = Simulator(topologies[seed % len(topologies)], seed=seed)
         sim.run(2000, start_ns=1_767_000_000_000_000_000 + seed * 60_000_000_000)
@@ -116,12 +133,21 @@ def measure(args: list[str]) -> tuple[float, float]:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench analyzer")
     parser.add_argument("--sizes", default="250000,1000000")
+    parser.add_argument("--shapes", default="ten,short",
+                        help="ten: 20 services, ~10 spans a transaction; short: traces of one to three spans")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.sizes.split(",")]
-    print("analyzer on stores of synthetic traces (20 services, four flows, ~10 spans a transaction)")
+    for shape in args.shapes.split(","):
+        run_shape(shape, sizes)
+
+
+def run_shape(shape: str, sizes: list[int]) -> None:
+    print("analyzer on stores of synthetic traces " + (
+        "(20 services, four flows, ~10 spans a transaction)" if shape == "ten" else
+        "(six services, four endpoints, one to three spans a trace)"))
     results = {}
     for size in sizes:
-        path = build(size)
+        path = build(size, shape)
         out = subprocess.run([sys.executable, "-c", FLOOR, str(path)], capture_output=True, text=True, check=True)
         floor_s, floor_kb, count = out.stdout.split()
         analyze_s, analyze_mb = measure(["analyze", "--store", str(path), "--format", "json"])

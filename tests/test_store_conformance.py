@@ -178,7 +178,7 @@ def test_embedded_records_schema_version_and_refuses_another(tmp_path: Path) -> 
     conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     conn.commit()
     conn.close()
-    with pytest.raises(StoreError, match="schema version 99"):
+    with pytest.raises(StoreError, match="schema version 99.*upgrade payscope"):
         open_store(str(path))
 
 
@@ -200,7 +200,11 @@ def test_embedded_brings_a_version_5_store_up_to_date(tmp_path: Path) -> None:
                 summary.error_class, summary.error_service) == ("gateway", "server op", 3, 1, "business", "gateway")
     conn = sqlite3.connect(path)
     assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    conn.execute("UPDATE meta SET value='3' WHERE key='schema_version'")  # older than any upgrade kept
+    conn.commit()
     conn.close()
+    with pytest.raises(StoreError, match="schema version 3.*import its traces again"):
+        open_store(str(path), readonly=True)
 
 
 def test_embedded_refuses_a_file_that_is_not_a_store(tmp_path: Path) -> None:

@@ -231,10 +231,16 @@ class EmbeddedStore(Store):
                 version = (str(SCHEMA_VERSION),)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a payscope store ({exc})") from None
-        if version is None or int(version[0]) != SCHEMA_VERSION:
+        if version is None or not str(version[0]).isdigit() or int(version[0]) != SCHEMA_VERSION:
             found = version[0] if version else "none"
+            if str(found).isdigit() and int(found) > SCHEMA_VERSION:
+                todo = "a newer payscope wrote it: upgrade payscope to read it"
+            elif str(found).isdigit() and int(found) in _MIGRATIONS:
+                todo = "an earlier payscope wrote it: give this user write access to it once, and it is upgraded"
+            else:
+                todo = "import its traces again into a new store (payscope import traces)"
             raise StoreError(f"{self.path} has schema version {found}; this payscope reads "
-                             f"version {SCHEMA_VERSION}")
+                             f"version {SCHEMA_VERSION} ({todo})")
 
     def _migrate(self, version: int) -> None:
         """Bring a store of an earlier schema up to this one, in one transaction (readers wait for it)."""
