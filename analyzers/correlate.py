@@ -72,15 +72,16 @@ class Linker:
             self._by_key[key] = self.store.traces_by_key(key)
         return self._by_key[key]
 
-    def prefetch(self, records: list[LogRecord]) -> None:
-        """Look up a batch's trace ids and keys in a few queries instead of one or more a line."""
+    def prefetch(self, records: list[LogRecord], keys_of: list[list[str]] | None = None) -> None:
+        """Look up a batch's trace ids and keys (``keys_of``: each record's :meth:`_keys`, when already found)
+        in a few queries instead of one or more a line."""
         ids = {tid for r in records if (tid := normalise_trace_id(r.trace_id)) and tid not in self._known}
         if ids:
             found = set(self.store.known_traces(sorted(ids)))
             self._known.update({tid: tid in found for tid in ids})
         keys = {f"rid:{r.attributes['request_id']}" for r in records if r.attributes.get("request_id")}
-        for r in records:
-            keys.update(self._keys(r))
+        for of_record in keys_of if keys_of is not None else map(self._keys, records):
+            keys.update(of_record)
         keys -= self._by_key.keys()
         if keys:
             found_keys = self.store.traces_by_keys(sorted(keys))
@@ -106,10 +107,11 @@ class Linker:
     def link_batch(self, records: list[LogRecord]) -> list[LogRecord]:
         """Link what ids can link now and return those records; hold the lines that need the time window
         until ``finish`` (or until MAX_PENDING of them are held, when the oldest half is decided)."""
-        self.prefetch(records)
+        keys_of = [self._keys(r) for r in records]
+        self.prefetch(records, keys_of)
         ready = []
-        for record in records:
-            decision = self._by_id(record)
+        for record, keys in zip(records, keys_of, strict=True):
+            decision = self._by_id(record, keys)
             if decision is None and self.time_window:
                 self._pending.append(record)
             else:
@@ -163,8 +165,9 @@ class Linker:
         self.stats.count(method)
         return record
 
-    def _by_id(self, r: LogRecord) -> tuple[str, str | None, float, list[str]] | None:
-        """The link an id makes, ``ambiguous`` when an id names several transactions, or None: no id."""
+    def _by_id(self, r: LogRecord, keys: list[str] | None = None) -> tuple[str, str | None, float, list[str]] | None:
+        """The link an id makes, ``ambiguous`` when an id names several transactions, or None: no id. (``keys``:
+        the record's :meth:`_keys`, when already found.)"""
         tid = normalise_trace_id(r.trace_id)
         if tid and self._trace_known(tid):
             return "trace_id", tid, CONFIDENCE["trace_id"], []
@@ -174,7 +177,7 @@ class Linker:
             if len(ids) == 1:
                 return "request_id", ids[0], CONFIDENCE["request_id"], []
         candidates: list[str] = []
-        for key in self._keys(r):
+        for key in self._keys(r) if keys is None else keys:
             ids = self._traces_by_key(key)
             if len(ids) == 1:
                 return "business_key", ids[0], CONFIDENCE["business_key"], []

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from payscope.analyzers.correlate import Linker
+from payscope.collector.decoding import default_workers
 from payscope.collector.logingest import ingest
 from payscope.collector.store import open_store
 
@@ -46,6 +47,8 @@ def write_files(directory: Path, lines: int, seed: int = 3) -> list[Path]:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench logs")
     parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--workers", default=f"0,{default_workers()}",
+                        help="`payscope ingest logs --workers` values to compare, comma-separated (0: one process)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_files(Path(tmp), args.lines)
@@ -53,13 +56,17 @@ def main(argv: list[str]) -> None:
         for p in paths:
             subprocess.run(["grep", "-c", "", str(p)], capture_output=True, check=True)
         grep_s = time.perf_counter() - t
-        with open_store(str(Path(tmp) / "logs.db")) as store:
-            t = time.perf_counter()
-            report = ingest(store, [str(p) for p in paths], linker=Linker(store))
-            ingest_s = time.perf_counter() - t
-        doc = report.to_json()
-    print(f"log ingestion, {doc['lines']:,} lines (JSON, nginx access, Python logging), parse + link + store")
-    print(f"  grep -c over the same files (I/O floor): {doc['lines'] / grep_s:12,.0f} lines/s")
-    print(f"  payscope ingest logs:                    {doc['lines'] / ingest_s:12,.0f} lines/s "
-          f"({ingest_s:.1f}s; {grep_s / ingest_s:.4f} of the floor); {doc['unparsed']} unparsed; "
-          f"by format {doc['by_format']}")
+        print(f"log ingestion, {args.lines:,} lines (JSON, nginx access, Python logging), parse + link + store")
+        print(f"  grep -c over the same files (I/O floor): {args.lines / grep_s:12,.0f} lines/s")
+        first = None
+        for workers in (int(w) for w in args.workers.split(",")):
+            with open_store(str(Path(tmp) / f"logs-{workers}.db")) as store:
+                t = time.perf_counter()
+                report = ingest(store, [str(p) for p in paths], linker=Linker(store), workers=workers)
+                ingest_s = time.perf_counter() - t
+            doc = report.to_json()
+            rate = doc["lines"] / ingest_s
+            first = first or rate
+            print(f"  payscope ingest logs --workers {workers}:       {rate:12,.0f} lines/s "
+                  f"({ingest_s:.1f}s; {grep_s / ingest_s:.4f} of the floor; x{rate / first:.2f} of the first); "
+                  f"{doc['unparsed']} unparsed; by format {doc['by_format']}", flush=True)

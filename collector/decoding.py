@@ -61,6 +61,13 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, name="payscope-parent-watch", daemon=True).start()
 
 
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes for per-record Python, spawned (not forked: a fork copies the locks other threads
+    hold), each leaving when its parent is gone."""
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_watch_parent, initargs=(os.getpid(),))
+
+
 class DecodePool:
     """A few spawned worker processes decoding request bodies; started on the first large request."""
 
@@ -72,9 +79,7 @@ class DecodePool:
     def _executor(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                # spawn, not fork: the collector has threads, and a fork copies their locks held
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_watch_parent, initargs=(os.getpid(),))
+                self._pool = process_pool(self.workers)
             return self._pool
 
     def decode(self, signal_name: str, body: bytes, content_type: str, max_items: int) -> Decoded:
@@ -98,4 +103,4 @@ class DecodePool:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["INLINE_BELOW_BYTES", "DecodePool", "decode_request", "default_workers"]
+__all__ = ["INLINE_BELOW_BYTES", "DecodePool", "decode_request", "default_workers", "process_pool"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import glob
 import gzip
+import itertools
 import sys
 import zlib
 from collections.abc import Callable, Iterator
@@ -23,6 +25,8 @@ from .otlp import OTLP_SOURCE
 from .redaction import redact_log
 
 BATCH = 5000
+CHUNK_LINES = 20_000  # lines a worker process parses at a time
+PARSE_AHEAD = 4       # chunks parsed ahead of the one being linked and stored
 SAMPLE_LINES = 50
 MAX_LINE_BYTES = 64 * 1024  # a longer line is reported and skipped, and the rest of the file read
 _MIN_NS, _MAX_NS = -(2**63), 2**63 - 1  # what the store's time column holds: the years 1677 to 2262
@@ -129,7 +133,10 @@ def _decoded_lines(stream: IO[bytes], report: FileReport) -> Iterator[tuple[int,
 
 
 def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_offset_ns: int,
-                 report: FileReport, nginx_format: str | None = None) -> Iterator[LogRecord]:
+                 report: FileReport, nginx_format: str | None = None, pool: Any = None) -> Iterator[LogRecord]:
+    """The records of one file, in order. With ``pool`` (a process pool), a file longer than CHUNK_LINES is
+    parsed in chunks by its workers, each chunk starting on a line that cannot continue the record before it;
+    the records and the problems reported are those of parsing it here."""
     stream = _open(source)
     try:
         lines = _decoded_lines(stream, report)
@@ -139,7 +146,7 @@ def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_o
             if len(sample) >= SAMPLE_LINES:
                 break
         if nginx_format:
-            parser: Callable[[str], logparse.Fields | None] = logparse.nginx_log_format(nginx_format)
+            parser_spec = ("nginx", nginx_format)
             report.format = "nginx-custom"
         elif fmt == "auto":
             detected = logparse.detect([line for _, line in sample])
@@ -149,30 +156,87 @@ def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_o
                 for lineno, _ in lines:
                     report.bad(f"{source}:{lineno}", "no known log format")
                 return
-            parser, report.format = logparse.FORMATS[detected], detected
+            parser_spec, report.format = ("named", detected), detected
         else:
             if fmt not in logparse.FORMATS:
                 raise InputError(f"--format {fmt!r} is not one of auto, {', '.join(logparse.FORMATS)}")
-            parser, report.format = logparse.FORMATS[fmt], fmt
-
-        def all_lines() -> Iterator[tuple[int, str]]:
-            yield from sample
-            yield from lines
+            parser_spec, report.format = ("named", fmt), fmt
 
         source_name = Path(source).name if source != "-" else "stdin"
         name = service or (source_name.split(".")[0] if source != "-" else "stdin")
-        for parsed in logparse.records(all_lines(), parser,
-                                       lambda n, reason, line: report.bad(f"{source}:{n}", reason)):
-            record = _record(parsed, name, source_name, tz, clock_offset_ns)
-            if isinstance(record, str):
-                report.bad(f"{source}:{parsed.lineno}", record)
-                continue
-            report.records += 1
-            record.identity()  # fixed now, on the ids the line carried, before linking adds any
-            yield record
+        job = _Chunk(parser_spec, name, source_name, source, tz, clock_offset_ns)
+        parser = job.parser()
+        chunks = _chunks(itertools.chain(sample, lines), lambda line: parser(line.rstrip("\r\n")) is not None)
+        first = next(chunks, [])
+        second = next(chunks, None)
+        parsed: Iterator[tuple[list[LogRecord], list[tuple[str, str]]]]
+        if second is None or pool is None:
+            parsed = (job.parse(chunk) for chunk in itertools.chain([first], [second] if second else [], chunks))
+        else:
+            parsed = _in_order(pool, job, itertools.chain([first, second], chunks))
+        for records, problems in parsed:
+            for where, reason in problems:
+                report.bad(where, reason)
+            report.records += len(records)
+            yield from records
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
+
+
+def _chunks(lines: Iterator[tuple[int, str]], starts_record: Callable[[str], bool]) -> Iterator[list[tuple[int, str]]]:
+    """Lines in chunks of about CHUNK_LINES, each but the first starting on a line that starts a record: what
+    follows a record (its traceback, or a line no parser reads) stays in its chunk, as if read in one."""
+    chunk: list[tuple[int, str]] = []
+    for item in lines:
+        if len(chunk) >= CHUNK_LINES and item[1].strip() and starts_record(item[1]):
+            yield chunk
+            chunk = []
+        chunk.append(item)
+    if chunk:
+        yield chunk
+
+
+def _in_order(pool: Any, job: _Chunk, chunks: Iterator[list[tuple[int, str]]]) -> Iterator[Any]:
+    """Each chunk's result, in order, with a few chunks parsed ahead by the pool's workers."""
+    ahead: collections.deque[Any] = collections.deque()
+    for chunk in chunks:
+        ahead.append(pool.submit(job.parse, chunk))
+        if len(ahead) > PARSE_AHEAD:
+            yield ahead.popleft().result()
+    while ahead:
+        yield ahead.popleft().result()
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """How to parse the lines of one file, here or in a worker process (it is pickled there with its chunk)."""
+
+    parser_spec: tuple[str, str]  # ("named", format) or ("nginx", log_format)
+    service: str
+    source_name: str
+    source: str
+    tz: tzinfo
+    clock_offset_ns: int
+
+    def parser(self) -> Callable[[str], logparse.Fields | None]:
+        kind, spec = self.parser_spec
+        return logparse.nginx_log_format(spec) if kind == "nginx" else logparse.FORMATS[spec]
+
+    def parse(self, chunk: list[tuple[int, str]]) -> tuple[list[LogRecord], list[tuple[str, str]]]:
+        """The records of ``chunk``, and the (where, why) of each line or record that gave none."""
+        parser = self.parser()
+        problems: list[tuple[str, str]] = []
+        out = []
+        for parsed in logparse.records(iter(chunk), parser,
+                                       lambda n, reason, line: problems.append((f"{self.source}:{n}", reason))):
+            record = _record(parsed, self.service, self.source_name, self.tz, self.clock_offset_ns)
+            if isinstance(record, str):
+                problems.append((f"{self.source}:{parsed.lineno}", record))
+                continue
+            record.identity()  # fixed now, on the ids the line carried, before linking adds any
+            out.append(record)
+        return out, problems
 
 
 def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offset_ns: int) -> LogRecord | str:
@@ -236,25 +300,48 @@ def join_twins(store: Store, lines: list[LogRecord]) -> list[LogRecord]:
 
 def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: str = "auto", tz: tzinfo | None = None,
            clock_offset_ns: int = 0, nginx_format: str | None = None, linker: Any = None,
-           on_progress: Callable[[str, int], None] | None = None) -> IngestReport:
-    """Parse, link (with ``linker``, an analyzers.correlate.Linker) and store every record."""
+           on_progress: Callable[[str, int], None] | None = None, workers: int = 0) -> IngestReport:
+    """Parse, link (with ``linker``, an analyzers.correlate.Linker) and store every record; with ``workers``,
+    files longer than CHUNK_LINES are parsed by that many worker processes while this one links and stores."""
     report = IngestReport()
     sources = expand(inputs)
     for source in sources:  # every file checked before any is stored
         if source != "-":
             check_text(Path(source))
+    pool = _LazyPool(workers)
     try:
-        _ingest_all(store, sources, report, service, fmt, tz, clock_offset_ns, nginx_format, linker, on_progress)
+        _ingest_all(store, sources, report, service, fmt, tz, clock_offset_ns, nginx_format, linker, on_progress,
+                    pool)
     finally:
+        pool.close()
         if linker:  # the held lines are stored even when a later file is refused
             report.stored += store.write(logs=linker.finish())[1]
             report.linked = dict(linker.stats.by_method)
     return report
 
 
+class _LazyPool:
+    """The parsing processes, started only when a file turns out long enough to need them."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self._pool: Any = None
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self._pool is None:
+            from .decoding import process_pool
+
+            self._pool = process_pool(self.workers)
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _ingest_all(store: Store, sources: list[str], report: IngestReport, service: str | None, fmt: str,
                 tz: tzinfo | None, clock_offset_ns: int, nginx_format: str | None, linker: Any,
-                on_progress: Callable[[str, int], None] | None) -> None:
+                on_progress: Callable[[str, int], None] | None, pool: _LazyPool) -> None:
     for source in sources:
         file_report = FileReport(source)
         report.files.append(file_report)
@@ -269,7 +356,7 @@ def _ingest_all(store: Store, sources: list[str], report: IngestReport, service:
             batch.clear()
 
         for record in read_records(source, service, fmt, tz or logparse.parse_tz(None), clock_offset_ns,
-                                   file_report, nginx_format):
+                                   file_report, nginx_format, pool if pool.workers > 0 else None):
             batch.append(record)
             if len(batch) >= BATCH:
                 flush()

@@ -301,6 +301,8 @@ def ingest_logs(
     clock_offset: Annotated[Optional[str], typer.Option(
         help="How far this host's clock runs ahead (e.g. 150ms); subtracted from every time.")] = None,
     no_link: Annotated[bool, typer.Option("--no-link", help="Store without linking to traces.")] = False,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Processes that parse long files (default: one per core; 0: parse here).", min=0, max=64)] = None,
     store: StoreOption = None,
     output_format: FormatOption = "table",
 ) -> None:
@@ -309,6 +311,7 @@ def ingest_logs(
 
     from payscope.analyzers.correlate import Linker
     from payscope.collector import logparse
+    from payscope.collector.decoding import default_workers
     from payscope.collector.logingest import ingest
     from payscope.collector.store import open_store
     from payscope.timeparse import parse_duration_s
@@ -327,7 +330,7 @@ def ingest_logs(
 
         report = ingest(opened, files, service=service, fmt=log_format, tz=zone, clock_offset_ns=offset,
                         nginx_format=nginx_format, linker=None if no_link else Linker(opened),
-                        on_progress=on_progress)
+                        on_progress=on_progress, workers=default_workers() if workers is None else workers)
     doc = report.to_json()
     if output_format == "json":
         _emit_json(doc)

@@ -316,3 +316,43 @@ def test_a_line_sent_over_otlp_and_written_to_a_file_is_stored_once_with_both_so
     assert again.returncode == 0, again.stderr
     with open_store(str(store_path), readonly=True) as store:  # read twice, stored once, each source once
         assert sorted(r.source for _, r in store.search_logs(LogQuery(limit=None))) == sorted(sources)
+
+
+def test_long_files_parsed_by_worker_processes_give_what_parsing_here_gives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from payscope.collector import logingest
+
+    rng = random.Random(7)
+    lines = []
+    for i in range(4000):
+        stamp = f"2026-11-25 10:{(i // 60) % 60:02d}:{i % 60:02d},{i % 1000:03d}"
+        roll = rng.random()
+        if roll < 0.1:  # a traceback after its line: it must stay with it, wherever the chunks are cut
+            lines += [f"{stamp} ERROR charge ord-{i} failed", "Traceback (most recent call last):",
+                      '  File "pay.py", line 3, in charge', "requests.exceptions.ReadTimeout: Read timed out."]
+        elif roll < 0.13:  # a line no parser reads, then one that continues the record before it
+            lines += ["%%% not a log line %%%", "    at com.shop.Pay.charge(Pay.java:42)"]
+        elif roll < 0.15:
+            lines.append(f"2026-13-45 99:99:99,000 INFO order ord-{i} at an impossible time")
+        elif roll < 0.17:
+            lines.append(f"{stamp} INFO paid with card 4111 1111 1111 1111 for order ord-{i}")
+        else:
+            lines.append(f"{stamp} INFO charging order ord-{i} amount {rng.randint(1, 999)}")
+        if rng.random() < 0.05:
+            lines.append("")
+    log = tmp_path / "payment.log"
+    log.write_text("\n".join(lines) + "\n")
+    results = {}
+    for workers in (0, 2):
+        # read whole here; in dozens of chunks there, cut next to every kind of line
+        monkeypatch.setattr(logingest, "CHUNK_LINES", 97 if workers else 10**9)
+        with open_store(str(tmp_path / f"w{workers}.db")) as store:
+            report = ingest(store, [str(log)], workers=workers).to_json()
+            records = [(r.time_ns, r.source, r.message, r.severity, r.attributes)
+                       for _, r in store.search_logs(LogQuery(limit=None))]
+        results[workers] = report, sorted(records)
+    assert results[2] == results[0]
+    report, records = results[2]
+    assert report["records"] == len(records) > 3000 and report["unparsed"] > 100
+    assert sum(1 for r in records if "Traceback" in r[2] and r[2].count("\n") == 3) > 300
+    assert not any("4111" in r[2] for r in records)
