@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from payscope.collector.importers import ImportReport, read_trace_file
 from payscope.collector.store import LogQuery, Store, open_store
 from payscope.collector.store.embedded import SCHEMA_VERSION
 from payscope.errors import StoreError
@@ -182,29 +184,57 @@ def test_embedded_records_schema_version_and_refuses_another(tmp_path: Path) -> 
         open_store(str(path))
 
 
-def test_embedded_brings_a_version_5_store_up_to_date(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    with open_store(str(path)) as store:
-        store.write(sample_trace(T1, True)[1:])
-    conn = sqlite3.connect(path)  # what version 5 wrote: no ranks kept with a summary
-    conn.execute("ALTER TABLE traces DROP COLUMN root_rank")
-    conn.execute("ALTER TABLE traces DROP COLUMN error_rank")
-    conn.execute("UPDATE meta SET value='5' WHERE key='schema_version'")
-    conn.commit()
-    conn.close()
-    with open_store(str(path)) as store:
-        assert store.write(sample_trace(T1, True)[:1]) == (1, 0)
-        summary = store.trace_summary(T1)
-        assert summary is not None
-        assert (summary.root_service, summary.root_name, summary.span_count, summary.error_count,
-                summary.error_class, summary.error_service) == ("gateway", "server op", 3, 1, "business", "gateway")
-    conn = sqlite3.connect(path)
+def test_embedded_upgrades_a_store_written_by_version_5_to_what_this_version_writes(tmp_path: Path) -> None:
+    from payscope.collector.logingest import ingest
+    from tests.helpers import DATA
+
+    inputs = DATA / "stores"  # v5.db.gz was written from these by payscope with schema 5 (see its README)
+    old = tmp_path / "v5.db"
+    old.write_bytes(gzip.decompress((inputs / "v5.db.gz").read_bytes()))
+    fresh = tmp_path / "fresh.db"
+    with open_store(str(fresh)) as store:
+        for name in ("checkout-part.otlp.jsonl.gz", "keys.otlp.json"):
+            for batch in read_trace_file(inputs / name, ImportReport(name)):
+                store.write(batch.spans, batch.logs)
+    with open_store(str(fresh)) as store:
+        from payscope.analyzers.correlate import Linker
+
+        ingest(store, [str(inputs / "payment.log")], linker=Linker(store))
+
+    def everything(path: Path) -> tuple[object, ...]:
+        with open_store(str(path), readonly=True) as store:
+            rows = sorted((r for batch in store.iter_rows() for r in batch), key=lambda r: (r.trace_id, r.span_id))
+            summaries = sorted(((t.trace_id, t.start_ns, t.end_ns, t.root_service, t.root_name, t.span_count,
+                                 t.error_count, t.services, t.error_class, t.error_service)
+                                for t in store.traces(limit=None)), key=str)
+            logs = sorted((r.time_ns, r.message, r.trace_id, r.link_method) for _, r in
+                          store.search_logs(LogQuery(limit=None)))
+            spans = [(s.name, s.attributes) for s in store.trace("7a" * 16)]
+            return store.counts(), rows, summaries, logs, spans, store.traces_by_key("ord-9001")
+
+    upgraded = everything(old)  # read-only, by a user who may write the file: upgraded in place, once
+    assert upgraded == everything(fresh)
+    late = span("7a" * 16, "1000000000000009", "1000000000000003", "payment", "client", 1767000100030,
+                1767000100031, STATUS_ERROR, **{"server.address": "ledger"})
+    for path in (old, fresh):  # a span arriving after the upgrade is folded in by the ranks the upgrade kept
+        with open_store(str(path)) as store:
+            assert store.write([late]) == (1, 0)
+    assert everything(old)[2] == everything(fresh)[2]
+    with open_store(str(old), readonly=True) as store:
+        summary = store.trace_summary("7a" * 16)
+        assert summary is not None and (summary.error_service, summary.root_service) == ("payment", "order")
+    counts, rows, _, logs, _, keyed = upgraded
+    assert counts["spans"] == 1303 and len(logs) == 2 and keyed == ["7a" * 16]
+    rich = {r.span_id: r for r in rows if r.trace_id == "7a" * 16}
+    assert rich["1000000000000002"].timeout_read_ms == 800.0 and rich["1000000000000002"].idempotency_key is True
+    assert rich["1000000000000003"].fault == "delay" and "rid:req-77" in rich["1000000000000001"].keys
+    conn = sqlite3.connect(old)
     assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
     conn.execute("UPDATE meta SET value='3' WHERE key='schema_version'")  # older than any upgrade kept
     conn.commit()
     conn.close()
     with pytest.raises(StoreError, match="schema version 3.*import its traces again"):
-        open_store(str(path), readonly=True)
+        open_store(str(old), readonly=True)
 
 
 def test_embedded_refuses_a_file_that_is_not_a_store(tmp_path: Path) -> None:
