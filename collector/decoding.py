@@ -15,13 +15,16 @@ import multiprocessing
 import os
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
 
 from payscope.errors import InputError
 
 from .otlp import LOGS, TRACES, Decoded, count_items
 
+T = TypeVar("T")
 INLINE_BELOW_BYTES = 64 * 1024  # a request smaller than this is decoded where it arrived
 _SIGNALS = {TRACES.name: TRACES, LOGS.name: LOGS}
 
@@ -68,33 +71,34 @@ def process_pool(workers: int) -> ProcessPoolExecutor:
                                initializer=_watch_parent, initargs=(os.getpid(),))
 
 
-class DecodePool:
-    """A few spawned worker processes decoding request bodies; started on the first large request."""
+class WorkerPool:
+    """:func:`process_pool`, started on the first task and started again after a worker died."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self._lock = threading.Lock()
         self._pool: ProcessPoolExecutor | None = None
 
-    def _executor(self) -> ProcessPoolExecutor:
+    def submit(self, fn: Callable[..., T], *args: Any) -> Future[T]:
         with self._lock:
             if self._pool is None:
                 self._pool = process_pool(self.workers)
-            return self._pool
-
-    def decode(self, signal_name: str, body: bytes, content_type: str, max_items: int) -> Decoded:
-        if self.workers <= 0 or len(body) < INLINE_BELOW_BYTES:
-            return decode_request(signal_name, body, content_type, max_items)
-        pool = self._executor()
+            pool = self._pool
         try:
-            return pool.submit(decode_request, signal_name, body, content_type, max_items).result()
+            return pool.submit(fn, *args)
         except BrokenProcessPool:
-            # a worker died (killed, out of memory): start new ones, and decode this request here
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = None
+            self.discard(pool)
+            raise
+
+    def discard(self, pool: ProcessPoolExecutor | None = None) -> None:
+        """Drop the pool (``pool``, when it is still the one in use): the next task starts new workers."""
+        with self._lock:
+            if pool is None or self._pool is pool:
+                pool, self._pool = self._pool, None
+            else:
+                pool = None
+        if pool is not None:
             pool.shutdown(wait=False, cancel_futures=True)
-            return decode_request(signal_name, body, content_type, max_items)
 
     def close(self) -> None:
         with self._lock:
@@ -103,4 +107,18 @@ class DecodePool:
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-__all__ = ["INLINE_BELOW_BYTES", "DecodePool", "decode_request", "default_workers", "process_pool"]
+class DecodePool(WorkerPool):
+    """Request bodies of INLINE_BELOW_BYTES or more decoded by the workers, smaller ones where they arrived."""
+
+    def decode(self, signal_name: str, body: bytes, content_type: str, max_items: int) -> Decoded:
+        if self.workers <= 0 or len(body) < INLINE_BELOW_BYTES:
+            return decode_request(signal_name, body, content_type, max_items)
+        try:
+            return self.submit(decode_request, signal_name, body, content_type, max_items).result()
+        except BrokenProcessPool:
+            # a worker died (killed, out of memory): new ones start on the next request; this one is decoded here
+            self.discard()
+            return decode_request(signal_name, body, content_type, max_items)
+
+
+__all__ = ["INLINE_BELOW_BYTES", "DecodePool", "WorkerPool", "decode_request", "default_workers", "process_pool"]

@@ -20,6 +20,7 @@ from payscope.errors import InputError
 from payscope.model import LogRecord
 
 from . import logparse
+from .decoding import WorkerPool
 from .files import check_text
 from .otlp import OTLP_SOURCE
 from .redaction import redact_log
@@ -308,7 +309,7 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
     for source in sources:  # every file checked before any is stored
         if source != "-":
             check_text(Path(source))
-    pool = _LazyPool(workers)
+    pool = WorkerPool(workers)  # started only when a file turns out long enough to need it
     try:
         _ingest_all(store, sources, report, service, fmt, tz, clock_offset_ns, nginx_format, linker, on_progress,
                     pool)
@@ -320,28 +321,9 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
     return report
 
 
-class _LazyPool:
-    """The parsing processes, started only when a file turns out long enough to need them."""
-
-    def __init__(self, workers: int) -> None:
-        self.workers = workers
-        self._pool: Any = None
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self._pool is None:
-            from .decoding import process_pool
-
-            self._pool = process_pool(self.workers)
-        return self._pool.submit(fn, *args)
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 def _ingest_all(store: Store, sources: list[str], report: IngestReport, service: str | None, fmt: str,
                 tz: tzinfo | None, clock_offset_ns: int, nginx_format: str | None, linker: Any,
-                on_progress: Callable[[str, int], None] | None, pool: _LazyPool) -> None:
+                on_progress: Callable[[str, int], None] | None, pool: WorkerPool) -> None:
     for source in sources:
         file_report = FileReport(source)
         report.files.append(file_report)
