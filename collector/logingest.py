@@ -134,10 +134,11 @@ def _decoded_lines(stream: IO[bytes], report: FileReport) -> Iterator[tuple[int,
 
 
 def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_offset_ns: int,
-                 report: FileReport, nginx_format: str | None = None, pool: Any = None) -> Iterator[LogRecord]:
-    """The records of one file, in order. With ``pool`` (a process pool), a file longer than CHUNK_LINES is
-    parsed in chunks by its workers, each chunk starting on a line that cannot continue the record before it;
-    the records and the problems reported are those of parsing it here."""
+                 report: FileReport, nginx_format: str | None = None,
+                 pool: WorkerPool | None = None) -> Iterator[LogRecord]:
+    """The records of one file, in order. With ``pool``, a file longer than CHUNK_LINES is parsed in chunks by
+    its workers, each chunk starting on a line that starts a record; the records and the problems reported
+    are those of parsing it here."""
     stream = _open(source)
     try:
         lines = _decoded_lines(stream, report)
@@ -198,7 +199,7 @@ def _chunks(lines: Iterator[tuple[int, str]], starts_record: Callable[[str], boo
         yield chunk
 
 
-def _in_order(pool: Any, job: _Chunk, chunks: Iterator[list[tuple[int, str]]]) -> Iterator[Any]:
+def _in_order(pool: WorkerPool, job: _Chunk, chunks: Iterator[list[tuple[int, str]]]) -> Iterator[Any]:
     """Each chunk's result, in order, with a few chunks parsed ahead by the pool's workers."""
     ahead: collections.deque[Any] = collections.deque()
     for chunk in chunks:
