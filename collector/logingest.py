@@ -9,6 +9,8 @@ import itertools
 import sys
 import zlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
@@ -200,14 +202,29 @@ def _chunks(lines: Iterator[tuple[int, str]], starts_record: Callable[[str], boo
 
 
 def _in_order(pool: WorkerPool, job: _Chunk, chunks: Iterator[list[tuple[int, str]]]) -> Iterator[Any]:
-    """Each chunk's result, in order, with a few chunks parsed ahead by the pool's workers."""
-    ahead: collections.deque[Any] = collections.deque()
+    """Each chunk's result, in order, with a few chunks parsed ahead by the pool's workers. A chunk whose
+    worker died (killed, out of memory) is parsed here, and new workers take the chunks after it."""
+    ahead: collections.deque[tuple[list[tuple[int, str]], Any]] = collections.deque()
+
+    def result() -> Any:
+        chunk, future = ahead.popleft()
+        try:
+            return future.result()
+        except BrokenProcessPool:
+            pool.discard()
+            return job.parse(chunk)
+
     for chunk in chunks:
-        ahead.append(pool.submit(job.parse, chunk))
+        try:
+            ahead.append((chunk, pool.submit(job.parse, chunk)))
+        except BrokenProcessPool:
+            here: Future[Any] = Future()
+            here.set_result(job.parse(chunk))
+            ahead.append((chunk, here))
         if len(ahead) > PARSE_AHEAD:
-            yield ahead.popleft().result()
+            yield result()
     while ahead:
-        yield ahead.popleft().result()
+        yield result()
 
 
 @dataclass(frozen=True)

@@ -318,10 +318,9 @@ def test_a_line_sent_over_otlp_and_written_to_a_file_is_stored_once_with_both_so
         assert sorted(r.source for _, r in store.search_logs(LogQuery(limit=None))) == sorted(sources)
 
 
-def test_long_files_parsed_by_worker_processes_give_what_parsing_here_gives(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from payscope.collector import logingest
-
+def _mixed_log(path: Path) -> Path:
+    """4,000-odd records of Python logging with tracebacks, unreadable lines followed by continuation lines,
+    impossible timestamps, card numbers and blank lines."""
     rng = random.Random(7)
     lines = []
     for i in range(4000):
@@ -340,19 +339,65 @@ def test_long_files_parsed_by_worker_processes_give_what_parsing_here_gives(
             lines.append(f"{stamp} INFO charging order ord-{i} amount {rng.randint(1, 999)}")
         if rng.random() < 0.05:
             lines.append("")
-    log = tmp_path / "payment.log"
-    log.write_text("\n".join(lines) + "\n")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _ingested(path: Path, store_path: Path, workers: int) -> tuple[object, list[tuple[object, ...]]]:
+    with open_store(str(store_path)) as store:
+        report = ingest(store, [str(path)], workers=workers).to_json()
+        records = [(r.time_ns, r.source, r.message, r.severity, r.attributes)
+                   for _, r in store.search_logs(LogQuery(limit=None))]
+    return report, sorted(records)
+
+
+def test_long_files_parsed_by_worker_processes_give_what_parsing_here_gives(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from payscope.collector import logingest
+
+    log = _mixed_log(tmp_path / "payment.log")
     results = {}
     for workers in (0, 2):
         # read whole here; in dozens of chunks there, cut next to every kind of line
         monkeypatch.setattr(logingest, "CHUNK_LINES", 97 if workers else 10**9)
-        with open_store(str(tmp_path / f"w{workers}.db")) as store:
-            report = ingest(store, [str(log)], workers=workers).to_json()
-            records = [(r.time_ns, r.source, r.message, r.severity, r.attributes)
-                       for _, r in store.search_logs(LogQuery(limit=None))]
-        results[workers] = report, sorted(records)
+        results[workers] = _ingested(log, tmp_path / f"w{workers}.db", workers)
     assert results[2] == results[0]
     report, records = results[2]
     assert report["records"] == len(records) > 3000 and report["unparsed"] > 100
     assert sum(1 for r in records if "Traceback" in r[2] and r[2].count("\n") == 3) > 300
     assert not any("4111" in r[2] for r in records)
+
+
+def test_a_parsing_process_killed_mid_file_loses_no_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+    import signal
+    import threading
+    import time
+
+    from payscope.collector import logingest
+
+    log = _mixed_log(tmp_path / "payment.log")
+    expected = _ingested(log, tmp_path / "here.db", 0)
+    monkeypatch.setattr(logingest, "CHUNK_LINES", 97)
+    killed: list[int] = []
+
+    def kill_the_first_worker() -> None:
+        deadline = time.monotonic() + 20
+        while not killed and time.monotonic() < deadline:
+            for entry in Path("/proc").iterdir():
+                try:
+                    if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == \
+                            str(os.getpid()) and b"spawn_main" in (entry / "cmdline").read_bytes():
+                        os.kill(int(entry.name), signal.SIGKILL)
+                        killed.append(int(entry.name))
+                        break
+                except (OSError, IndexError):
+                    continue
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_the_first_worker)
+    killer.start()
+    got = _ingested(log, tmp_path / "killed.db", 2)
+    killer.join()
+    assert killed, "no parsing process was seen to kill"
+    assert got == expected
