@@ -95,8 +95,9 @@ def _span_from_row(row: tuple[Any, ...]) -> Span:
 
 def _facts(r: SpanRow) -> bytes:
     """A span's derived facts after its ids, as one marshal value: one column to write and to read instead of
-    24, which makes both about three times faster. The names a store repeats (services, operations, peers)
-    go in interned, and come back out as one shared string each, whatever the number of spans."""
+    24 (reading a million spans 2.6 times faster, writing one about a quarter cheaper). The names a store
+    repeats (services, operations, peers) go in interned, and come back out as one shared string each,
+    whatever the number of spans."""
     i = _intern
     return _dump((r.parent_id, i(r.service), i(r.name), i(r.kind), r.start_ns, r.end_ns, r.status_code,
                   r.status_message, r.error_class and i(r.error_class), i(r.operation), r.peer and i(r.peer),
@@ -120,6 +121,16 @@ def _rows(path: Path, found: list[tuple[str, str, bytes]]) -> list[SpanRow]:
                          "again into a new store") from None
 
 
+def _root_rank(r: SpanRow) -> int:
+    """The least is a trace's root: a span without a parent before any other, then the earliest."""
+    return (r.parent_id is not None) * _ROOT_RANK + r.start_ns
+
+
+def _error_rank(r: SpanRow) -> int:
+    """The greatest is a trace's error: the one that started last, a client before its server on a tie."""
+    return r.start_ns * 2 + (r.kind in ("client", "producer"))
+
+
 def _upgrade_5(conn: sqlite3.Connection) -> None:
     """Version 5 kept each derived fact in a column of its own, and trace summaries without their ranks."""
     conn.execute("DROP INDEX IF EXISTS spans_id")
@@ -138,10 +149,10 @@ def _upgrade_5(conn: sqlite3.Connection) -> None:
                           tuple(r[23].split(_KEY_SEP)) if r[23] else (), r[24], r[25])
             rows.append((row.trace_id, row.span_id, row.service, row.kind, row.start_ns, row.end_ns, _facts(row),
                          r[26], r[27]))
-            rank = (row.parent_id is not None) * _ROOT_RANK + row.start_ns
+            rank = _root_rank(row)
             roots[row.trace_id] = min(rank, roots.get(row.trace_id, rank))
             if row.error_class is not None:
-                rank = row.start_ns * 2 + (row.kind in ("client", "producer"))
+                rank = _error_rank(row)
                 errors[row.trace_id] = max(rank, errors.get(row.trace_id, rank))
         conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?)", rows)
     conn.execute("DROP TABLE spans_v5")
@@ -214,7 +225,7 @@ class _Summary:
             self.start_ns = r.start_ns
         if self.end_ns is None or r.end_ns > self.end_ns:
             self.end_ns = r.end_ns
-        rank = (r.parent_id is not None) * _ROOT_RANK + r.start_ns
+        rank = _root_rank(r)
         if self.root_rank is None or rank < self.root_rank:
             self.root_rank, self.root_service, self.root_name = rank, r.service, r.name
         self.span_count += 1
@@ -222,7 +233,7 @@ class _Summary:
         if r.status_code == 2 or r.error_class is not None:
             self.error_count += 1
         if r.error_class is not None:
-            rank = r.start_ns * 2 + (r.kind in ("client", "producer"))
+            rank = _error_rank(r)
             if self.error_rank is None or rank > self.error_rank:
                 self.error_rank, self.error_class, self.error_service = rank, r.error_class, r.service
 
