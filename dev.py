@@ -45,7 +45,10 @@ def demo(extra: list[str]) -> None:
 def test(extra: list[str]) -> None:
     run(BIN / "ruff", "check", ".")
     run(BIN / "mypy")
-    run(PYTHON, "-m", "pytest", *extra)
+    # both cores (or all): tests that share a server or a fixture stay in one process (tests/conftest.py)
+    spread = [] if any(a == "-n" or a.startswith(("-n", "--numprocesses", "-p")) for a in extra) \
+        else ["-n", "auto", "--dist", "loadgroup"]
+    run(PYTHON, "-m", "pytest", *spread, *extra)
 
 
 def bench(extra: list[str]) -> None:

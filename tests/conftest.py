@@ -11,6 +11,23 @@ from payscope.collector.store import Store, open_store
 from tests.helpers import CapturingHandler, CollectorProcess, serving
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Which tests share a process when the suite runs on several (``dev.py test`` runs it with pytest-xdist's
+    ``--dist loadgroup``): those on the session's Elasticsearch node, those on the session's demo store, and
+    otherwise each file's, so that no node, demo or module fixture is made twice."""
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        names = getattr(item, "fixturenames", ())
+        if item.nodeid.startswith("tests/test_elasticsearch.py") or "elasticsearch_node" in names \
+                or params.get("backend") == "elasticsearch":
+            group = "elasticsearch"
+        elif "demo_store" in names:
+            group = "demo"
+        else:
+            group = item.nodeid.split("::", 1)[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture()
 def store_path(tmp_path: Path) -> Path:
     return tmp_path / "payscope.db"
