@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from payscope.collector.store import Sample
+
 from .calls import Call
 from .engine import Analysis
 from .stats import p50_p99 as _pct
@@ -31,6 +33,9 @@ NOISE_MIN_MS = 5.0
 NOISE_SHARE = 0.1      # ... or less than this share of the baseline's median entry request
 SLACK_NS = 1_000_000   # a child may end this much after its parent on unaligned clocks
 MIN_REQUESTS = 5       # fewer requests of a kind than this in a window say nothing of its time
+# Traces read from each window: p50s and means of a few thousand requests move by a few percent at most, and
+# a large store is never read whole (the store chooses them: Store.sample_traces).
+SAMPLE = 5_000
 
 
 @dataclass
@@ -141,10 +146,14 @@ def _window_stats(window: Window, requests: list[tuple[Kind, dict[HopKey, float]
     return stats
 
 
-def _summary(stats: WindowStats) -> dict[str, Any]:
+def _summary(stats: WindowStats, sample: Sample | None) -> dict[str, Any]:
     durations = stats.all_durations()
-    return {"from_ns": stats.window[0], "to_ns": stats.window[1], "entry_requests": stats.total,
-            "entry_ms": _pct(durations)}
+    out = {"from_ns": stats.window[0], "to_ns": stats.window[1], "entry_requests": stats.total,
+           "entry_ms": _pct(durations)}
+    if sample is not None:
+        out["sample"] = {"traces_read": len(sample.trace_ids), "traces_in_window": sample.in_window,
+                         "limit": sample.limit, "complete": sample.complete}
+    return out
 
 
 def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: float) -> dict[HopKey, HopKey]:
@@ -187,11 +196,14 @@ def _merged(explained: dict[HopKey, float], noise: float) -> tuple[dict[HopKey, 
     return merged, members
 
 
-def compare(analysis: Analysis, baseline: Window, incident: Window) -> dict[str, Any]:
+def compare(analysis: Analysis, baseline: Window, incident: Window,
+            samples: tuple[Sample, Sample] | None = None) -> dict[str, Any]:
     """The JSON contract of `payscope compare`: both windows, and the hops ranked by what they explain.
 
     Each kind of entry request (entry service and operation) is compared with itself, so that a change in the
     traffic mix is not taken for a slowdown; a hop is ranked by what it adds to the kind it slows most.
+    ``samples``: when the analysis holds only a sample of each window's traces (``loader.load_sampled``), what
+    was read of each, which the document states.
     """
     base_requests, inc_requests = _requests(analysis, baseline), _requests(analysis, incident)
     base_kinds = defaultdict(int, Counter(k for k, _ in base_requests))
@@ -250,7 +262,8 @@ def compare(analysis: Analysis, baseline: Window, incident: Window) -> dict[str,
             "sentence": sentence(service, component, edge, value, added[g], g, _pct(base_samples),
                                  _pct(inc_samples)),
         })
-    return {"baseline": _summary(base), "incident": _summary(inc),
+    base_sample, inc_sample = samples if samples is not None else (None, None)
+    return {"baseline": _summary(base, base_sample), "incident": _summary(inc, inc_sample),
             "noise": f"entry requests are compared kind by kind (entry service and the calls they make); a hop "
                      f"that adds {NOISE_MIN_MS:g} ms or less to a kind, less than {NOISE_SHARE:.0%} of that kind's "
                      "baseline median, or less than three standard errors of the difference, is noise and not "

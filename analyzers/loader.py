@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from payscope.collector.store import LogQuery, Store
+from typing import Any
+
+from payscope.collector.store import LogQuery, Sample, Store
 from payscope.model import LogRecord
 
 from .calls import Call, TraceFacts
@@ -13,15 +15,15 @@ from .logcalls import log_calls
 from .orders import LoggedFacts, Rules, configured_rules
 
 
-def load(store: Store, *, judge: bool = True, window: tuple[int, int] | None = None) -> Analysis:
-    """The whole-store analysis of ``store``; with ``judge=False`` only the calls of every trace on one clock
-    (:func:`engine.read`), for what needs no more (`payscope compare`). With ``window`` (from, to in ns),
-    only the traces that start in it, and the log lines written in it."""
+def _proxy_calls(store: Store, window: tuple[int, int] | None, traces: set[str] | None = None) -> Any:
+    """The calls proxies logged but have no spans of (``log_calls``), for ``read``'s ``extra_calls``: from the
+    log lines written in ``window``, of the ``traces`` read (None: any)."""
 
     def proxy_calls(facts: dict[str, TraceFacts], calls: list[Call]) -> list[Call]:
         since, until = window if window else (None, None)
         records = [r for _, r in store.search_logs(LogQuery(attribute="status", since_ns=since, until_ns=until,
-                                                            limit=None))]
+                                                            limit=None))
+                   if traces is None or r.trace_id in traces]
         if not records:
             return []
         # a proxy that has its own spans is already in the analysis: its log lines would count it twice
@@ -39,14 +41,27 @@ def load(store: Store, *, judge: bool = True, window: tuple[int, int] | None = N
 
         return log_calls(records, entry_of)
 
+    return proxy_calls
+
+
+def load(store: Store, *, window: tuple[int, int] | None = None) -> Analysis:
+    """The whole-store analysis of ``store``. With ``window`` (from, to in ns), only the traces that start in it,
+    and the log lines written in it."""
     traces = group_traces(store.iter_rows())
     if window is not None:
         traces = (t for t in traces if window[0] <= min(s.start_ns for s in t) < window[1])
-    if not judge:
-        return read(traces, extra_calls=proxy_calls)
     rules = configured_rules()
-    return diagnose(traces, declared=declared_timeouts(store), extra_calls=proxy_calls, order_rules=rules,
-                    order_logs=logged_facts(store, rules, window))
+    return diagnose(traces, declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window),
+                    order_rules=rules, order_logs=logged_facts(store, rules, window))
+
+
+def load_sampled(store: Store, windows: list[tuple[int, int]], limit: int | None) -> tuple[Analysis, list[Sample]]:
+    """What `payscope compare` reads: from each window, the store's sample of the traces that start in it (at
+    most ``limit``; None: all), with their calls on one clock. Nothing else is read."""
+    samples = [store.sample_traces(lo, hi, limit) for lo, hi in windows]
+    chosen = sorted({t for s in samples for t in s.trace_ids})
+    span = (min(lo for lo, _ in windows), max(hi for _, hi in windows))
+    return read(group_traces(store.rows_of(chosen)), extra_calls=_proxy_calls(store, span, set(chosen))), samples
 
 
 def logged_facts(store: Store, rules: Rules, window: tuple[int, int] | None = None) -> LoggedFacts:

@@ -587,10 +587,14 @@ def compare(
     traces_index: TracesIndexOption = None,
     logs_index: LogsIndexOption = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table, json or markdown.")] = "table",
+    sample: Annotated[Optional[int], typer.Option(
+        help="At most this many traces read from each window (default 5,000), chosen in the store by trace "
+             "id as a ratio sampler keeps them; 0 reads every trace.", show_default=False)] = None,
 ) -> None:
     """Which hop lost the time between a healthy window and an incident, and whether network or code."""
+    from payscope.analyzers.compare import SAMPLE
     from payscope.analyzers.compare import compare as compare_windows
-    from payscope.analyzers.loader import load
+    from payscope.analyzers.loader import load_sampled
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "markdown"))
@@ -600,8 +604,12 @@ def compare(
     base = parse_window(baseline, "--baseline") if baseline else (2 * inc[0] - inc[1], inc[0])
     if base[0] < inc[1] and inc[0] < base[1]:
         raise PayscopeError("--baseline and --incident overlap: compare two separate windows")
+    if sample is not None and sample < 0:
+        raise PayscopeError(f"--sample {sample} must be 0 (every trace) or more")
+    limit = SAMPLE if sample is None else sample or None
     with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
-        document = compare_windows(load(opened, judge=False), base, inc)
+        analysis, (base_sample, inc_sample) = load_sampled(opened, [base, inc], limit)
+        document = compare_windows(analysis, base, inc, (base_sample, inc_sample))
     for label, window in (("baseline", document["baseline"]), ("incident", document["incident"])):
         if not window["entry_requests"]:
             raise PayscopeError(f"the --{label} window holds no entry requests in {opened.url}")

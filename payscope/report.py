@@ -109,8 +109,16 @@ def print_recommendations(document: dict[str, Any], console: Console, *, snippet
 def compare_lines(document: dict[str, Any]) -> list[str]:
     """`payscope compare` as lines to paste into an incident channel, best explanation first."""
     base, inc = document["baseline"], document["incident"]
-    lines = [f"baseline: {base['entry_requests']} entry requests, p50 {format_ms(base['entry_ms']['p50'])}; "
-             f"incident: {inc['entry_requests']}, p50 {format_ms(inc['entry_ms']['p50'])}"]
+
+    def read(window: dict[str, Any]) -> str:
+        sample = window.get("sample")
+        if not sample or sample["complete"]:
+            return ""
+        return f" (from a sample of {sample['traces_read']:,} of {sample['traces_in_window']:,} traces)"
+
+    lines = [f"baseline: {base['entry_requests']} entry requests{read(base)}, "
+             f"p50 {format_ms(base['entry_ms']['p50'])}; "
+             f"incident: {inc['entry_requests']}{read(inc)}, p50 {format_ms(inc['entry_ms']['p50'])}"]
     if not document["hops"]:
         lines.append("no hop grew above noise: " + document["noise"])
     for i, hop in enumerate(document["hops"], 1):

@@ -11,6 +11,7 @@ from payscope.collector.store import Store, open_store
 from tests.helpers import CapturingHandler, CollectorProcess, serving
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which reads the groups
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Which tests share a process when the suite runs on several (``dev.py test`` runs it with pytest-xdist's
     ``--dist loadgroup``): those on the session's Elasticsearch node, those on the session's demo store, and

@@ -43,6 +43,7 @@ def both_stores(tmp_path_factory: pytest.TempPathFactory, elasticsearch_node: An
     ("failures", "--limit", "7", "--outcome", "timeout"),
     ("recommend", "timeouts"),
     ("compare", "--incident"),
+    ("compare", "--sample", "20", "--incident"),  # both stores choose the same sample
 ])
 def test_every_command_answers_as_on_the_embedded_store(both_stores: tuple[str, str], command: tuple[str, ...]) -> None:
     embedded, es = both_stores

@@ -5,12 +5,17 @@ recommendations cover what callers saw, and healthy windows rank nothing."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from payscope.analyzers.compare import SAMPLE
+from payscope.analyzers.loader import load_sampled
 from payscope.collector.store import open_store
+from payscope.collector.store.embedded import EmbeddedStore
+from payscope.model import SpanRow
 from tests.helpers import REALDATA, SCENARIOS, payscope, payscope_json
 
 NEZHA = REALDATA / "nezha"
@@ -107,6 +112,7 @@ def test_a_hop_mostly_on_the_wire_is_a_network_finding(tmp_path: Path) -> None:
     (["--incident", "yesterday"], "FROM..TO"),
     (["--baseline", "0..20", "--incident", "10..30"], "overlap"),
     (["--baseline", "0..10", "--incident", "20..30"], "no entry requests"),
+    (["--incident", "1661147574..1661147600", "--sample", "-1"], "--sample -1"),
 ])
 def test_bad_windows_exit_2_with_one_line(args: list[str], says: str, stores: dict[str, str]) -> None:
     proc = payscope("compare", "--store", stores[CASES[0]["id"]], *args)
@@ -122,3 +128,38 @@ def test_an_incident_alone_is_compared_with_as_long_just_before_it(stores: dict[
     assert doc["baseline"]["from_ns"] == pytest.approx(int((start + half) * 1e9) - (doc["incident"]["to_ns"]
                                                        - doc["incident"]["from_ns"]), abs=2)
     assert doc["baseline"]["entry_requests"] > 0
+
+
+class _NoWholeReads(EmbeddedStore):
+    """The real store, refusing to be read whole: what `payscope compare` must never need."""
+
+    def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
+        raise AssertionError("compare read every span of the store")
+
+
+def test_compare_reads_the_stores_sample_of_each_window_and_says_so(stores: dict[str, str]) -> None:
+    case = CASES[0]
+    base, inc = (tuple(int(v * 1e9) for v in _span(case[w])) for w in ("baseline", "incident"))
+    with _NoWholeReads(stores[case["id"]], readonly=True) as store:
+        analysis, samples = load_sampled(store, [base, inc], 150)
+        chosen = [store.sample_traces(*window, 150).trace_ids for window in (base, inc)]
+    assert [s.trace_ids for s in samples] == chosen and all(len(ids) == 150 for ids in chosen)
+    assert set(analysis.traces) == set(chosen[0]) | set(chosen[1])
+    assert samples[0].in_window > 150 and samples[1].in_window > 150 and not samples[0].complete
+
+    args = ["compare", "--store", stores[case["id"]], "--baseline", _window(case["baseline"]),
+            "--incident", _window(case["incident"])]
+    whole = payscope_json(*args, "--sample", "0")
+    assert whole["incident"]["sample"] == {"traces_read": samples[1].in_window,
+                                           "traces_in_window": samples[1].in_window, "limit": None, "complete": True}
+    sampled = payscope_json(*args, "--sample", "150")
+    assert sampled["incident"]["sample"] == {"traces_read": 150, "traces_in_window": samples[1].in_window,
+                                             "limit": 150, "complete": False}
+    assert sampled["incident"]["entry_requests"] <= 150 < whole["incident"]["entry_requests"]
+    table = payscope(*args, "--sample", "150", check=True).stdout
+    assert f"(from a sample of 150 of {samples[1].in_window:,} traces)" in table.splitlines()[0]
+    assert f"(default {SAMPLE:,})" in payscope("compare", "--help", check=True).stdout
+
+
+def _span(pair: list[float]) -> tuple[float, float]:
+    return pair[0], pair[1] + 0.001

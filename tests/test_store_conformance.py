@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import random
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from payscope.collector.importers import ImportReport, read_trace_file
-from payscope.collector.store import LogQuery, Store, open_store
+from payscope.collector.store import SAMPLE_DIGITS, LogQuery, Sample, Store, open_store
 from payscope.collector.store.embedded import SCHEMA_VERSION
 from payscope.errors import StoreError
 from payscope.model import STATUS_ERROR, STATUS_OK, LogRecord, Span
@@ -161,6 +162,42 @@ def test_iter_rows_keeps_traces_contiguous_and_derives(backend: Callable[[], Sto
     client = next(r for r in store.trace_rows(T1) if r.kind == "client")
     assert client.peer == "order" and client.error_class == "business"
     assert next(r for r in store.trace_rows(T1) if r.kind == "server" and r.service == "gateway").keys == ("o-aaaa",)
+
+
+def test_a_window_is_sampled_in_the_store_by_the_random_end_of_trace_ids(backend: Callable[[], Store]) -> None:
+    rng = random.Random(7)
+    ids = [f"{rng.getrandbits(128):032x}" for _ in range(30)]
+    ids += [f"{rng.getrandbits(64):016x}" for _ in range(6)]  # Zipkin's 64-bit trace ids
+    ids += [f"{1_700_000_000 + i:08x}{rng.getrandbits(96):024x}" for i in range(10)]  # time first, as X-Ray's
+    starts = {t: rng.randrange(1000, 2000) for t in ids}
+    # traces that started before the window but have spans in it, with the least keys of all: never sampled
+    early = [f"{rng.getrandbits(72):018x}{i:014x}" for i in range(4)]
+    spans = [s for t in ids for s in sample_trace(t, False, starts[t])]
+    spans += [s for t in early for s in sample_trace(t, False, 950)]
+    spans += [span(t, "1000000000000009", "1000000000000001", "gateway", "client", 1100, 1150) for t in early]
+    spans += sample_trace("f" * 32, False, 2000)  # starts where the window ends: outside it
+    store = backend()
+    store.write(spans)
+
+    def key(t: str) -> tuple[int, str]:
+        return int(t[-SAMPLE_DIGITS:], 16), t
+
+    inside = sorted(ids, key=key)
+    assert inside[:12] != sorted(ids)[:12] and inside[:12] != sorted(ids, key=starts.__getitem__)[:12]
+    lo, hi = 1000 * 1_000_000, 2000 * 1_000_000
+    sample = store.sample_traces(lo, hi, 12)
+    assert sample.trace_ids == inside[:12] and not sample.complete
+    assert len(ids) <= sample.in_window <= len(ids) + len(early)  # an estimate may count the early ones too
+    assert store.sample_traces(lo, hi, 3).trace_ids == inside[:3]
+    assert store.sample_traces(lo, hi, 100) == Sample(inside, len(ids), 100)
+    assert store.sample_traces(lo, hi, None) == Sample(inside, len(ids), None)
+    assert store.sample_traces(0, 1, 5) == Sample([], 0, 5)
+
+    rows = [r for batch in store.rows_of(inside[:5] + [T1], batch_size=4) for r in batch]
+    assert [r.trace_id for r in rows] == sorted(r.trace_id for r in rows)
+    for t in inside[:5]:
+        assert [r.span_id for r in rows if r.trace_id == t] == [r.span_id for r in store.trace_rows(t)]
+    assert {r.trace_id for r in rows} == set(inside[:5])
 
 
 def test_meta_round_trip(backend: Callable[[], Store]) -> None:

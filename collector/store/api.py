@@ -41,6 +41,24 @@ class LogQuery:
     limit: int | None = 100
 
 
+# A trace id's last 14 hex digits (56 bits) are random in every W3C trace id (its "random" flag promises no
+# more) and in time-prefixed ids too: a sample drawn by them is the one a trace-id ratio sampler keeps.
+SAMPLE_DIGITS = 14
+
+
+@dataclass(slots=True)
+class Sample:
+    """Traces chosen from a window by the store, and how many start in it."""
+
+    trace_ids: list[str]
+    in_window: int  # exact up to the limit; above it, Elasticsearch's estimate
+    limit: int | None
+
+    @property
+    def complete(self) -> bool:
+        return self.limit is None or len(self.trace_ids) < self.limit
+
+
 class Store(abc.ABC):
     """A reader and a writer of spans and log records."""
 
@@ -83,6 +101,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
         """The derived facts of every span, in batches, a trace's spans contiguous."""
+
+    @abc.abstractmethod
+    def sample_traces(self, since_ns: int, until_ns: int, limit: int | None) -> Sample:
+        """Up to ``limit`` (None: all) of the traces whose first span starts in [since, until): those whose trace
+        ids' last :data:`SAMPLE_DIGITS` hex digits, read as a number, are least (then by trace id), so the same
+        store gives the same sample, and a window of more traces a sample of the same kind."""
+
+    @abc.abstractmethod
+    def rows_of(self, trace_ids: list[str], batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
+        """The derived facts of those traces' spans, in batches, a trace's spans contiguous and by start time."""
 
     @abc.abstractmethod
     def server_spans_around(self, service: str, time_ns: int, slack_ns: int,

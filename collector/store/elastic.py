@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import sys
 import threading
 from collections.abc import Iterable, Iterator
@@ -39,7 +40,7 @@ from payscope import semconv
 from payscope.errors import StoreError
 from payscope.model import STATUS_ERROR, STATUS_OK, STATUS_UNSET, EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 
-from .api import LogQuery, Store, UnsupportedError
+from .api import SAMPLE_DIGITS, LogQuery, Sample, Store, UnsupportedError
 from .codec import decode_body
 from .spool import Spool
 
@@ -51,6 +52,7 @@ POLICY = "payscope-retention"
 _BULK_DOCS = 5_000
 _PAGE = 5_000
 _MAX_TERMS = 10_000
+_MAX_BUCKETS = 60_000  # below the cluster's default search.max_buckets (65,536)
 _KINDS = {"server": "Server", "client": "Client", "producer": "Producer", "consumer": "Consumer",
           "internal": "Internal", "unspecified": "Unspecified"}
 _STATUS = {STATUS_UNSET: "Unset", STATUS_OK: "Ok", STATUS_ERROR: "Error"}
@@ -578,12 +580,7 @@ class ElasticStore(Store):
                    limit: int | None, offset: int) -> list[TraceSummary]:
         must: list[dict[str, Any]] = [base] if base else []
         if since_ns is not None or until_ns is not None:
-            bounds: dict[str, Any] = {"format": "strict_date_optional_time_nanos"}
-            if since_ns is not None:
-                bounds["gte"] = iso_ns(since_ns)
-            if until_ns is not None:
-                bounds["lt"] = iso_ns(until_ns)
-            must.append({"range": {"@timestamp": bounds}})
+            must.append(_started(since_ns, until_ns))
         ids = self._trace_ids({"bool": {"filter": must}}, limit, offset)
         found: dict[str, TraceSummary] = {}
         for start in range(0, len(ids), 1000):  # summaries in bounded requests
@@ -593,6 +590,62 @@ class ElasticStore(Store):
                      and (until_ns is None or found[t].start_ns < until_ns)]
         summaries.sort(key=lambda s: s.start_ns, reverse=True)
         return summaries
+
+    def _starts_of(self, trace_ids: list[str]) -> dict[str, int]:
+        """Each trace's first start, over all its spans."""
+        out: dict[str, int] = {}
+        for i in range(0, len(trace_ids), 1000):
+            chunk = trace_ids[i:i + 1000]
+            body: dict[str, Any] = {"query": {"terms": {"trace_id": chunk}}, "size": 0, "aggs": {"t": {
+                "terms": {"field": "trace_id", "size": len(chunk)},
+                "aggs": {"start": {"min": {"field": "payscope.start_ns"}}}}}}
+            if self._runtime():
+                body["runtime_mappings"] = self._runtime()
+            for b in self._search(self.traces_index, **body).get("aggregations", {}).get("t", {}).get("buckets", []):
+                out[b["key"]] = int(b["start"]["value"] or 0)
+        return out
+
+    def sample_traces(self, since_ns: int, until_ns: int, limit: int | None) -> Sample:
+        """Chosen in Elasticsearch: a ``terms`` aggregation over the spans that start in the window, ordered by
+        the sample key, a number computed from the trace id; every shard computes the same key for a trace, so
+        the merged order is exact. A trace with a span in the window may have started before it: those are left
+        out by their first start, and more are asked for until ``limit`` remain or there are no more."""
+        if limit is None:
+            starts = self._all_trace_starts(_started(since_ns, until_ns))
+            ids = [t for t, start in self._starts_of(sorted(starts)).items() if since_ns <= start < until_ns]
+            ids.sort(key=lambda t: (int(t[-SAMPLE_DIGITS:], 16) if _HEX.fullmatch(t) else _NO_KEY, t))
+            return Sample(ids, len(ids), None)
+        runtime = {**self._runtime(), "payscope.sample_key": {"type": "long", "script": {"source": _SAMPLE_KEY}}}
+        asked = max(limit, 1)
+        while True:
+            aggs: dict[str, Any] = {
+                "t": {"terms": {"field": "trace_id", "size": asked, "shard_size": asked,
+                                "order": [{"by": "asc"}, {"_key": "asc"}]},
+                      "aggs": {"by": {"min": {"field": "payscope.sample_key"}}}},
+                "count": {"cardinality": {"field": "trace_id", "precision_threshold": 40_000}}}
+            found = self._search(self.traces_index, query=_started(since_ns, until_ns), size=0,
+                                 runtime_mappings=runtime, aggs=aggs).get("aggregations", {})
+            candidates = [b["key"] for b in found.get("t", {}).get("buckets", [])]
+            first = self._starts_of(candidates)
+            ids = [t for t in candidates if since_ns <= first.get(t, since_ns - 1) < until_ns][:limit]
+            if len(ids) >= limit or len(candidates) < asked or asked >= _MAX_BUCKETS:
+                break
+            asked = min(2 * asked, _MAX_BUCKETS)
+        if len(ids) < limit:
+            return Sample(ids, len(ids), limit)
+        return Sample(ids, max(limit, int(found.get("count", {}).get("value") or 0)), limit)
+
+    def rows_of(self, trace_ids: list[str], batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
+        batch: list[SpanRow] = []
+        ordered = sorted({t.lower() for t in trace_ids})
+        for i in range(0, len(ordered), 1000):
+            pairs = self._spans_of(ordered[i:i + 1000], self._row_source())
+            batch += sorted((row for _, row in pairs), key=lambda r: (r.trace_id, r.start_ns))
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def trace_summary(self, trace_id: str) -> TraceSummary | None:
         return self._summaries_of([trace_id.lower()]).get(trace_id.lower())
@@ -723,6 +776,24 @@ class ElasticStore(Store):
 
 
 # --- documents -------------------------------------------------------------------------
+
+def _started(since_ns: int | None, until_ns: int | None) -> dict[str, Any]:
+    """Spans that start in [since, until)."""
+    bounds: dict[str, Any] = {"format": "strict_date_optional_time_nanos"}
+    if since_ns is not None:
+        bounds["gte"] = iso_ns(since_ns)
+    if until_ns is not None:
+        bounds["lt"] = iso_ns(until_ns)
+    return {"range": {"@timestamp": bounds}}
+
+
+# the sample key of api.Sample, in the search; an id that is not hexadecimal sorts last
+_NO_KEY = 2 ** 63 - 1
+_HEX = re.compile(r"[0-9a-f]+")
+_SAMPLE_KEY = (f"def f = doc['trace_id']; if (f.size() == 0) return; String t = f.value; int n = t.length(); "
+               f"String tail = n > {SAMPLE_DIGITS} ? t.substring(n - {SAMPLE_DIGITS}) : t; "
+               f"try {{ emit(Long.parseLong(tail, 16)); }} catch (NumberFormatException e) {{ emit({_NO_KEY}L); }}")
+
 
 def _span_doc(span: Span, row: SpanRow) -> dict[str, Any]:
     doc: dict[str, Any] = {

@@ -20,7 +20,7 @@ from typing import Any
 from payscope.errors import StoreError
 from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 
-from .api import LogQuery, Store
+from .api import SAMPLE_DIGITS, LogQuery, Sample, Store
 from .codec import decode_body, encode_span
 
 SCHEMA_VERSION = 6
@@ -496,6 +496,28 @@ class EmbeddedStore(Store):
             if not found:
                 return
             yield _rows(self.path, found)
+
+    def sample_traces(self, since_ns: int, until_ns: int, limit: int | None) -> Sample:
+        # left-padded to the digits read, the text orders as the number does
+        key = f"substr('{'0' * SAMPLE_DIGITS}' || trace_id, -{SAMPLE_DIGITS})"
+        ids = [r[0] for r in self._read(
+            f"SELECT trace_id FROM traces WHERE start_ns >= ? AND start_ns < ? ORDER BY {key}, trace_id LIMIT ?",
+            (since_ns, until_ns, -1 if limit is None else limit))]
+        if limit is None or len(ids) < limit:
+            return Sample(ids, len(ids), limit)
+        count = self._read("SELECT count(*) FROM traces WHERE start_ns >= ? AND start_ns < ?", (since_ns, until_ns))
+        return Sample(ids, count[0][0], limit)
+
+    def rows_of(self, trace_ids: list[str], batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
+        batch: list[SpanRow] = []
+        for chunk in _chunks(sorted({t.lower() for t in trace_ids})):
+            batch += _rows(self.path, self._read(
+                f"{_ROW_SELECT} WHERE trace_id IN ({_marks(chunk)}) ORDER BY trace_id, start_ns", tuple(chunk)))
+            if len(batch) >= batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
 
     def server_spans_around(self, service: str, time_ns: int, slack_ns: int,
                             longest_ns: int = 120_000_000_000) -> list[SpanRow]:
