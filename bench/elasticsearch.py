@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 from bench.collector import SPANS_PER_REQUEST, load, make_request
+from payscope.demo.netdelay import DelayingRelay
 from tests import elastic
-from tests.helpers import CollectorProcess
+from tests.helpers import CollectorProcess, free_port
 
 
 def ingest(stores: list[str], payloads: list[bytes], clients: int, seconds: float) -> float:
@@ -49,6 +50,28 @@ def analyze_seconds(store: str) -> float:
     return time.perf_counter() - start
 
 
+def read_cost(node: elastic.Node, command: list[str]) -> tuple[float, int]:
+    """Seconds a payscope command takes on the node's data, and the bytes Elasticsearch sent it (counted by a
+    relay with no delay in front of the node)."""
+    port = free_port()
+    with DelayingRelay(port, int(node.url.rsplit(":", 1)[1]), lambda: 0.0) as relay:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "payscope", *command, "--store", f"es://127.0.0.1:{port}",
+                        "--format", "json"], check=True, capture_output=True)
+        return time.perf_counter() - start, relay.answered_bytes
+
+
+def halves(store: str) -> list[str]:
+    """`compare`'s windows: the second half of the stored traces against the first."""
+    from payscope.collector.store import open_store
+
+    with open_store(store, readonly=True) as opened:
+        starts = sorted(t.start_ns for t in opened.traces(limit=None))
+    middle = starts[len(starts) // 2]
+    return ["compare", "--baseline", f"{starts[0] / 1e9:.6f}..{middle / 1e9:.6f}",
+            "--incident", f"{middle / 1e9:.6f}..{(starts[-1] + 1000) / 1e9:.6f}"]
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench elasticsearch")
     parser.add_argument("--clients", type=int, default=4)
@@ -71,6 +94,12 @@ def main(argv: list[str]) -> None:
             base_count = opened.counts()["spans"]
         base_analyze = analyze_seconds(embedded)
         es_analyze = analyze_seconds(es)
+        compare = halves(es)
+        reads = [(label, *read_cost(node, command)) for label, command in (
+            ("analyze (reads every span)", ["analyze"]),
+            ("compare, --sample 0", [*compare, "--sample", "0"]),
+            ("compare, --sample 1000", [*compare, "--sample", "1000"]),
+            ("compare, --sample 100", [*compare, "--sample", "100"]))]
     print(f"ingest, {args.clients} clients x {args.seconds:.0f}s, {SPANS_PER_REQUEST} spans/request, "
           "OTLP/HTTP protobuf, acknowledged and durable; Elasticsearch 8.12.2, one node, 1 GiB heap, this machine")
     print(f"  embedded store, one collector (baseline):   {base:10,.0f} spans/s")
@@ -79,3 +108,6 @@ def main(argv: list[str]) -> None:
     print(f"  payscope analyze: embedded {base_analyze:.1f} s on {base_count:,} spans "
           f"({base_count / base_analyze:,.0f} spans/s); Elasticsearch {es_analyze:.1f} s on {count:,} spans "
           f"({count / es_analyze:,.0f} spans/s, {count / es_analyze / (base_count / base_analyze):.2f} x)")
+    print(f"read from Elasticsearch ({count:,} spans), bytes it sent back; the first line is the baseline:")
+    for label, seconds, sent in reads:
+        print(f"  {label:28} {seconds:6.1f}s {sent / 2**20:8.1f} MiB  ({sent / reads[0][2]:.3f} x)")

@@ -19,6 +19,7 @@ class DelayingRelay:
         self.listen_port = listen_port
         self.upstream_port = upstream_port
         self.delay_ms = delay_ms
+        self.answered_bytes = 0  # what the upstream sent back, all connections together
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._stopped: asyncio.Event | None = None
@@ -80,6 +81,8 @@ class DelayingRelay:
         last_release = 0.0
         try:
             while data := await reader.read(65536):
+                if delayed:
+                    self.answered_bytes += len(data)
                 # held from when it arrived, never passing an earlier chunk (the delay may shrink meanwhile)
                 delay = self.delay_ms() / 1000 if delayed else 0.0
                 last_release = max(last_release, loop.time() + delay)
