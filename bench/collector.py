@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import random
+import shutil
 import statistics
 import tempfile
 import threading
@@ -137,10 +138,25 @@ def load(port: int, payloads: list[bytes], clients: int, seconds: float) -> tupl
     return acked, latencies, rejected
 
 
-def run(payloads: list[bytes], clients: int, seconds: float, workers: int) -> tuple[float, float, float, int, int]:
-    """spans/s acknowledged, p50 and p99 ms, requests acked and told to retry, into a fresh store."""
+def prefilled(path: Path, spans: int) -> Path:
+    """A store already holding ``spans`` spans of other traces (made once, then copied for each run)."""
+    from payscope.collector.decoding import decode_request
+    from payscope.collector.store import open_store
+
+    with open_store(str(path)) as store:
+        for seed in range(10**5, 10**5 + -(-spans // SPANS_PER_REQUEST)):
+            store.write(decode_request("traces", make_request(seed), "application/x-protobuf", 10**6).spans)
+    return path
+
+
+def run(payloads: list[bytes], clients: int, seconds: float, workers: int,
+        prefill: Path | None = None) -> tuple[float, float, float, int, int]:
+    """spans/s acknowledged, p50 and p99 ms, requests acked and told to retry, into a fresh store (or a copy of
+    ``prefill``)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.db"
+        if prefill is not None:
+            shutil.copy(prefill, store)
         collector = CollectorProcess(store, grpc=False, extra=("--workers", str(workers)))
         try:
             # the decoding processes start on the first large request: started before the clock
@@ -167,6 +183,7 @@ def main(argv: list[str]) -> None:
                         help="`payscope collect --workers` values to compare, comma-separated (0: one process)")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--payloads", type=int, default=400, help="distinct requests (each its own traces)")
+    parser.add_argument("--prefill", type=int, default=0, help="spans the store holds before each run")
     args = parser.parse_args(argv)
     payloads = [make_request(i) for i in range(args.payloads)]
     ceiling = decode_only(payloads[:50], 3.0)
@@ -177,9 +194,13 @@ def main(argv: list[str]) -> None:
     print(f"  payscope decode + redact, one process:      {flatten:12,.0f} spans/s  "
           f"({flatten / ceiling:.3f} of ceiling)")
     base: dict[int, float] = {}
+    filled = tempfile.TemporaryDirectory()
+    prefill = prefilled(Path(filled.name) / "prefill.db", args.prefill) if args.prefill else None
+    if args.prefill:
+        print(f"  each run into a store already holding {args.prefill:,} spans")
     for clients in (int(c) for c in args.clients.split(",")):
         for workers in (int(w) for w in args.workers.split(",")):
-            rate, p50, p99, acked, rejected = run(payloads, clients, args.seconds, workers)
+            rate, p50, p99, acked, rejected = run(payloads, clients, args.seconds, workers, prefill)
             base.setdefault(clients, rate)
             print(f"  collect --workers {workers}, {clients} senders, acknowledged and durable: {rate:10,.0f} spans/s "
                   f"({rate / ceiling:.3f} of ceiling, x{rate / base[clients]:.2f} of the first) | ack p50 "

@@ -221,13 +221,18 @@ def test_embedded_records_schema_version_and_refuses_another(tmp_path: Path) -> 
         open_store(str(path))
 
 
-def test_embedded_upgrades_a_store_written_by_version_5_to_what_this_version_writes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", [5, 6])
+def test_embedded_upgrades_a_store_written_by_an_earlier_version_to_what_this_version_writes(
+        tmp_path: Path, version: int) -> None:
     from payscope.collector.logingest import ingest
     from tests.helpers import DATA
 
-    inputs = DATA / "stores"  # v5.db.gz was written from these by payscope with schema 5 (see its README)
-    old = tmp_path / "v5.db"
-    old.write_bytes(gzip.decompress((inputs / "v5.db.gz").read_bytes()))
+    inputs = DATA / "stores"  # v5.db.gz and v6.db.gz were written from these by earlier versions (see README)
+    old = tmp_path / f"v{version}.db"
+    old.write_bytes(gzip.decompress((inputs / f"v{version}.db.gz").read_bytes()))
+    conn = sqlite3.connect(old)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(version),)
+    conn.close()
     fresh = tmp_path / "fresh.db"
     with open_store(str(fresh)) as store:
         for name in ("checkout-part.otlp.jsonl.gz", "keys.otlp.json"):
@@ -251,6 +256,11 @@ def test_embedded_upgrades_a_store_written_by_version_5_to_what_this_version_wri
 
     upgraded = everything(old)  # read-only, by a user who may write the file: upgraded in place, once
     assert upgraded == everything(fresh)
+    conn = sqlite3.connect(old)
+    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
+    assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master")} == \
+        {r[0] for r in sqlite3.connect(fresh).execute("SELECT name FROM sqlite_master")}  # no table of old left
+    conn.close()
     late = span("7a" * 16, "1000000000000009", "1000000000000003", "payment", "client", 1767000100030,
                 1767000100031, STATUS_ERROR, **{"server.address": "ledger"})
     for path in (old, fresh):  # a span arriving after the upgrade is folded in by the ranks the upgrade kept
@@ -286,7 +296,8 @@ def test_embedded_refuses_a_file_that_is_not_a_store(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sql, index", [
     ("SELECT * FROM traces WHERE error_count > 0 AND start_ns >= 5 ORDER BY start_ns DESC",
      "traces_failed"),
-    ("SELECT * FROM spans WHERE trace_id = 'x'", "spans_id"),
+    ("SELECT * FROM spans WHERE trace_no = (SELECT trace_no FROM traces WHERE trace_id = 'x')", "spans_trace"),
+    ("SELECT * FROM traces WHERE trace_id = 'x'", "traces_id"),
     ("SELECT * FROM logs WHERE trace_id = 'x' ORDER BY time_ns", "logs_trace"),
 ])
 def test_embedded_answers_the_hot_questions_from_indexes(tmp_path: Path, sql: str, index: str) -> None:

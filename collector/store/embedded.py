@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from payscope.errors import StoreError
 from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
@@ -23,28 +23,31 @@ from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 from .api import SAMPLE_DIGITS, LogQuery, Sample, Store
 from .codec import decode_body, encode_span
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS resources(id INTEGER PRIMARY KEY, body TEXT NOT NULL UNIQUE);
+-- A trace is numbered when it is first seen (trace_no), and its spans are found by that number: new traces
+-- and their spans go to the end of both tables and of the spans' index, where an index on the random trace
+-- id put every batch's entries on as many pages as it had traces (three times the bytes written).
 CREATE TABLE IF NOT EXISTS spans(
-    trace_id TEXT NOT NULL, span_id TEXT NOT NULL,
+    trace_no INTEGER NOT NULL, trace_id TEXT NOT NULL, span_id TEXT NOT NULL,
     service TEXT NOT NULL, kind TEXT NOT NULL, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
     facts BLOB NOT NULL,  -- every derived fact after the span id, in one value: see _facts
     resource_id INTEGER NOT NULL, body BLOB NOT NULL
 );
--- Rows carry their protobuf body, too large for a WITHOUT ROWID table: the table is appended to in
--- arrival order and this index finds a trace's spans together.
-CREATE UNIQUE INDEX IF NOT EXISTS spans_id ON spans(trace_id, span_id);
+CREATE UNIQUE INDEX IF NOT EXISTS spans_trace ON spans(trace_no, span_id);
 CREATE INDEX IF NOT EXISTS spans_service_time ON spans(service, start_ns) WHERE kind IN ('server', 'consumer');
 CREATE TABLE IF NOT EXISTS traces(
-    trace_id TEXT PRIMARY KEY, start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
+    trace_no INTEGER PRIMARY KEY, trace_id TEXT NOT NULL,
+    start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL,
     root_service TEXT NOT NULL, root_name TEXT NOT NULL,
     span_count INTEGER NOT NULL, error_count INTEGER NOT NULL,
     error_class TEXT, error_service TEXT, services TEXT NOT NULL,
     root_rank INTEGER, error_rank INTEGER  -- how the root and the error were chosen: see _Summary
-) WITHOUT ROWID;
+);
+CREATE UNIQUE INDEX IF NOT EXISTS traces_id ON traces(trace_id);
 CREATE INDEX IF NOT EXISTS traces_start ON traces(start_ns);
 CREATE INDEX IF NOT EXISTS traces_failed ON traces(start_ns) WHERE error_count > 0;
 CREATE TABLE IF NOT EXISTS keys(key TEXT NOT NULL, trace_id TEXT NOT NULL,
@@ -60,8 +63,10 @@ CREATE INDEX IF NOT EXISTS logs_service_time ON logs(service, time_ns);
 CREATE INDEX IF NOT EXISTS logs_time ON logs(time_ns);
 """
 
-_SPAN_COLUMNS = "trace_id, span_id, service, kind, start_ns, end_ns, facts, resource_id, body"
+_SPAN_COLUMNS = "trace_no, trace_id, span_id, service, kind, start_ns, end_ns, facts, resource_id, body"
 _ROW_SELECT = "SELECT trace_id, span_id, facts FROM spans"
+_TRACE_ROWS = "SELECT s.trace_id, s.span_id, s.facts FROM traces t JOIN spans s ON s.trace_no = t.trace_no"
+_TRACE_NO = "(SELECT trace_no FROM traces WHERE trace_id = ?)"
 _ROOT_RANK = 4_000_000_000_000_000_000  # sorts spans with a parent after every root, within int64
 _V5_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, status_code, status_message, "
                "error_class, operation, peer, method, http_status, attempt, idempotency_key, timeout_connect_ms, "
@@ -75,14 +80,15 @@ _LOG_COLUMNS = ("id, time_ns, service, host, severity, message, attributes, sour
                 "span_id, link_method, link_confidence")
 
 _CHUNK = 500
+_T = TypeVar("_T")
 
 
-def _chunks(items: list[str]) -> Iterator[list[str]]:
+def _chunks(items: list[_T]) -> Iterator[list[_T]]:
     for i in range(0, len(items), _CHUNK):
         yield items[i:i + _CHUNK]
 
 
-def _marks(chunk: list[str]) -> str:
+def _marks(chunk: list[Any]) -> str:
     return ",".join("?" * len(chunk))
 
 
@@ -136,9 +142,8 @@ def _upgrade_5(conn: sqlite3.Connection) -> None:
     conn.execute("DROP INDEX IF EXISTS spans_id")
     conn.execute("DROP INDEX IF EXISTS spans_service_time")
     conn.execute("ALTER TABLE spans RENAME TO spans_v5")
-    for statement in _SCHEMA.split(";"):
-        if " spans(" in statement or " ON spans(" in statement:
-            conn.execute(statement)
+    for statement in _V6_SPANS:
+        conn.execute(statement)
     roots: dict[str, int] = {}
     errors: dict[str, int] = {}
     cursor = conn.execute(f"SELECT {_V5_COLUMNS} FROM spans_v5 ORDER BY rowid")
@@ -154,7 +159,7 @@ def _upgrade_5(conn: sqlite3.Connection) -> None:
             if row.error_class is not None:
                 rank = _error_rank(row)
                 errors[row.trace_id] = max(rank, errors.get(row.trace_id, rank))
-        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?)", rows)
+        conn.executemany(f"INSERT OR IGNORE INTO spans({_V6_COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?)", rows)
     conn.execute("DROP TABLE spans_v5")
     conn.execute("ALTER TABLE traces ADD COLUMN root_rank INTEGER")
     conn.execute("ALTER TABLE traces ADD COLUMN error_rank INTEGER")
@@ -164,10 +169,40 @@ def _upgrade_5(conn: sqlite3.Connection) -> None:
                       for tid, rank in roots.items()])
 
 
+# version 6's span table, which the upgrade from 5 writes and the one from 6 reads
+_V6_COLUMNS = "trace_id, span_id, service, kind, start_ns, end_ns, facts, resource_id, body"
+_V6_SPANS = (
+    "CREATE TABLE spans(trace_id TEXT NOT NULL, span_id TEXT NOT NULL, service TEXT NOT NULL, kind TEXT NOT NULL, "
+    "start_ns INTEGER NOT NULL, end_ns INTEGER NOT NULL, facts BLOB NOT NULL, resource_id INTEGER NOT NULL, "
+    "body BLOB NOT NULL)",
+    "CREATE UNIQUE INDEX spans_id ON spans(trace_id, span_id)",
+    "CREATE INDEX spans_service_time ON spans(service, start_ns) WHERE kind IN ('server', 'consumer')",
+)
+
+
+def _upgrade_6(conn: sqlite3.Connection) -> None:
+    """Version 6 found a trace's spans, and kept its summary, by its random trace id."""
+    for index in ("spans_id", "spans_service_time", "traces_start", "traces_failed", "traces_id"):
+        conn.execute(f"DROP INDEX IF EXISTS {index}")
+    conn.execute("ALTER TABLE spans RENAME TO spans_v6")
+    conn.execute("ALTER TABLE traces RENAME TO traces_v6")
+    for statement in _SCHEMA.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+    columns = f"trace_id, {_TRACE_COLUMNS.split(', ', 1)[1]}, root_rank, error_rank"
+    conn.execute(f"INSERT INTO traces({columns}) SELECT {columns} FROM traces_v6 ORDER BY start_ns, trace_id")
+    conn.execute(f"INSERT INTO spans({_SPAN_COLUMNS}) SELECT t.trace_no, s.trace_id, s.span_id, s.service, s.kind, "
+                 "s.start_ns, s.end_ns, s.facts, s.resource_id, s.body FROM spans_v6 s "
+                 "JOIN traces t ON t.trace_id = s.trace_id ORDER BY t.trace_no, s.rowid")
+    conn.execute("DROP TABLE spans_v6")
+    conn.execute("DROP TABLE traces_v6")
+
+
 # from version N to N + 1: statements, or a function of the connection, run in one transaction
 _MIGRATIONS: dict[int, tuple[str, ...] | Callable[[sqlite3.Connection], None]] = {
     4: ("ALTER TABLE spans ADD COLUMN fault TEXT",),
     5: _upgrade_5,
+    6: _upgrade_6,
 }
 
 
@@ -191,10 +226,11 @@ class _Summary:
     failure began): the greatest ``error_rank``.
     """
 
-    __slots__ = ("trace_id", "start_ns", "end_ns", "root_service", "root_name", "span_count", "error_count",
+    __slots__ = ("trace_no", "trace_id", "start_ns", "end_ns", "root_service", "root_name", "span_count", "error_count",
                  "services", "error_class", "error_service", "root_rank", "error_rank", "changed")
 
-    def __init__(self, trace_id: str) -> None:
+    def __init__(self, trace_no: int, trace_id: str) -> None:
+        self.trace_no = trace_no
         self.trace_id = trace_id
         self.start_ns: int | None = None
         self.end_ns: int | None = None
@@ -209,9 +245,9 @@ class _Summary:
 
     @classmethod
     def of(cls, row: tuple[Any, ...]) -> _Summary:
-        (trace_id, start, end, root_service, root_name, count, errors, services, error_class, error_service,
-         root_rank, error_rank) = row
-        summary = cls(trace_id)
+        (trace_no, trace_id, start, end, root_service, root_name, count, errors, services, error_class,
+         error_service, root_rank, error_rank) = row
+        summary = cls(trace_no, trace_id)
         summary.start_ns, summary.end_ns, summary.root_service, summary.root_name = start, end, root_service, root_name
         summary.span_count, summary.error_count = count, errors
         summary.services = set(services.split(",")) if services else set()
@@ -238,9 +274,9 @@ class _Summary:
                 self.error_rank, self.error_class, self.error_service = rank, r.error_class, r.service
 
     def row(self) -> tuple[Any, ...]:
-        return (self.trace_id, self.start_ns, self.end_ns, self.root_service, self.root_name, self.span_count,
-                self.error_count, ",".join(sorted(self.services)), self.error_class, self.error_service,
-                self.root_rank, self.error_rank)
+        return (self.trace_no, self.trace_id, self.start_ns, self.end_ns, self.root_service, self.root_name,
+                self.span_count, self.error_count, ",".join(sorted(self.services)), self.error_class,
+                self.error_service, self.root_rank, self.error_rank)
 
 
 class EmbeddedStore(Store):
@@ -264,14 +300,15 @@ class EmbeddedStore(Store):
                 raise StoreError(f"cannot create store {self.path}: {exc.strerror}") from None
         try:
             conn = self._conn()
-            if not readonly:
+            version = self._version(conn)
+            if not readonly and (version is None or version == (str(SCHEMA_VERSION),)):
+                # a new store, or this version's (an earlier one's tables are the upgrade's to change)
                 with self._write_lock:
                     conn.executescript(_SCHEMA)
-                    version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-                    if version is None:
+                    if self._version(conn) is None:
                         conn.execute("INSERT INTO meta VALUES('schema_version', ?)", (str(SCHEMA_VERSION),))
                     conn.commit()
-            version = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = self._version(conn)
             if version is not None and str(version[0]).isdigit() and int(version[0]) in _MIGRATIONS \
                     and os.access(self.path, os.W_OK):
                 self._migrate(int(version[0]))
@@ -289,6 +326,14 @@ class EmbeddedStore(Store):
             raise StoreError(f"{self.path} has schema version {found}; this payscope reads "
                              f"version {SCHEMA_VERSION} ({todo})")
 
+    @staticmethod
+    def _version(conn: sqlite3.Connection) -> tuple[Any, ...] | None:
+        """The stored schema version (a one-value row), or None for a file that has none yet."""
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone() is None:
+            return None
+        found: tuple[Any, ...] | None = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        return found
+
     def _migrate(self, version: int) -> None:
         """Bring a store of an earlier schema up to this one, in one transaction (readers wait for it)."""
         conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
@@ -304,6 +349,10 @@ class EmbeddedStore(Store):
                 version += 1
             conn.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             conn.execute("COMMIT")
+            try:  # the old tables' pages back to the disk (7 s for a million spans), unless a reader holds them
+                conn.execute("VACUUM")
+            except sqlite3.OperationalError:
+                pass  # free pages are reused by the next writes
         finally:
             conn.close()
 
@@ -373,10 +422,12 @@ class EmbeddedStore(Store):
         for e in spans:  # the first of two copies in one batch is the one kept, as INSERT OR IGNORE would
             new.setdefault((e.row.trace_id, e.row.span_id), e)
         summaries = self._stored_summaries(conn, list({tid for tid, _ in new}))
-        for chunk in _chunks(list(summaries)):  # only a trace with a summary can have spans stored already
-            for found in conn.execute(f"SELECT trace_id, span_id FROM spans WHERE trace_id IN ({_marks(chunk)})",
+        stored = [summary.trace_no for summary in summaries.values()]
+        for chunk in _chunks(stored):  # only a trace with a summary can have spans stored already
+            for found in conn.execute(f"SELECT trace_id, span_id FROM spans WHERE trace_no IN ({_marks(chunk)})",
                                       chunk):
                 new.pop(found, None)
+        next_no = None
         resource_cache: dict[int, int] = {}
         rows = []
         keys = []
@@ -386,18 +437,22 @@ class EmbeddedStore(Store):
             if rid is None:
                 rid = resource_cache[rkey] = self._resource_id(conn, e.resource, staged)
             r = e.row
-            rows.append((r.trace_id, r.span_id, r.service, r.kind, r.start_ns, r.end_ns, _facts(r), rid, e.body))
-            for key in r.keys:
-                keys.append((key, r.trace_id))
             summary = summaries.get(r.trace_id)
             if summary is None:
-                summary = summaries[r.trace_id] = _Summary(r.trace_id)
+                if next_no is None:
+                    next_no = conn.execute("SELECT coalesce(max(trace_no), 0) + 1 FROM traces").fetchone()[0]
+                summary = summaries[r.trace_id] = _Summary(next_no, r.trace_id)
+                next_no += 1
             summary.add(r)
-        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?)", rows)
+            rows.append((summary.trace_no, r.trace_id, r.span_id, r.service, r.kind, r.start_ns, r.end_ns, _facts(r),
+                         rid, e.body))
+            for key in r.keys:
+                keys.append((key, r.trace_id))
+        conn.executemany(f"INSERT OR IGNORE INTO spans({_SPAN_COLUMNS}) VALUES(?,?,?,?,?,?,?,?,?,?)", rows)
         if keys:
             conn.executemany("INSERT OR IGNORE INTO keys VALUES(?, ?)", keys)
-        conn.executemany(f"INSERT OR REPLACE INTO traces({_TRACE_COLUMNS}, root_rank, error_rank) "
-                         f"VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", [s.row() for s in summaries.values() if s.changed])
+        conn.executemany(f"INSERT OR REPLACE INTO traces(trace_no, {_TRACE_COLUMNS}, root_rank, error_rank) "
+                         f"VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)", [s.row() for s in summaries.values() if s.changed])
         return len(rows)
 
     @staticmethod
@@ -405,9 +460,9 @@ class EmbeddedStore(Store):
         """The stored summaries of those of ``trace_ids`` that have one."""
         out = {}
         for chunk in _chunks(trace_ids):
-            for row in conn.execute(f"SELECT {_TRACE_COLUMNS}, root_rank, error_rank FROM traces "
+            for row in conn.execute(f"SELECT trace_no, {_TRACE_COLUMNS}, root_rank, error_rank FROM traces "
                                     f"WHERE trace_id IN ({_marks(chunk)})", chunk):
-                out[row[0]] = _Summary.of(row)
+                out[row[1]] = _Summary.of(row)
         return out
 
     def _write_logs(self, conn: sqlite3.Connection, logs: list[LogRecord]) -> int:
@@ -457,7 +512,7 @@ class EmbeddedStore(Store):
         return rows[0][0] if rows else None
 
     def trace(self, trace_id: str) -> list[Span]:
-        rows = self._read(f"{_SPAN_SELECT} WHERE s.trace_id=? ORDER BY s.start_ns, s.span_id",
+        rows = self._read(f"{_SPAN_SELECT} WHERE s.trace_no={_TRACE_NO} ORDER BY s.start_ns, s.span_id",
                           (trace_id.lower(),))
         return [_span_from_row(r) for r in rows]
 
@@ -490,7 +545,7 @@ class EmbeddedStore(Store):
         return self._summaries("", since_ns, until_ns, limit, offset)
 
     def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
-        cursor = self._conn().execute(f"{_ROW_SELECT} ORDER BY trace_id")
+        cursor = self._conn().execute(f"{_TRACE_ROWS} ORDER BY t.trace_id, s.span_id")
         while True:
             found = cursor.fetchmany(batch_size)
             if not found:
@@ -512,7 +567,8 @@ class EmbeddedStore(Store):
         batch: list[SpanRow] = []
         for chunk in _chunks(sorted({t.lower() for t in trace_ids})):
             batch += _rows(self.path, self._read(
-                f"{_ROW_SELECT} WHERE trace_id IN ({_marks(chunk)}) ORDER BY trace_id, start_ns", tuple(chunk)))
+                f"{_TRACE_ROWS} WHERE t.trace_id IN ({_marks(chunk)}) ORDER BY t.trace_id, s.start_ns",
+                tuple(chunk)))
             if len(batch) >= batch_size:
                 yield batch
                 batch = []
@@ -527,7 +583,7 @@ class EmbeddedStore(Store):
             (service, time_ns - longest_ns, time_ns + slack_ns, time_ns - slack_ns)))
 
     def trace_rows(self, trace_id: str) -> list[SpanRow]:
-        return _rows(self.path, self._read(f"{_ROW_SELECT} WHERE trace_id=? ORDER BY start_ns",
+        return _rows(self.path, self._read(f"{_ROW_SELECT} WHERE trace_no={_TRACE_NO} ORDER BY start_ns",
                                            (trace_id.lower(),)))
 
     def traces_by_keys(self, keys: list[str]) -> dict[str, list[str]]:
