@@ -182,7 +182,7 @@ _V6_SPANS = (
 
 def _upgrade_6(conn: sqlite3.Connection) -> None:
     """Version 6 found a trace's spans, and kept its summary, by its random trace id."""
-    for index in ("spans_id", "spans_service_time", "traces_start", "traces_failed", "traces_id"):
+    for index in ("spans_id", "spans_service_time", "traces_start", "traces_failed"):
         conn.execute(f"DROP INDEX IF EXISTS {index}")
     conn.execute("ALTER TABLE spans RENAME TO spans_v6")
     conn.execute("ALTER TABLE traces RENAME TO traces_v6")
