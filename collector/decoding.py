@@ -26,6 +26,7 @@ from .otlp import LOGS, TRACES, Decoded, count_items
 
 T = TypeVar("T")
 INLINE_BELOW_BYTES = 64 * 1024  # a request smaller than this is decoded where it arrived
+WORKER_ANSWER_S = 60.0  # a task not answered in this long is done where it was asked, and the workers replaced
 _SIGNALS = {TRACES.name: TRACES, LOGS.name: LOGS}
 
 
@@ -89,6 +90,19 @@ class WorkerPool:
         except BrokenProcessPool:
             self.discard(pool)
             raise
+        except OSError as exc:
+            # a worker died while this task started another one: the pool's pipes are already closed
+            self.discard(pool)
+            raise BrokenProcessPool(f"a worker process could not start ({exc})") from None
+
+    def answer(self, future: Future[T], here: Callable[[], T]) -> T:
+        """What ``future`` gives, or what ``here()`` gives when its worker died or does not answer: a worker
+        killed while others start can leave the executor's own threads stuck, so the wait is bounded."""
+        try:
+            return future.result(timeout=WORKER_ANSWER_S)
+        except (BrokenProcessPool, TimeoutError):
+            self.discard()
+            return here()
 
     def discard(self, pool: ProcessPoolExecutor | None = None) -> None:
         """Drop the pool (``pool``, when it is still the one in use): the next task starts new workers."""
@@ -113,12 +127,15 @@ class DecodePool(WorkerPool):
     def decode(self, signal_name: str, body: bytes, content_type: str, max_items: int) -> Decoded:
         if self.workers <= 0 or len(body) < INLINE_BELOW_BYTES:
             return decode_request(signal_name, body, content_type, max_items)
-        try:
-            return self.submit(decode_request, signal_name, body, content_type, max_items).result()
-        except BrokenProcessPool:
-            # a worker died (killed, out of memory): new ones start on the next request; this one is decoded here
-            self.discard()
+        def here() -> Decoded:
             return decode_request(signal_name, body, content_type, max_items)
 
+        try:
+            future = self.submit(decode_request, signal_name, body, content_type, max_items)
+        except BrokenProcessPool:  # a worker died (killed, out of memory): new ones start on the next request
+            return here()
+        return self.answer(future, here)
 
-__all__ = ["INLINE_BELOW_BYTES", "DecodePool", "WorkerPool", "decode_request", "default_workers", "process_pool"]
+
+__all__ = ["INLINE_BELOW_BYTES", "WORKER_ANSWER_S", "DecodePool", "WorkerPool", "decode_request", "default_workers",
+           "process_pool"]

@@ -208,11 +208,7 @@ def _in_order(pool: WorkerPool, job: _Chunk, chunks: Iterator[list[tuple[int, st
 
     def result() -> Any:
         chunk, future = ahead.popleft()
-        try:
-            return future.result()
-        except BrokenProcessPool:
-            pool.discard()
-            return job.parse(chunk)
+        return pool.answer(future, lambda: job.parse(chunk))
 
     for chunk in chunks:
         try:

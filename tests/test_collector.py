@@ -309,3 +309,22 @@ def test_large_requests_decode_in_worker_processes_exactly_as_in_process(tmp_pat
     assert stored["2"] == stored["0"]
     assert any(r.error_class == "timeout" for r in stored["2"][0])
     assert ("ord-0",) in {r.keys for r in stored["2"][0]}
+
+
+def test_a_worker_that_does_not_answer_is_done_without_and_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker killed while the executor starts another can leave the executor's threads stuck and its tasks
+    never answered (CPython's own race): the wait for a worker is bounded, the task done where it was asked."""
+    from payscope.collector import decoding
+
+    pool = decoding.WorkerPool(1)
+    try:
+        assert pool.answer(pool.submit(abs, -2), lambda: "here") == 2  # started, and answering
+        monkeypatch.setattr(decoding, "WORKER_ANSWER_S", 0.3)
+        started = time.monotonic()
+        assert pool.answer(pool.submit(time.sleep, 3), lambda: "here") == "here"
+        assert time.monotonic() - started < 2.5
+        monkeypatch.undo()
+        # the silent worker still sleeps; a new one answers the next task
+        assert pool.answer(pool.submit(abs, -3), lambda: "here") == 3
+    finally:
+        pool.close()
