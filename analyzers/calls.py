@@ -97,13 +97,12 @@ class Call:
         """What the caller waited beyond the callee's own time: the network, a queue, connection set-up. Known
         for a successful call, and, as a lower bound, for one given up while the callee's answer was already
         on its way (its server span ended inside the client span); None otherwise."""
-        server = self.server_ms
-        if server is None or self.server_end_ns is None:
+        server_end, server_start = self.server_end_ns, self.server_start_ns  # read on every call of every edge
+        if server_end is None or server_start is None:
             return None
-        on_the_wire = self.gave_up and bool(self.server_ok) and self.server_end_ns <= self.end_ns
-        if not (self.ok or on_the_wire):
-            return None
-        return max(0.0, self.duration_ns / 1e6 - server)
+        if self.error_class is not None and not (self.gave_up and self.server_ok and server_end <= self.end_ns):
+            return None  # failed, and not given up on an answer already on the wire
+        return max(0.0, (self.end_ns - self.start_ns) / 1e6 - (server_end - server_start) / 1e6)
 
     @property
     def timed_out(self) -> bool:
@@ -162,14 +161,14 @@ def _redirect(server: SpanRow) -> bool:
     return server.http_status is not None and 300 <= server.http_status < 400
 
 
-def _doubled(spans: list[SpanRow], by_id: dict[str, SpanRow],
+def _doubled(senders: list[SpanRow], by_id: dict[str, SpanRow],
              servers_by_parent: dict[str, list[SpanRow]]) -> dict[str, SpanRow]:
-    """Client or producer spans recorded twice for one call: a span whose only child has its service, kind and
-    name (an instrumented library wrapping another, pika's blocking channel around its channel, say).
-    Outer span id -> the inner span, which is not a call of its own."""
+    """Client or producer spans (``senders``) recorded twice for one call: a span whose only child has its
+    service, kind and name (an instrumented library wrapping another, pika's blocking channel around its
+    channel, say). Outer span id -> the inner span, which is not a call of its own."""
     inner: dict[str, list[SpanRow]] = {}
-    for s in spans:
-        if s.parent_id and s.kind in ("client", "producer"):
+    for s in senders:
+        if s.parent_id:
             inner.setdefault(s.parent_id, []).append(s)
     found: dict[str, SpanRow] = {}
     for parent_id, kids in inner.items():
@@ -187,15 +186,19 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
     ``alias_votes`` collects which service answers at which address, so that
     :func:`resolve_aliases` can rename those calls once every trace is read.
     """
-    by_id = {s.span_id: s for s in spans}
+    by_id: dict[str, SpanRow] = {}
     servers_by_parent: dict[str, list[SpanRow]] = {}
+    senders: list[SpanRow] = []  # client and producer spans, in the trace's order
     for s in spans:
-        if s.parent_id and s.kind in ("server", "consumer"):
+        by_id[s.span_id] = s
+        if s.kind in ("client", "producer"):
+            senders.append(s)
+        elif s.parent_id and s.kind in ("server", "consumer"):
             servers_by_parent.setdefault(s.parent_id, []).append(s)
     roots = [s for s in spans if not s.parent_id or s.parent_id not in by_id]
     roots.sort(key=lambda s: (s.parent_id is not None, s.start_ns))
     root = roots[0]
-    inner_of = _doubled(spans, by_id, servers_by_parent)
+    inner_of = _doubled(senders, by_id, servers_by_parent)
     doubles = {inner.span_id for inner in inner_of.values()}
 
     def entry_of(span: SpanRow) -> SpanRow | None:
@@ -216,7 +219,8 @@ def trace_calls(spans: list[SpanRow], alias_votes: dict[str, dict[str, int]]) ->
             keys.extend(k for k in s.keys if not k.startswith("rid:"))
         if amount is None:
             amount = s.amount
-        if s.kind not in ("client", "producer") or s.span_id in doubles:
+    for s in senders:
+        if s.span_id in doubles:
             continue
         inner = inner_of.get(s.span_id)
         answered = servers_by_parent.get(s.span_id) or (servers_by_parent.get(inner.span_id, []) if inner else [])

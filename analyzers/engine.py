@@ -44,7 +44,7 @@ def is_business_failure(call: Call) -> bool:
 
 def is_duplicate_charge(chain: list[Call]) -> bool:
     """Attempts of one non-idempotent call, without an idempotency key, of which two or more succeeded."""
-    if sum(1 for c in chain if c.server_ok) < 2 or any(c.idempotency_key for c in chain):
+    if len(chain) < 2 or sum(1 for c in chain if c.server_ok) < 2 or any(c.idempotency_key for c in chain):
         return False
     return not is_idempotent(chain[0].method, False, chain[0].operation)
 
@@ -418,7 +418,7 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
         if edge is None:
             edge = edges[key] = Edge(*key)
         edge.calls.append(c)
-        client = ms(c.end_ns - c.start_ns)
+        client = (c.end_ns - c.start_ns) / 1e6
         answered = c.server_ok and c.server_start_ns is not None and c.server_end_ns is not None
         if c.fault is not None:
             # injected, not the system's own: its time and its error are no evidence about any timeout
@@ -446,9 +446,10 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
                 edge.upstream[parent.edge] += 1
                 children[(parent.trace_id, parent.span_id)].append(c)
     under_server: dict[tuple[str, str], list[Call]] = defaultdict(list)
-    for c in calls:
-        if c.entry_span_id is not None:
-            under_server[(c.trace_id, c.entry_span_id)].append(c)
+    if any(c.span_id.startswith("log") for c in calls):  # only a proxy seen in its log asks what ran under it
+        for c in calls:
+            if c.entry_span_id is not None:
+                under_server[(c.trace_id, c.entry_span_id)].append(c)
     for c in calls:
         edge = edges[c.edge_key or c.edge]
         if c.answered_by is not None and c.span_id.startswith("log"):

@@ -17,6 +17,7 @@ A refund-like call for the order after its charges (refund, reverse, void, cance
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import defaultdict
@@ -105,7 +106,13 @@ def configured_rules() -> Rules:
 
 
 def _named(call: Call, pattern: re.Pattern[str]) -> bool:
-    return call.method in (None, "POST", "PUT") and bool(pattern.search(f"{call.callee} {call.operation}"))
+    return call.method in (None, "POST", "PUT") and _says(pattern, call.callee, call.operation)
+
+
+@functools.lru_cache(maxsize=65536)
+def _says(pattern: re.Pattern[str], callee: str, operation: str) -> bool:
+    """Whether ``pattern`` names a call to ``callee``'s ``operation`` (asked once per edge, not per call)."""
+    return bool(pattern.search(f"{callee} {operation}"))
 
 
 def charge_calls(calls: list[Call], rules: Rules | None = None) -> list[Call]:
