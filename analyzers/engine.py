@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .recommend import Recommendation
 
 EdgeKey = tuple[str, str, str]
+Window = tuple[int | None, int | None]  # [from, to) in ns since the epoch; None: open on that side
 
 # Two timed-out calls ending within this share of each other ran under the same timeout.
 CLUSTER_TOLERANCE = 0.04
@@ -188,6 +189,7 @@ class Analysis:
     _problems: dict[str, list[str]] | None = field(default=None, repr=False)
     order_rules: Any = None  # orders.Rules: what counts as a charge and an answer (payscope.toml [orders])
     order_logs: Any = None   # orders.LoggedFacts: the log lines those rules name
+    window: Window | None = None  # read only the traces that started in it; None: every trace
 
     def recommended_ms(self, key: EdgeKey) -> float | None:
         """The one recommended per-try timeout of an edge, that every finding and screen cites."""

@@ -10,12 +10,12 @@ from payscope.model import LogRecord
 from .calls import Call, TraceFacts
 from .declared import declared_timeouts
 from .diagnose import diagnose
-from .engine import Analysis, group_traces, read
+from .engine import Analysis, Window, group_traces, read
 from .logcalls import log_calls
 from .orders import LoggedFacts, Rules, configured_rules
 
 
-def _proxy_calls(store: Store, window: tuple[int, int] | None, traces: set[str] | None = None) -> Any:
+def _proxy_calls(store: Store, window: Window | None, traces: set[str] | None = None) -> Any:
     """The calls proxies logged but have no spans of (``log_calls``), for ``read``'s ``extra_calls``: from the
     log lines written in ``window``, of the ``traces`` read (None: any)."""
 
@@ -44,15 +44,16 @@ def _proxy_calls(store: Store, window: tuple[int, int] | None, traces: set[str] 
     return proxy_calls
 
 
-def load(store: Store, *, window: tuple[int, int] | None = None) -> Analysis:
-    """The whole-store analysis of ``store``. With ``window`` (from, to in ns), only the traces that start in it,
-    and the log lines written in it."""
-    traces = group_traces(store.iter_rows())
-    if window is not None:
-        traces = (t for t in traces if window[0] <= min(s.start_ns for s in t) < window[1])
+def load(store: Store, *, window: Window | None = None) -> Analysis:
+    """The whole-store analysis of ``store``. With ``window`` (from, to in ns; either may be None), only the
+    traces that start in it (chosen in the store: nothing else is read), and the log lines written in it."""
+    since, until = window if window else (None, None)
     rules = configured_rules()
-    return diagnose(traces, declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window),
-                    order_rules=rules, order_logs=logged_facts(store, rules, window))
+    analysis = diagnose(group_traces(store.iter_rows(since_ns=since, until_ns=until)),
+                        declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window),
+                        order_rules=rules, order_logs=logged_facts(store, rules, window))
+    analysis.window = window
+    return analysis
 
 
 def load_sampled(store: Store, windows: list[tuple[int, int]], limit: int | None) -> tuple[Analysis, list[Sample]]:
@@ -64,7 +65,7 @@ def load_sampled(store: Store, windows: list[tuple[int, int]], limit: int | None
     return read(group_traces(store.rows_of(chosen)), extra_calls=_proxy_calls(store, span, set(chosen))), samples
 
 
-def logged_facts(store: Store, rules: Rules, window: tuple[int, int] | None = None) -> LoggedFacts:
+def logged_facts(store: Store, rules: Rules, window: Window | None = None) -> LoggedFacts:
     """The log lines of traces that the order rules name: each charge a charging service logged, and each
     trace that told its customer the order failed."""
     since, until = window if window else (None, None)

@@ -193,6 +193,14 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
             "clock_skew": [o.to_json() for o in analysis.offsets]}
 
 
+def window_json(analysis: Analysis) -> dict[str, str | None] | None:
+    """The window of start times the analysis read its traces from, as ISO times (None: every trace)."""
+    if analysis.window is None:
+        return None
+    since, until = analysis.window
+    return {"from": None if since is None else format_ns(since), "to": None if until is None else format_ns(until)}
+
+
 def analysis_document(analysis: Analysis) -> dict[str, Any]:
     """The JSON contract of `payscope analyze --format json`."""
     found = analysis.findings
@@ -209,7 +217,8 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
         "injected_faults": [{"caller": e.caller, "callee": e.callee, "operation": e.operation, "kind": kind,
                              "calls": n} for _, e in sorted(analysis.edges.items()) for kind, n in
                             sorted(e.injected.items())],
-        "stats": {"traces": len(analysis.traces), "transactions": len(analysis.transactions),
+        "stats": {"window": window_json(analysis), "traces": len(analysis.traces),
+                  "transactions": len(analysis.transactions),
                   "calls": len(analysis.calls), "edges": len(analysis.edges), "orders": len(orders),
                   "outcomes": outcomes, "orders_charged_twice": len(analysis.orders_charged_twice()),
                   "orders_to_reconcile": {kind: sum(kind in o.mismatches for o in analysis.orders().values())
@@ -224,7 +233,7 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
 def recommendation_document(analysis: Analysis, *, simulate: bool = False) -> dict[str, Any]:
     """The JSON contract of `payscope recommend timeouts --format json`."""
     recs = list(analysis.recommendations.values())
-    document: dict[str, Any] = {"recommendations": [r.to_json() for r in recs]}
+    document: dict[str, Any] = {"window": window_json(analysis), "recommendations": [r.to_json() for r in recs]}
     if simulate:
         document["simulation"] = recommend.simulate(analysis, recs)
     return document

@@ -51,6 +51,11 @@ LogsIndexOption = Annotated[
                  help="Elasticsearch: read logs another pipeline wrote (logs-generic.otel-default, filebeat-*)."),
 ]
 FormatOption = Annotated[str, typer.Option("--format", "-f", help="Output format: table or json.")]
+WindowSince = Annotated[Optional[str], typer.Option(
+    "--since", help="Only the traces that started in the last DURATION (30m, 1h, 2d) or from an ISO time: only "
+                    "they are read from the store.")]
+WindowUntil = Annotated[Optional[str], typer.Option(
+    "--until", help="Only the traces that started before this ISO time, or DURATION ago.")]
 
 
 def _indices(store: str | None, traces_index: str | None, logs_index: str | None) -> str | None:
@@ -80,6 +85,20 @@ def main_options(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """payscope: why do payments fail?"""
+
+
+def _window(since: str | None, until: str | None) -> tuple[int | None, int | None] | None:
+    """The window of trace start times ``--since`` and ``--until`` name (None: every trace)."""
+    from payscope.timeparse import parse_since_ns
+
+    if since is None and until is None:
+        return None
+    now = time.time_ns()
+    lo = parse_since_ns(since, now, "--since") if since else None
+    hi = parse_since_ns(until, now, "--until") if until else None
+    if lo is not None and hi is not None and lo >= hi:
+        raise PayscopeError(f"--since {since} is not before --until {until}: no trace can have started between")
+    return lo, hi
 
 
 def _check_format(value: str, allowed: tuple[str, ...]) -> str:
@@ -501,8 +520,10 @@ def analyze(
     fail_on: Annotated[Optional[str], typer.Option(
         "--fail-on", help="Exit 1 when a finding at or above this severity exists (low, medium, high, critical).")
     ] = None,
+    since: WindowSince = None,
+    until: WindowUntil = None,
 ) -> None:
-    """Timeout and retry findings over everything in the store."""
+    """Timeout and retry findings over everything in the store (or the traces of a window of time)."""
     from payscope import report
     from payscope.analyzers.findings import SEVERITIES, severity_at_least
     from payscope.analyzers.loader import load
@@ -512,8 +533,9 @@ def analyze(
     _check_format(output_format, ("table", "json", "markdown"))
     if fail_on is not None and fail_on not in SEVERITIES:
         raise PayscopeError(f"--fail-on {fail_on!r} is not one of {', '.join(SEVERITIES)}")
+    window = _window(since, until)
     with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
-        document = analysis_document(load(opened))
+        document = analysis_document(load(opened, window=window))
     if output_format == "json":
         _emit_json(document)
     elif output_format == "markdown":
@@ -634,6 +656,8 @@ def recommend_timeouts(
     simulate: Annotated[bool, typer.Option("--simulate", help="Replay recorded latencies under the "
                                            "current and recommended settings.")] = False,
     snippets: Annotated[bool, typer.Option("--snippets", help="Print config snippets per edge.")] = False,
+    since: WindowSince = None,
+    until: WindowUntil = None,
 ) -> None:
     """Per-edge timeouts and retries from the healthy latency tail, deadlines shrinking down the chain."""
     from payscope import report
@@ -642,8 +666,9 @@ def recommend_timeouts(
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "yaml"))
+    window = _window(since, until)
     with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
-        document = recommendation_document(load(opened), simulate=simulate)
+        document = recommendation_document(load(opened, window=window), simulate=simulate)
     if output_format == "json":
         _emit_json(document)
     elif output_format == "yaml":

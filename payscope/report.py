@@ -12,10 +12,20 @@ from payscope.timeparse import format_ms, format_ns
 SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan", "info": "dim"}
 
 
+def window_text(window: dict[str, str | None] | None) -> str:
+    """Which traces an analysis read, said before what it found in them."""
+    if not window:
+        return ""
+    bounds = ([f"from {window['from']}"] if window.get("from") else []) + (
+        [f"before {window['to']}"] if window.get("to") else [])
+    return f"of the traces that started {' and '.join(bounds)}: "
+
+
 def counts_line(stats: dict[str, Any]) -> str:
     """What the analysis counted, each number named for what it counts."""
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(stats["outcomes"].items())) or "none"
-    return (f"{stats['transactions']} transactions (traces) with {stats['calls']} calls over {stats['edges']} "
+    return (f"{window_text(stats.get('window'))}"
+            f"{stats['transactions']} transactions (traces) with {stats['calls']} calls over {stats['edges']} "
             f"edges, {stats['orders']} orders; transactions by outcome: {outcomes}; "
             f"orders charged twice: {stats['orders_charged_twice']}")
 
@@ -76,6 +86,8 @@ def markdown(document: dict[str, Any]) -> str:
 
 
 def print_recommendations(document: dict[str, Any], console: Console, *, snippets: bool = False) -> None:
+    if document.get("window"):
+        console.print(window_text(document["window"]).rstrip(": "), markup=False)
     console.print(f"{'edge':<48} {'now':>8} {'source':<11} {'p50':>7} {'p99':>7} {'p99.9':>7} "
                   f"{'recommend':>9} {'retries':>7} {'timeouts now':>12} {'after':>7}", markup=False)
     for r in document["recommendations"]:

@@ -98,6 +98,38 @@ def test_failures_filter_by_outcome_service_and_since(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "--limit -3" in proc.stderr
 
 
+def test_analyze_and_recommend_read_the_traces_of_a_window_and_say_so(tmp_path: Path) -> None:
+    from payscope.collector.store import open_store
+    from payscope.timeparse import format_ns, parse_since_ns
+    from tests.helpers import payscope_json
+
+    store = str(tmp_path / "s.db")
+    payscope("import", "traces", str(SCENARIOS / "subscriptions.otlp.jsonl.gz"), "--store", store, check=True)
+    with open_store(store, readonly=True) as opened:
+        starts = sorted(t.start_ns for t in opened.traces(limit=None))
+    split = format_ns(starts[len(starts) // 2])
+    at = parse_since_ns(split, 0)
+    every = payscope_json("analyze", "--store", store)
+    before = payscope_json("analyze", "--store", store, "--until", split)
+    after = payscope_json("analyze", "--store", store, "--since", split)
+    assert every["stats"]["window"] is None and after["stats"]["window"] == {"from": split, "to": None}
+    assert before["stats"]["traces"] == sum(s < at for s in starts) > 0
+    assert after["stats"]["traces"] == sum(s >= at for s in starts) > 0
+    assert before["stats"]["traces"] + after["stats"]["traces"] == every["stats"]["traces"] == len(starts)
+    # one answer: the window's recommendations are the ones its analysis cites
+    recommended = payscope_json("recommend", "timeouts", "--store", store, "--since", split)
+    assert recommended["window"] == after["stats"]["window"]
+    cited = {(e["caller"], e["callee"], e["operation"]): e["recommended_timeout_ms"] for e in after["edges"]}
+    assert recommended["recommendations"]
+    for r in recommended["recommendations"]:
+        edge = r["edge"]
+        assert cited[(edge["caller"], edge["callee"], edge["operation"])] == r["recommended"]["timeout_ms"]
+    table = payscope("analyze", "--store", store, "--since", split, check=True).stdout.splitlines()
+    assert table[0].startswith(f"of the traces that started from {split}: {after['stats']['transactions']} ")
+    proc = payscope("analyze", "--store", store, "--since", split, "--until", format_ns(at - 1_000_000))
+    assert proc.returncode == 2 and "--since" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_help_takes_h_and_run_shows_its_command() -> None:
     short = payscope("-h", check=True).stdout
     assert short == payscope("--help", check=True).stdout

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from payscope.collector.store import open_store
+from payscope.timeparse import format_ns
 from tests.helpers import CollectorProcess, free_port, payscope, payscope_json
 
 DATA = Path(__file__).parent / "data"
@@ -44,6 +45,8 @@ def both_stores(tmp_path_factory: pytest.TempPathFactory, elasticsearch_node: An
     ("recommend", "timeouts"),
     ("compare", "--incident"),
     ("compare", "--sample", "20", "--incident"),  # both stores choose the same sample
+    ("analyze", "--since"),  # both stores choose the traces that started in the second half
+    ("recommend", "timeouts", "--since"),
 ])
 def test_every_command_answers_as_on_the_embedded_store(both_stores: tuple[str, str], command: tuple[str, ...]) -> None:
     embedded, es = both_stores
@@ -52,6 +55,10 @@ def test_every_command_answers_as_on_the_embedded_store(both_stores: tuple[str, 
             starts = [t.start_ns for t in store.traces(limit=None)]
         middle, last = (min(starts) + max(starts)) // 2 // 10**9, max(starts) // 10**9 + 1
         command = (*command, f"{middle}..{last}")
+    if command[-1] == "--since":
+        with open_store(embedded, readonly=True) as store:
+            starts = sorted(t.start_ns for t in store.traces(limit=None))
+        command = (*command, format_ns(starts[len(starts) // 2]))
     assert _json(*command, "--store", es) == _json(*command, "--store", embedded)
 
 

@@ -200,6 +200,39 @@ def test_a_window_is_sampled_in_the_store_by_the_random_end_of_trace_ids(backend
     assert {r.trace_id for r in rows} == set(inside[:5])
 
 
+def test_the_rows_of_a_window_are_those_of_the_traces_that_started_in_it(backend: Callable[[], Store]) -> None:
+    inside = [f"{i:032x}" for i in range(1, 6)]
+    before = "a" * 32  # started before the window, with a span in it: not in the window
+    late = "b" * 32    # started in the window, with a span after it: in the window, whole
+    after = "c" * 32   # starts where the window ends: outside it
+    spans = [s for i, t in enumerate(inside) for s in sample_trace(t, i % 2 == 0, 1000 + 100 * i)]
+    spans += sample_trace(before, False, 950) + [span(before, "1000000000000009", "1000000000000001", "gateway",
+                                                      "client", 1100, 1150)]
+    spans += sample_trace(late, True, 1900) + [span(late, "1000000000000009", "1000000000000001", "gateway",
+                                                    "client", 2500, 2600)]
+    spans += sample_trace(after, False, 2000)
+    store = backend()
+    store.write(spans)
+    lo, hi = 1000 * 1_000_000, 2000 * 1_000_000
+
+    def read(since: int | None, until: int | None) -> dict[str, list[str]]:
+        rows = [r for batch in store.iter_rows(batch_size=3, since_ns=since, until_ns=until) for r in batch]
+        runs = [t for i, t in enumerate(r.trace_id for r in rows) if i == 0 or rows[i - 1].trace_id != t]
+        assert len(runs) == len(set(runs))  # a trace's spans together
+        out: dict[str, list[str]] = {}
+        for r in rows:
+            out.setdefault(r.trace_id, []).append(r.span_id)
+        return out
+
+    every = read(None, None)
+    assert set(every) == {*inside, before, late, after}
+    window = read(lo, hi)
+    assert set(window) == {*inside, late}
+    assert all(sorted(window[t]) == sorted(every[t]) for t in window)  # whole traces
+    assert set(read(lo, None)) == {*inside, late, after} and set(read(None, hi)) == {*inside, before, late}
+    assert read(0, 1) == {}
+
+
 def test_meta_round_trip(backend: Callable[[], Store]) -> None:
     store = backend()
     store.set_meta("declared_timeouts", "[]")

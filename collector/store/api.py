@@ -99,8 +99,10 @@ class Store(abc.ABC):
         """All trace summaries, newest first."""
 
     @abc.abstractmethod
-    def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
-        """The derived facts of every span, in batches, a trace's spans contiguous."""
+    def iter_rows(self, batch_size: int = 10_000, since_ns: int | None = None,
+                  until_ns: int | None = None) -> Iterator[list[SpanRow]]:
+        """The derived facts of every span, in batches, a trace's spans contiguous; with ``since_ns`` or
+        ``until_ns``, of the traces whose first span starts in [since, until) only, chosen in the store."""
 
     @abc.abstractmethod
     def sample_traces(self, since_ns: int, until_ns: int, limit: int | None) -> Sample:

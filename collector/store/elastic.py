@@ -605,14 +605,20 @@ class ElasticStore(Store):
                 out[b["key"]] = int(b["start"]["value"] or 0)
         return out
 
+    def _starting_in(self, since_ns: int | None, until_ns: int | None) -> list[str]:
+        """The traces whose first span starts in [since, until): those with a span that starts in it, less those
+        that started before it (a trace is in a window by its first start)."""
+        starts = self._starts_of(sorted(self._all_trace_starts(_started(since_ns, until_ns))))
+        return [t for t, start in starts.items()
+                if (since_ns is None or start >= since_ns) and (until_ns is None or start < until_ns)]
+
     def sample_traces(self, since_ns: int, until_ns: int, limit: int | None) -> Sample:
         """Chosen in Elasticsearch: a ``terms`` aggregation over the spans that start in the window, ordered by
         the sample key, a number computed from the trace id; every shard computes the same key for a trace, so
         the merged order is exact. A trace with a span in the window may have started before it: those are left
         out by their first start, and more are asked for until ``limit`` remain or there are no more."""
         if limit is None:
-            starts = self._all_trace_starts(_started(since_ns, until_ns))
-            ids = [t for t, start in self._starts_of(sorted(starts)).items() if since_ns <= start < until_ns]
+            ids = self._starting_in(since_ns, until_ns)
             ids.sort(key=lambda t: (int(t[-SAMPLE_DIGITS:], 16) if _HEX.fullmatch(t) else _NO_KEY, t))
             return Sample(ids, len(ids), None)
         runtime = {**self._runtime(), "payscope.sample_key": {"type": "long", "script": {"source": _SAMPLE_KEY}}}
@@ -658,7 +664,11 @@ class ElasticStore(Store):
                limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
         return self._summaries(None, since_ns, until_ns, limit, offset)
 
-    def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
+    def iter_rows(self, batch_size: int = 10_000, since_ns: int | None = None,
+                  until_ns: int | None = None) -> Iterator[list[SpanRow]]:
+        if since_ns is not None or until_ns is not None:
+            yield from self.rows_of(self._starting_in(since_ns, until_ns), batch_size)
+            return
         batch: list[SpanRow] = []
         sort = [{"trace_id": "asc"}, {"payscope.start_ns": "asc"}]
         for hit in self._span_hits({"match_all": {}}, sort, self._row_source()):

@@ -92,6 +92,18 @@ def _marks(chunk: list[Any]) -> str:
     return ",".join("?" * len(chunk))
 
 
+def _window(column: str, since_ns: int | None, until_ns: int | None, where: str = "") -> tuple[str, tuple[int, ...]]:
+    """`` WHERE`` ``where`` and ``column`` in [since, until) (either bound may be None), and its parameters."""
+    clauses, params = [where] if where else [], []
+    if since_ns is not None:
+        clauses.append(f"{column} >= ?")
+        params.append(since_ns)
+    if until_ns is not None:
+        clauses.append(f"{column} < ?")
+        params.append(until_ns)
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), tuple(params)
+
+
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
@@ -522,19 +534,9 @@ class EmbeddedStore(Store):
 
     def _summaries(self, where: str, since_ns: int | None, until_ns: int | None,
                    limit: int | None, offset: int) -> list[TraceSummary]:
-        clauses, params = [where] if where else [], []
-        if since_ns is not None:
-            clauses.append("start_ns >= ?")
-            params.append(since_ns)
-        if until_ns is not None:
-            clauses.append("start_ns < ?")
-            params.append(until_ns)
-        sql = f"SELECT {_TRACE_COLUMNS} FROM traces"
-        if clauses:
-            sql += " WHERE " + " AND ".join(clauses)
-        sql += " ORDER BY start_ns DESC LIMIT ? OFFSET ?"
-        params += [-1 if limit is None else limit, offset]
-        return [_summary_from_row(r) for r in self._read(sql, tuple(params))]
+        clauses, params = _window("start_ns", since_ns, until_ns, where)
+        sql = f"SELECT {_TRACE_COLUMNS} FROM traces{clauses} ORDER BY start_ns DESC LIMIT ? OFFSET ?"
+        return [_summary_from_row(r) for r in self._read(sql, (*params, -1 if limit is None else limit, offset))]
 
     def failed_traces(self, since_ns: int | None = None, until_ns: int | None = None,
                       limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
@@ -544,8 +546,10 @@ class EmbeddedStore(Store):
                limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
         return self._summaries("", since_ns, until_ns, limit, offset)
 
-    def iter_rows(self, batch_size: int = 10_000) -> Iterator[list[SpanRow]]:
-        cursor = self._conn().execute(f"{_TRACE_ROWS} ORDER BY t.trace_id, s.span_id")
+    def iter_rows(self, batch_size: int = 10_000, since_ns: int | None = None,
+                  until_ns: int | None = None) -> Iterator[list[SpanRow]]:
+        where, args = _window("t.start_ns", since_ns, until_ns)
+        cursor = self._conn().execute(f"{_TRACE_ROWS}{where} ORDER BY t.trace_id, s.span_id", args)
         while True:
             found = cursor.fetchmany(batch_size)
             if not found:
