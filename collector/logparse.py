@@ -35,6 +35,29 @@ def level_of(text: Any) -> str:
     return _LEVELS.get(str(text).strip().lower(), str(text).upper()) if text else ""
 
 
+# an access log's time (nginx, Apache: 19/Nov/2026:10:00:00 +0000), read without strptime: ten times cheaper
+_CLF_TIME = re.compile(r"(\d\d)/([A-Za-z]{3})/(\d{4}):(\d\d):(\d\d):(\d\d)(?: ?([+-]\d\d):?(\d\d))?")
+_MONTHS = {m: i for i, m in enumerate(("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov",
+                                       "dec"), 1)}
+_OFFSETS: dict[tuple[str, str], timezone] = {}
+
+
+def _clf_time(found: re.Match[str], tz: tzinfo) -> datetime | None:
+    month = _MONTHS.get(found[2].lower())
+    if month is None:
+        return None
+    zone: tzinfo = tz
+    if found[7]:
+        zone = _OFFSETS.get((found[7], found[8])) or _OFFSETS.setdefault(
+            (found[7], found[8]), timezone((-1 if found[7][0] == "-" else 1)
+                                           * timedelta(hours=int(found[7][1:]), minutes=int(found[8]))))
+    try:
+        return datetime(int(found[3]), month, int(found[1]), int(found[4]), int(found[5]), int(found[6]),
+                        tzinfo=zone)
+    except ValueError:  # 31/Feb, 25:00
+        return None
+
+
 def parse_time(text: str, tz: tzinfo) -> datetime | None:
     """Most timestamp spellings logs use; a time without a zone is taken in ``tz``."""
     text = text.strip().strip("[]")
@@ -43,6 +66,8 @@ def parse_time(text: str, tz: tzinfo) -> datetime | None:
         return quick if quick.tzinfo else quick.replace(tzinfo=tz)
     except ValueError:
         pass
+    if (clf := _CLF_TIME.fullmatch(text)) is not None:
+        return _clf_time(clf, tz)
     try:
         if re.fullmatch(r"\d{10}(?:\.\d+)?", text):
             return datetime.fromtimestamp(float(text), tz=timezone.utc)

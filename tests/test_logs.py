@@ -60,6 +60,29 @@ def test_custom_nginx_log_format() -> None:
         ("POST", "/orders/ord-1", "0.300", "abc123def456", "upstream_timeout")
 
 
+@pytest.mark.parametrize("text", [
+    "19/Nov/2026:10:00:00 +0000", "01/Jan/2025:23:59:59 -0730", "29/Feb/2024:00:00:00 +0100",
+    "19/nov/2026:10:00:00 +0530", "19/Nov/2026:10:00:00", "31/Feb/2024:00:00:00 +0000", "19/Foo/2026:10:00:00 +0000",
+    "19/Nov/2026:25:00:00 +0000"])
+def test_access_log_times_are_read_as_strptime_reads_them(text: str) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    from payscope.collector.logparse import parse_time
+
+    local = timezone(timedelta(hours=2))
+    expected = None
+    for fmt in ("%d/%b/%Y:%H:%M:%S %z", "%d/%b/%Y:%H:%M:%S"):
+        try:
+            expected = datetime.strptime(text, fmt)
+            break
+        except ValueError:
+            continue
+    if expected is not None and expected.tzinfo is None:
+        expected = expected.replace(tzinfo=local)
+    got = parse_time(f"[{text}]", local)
+    assert got == expected and (got is None or got.utcoffset() == expected.utcoffset())
+
+
 def test_multiline_records_and_timezones(tmp_path: Path, store_path: Path) -> None:
     log = tmp_path / "pay.log"
     log.write_text("2026-11-25 10:00:00,100 ERROR charge failed\n"
