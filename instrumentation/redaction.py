@@ -200,14 +200,26 @@ def redact_any(value: Any, key: str = "") -> Any:
     return value
 
 
+_clean_keys: set[str] = set()  # attribute keys already seen to hold nothing to mask (never one that did)
+
+
+def _masked_key(key: str) -> str:
+    if key in _clean_keys:
+        return key
+    masked = redact_text(key)
+    if masked == key and len(_clean_keys) < 100_000:
+        _clean_keys.add(key)
+    return masked
+
+
 def redact_attributes(attrs: Any) -> dict[str, Any]:
     """A copy of ``attrs`` that is safe to store: keys masked where they hold a number, secret values masked."""
     out: dict[str, Any] = {}
     for k, v in attrs.items():
         if is_id_key(k) and isinstance(v, str) and v.isdigit():
-            out[redact_text(k)] = v
+            out[_masked_key(k)] = v
         else:
-            out[redact_text(k)] = redact_any(v, k)
+            out[_masked_key(k)] = redact_any(v, k)
     return out
 
 
