@@ -88,17 +88,10 @@ def main_options(
 
 
 def _window(since: str | None, until: str | None) -> tuple[int | None, int | None] | None:
-    """The window of trace start times ``--since`` and ``--until`` name (None: every trace)."""
-    from payscope.timeparse import parse_since_ns
+    """The window of trace start times ``--since`` and ``--until`` name now (None: every trace)."""
+    from payscope.timeparse import start_window
 
-    if since is None and until is None:
-        return None
-    now = time.time_ns()
-    lo = parse_since_ns(since, now, "--since") if since else None
-    hi = parse_since_ns(until, now, "--until") if until else None
-    if lo is not None and hi is not None and lo >= hi:
-        raise PayscopeError(f"--since {since} is not before --until {until}: no trace can have started between")
-    return lo, hi
+    return start_window(since, until, time.time_ns())
 
 
 def _check_format(value: str, allowed: tuple[str, ...]) -> str:
@@ -681,11 +674,13 @@ def recommend_timeouts(
 
 @app.command()
 def tui(store: StoreOption = None, traces_index: TracesIndexOption = None,
-        logs_index: LogsIndexOption = None) -> None:
-    """Walk failed transactions in the terminal: waterfall, logs, findings, edges and timeouts."""
+        logs_index: LogsIndexOption = None, since: WindowSince = None, until: WindowUntil = None) -> None:
+    """Walk failed transactions in the terminal: waterfall, logs, findings, edges and timeouts (of every trace,
+    or of those that started in a window: a DURATION moves with the clock as new data arrives)."""
     from payscope.tui.app import build
 
-    build(_indices(store, traces_index, logs_index)).run()
+    _window(since, until)  # refused here, before the screen is taken
+    build(_indices(store, traces_index, logs_index), since=since, until=until).run()
 
 
 # --- demo --------------------------------------------------------------------------

@@ -57,6 +57,17 @@ def parse_since_ns(text: str, now_ns: int, option: str = "--since") -> int:
                          "such as 2026-11-25T10:00:00Z") from None
 
 
+def start_window(since: str | None, until: str | None, now_ns: int) -> tuple[int | None, int | None] | None:
+    """The window of trace start times ``--since`` and ``--until`` name at ``now_ns`` (None: every trace)."""
+    if since is None and until is None:
+        return None
+    lo = parse_since_ns(since, now_ns, "--since") if since else None
+    hi = parse_since_ns(until, now_ns, "--until") if until else None
+    if lo is not None and hi is not None and lo >= hi:
+        raise InputError(f"--since {since} is not before --until {until}: no trace can have started between")
+    return lo, hi
+
+
 def format_ns(ns: int) -> str:
     """An ISO 8601 UTC time with milliseconds."""
     return datetime.fromtimestamp(ns / 1e9, tz=timezone.utc).isoformat(timespec="milliseconds")

@@ -128,6 +128,8 @@ def test_analyze_and_recommend_read_the_traces_of_a_window_and_say_so(tmp_path: 
     assert table[0].startswith(f"of the traces that started from {split}: {after['stats']['transactions']} ")
     proc = payscope("analyze", "--store", store, "--since", split, "--until", format_ns(at - 1_000_000))
     assert proc.returncode == 2 and "--since" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = payscope("tui", "--store", store, "--since", "yesterday", timeout=30)  # refused before the screen
+    assert proc.returncode == 2 and "--since 'yesterday'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_help_takes_h_and_run_shows_its_command() -> None:

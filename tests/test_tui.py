@@ -150,6 +150,30 @@ async def test_new_failures_appear_without_moving_the_cursor(tmp_path: Path) -> 
         assert screen.rows[table.cursor_row]["trace_id"] == chosen
 
 
+@pytest.mark.anyio
+async def test_a_window_of_time_lists_the_failures_of_the_traces_that_started_in_it(tmp_path: Path) -> None:
+    from payscope.analyzers.loader import load
+    from payscope.analyzers.views import failure_rows
+    from payscope.timeparse import format_ns
+    from tests.helpers import SCENARIOS
+
+    store = str(tmp_path / "s.db")
+    payscope("import", "traces", str(SCENARIOS / "subscriptions.otlp.jsonl.gz"), "--store", store, check=True)
+    with open_store(store, readonly=True) as opened:
+        starts = sorted(t.start_ns for t in opened.traces(limit=None))
+        split = starts[len(starts) // 2]
+        every = failure_rows(opened, load(opened), limit=None)
+        expected = failure_rows(opened, load(opened, window=(split, None)), limit=None)
+    assert 0 < len(expected) < len(every)
+    app = build(store, refresh_seconds=3600, since=format_ns(split))
+    async with app.run_test(size=(140, 44)) as pilot:
+        await _settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, FailuresScreen)
+        assert [r["trace_id"] for r in screen.rows] == [r["trace_id"] for r in expected][:data.PAGE]
+        assert screen.total == len(expected) and f"since {format_ns(split)}" in app.sub_title
+
+
 @pytest.fixture(scope="module")
 def sample_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("snap") / "sample.db"

@@ -502,13 +502,16 @@ class PayscopeApp(App[None]):
     TITLE = "payscope"
     BINDINGS = [Binding("q", "quit", "quit"), Binding("question_mark", "help", "help")]
 
-    def __init__(self, store: Store, *, refresh_seconds: float = 2.0, report_dir: str | None = None) -> None:
+    def __init__(self, store: Store, *, refresh_seconds: float = 2.0, report_dir: str | None = None,
+                 since: str | None = None, until: str | None = None) -> None:
         super().__init__()
         self.store = store
-        self.source = data.Source(store)
+        self.source = data.Source(store, since, until)
         self.refresh_seconds = refresh_seconds
         self.report_dir = report_dir or os.getcwd()
         self.sub_title = Path(str(getattr(store, "url", ""))).name
+        if since or until:
+            self.sub_title += f" · {self.source.describe()}"
 
     def on_mount(self) -> None:
         self.push_screen(FailuresScreen())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ from payscope.analyzers.engine import Analysis
 from payscope.analyzers.loader import load
 from payscope.collector.store import Store
 from payscope.errors import PayscopeError
+from payscope.timeparse import start_window
 
 OUTCOMES = (None, *views.FAILURE_OUTCOMES)
 PROBLEMS = (None, *views.PROBLEMS)
@@ -19,10 +21,13 @@ PAGE = 60
 
 
 class Source:
-    """The store and its whole-store analysis, made again only when the store has new data."""
+    """The store and its whole-store analysis, made again only when the store has new data; with ``since`` or
+    ``until`` (as `payscope analyze --since/--until` takes them), the analysis of the traces that started in
+    that window, the window taken again at each new analysis (``--since 1h`` moves with the clock)."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, since: str | None = None, until: str | None = None) -> None:
         self.store = store
+        self.since, self.until = since, until
         self._analysis: Analysis | None = None
         self._counts: dict[str, int] | None = None
         self._lock = threading.Lock()
@@ -31,9 +36,15 @@ class Source:
         with self._lock:  # workers of several screens ask at once: analyse once
             counts = self.store.counts()
             if self._analysis is None or counts != self._counts:
-                self._analysis = load(self.store)
+                window = start_window(self.since, self.until, time.time_ns())
+                self._analysis = load(self.store, window=window)
                 self._counts = counts
             return self._analysis
+
+    def describe(self) -> str:
+        """Which traces the analysis reads, for the title bar."""
+        return " ".join([*([f"since {self.since}"] if self.since else []),
+                         *([f"until {self.until}"] if self.until else [])]) or "every trace"
 
 
 @dataclass
