@@ -1,7 +1,8 @@
 """`payscope analyze` and `payscope recommend timeouts` on large stores (250k and 1M spans, 20 services).
 
 Reports wall time and peak memory of each command, beside the floor: reading the same span
-facts from the store into memory. Stores are built once per size under bench/out/ and reused.
+facts from the store into memory; and `analyze --since` the store's last ten minutes, which should not grow
+with the store. Stores are built once per size under bench/out/ and reused.
 """
 
 from __future__ import annotations
@@ -121,6 +122,19 @@ finally:
 """
 
 
+WINDOW_MINUTES = 10  # a store built by build() holds a few thousand traces a minute of its time, whatever its size
+
+
+def last_minutes(path: Path, minutes: int) -> tuple[str, int]:
+    """`--since` for the last ``minutes`` of the store's traces, and how many traces started in them."""
+    from payscope.timeparse import format_ns
+
+    with open_store(str(path), readonly=True) as store:
+        newest = store.traces(limit=1)[0].start_ns
+        since_ns = (newest - minutes * 60 * 10**9) // 10**6 * 10**6  # to the millisecond, as format_ns writes it
+        return format_ns(since_ns), len(store.traces(since_ns=since_ns, limit=None))
+
+
 def measure(args: list[str]) -> tuple[float, float]:
     """Wall seconds and peak resident MiB of `payscope ARGS` in a child process."""
     t = time.perf_counter()
@@ -155,10 +169,14 @@ def run_shape(shape: str, sizes: list[int]) -> None:
         floor_s, floor_kb, count = out.stdout.split()
         analyze_s, analyze_mb = measure(["analyze", "--store", str(path), "--format", "json"])
         recommend_s, recommend_mb = measure(["recommend", "timeouts", "--store", str(path), "--format", "json"])
+        since, in_window = last_minutes(path, WINDOW_MINUTES)
+        window_s, window_mb = measure(["analyze", "--store", str(path), "--format", "json", "--since", since])
         results[size] = analyze_s
         print(f"  {int(count):>9,} spans: load floor {float(floor_s):6.1f}s {int(floor_kb) / 1024:6.0f} MiB | "
               f"analyze {analyze_s:6.1f}s ({analyze_s / float(floor_s):.1f}x floor) | "
-              f"recommend {recommend_s:6.1f}s | peak {analyze_mb:5.0f} / {recommend_mb:5.0f} MiB")
+              f"recommend {recommend_s:6.1f}s | peak {analyze_mb:5.0f} / {recommend_mb:5.0f} MiB | "
+              f"analyze --since the last {WINDOW_MINUTES} min ({in_window:,} traces) {window_s:5.1f}s "
+              f"({window_s / analyze_s:.2f}x analyze), peak {window_mb:4.0f} MiB")
     if len(sizes) >= 2:
         small, large = sizes[0], sizes[-1]
         print(f"  growth {small:,} -> {large:,} spans: x{results[large] / results[small]:.2f} time "
