@@ -399,11 +399,19 @@ _TRACEPARENT = re.compile(r"\b00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}\b")
 
 def find_ids(text: str) -> tuple[str | None, str | None, str | None]:
     """Trace id, span id and request id written inside a message (or a W3C traceparent)."""
-    parent = _TRACEPARENT.search(text)
+    # Each pattern needs its word (trace, span, request; 00- for a traceparent): most lines hold none, and a
+    # substring test of the lowered line costs far less than a case-insensitive search. Outside ASCII a
+    # letter may match case-insensitively without lowering to it (the long s, the Kelvin sign): search then.
+    if text.isascii():
+        lower = text.lower()
+        parent_word, trace_word, span_word, request_word = \
+            "00-" in text, "trace" in lower, "span" in lower, "request" in lower
+    else:
+        parent_word = trace_word = span_word = request_word = True
+    req = _REQUEST_ID.search(text) if request_word else None
+    parent = _TRACEPARENT.search(text) if parent_word else None
     if parent:
-        req = _REQUEST_ID.search(text)
         return parent.group(1), parent.group(2), req.group(1) if req else None
-    trace = _HEX_ID.search(text)
-    span = _SPAN_ID.search(text)
-    req = _REQUEST_ID.search(text)
+    trace = _HEX_ID.search(text) if trace_word else None
+    span = _SPAN_ID.search(text) if span_word else None
     return (trace.group(1) if trace else None, span.group(1) if span else None, req.group(1) if req else None)

@@ -61,6 +61,23 @@ def test_custom_nginx_log_format() -> None:
 
 
 @pytest.mark.parametrize("text", [
+    "charge failed trace_id=4bf92f3577b34da6a3ce929d0e0e4736 span_id=00f067aa0ba902b7 request_id=req-123456",
+    "traceparent 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01 X-Request-Id: abcdef12",
+    "TraceID: 4bf92f3577b34da6a3ce929d0e0e4736 SpanId=00f067aa0ba902b7", "dd.trace_id=1234567890abcdef",
+    "charging order ord-7 amount 12", "ſpan_id=00f067aa0ba902b7 (a long s)", "\u212aelvin trace_id=1234567890abcdef",
+    "caf\u00e9 requeſt_id=abcdef99", ""])
+def test_ids_in_a_line_are_found_as_the_patterns_alone_find_them(text: str) -> None:
+    parent = logparse._TRACEPARENT.search(text)
+    req = logparse._REQUEST_ID.search(text)
+    if parent:
+        expected = (parent.group(1), parent.group(2), req.group(1) if req else None)
+    else:
+        trace, span = logparse._HEX_ID.search(text), logparse._SPAN_ID.search(text)
+        expected = (trace.group(1) if trace else None, span.group(1) if span else None, req.group(1) if req else None)
+    assert logparse.find_ids(text) == expected
+
+
+@pytest.mark.parametrize("text", [
     "19/Nov/2026:10:00:00 +0000", "01/Jan/2025:23:59:59 -0730", "29/Feb/2024:00:00:00 +0100",
     "19/nov/2026:10:00:00 +0530", "19/Nov/2026:10:00:00", "31/Feb/2024:00:00:00 +0000", "19/Foo/2026:10:00:00 +0000",
     "19/Nov/2026:25:00:00 +0000"])
