@@ -46,16 +46,21 @@ def _clf_time(found: re.Match[str], tz: tzinfo) -> datetime | None:
     month = _MONTHS.get(found[2].lower())
     if month is None:
         return None
-    zone: tzinfo = tz
-    if found[7]:
-        zone = _OFFSETS.get((found[7], found[8])) or _OFFSETS.setdefault(
-            (found[7], found[8]), timezone((-1 if found[7][0] == "-" else 1)
-                                           * timedelta(hours=int(found[7][1:]), minutes=int(found[8]))))
     try:
+        zone = _offset(found[7], found[8]) if found[7] else tz
         return datetime(int(found[3]), month, int(found[1]), int(found[4]), int(found[5]), int(found[6]),
                         tzinfo=zone)
-    except ValueError:  # 31/Feb, 25:00
+    except ValueError:  # 31/Feb, 25:00, +9900
         return None
+
+
+def _offset(hours: str, minutes: str) -> timezone:
+    """The zone of a ``+hh`` ``mm`` offset, made once each (ValueError past a day)."""
+    zone = _OFFSETS.get((hours, minutes))
+    if zone is None:
+        sign = -1 if hours[0] == "-" else 1
+        zone = _OFFSETS[(hours, minutes)] = timezone(sign * timedelta(hours=int(hours[1:]), minutes=int(minutes)))
+    return zone
 
 
 def parse_time(text: str, tz: tzinfo) -> datetime | None:

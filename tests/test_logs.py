@@ -80,7 +80,7 @@ def test_ids_in_a_line_are_found_as_the_patterns_alone_find_them(text: str) -> N
 @pytest.mark.parametrize("text", [
     "19/Nov/2026:10:00:00 +0000", "01/Jan/2025:23:59:59 -0730", "29/Feb/2024:00:00:00 +0100",
     "19/nov/2026:10:00:00 +0530", "19/Nov/2026:10:00:00", "31/Feb/2024:00:00:00 +0000", "19/Foo/2026:10:00:00 +0000",
-    "19/Nov/2026:25:00:00 +0000"])
+    "19/Nov/2026:25:00:00 +0000", "19/Nov/2026:10:00:00 +9900", "19/Nov/2026:10:00:00 -2359"])
 def test_access_log_times_are_read_as_strptime_reads_them(text: str) -> None:
     from datetime import datetime, timedelta, timezone
 
