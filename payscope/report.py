@@ -18,13 +18,14 @@ def window_text(window: dict[str, str | None] | None) -> str:
         return ""
     bounds = ([f"from {window['from']}"] if window.get("from") else []) + (
         [f"before {window['to']}"] if window.get("to") else [])
-    return f"of the traces that started {' and '.join(bounds)}: "
+    return f"of the traces that started {' and '.join(bounds)}"
 
 
 def counts_line(stats: dict[str, Any]) -> str:
     """What the analysis counted, each number named for what it counts."""
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(stats["outcomes"].items())) or "none"
-    return (f"{window_text(stats.get('window'))}"
+    window = window_text(stats.get("window"))
+    return (f"{window + ': ' if window else ''}"
             f"{stats['transactions']} transactions (traces) with {stats['calls']} calls over {stats['edges']} "
             f"edges, {stats['orders']} orders; transactions by outcome: {outcomes}; "
             f"orders charged twice: {stats['orders_charged_twice']}")
@@ -87,7 +88,7 @@ def markdown(document: dict[str, Any]) -> str:
 
 def print_recommendations(document: dict[str, Any], console: Console, *, snippets: bool = False) -> None:
     if document.get("window"):
-        console.print(window_text(document["window"]).rstrip(": "), markup=False)
+        console.print(window_text(document["window"]), markup=False)
     console.print(f"{'edge':<48} {'now':>8} {'source':<11} {'p50':>7} {'p99':>7} {'p99.9':>7} "
                   f"{'recommend':>9} {'retries':>7} {'timeouts now':>12} {'after':>7}", markup=False)
     for r in document["recommendations"]:
