@@ -3,10 +3,14 @@ network gap of each call, and dependencies without spans, compared between a bas
 
 An entry request's duration is cut, along its critical path, into pieces that add up to it exactly: a service's
 own time (``service``), the gap of a call between the caller's client span and the callee's server span
-(``network``: the wire, a proxy, a queue, a connection pool) and the whole of a call whose callee has no spans
+(``network``: the wire, a proxy, a connection pool), the gap of a call that waited for a free worker of its
+callee (``queue``, :func:`gaps.waited_for_workers`) and the whole of a call whose callee has no spans
 (``dependency``). Parallel calls that finish before the one the request waited on are off the path, so nothing
 is counted twice. A piece's growth, averaged over the incident's entry requests of each kind, is how many
 milliseconds of their added time it explains.
+
+A queue in front of a service whose own requests took longer is a consequence: its workers were held by
+whatever made them slower. It is ranked after the hops that are not, whatever its size.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from typing import Any
 from payscope.collector.store import Sample
 
 from .calls import Call
-from .engine import Analysis
+from .engine import Analysis, Edge
+from .gaps import Occupancy, occupancies, usual_gap_ms, waited_for_workers
 from .stats import p50_p99 as _pct
 from .stats import percentile
 
@@ -63,8 +68,26 @@ class WindowStats:
         return sorted(v for values in self.durations.values() for v in values)
 
 
-def _critical_path(analysis: Analysis, trace_id: str) -> Iterator[tuple[HopKey, float]]:
-    """(hop, milliseconds) pieces of one trace's entry request along its critical path."""
+def _queued(analysis: Analysis, window: Window, busy: dict[str, Occupancy]) -> set[int]:
+    """The calls sent in ``window`` that waited for a free worker of their callee (ids): on each edge whose
+    calls of the window queued (:func:`gaps.waited_for_workers`), those that found the callee full."""
+    by_edge: dict[tuple[str, str, str], list[Call]] = defaultdict(list)
+    for c in analysis.calls:  # compare reads calls only (loader.read): no edges are built
+        by_edge[c.edge].append(c)
+    out: set[int] = set()
+    for key, all_calls in by_edge.items():
+        callee = busy.get(key[1])
+        if callee is None:
+            continue
+        calls = [c for c in all_calls if window[0] <= c.start_ns < window[1]]
+        if waited_for_workers(callee, calls, usual_gap_ms(Edge(*key, calls=all_calls))):
+            out.update(id(c) for c in calls if callee.full(c.start_ns))
+    return out
+
+
+def _critical_path(analysis: Analysis, trace_id: str, queued: set[int]) -> Iterator[tuple[HopKey, float]]:
+    """(hop, milliseconds) pieces of one trace's entry request along its critical path; ``queued``: the calls
+    whose gap was a wait for a worker (:func:`_queued`)."""
     calls = analysis.calls_of(trace_id)
     under: dict[str | None, list[Call]] = defaultdict(list)
     for c in calls:
@@ -104,7 +127,10 @@ def _critical_path(analysis: Analysis, trace_id: str) -> Iterator[tuple[HopKey, 
                 s_start = max(c.server_start_ns, c_start)
                 s_end = min(c.server_end_ns, c_end)
                 server = max(0, s_end - s_start)
-                yield (c.callee, "network", edge), (client - server) / 1e6
+                if id(c) in queued:
+                    yield (c.callee, "queue", edge), (client - server) / 1e6
+                else:
+                    yield (c.callee, "network", edge), (client - server) / 1e6
                 if server:
                     stack.append((c.answered_by, c.server_service or c.callee, s_start, s_end))
             cursor = c_start
@@ -112,14 +138,16 @@ def _critical_path(analysis: Analysis, trace_id: str) -> Iterator[tuple[HopKey, 
         yield (service, "service", None), own / 1e6
 
 
-def _requests(analysis: Analysis, window: Window) -> list[tuple[Kind, dict[HopKey, float]]]:
+def _requests(analysis: Analysis, window: Window, busy: dict[str, Occupancy]
+              ) -> list[tuple[Kind, dict[HopKey, float]]]:
     """Each entry request in the window: its kind and its pieces along the critical path."""
+    queued = _queued(analysis, window, busy)
     out = []
     for trace_id, facts in analysis.traces.items():
         if not window[0] <= facts.start_ns < window[1]:
             continue
         pieces: dict[HopKey, float] = defaultdict(float)
-        for key, value in _critical_path(analysis, trace_id):
+        for key, value in _critical_path(analysis, trace_id, queued):
             pieces[key] += value
         if pieces:
             # requests of one kind take one path through the system: compared with themselves, a change of
@@ -183,10 +211,12 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
 
 
 def _merged(explained: dict[HopKey, float], noise: float) -> tuple[dict[HopKey, float], dict[HopKey, list[HopKey]]]:
-    """Hops of one kind of entry request after network gaps are put on the service they share."""
+    """Hops of one kind of entry request after network gaps are put on the service they share, and the queues
+    in front of a service on each of its edges are one."""
     own_growth = {key[0]: value for key, value in explained.items() if key[1] == "service"}
     grown_network = [k for k, v in explained.items() if k[1] == "network" and v > noise]
     renamed = _common_service(grown_network, own_growth, noise)
+    renamed.update({k: (k[0], "queue", None) for k in explained if k[1] == "queue"})  # one queue a service
     merged: dict[HopKey, float] = defaultdict(float)
     members: dict[HopKey, list[HopKey]] = defaultdict(list)
     for key, value in explained.items():
@@ -205,7 +235,8 @@ def compare(analysis: Analysis, baseline: Window, incident: Window,
     ``samples``: when the analysis holds only a sample of each window's traces (``loader.load_sampled``), what
     was read of each, which the document states.
     """
-    base_requests, inc_requests = _requests(analysis, baseline), _requests(analysis, incident)
+    busy = occupancies(analysis)
+    base_requests, inc_requests = _requests(analysis, baseline, busy), _requests(analysis, incident, busy)
     base_kinds = defaultdict(int, Counter(k for k, _ in base_requests))
     inc_kinds = Counter(k for k, _ in inc_requests)
     kept = {k for k, n in inc_kinds.items() if n >= MIN_REQUESTS and base_kinds[k] >= MIN_REQUESTS}
@@ -235,9 +266,10 @@ def compare(analysis: Analysis, baseline: Window, incident: Window,
 
     best: dict[HopKey, tuple[float, Kind, list[HopKey]]] = {}
     added: dict[Kind, float] = {}
+    noises: dict[Kind, float] = {}
     for g in groups:
         base_median = percentile(sorted(base.durations[g]), 50) or 0.0
-        noise = max(NOISE_MIN_MS, NOISE_SHARE * base_median)
+        noise = noises[g] = max(NOISE_MIN_MS, NOISE_SHARE * base_median)
         added[g] = sum(inc.durations[g]) / inc.requests[g] - sum(base.durations[g]) / base.requests[g]
         keys = {k for k in set(base.pieces) | set(inc.pieces)
                 if g in (base.pieces[k].per_group if k in base.pieces else {})
@@ -249,7 +281,14 @@ def compare(analysis: Analysis, baseline: Window, incident: Window,
             if value > max(noise, chance) and (key not in best or value > best[key][0]):
                 best[key] = (value, g, members[key])
     hops = []
-    for key, (value, g, members_of) in sorted(best.items(), key=lambda kv: -kv[1][0]):
+    held = {key[0]: _held_ms(analysis, key[0], baseline, incident) for key in best if key[1] == "queue"}
+
+    def consequence(key: HopKey, g: Kind) -> bool:
+        """A queue in front of a service whose own requests grew by more than noise: its workers were held."""
+        return key[1] == "queue" and held[key[0]] > noises[g]
+
+    for key, (value, g, members_of) in sorted(best.items(), key=lambda kv: (consequence(kv[0], kv[1][1]),
+                                                                           -kv[1][0])):
         base_samples = sorted(v for k in members_of if k in base.pieces for v in base.pieces[k].samples)
         inc_samples = sorted(v for k in members_of if k in inc.pieces for v in inc.pieces[k].samples)
         service, component, edge = key
@@ -259,8 +298,11 @@ def compare(analysis: Analysis, baseline: Window, incident: Window,
             "baseline_ms": _pct(base_samples), "incident_ms": _pct(inc_samples),
             "explains_ms": round(value, 2), "entry": g[0], "entry_requests": inc.requests[g],
             "entry_added_ms": round(added[g], 2),
+            "held_ms": round(held[service], 2) if component == "queue" else None,
+            "consequence": consequence(key, g),
             "sentence": sentence(service, component, edge, value, added[g], g, _pct(base_samples),
-                                 _pct(inc_samples)),
+                                 _pct(inc_samples), held.get(service) if component == "queue" else None,
+                                 consequence(key, g)),
         })
     base_sample, inc_sample = samples if samples is not None else (None, None)
     return {"baseline": _summary(base, base_sample), "incident": _summary(inc, inc_sample),
@@ -269,6 +311,18 @@ def compare(analysis: Analysis, baseline: Window, incident: Window,
                      "baseline median, or less than three standard errors of the difference, is noise and not "
                      f"listed; kinds with fewer than {MIN_REQUESTS} requests in either window are not compared",
             "hops": hops}
+
+
+def _held_ms(analysis: Analysis, service: str, baseline: Window, incident: Window) -> float:
+    """How much longer ``service`` took to answer the calls into it in the incident than in the baseline
+    (means of its server spans): the time its workers were held the longer."""
+    def mean(window: Window) -> float:
+        held = [c.server_end_ns - c.server_start_ns for c in analysis.calls
+                if c.callee == service and window[0] <= c.start_ns < window[1]
+                and c.server_start_ns is not None and c.server_end_ns is not None]
+        return sum(held) / len(held) / 1e6 if held else 0.0
+
+    return mean(incident) - mean(baseline)
 
 
 def default_windows(analysis: Analysis, parts: int = 4) -> tuple[Window, Window] | None:
@@ -295,14 +349,22 @@ def default_windows(analysis: Analysis, parts: int = 4) -> tuple[Window, Window]
 
 
 def sentence(service: str, component: str, edge: tuple[str, str, str] | None, value: float, added: float,
-             group: Kind, base: dict[str, float | None], inc: dict[str, float | None]) -> str:
-    """The hop as a line an on-call engineer can paste into an incident channel."""
+             group: Kind, base: dict[str, float | None], inc: dict[str, float | None],
+             held_ms: float | None = None, consequence: bool = False) -> str:
+    """The hop as a line an on-call engineer can paste into an incident channel; ``held_ms``, for a queue: how
+    much longer the service's own requests took (:func:`_held_ms`), ``consequence`` whether that is why."""
     share = f" ({min(1.0, value / added):.0%} of the {added:.0f} ms they gained)" if added > 0 else ""
     where = {"network": f"between {service} and its caller or callee (the network, a proxy, a queue or a "
                         "connection pool)",
              "service": f"inside {service}'s own code",
+             "queue": f"waiting for a free worker of {service} (calls that found all its workers busy)",
              "dependency": f"in {service}, which has no spans",
              "injected": f"in faults the sidecar injected into {service}'s requests"}[component]
     call = f" on {edge[0]} -> {edge[1]} ({edge[2]})" if edge else ""
+    why = ""
+    if held_ms is not None:
+        why = (f"; {service}'s own requests took {held_ms:.0f} ms longer, which held its workers: a consequence of "
+               "what slowed them" if consequence else f"; {service}'s own requests took about as long as before "
+               f"({held_ms:+.0f} ms): more came than its workers could take")
     return (f"{value:.0f} ms per {group[0]} request that crosses it{share} is lost {where}{call}: p50 {base['p50']} -> "
-            f"{inc['p50']} ms, p99 {base['p99']} -> {inc['p99']} ms")
+            f"{inc['p50']} ms, p99 {base['p99']} -> {inc['p99']} ms{why}")

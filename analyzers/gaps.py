@@ -54,6 +54,21 @@ class Occupancy:
         return self.ceiling > 0 and self.at(t) >= self.ceiling - self.ceiling // 10
 
 
+def waited_for_workers(callee: Occupancy, calls: list[Call], usual_ms: float) -> bool:
+    """Whether answered ``calls`` into one service, in one stretch of time, queued for a free worker: those
+    sent while it was full lost, at the median, ``QUEUE_CONTRAST`` times what those sent while it was not
+    lost (the lower quartile of theirs: a call sent as the queue drained can find it free and wait all the
+    same; its ``usual_ms`` gap when too few found it free), and ``SIBLING_MIN_MS`` more. A delay on the wire
+    slows a call whether or not the callee was full; a queue slows only those that found it full."""
+    full = [c.gap_ms for c in calls if c.gap_ms is not None and callee.full(c.start_ns)]
+    free = sorted(c.gap_ms for c in calls if c.gap_ms is not None and not callee.full(c.start_ns))
+    if len(full) < SIBLING_MIN_CALLS:
+        return False
+    other = (percentile(free, 25) or 0.0) if len(free) >= SIBLING_MIN_CALLS else usual_ms
+    waited = median(full) or 0.0
+    return waited >= QUEUE_CONTRAST * other and waited - other >= SIBLING_MIN_MS
+
+
 def occupancies(analysis: Analysis) -> dict[str, Occupancy]:
     """Each service's in-flight profile, in one pass over the calls: the server spans that answered calls into
     it and those its own calls were made under, each once."""

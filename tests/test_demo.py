@@ -70,7 +70,8 @@ def test_demo_finds_every_planted_fault_and_nothing_false(demo_run: tuple[Path, 
     assert not unexplained, unexplained
     for kind, caller, callee in PLANTED:
         assert kind in proc.stdout and f"{caller} -> {callee}" in proc.stdout
-    # the investigation compares the sale peak with the time before it, and names the bank's link first
+    # the investigation compares the sale peak with the time before it, and names the bank's link first: the queue
+    # that order's held workers build at the peak can add more, and it is the link's consequence
     ranked = proc.stdout.split("the sale peak against the time before it")[1].splitlines()
     assert ranked[2].strip().startswith("1. [network] bank:") and "payment -> bank" in ranked[2], ranked[:4]
 

@@ -27,22 +27,32 @@ DELAY_MS = 150.0
 SPIN_MS = 150
 
 
-@pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("netchain")
-    store = tmp / "payscope.db"
+def _three_hops(store: Path, one_worker: bool = False
+                ) -> tuple[CollectorProcess, dict[str, int], dict[str, float], DelayingRelay, list[Any]]:
+    """frontend -> api -> relay -> ledger under `payscope run`, into a collector writing ``store``; the relay's
+    delay is ``delay["ms"]``. ``one_worker``: api serves one request at a time."""
     collector = CollectorProcess(store, grpc=False)
     ports = {name: free_port() for name in ("frontend", "api", "ledger", "link")}
     delay = {"ms": 0.0}
     relay = DelayingRelay(ports["link"], ports["ledger"], lambda: delay["ms"]).start()
     base = dict(os.environ, OTEL_BSP_SCHEDULE_DELAY="100")
+    api_env = dict(base, NEXT_URL=f"http://127.0.0.1:{ports['link']}")
+    if one_worker:
+        api_env["HOP_THREADED"] = "0"
     procs = [
         _payscope_run("ledger", collector, sys.executable, "hop.py", str(ports["ledger"]), env=base),
-        _payscope_run("api", collector, sys.executable, "hop.py", str(ports["api"]),
-                      env=dict(base, NEXT_URL=f"http://127.0.0.1:{ports['link']}")),
+        _payscope_run("api", collector, sys.executable, "hop.py", str(ports["api"]), env=api_env),
         _payscope_run("frontend", collector, sys.executable, "hop.py", str(ports["frontend"]),
                       env=dict(base, NEXT_URL=f"http://127.0.0.1:{ports['api']}")),
     ]
+    return collector, ports, delay, relay, procs
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    tmp = tmp_path_factory.mktemp("netchain")
+    store = tmp / "payscope.db"
+    collector, ports, delay, relay, procs = _three_hops(store)
 
     def drive(query: str = "") -> tuple[float, float]:
         start = time.time()
@@ -132,10 +142,13 @@ def test_requests_waiting_for_a_busy_worker_are_a_queue_not_the_link(tmp_path: P
     try:
         for name in ("ledger", "api"):
             _wait_http(ports[name])
+        one_at_a_time = time.time()
         for _ in range(REQUESTS):
             order()
+        four_at_once = time.time()
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(order, range(REQUESTS)))
+        end = time.time()
         time.sleep(1.5)  # every batch out
     finally:
         stop_all(procs)
@@ -146,3 +159,54 @@ def test_requests_waiting_for_a_busy_worker_are_a_queue_not_the_link(tmp_path: P
     finding = network[("api", "ledger")]
     assert (finding["metrics"]["cause"], finding["metrics"]["common_cause"]) == ("callee_queue", "ledger")
     assert "queued in ledger" in finding["summary"] and "worker" in finding["recommendation"]["action"]
+    # compare says the same: the added time is ledger's queue, and ledger's own requests took no longer
+    doc = payscope_json("compare", "--store", str(store), "--baseline", f"{one_at_a_time}..{four_at_once}",
+                        "--incident", f"{four_at_once}..{end}")
+    first = doc["hops"][0]
+    assert (first["service"], first["component"], first["consequence"]) == ("ledger", "queue", False), doc["hops"]
+    assert not [h for h in doc["hops"] if h["component"] == "network"], doc["hops"]
+    assert "more came than its workers could take" in first["sentence"]
+
+
+def test_a_queue_behind_a_slow_link_is_ranked_after_the_link(tmp_path: Path) -> None:
+    """frontend -> api (one worker) -> ledger, four customers at a time throughout; then the link between api and
+    ledger slows. api's worker is held the longer, so requests queue in front of it for more time than the link
+    itself adds: the queue is a consequence, and the link comes first.
+
+    Stand-in: this machine's kernel has no netem, so the slow network is a delaying TCP relay
+    (`payscope.demo.netdelay`) between api and ledger."""
+    store = tmp_path / "payscope.db"
+    collector, ports, delay, relay, procs = _three_hops(store, one_worker=True)
+
+    def order(_: int = 0) -> None:
+        urllib.request.urlopen(f"http://127.0.0.1:{ports['frontend']}/work?sleep_ms=20", timeout=30).read()
+
+    def four_at_once() -> tuple[float, float]:
+        start = time.time()
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(order, range(REQUESTS)))
+        return start, time.time()
+
+    try:
+        for name in ("ledger", "api", "frontend"):
+            _wait_http(ports[name])
+        for _ in range(REQUESTS // 2):  # one at a time: the link's usual gap, with no queue
+            order()
+        healthy = four_at_once()
+        delay["ms"] = DELAY_MS
+        slow_link = four_at_once()
+        time.sleep(1.5)  # every batch out
+    finally:
+        stop_all(procs)
+        relay.stop()
+        collector.stop()
+    doc = payscope_json("compare", "--store", str(store), "--baseline", _window(healthy),
+                        "--incident", _window(slow_link))
+    first = doc["hops"][0]
+    assert (first["service"], first["component"]) == ("ledger", "network"), doc["hops"]
+    assert first["explains_ms"] == pytest.approx(DELAY_MS, rel=0.3)
+    queue = next(h for h in doc["hops"] if h["component"] == "queue")
+    assert queue["service"] == "api" and queue["consequence"], doc["hops"]
+    assert queue["explains_ms"] > first["explains_ms"]  # the larger, and still second: it is what the link caused
+    assert queue["held_ms"] == pytest.approx(DELAY_MS, rel=0.3)
+    assert "a consequence of what slowed them" in queue["sentence"]
