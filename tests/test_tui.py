@@ -279,6 +279,10 @@ def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
             time.sleep(0.2)
         raise AssertionError(f"{text!r} never appeared:\n{screen()}")
 
+    def status() -> str:
+        """The failed list's first line: how many, and which outcome it shows."""
+        return next((line for line in screen().splitlines() if "failed transactions" in line), "")
+
     def keys(*k: str) -> None:
         subprocess.run([*tmux, "send-keys", "-t", session, *k], check=True)
 
@@ -287,10 +291,15 @@ def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
         keys("o")
         wait_for("outcome=")
         for _ in range(len(data.OUTCOMES)):
-            if "all outcomes" in screen():
+            if "all outcomes" in status():
                 break
+            before = status()
             keys("o")
-            time.sleep(1.0)
+            # one key at a time: a second "o" sent before the first is drawn (a busy machine) would step past
+            # "all outcomes"
+            deadline = time.monotonic() + 20
+            while status() == before and time.monotonic() < deadline:
+                time.sleep(0.2)
         wait_for("all outcomes")
         keys("/")
         keys("-l", order_id)
