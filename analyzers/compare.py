@@ -68,26 +68,39 @@ class WindowStats:
         return sorted(v for values in self.durations.values() for v in values)
 
 
-def _queued(analysis: Analysis, window: Window, busy: dict[str, Occupancy]) -> set[int]:
-    """The calls sent in ``window`` that waited for a free worker of their callee (ids): on each edge whose
-    calls of the window queued (:func:`gaps.waited_for_workers`), those that found the callee full."""
-    by_edge: dict[tuple[str, str, str], list[Call]] = defaultdict(list)
-    for c in analysis.calls:  # compare reads calls only (loader.read): no edges are built
-        by_edge[c.edge].append(c)
-    out: set[int] = set()
-    for key, all_calls in by_edge.items():
-        callee = busy.get(key[1])
-        if callee is None:
-            continue
-        calls = [c for c in all_calls if window[0] <= c.start_ns < window[1]]
-        if waited_for_workers(callee, calls, usual_gap_ms(Edge(*key, calls=all_calls))):
-            out.update(id(c) for c in calls if callee.full(c.start_ns))
-    return out
+@dataclass
+class Queues:
+    """What tells a queue from the wire, made once for both windows: each service's in-flight profile, and each
+    edge's calls with its usual gap (compare reads calls only, ``loader.read``: no edges are built)."""
+
+    busy: dict[str, Occupancy]
+    edges: list[tuple[Edge, float]]
+
+    @classmethod
+    def of(cls, analysis: Analysis) -> Queues:
+        by_edge: dict[tuple[str, str, str], list[Call]] = defaultdict(list)
+        for c in analysis.calls:
+            by_edge[c.edge].append(c)
+        edges = [Edge(*key, calls=calls) for key, calls in by_edge.items()]
+        return cls(occupancies(analysis), [(e, usual_gap_ms(e)) for e in edges])
+
+    def queued(self, window: Window) -> set[int]:
+        """The calls sent in ``window`` that waited for a free worker of their callee (ids): on each edge whose
+        calls of the window queued (:func:`gaps.waited_for_workers`), those that found the callee full."""
+        out: set[int] = set()
+        for edge, usual_ms in self.edges:
+            callee = self.busy.get(edge.callee)
+            if callee is None:
+                continue
+            calls = [c for c in edge.calls if window[0] <= c.start_ns < window[1]]
+            if waited_for_workers(callee, calls, usual_ms):
+                out.update(id(c) for c in calls if callee.full(c.start_ns))
+        return out
 
 
 def _critical_path(analysis: Analysis, trace_id: str, queued: set[int]) -> Iterator[tuple[HopKey, float]]:
     """(hop, milliseconds) pieces of one trace's entry request along its critical path; ``queued``: the calls
-    whose gap was a wait for a worker (:func:`_queued`)."""
+    whose gap was a wait for a worker (:meth:`Queues.queued`)."""
     calls = analysis.calls_of(trace_id)
     under: dict[str | None, list[Call]] = defaultdict(list)
     for c in calls:
@@ -138,10 +151,9 @@ def _critical_path(analysis: Analysis, trace_id: str, queued: set[int]) -> Itera
         yield (service, "service", None), own / 1e6
 
 
-def _requests(analysis: Analysis, window: Window, busy: dict[str, Occupancy]
-              ) -> list[tuple[Kind, dict[HopKey, float]]]:
+def _requests(analysis: Analysis, window: Window, queues: Queues) -> list[tuple[Kind, dict[HopKey, float]]]:
     """Each entry request in the window: its kind and its pieces along the critical path."""
-    queued = _queued(analysis, window, busy)
+    queued = queues.queued(window)
     out = []
     for trace_id, facts in analysis.traces.items():
         if not window[0] <= facts.start_ns < window[1]:
@@ -235,8 +247,8 @@ def compare(analysis: Analysis, baseline: Window, incident: Window,
     ``samples``: when the analysis holds only a sample of each window's traces (``loader.load_sampled``), what
     was read of each, which the document states.
     """
-    busy = occupancies(analysis)
-    base_requests, inc_requests = _requests(analysis, baseline, busy), _requests(analysis, incident, busy)
+    queues = Queues.of(analysis)
+    base_requests, inc_requests = _requests(analysis, baseline, queues), _requests(analysis, incident, queues)
     base_kinds = defaultdict(int, Counter(k for k, _ in base_requests))
     inc_kinds = Counter(k for k, _ in inc_requests)
     kept = {k for k, n in inc_kinds.items() if n >= MIN_REQUESTS and base_kinds[k] >= MIN_REQUESTS}
@@ -292,17 +304,17 @@ def compare(analysis: Analysis, baseline: Window, incident: Window,
         base_samples = sorted(v for k in members_of if k in base.pieces for v in base.pieces[k].samples)
         inc_samples = sorted(v for k in members_of if k in inc.pieces for v in inc.pieces[k].samples)
         service, component, edge = key
+        held_ms = held[service] if component == "queue" else None
         hops.append({
             "service": service, "component": component,
             "edge": None if edge is None else {"caller": edge[0], "callee": edge[1], "operation": edge[2]},
             "baseline_ms": _pct(base_samples), "incident_ms": _pct(inc_samples),
             "explains_ms": round(value, 2), "entry": g[0], "entry_requests": inc.requests[g],
             "entry_added_ms": round(added[g], 2),
-            "held_ms": round(held[service], 2) if component == "queue" else None,
+            "held_ms": None if held_ms is None else round(held_ms, 2),
             "consequence": consequence(key, g),
             "sentence": sentence(service, component, edge, value, added[g], g, _pct(base_samples),
-                                 _pct(inc_samples), held.get(service) if component == "queue" else None,
-                                 consequence(key, g)),
+                                 _pct(inc_samples), held_ms, consequence(key, g)),
         })
     base_sample, inc_sample = samples if samples is not None else (None, None)
     return {"baseline": _summary(base, base_sample), "incident": _summary(inc, inc_sample),

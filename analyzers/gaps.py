@@ -60,8 +60,12 @@ def waited_for_workers(callee: Occupancy, calls: list[Call], usual_ms: float) ->
     lost (the lower quartile of theirs: a call sent as the queue drained can find it free and wait all the
     same; its ``usual_ms`` gap when too few found it free), and ``SIBLING_MIN_MS`` more. A delay on the wire
     slows a call whether or not the callee was full; a queue slows only those that found it full."""
-    full = [c.gap_ms for c in calls if c.gap_ms is not None and callee.full(c.start_ns)]
-    free = sorted(c.gap_ms for c in calls if c.gap_ms is not None and not callee.full(c.start_ns))
+    full: list[float] = []
+    free: list[float] = []
+    for c in calls:
+        if (gap := c.gap_ms) is not None:
+            (full if callee.full(c.start_ns) else free).append(gap)
+    free.sort()
     if len(full) < SIBLING_MIN_CALLS:
         return False
     other = (percentile(free, 25) or 0.0) if len(free) >= SIBLING_MIN_CALLS else usual_ms
