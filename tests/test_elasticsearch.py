@@ -246,6 +246,26 @@ def test_an_index_with_an_incompatible_mapping_is_named(elasticsearch_node: Any,
         client.close()
 
 
+def test_a_red_index_is_refused_only_when_it_is_one_payscope_reads(elasticsearch_node: Any, es_url: str) -> None:
+    """A primary that can never be assigned (required on a node that does not exist) makes the cluster red. A
+    stranger's red index does not stop payscope; a red index it is told to read is one line and exit 2."""
+    from elasticsearch import Elasticsearch
+
+    client = Elasticsearch(elasticsearch_node.url)
+    client.indices.create(index="someone-elses-red", wait_for_active_shards="0", settings={
+        "number_of_replicas": 0, "index.routing.allocation.require._name": "no-such-node"})
+    try:
+        assert client.options(ignore_status=408).cluster.health(timeout="1s")["status"] == "red"
+        assert payscope("import", "traces", str(SCENARIO), "--store", es_url).returncode == 0
+        done = payscope("failures", "--store", es_url, "--traces-index", "someone-elses-red")
+        assert done.returncode == 2, done.stderr
+        assert "is red for payscope's indices" in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) <= 2
+    finally:
+        client.indices.delete(index="someone-elses-red")
+        client.close()
+
+
 def test_the_collector_refuses_an_unreachable_elasticsearch_at_start() -> None:
     done = subprocess.run([sys.executable, "-m", "payscope", "collect", "--store", f"es://127.0.0.1:{free_port()}",
                            "--http", f"127.0.0.1:{free_port()}", "--grpc", "off"],

@@ -49,6 +49,7 @@ LOGS = "logs-payscope.otel-default"
 META = "payscope-meta"
 KEYS = "payscope-keys"
 POLICY = "payscope-retention"
+_HEALTH_WAIT_S = 10  # how long a red index of ours may take to become yellow before it is refused
 _BULK_DOCS = 5_000
 _PAGE = 5_000
 _MAX_TERMS = 10_000
@@ -248,10 +249,15 @@ class ElasticStore(Store):
         if major < 8:
             raise StoreError(f"Elasticsearch at {self.url} is version {info['version']['number']}; "
                              "payscope needs 8 or 9")
-        health = self._es.cluster.health(timeout="5s")
+        # Only the indices payscope reads or writes are judged, and a moment is given for a replica to be
+        # promoted after a node is lost: a cluster red for a stranger's index, or for a second, still serves us.
+        # A name gets a trailing '*' so that one not yet made matches nothing (green) instead of waiting red.
+        ours = {name if "*" in name else name + "*" for name in (self.traces_index, self.logs_index, META, KEYS)}
+        health = self._es.options(ignore_status=408).cluster.health(
+            index=",".join(sorted(ours)), wait_for_status="yellow", timeout=f"{_HEALTH_WAIT_S}s")
         if health["status"] == "red":
-            raise StoreError(f"the Elasticsearch cluster at {self.url} is red (unassigned primary shards): "
-                             "fix the cluster first")
+            raise StoreError(f"the Elasticsearch cluster at {self.url} is red for payscope's indices "
+                             f"(unassigned primary shards, still after {_HEALTH_WAIT_S} s): fix the cluster first")
 
     def _install(self) -> None:
         self._es.ilm.put_lifecycle(name=POLICY, policy={"phases": {
