@@ -93,7 +93,7 @@ class Queues:
             if callee is None:
                 continue
             calls = [c for c in edge.calls if window[0] <= c.start_ns < window[1]]
-            if waited_for_workers(callee, calls, usual_ms):
+            if waited_for_workers(callee, calls, usual_ms) is not None:
                 out.update(id(c) for c in calls if callee.full(c.start_ns))
         return out
 

@@ -5,8 +5,9 @@ The gap of a call (client span minus server span) is everything that is neither 
 caller's wait for it: the wire, a proxy, a connection pool, the callee's accept queue, a caller too starved of
 CPU to read its answer. Which of these it was shows in what else happened at the same time:
 
-- ``callee_queue``: the slow calls were sent while the callee had as many requests in flight as it ever had,
-  and the quick ones were not. A request that finds every worker busy waits before its server span starts.
+- ``callee_queue``: the slow calls sent while the callee had as many requests in flight as it ever had lost far
+  more than those sent while it had fewer (:func:`waited_for_workers`). A request that finds every worker busy
+  waits before its server span starts; a delay on the wire slows every call alike.
 - ``caller``: the caller's calls to its other callees lost time in the same stretch. What they share is the
   caller: its host's network, or a process too busy to send and read (a starved CPU, a held interpreter lock).
 - ``callee``: the callee's other callers lost time too: the callee's host or its network.
@@ -22,8 +23,7 @@ from .calls import Call
 from .engine import Analysis, Edge
 from .stats import median, percentile
 
-QUEUE_MIN_SHARE = 0.5      # ... of the slow calls sent while the callee was full
-QUEUE_CONTRAST = 2.0       # ... and at least this many times the quick calls' share
+QUEUE_CONTRAST = 2.0       # a queue: the calls that found the callee full lost this many times the others
 SIBLING_SHARE = 0.25       # a neighbour edge grew too when its gap rose by this share of the hop's own growth
 SIBLING_MIN_MS = 5.0       # ... and by at least this much: a busy host's jitter stays below
 SIBLING_MIN_CALLS = 3      # a neighbour edge with fewer answered calls in the stretch says nothing
@@ -54,12 +54,23 @@ class Occupancy:
         return self.ceiling > 0 and self.at(t) >= self.ceiling - self.ceiling // 10
 
 
-def waited_for_workers(callee: Occupancy, calls: list[Call], usual_ms: float) -> bool:
+@dataclass(frozen=True)
+class Waited:
+    """The evidence that calls queued for a free worker: the median gap of those that found the callee full,
+    against what the others lost (``free_ms``), over ``calls`` that found it full."""
+
+    full_ms: float
+    free_ms: float
+    calls: int
+
+
+def waited_for_workers(callee: Occupancy, calls: list[Call], usual_ms: float) -> Waited | None:
     """Whether answered ``calls`` into one service, in one stretch of time, queued for a free worker: those
     sent while it was full lost, at the median, ``QUEUE_CONTRAST`` times what those sent while it was not
     lost (the lower quartile of theirs: a call sent as the queue drained can find it free and wait all the
     same; its ``usual_ms`` gap when too few found it free), and ``SIBLING_MIN_MS`` more. A delay on the wire
-    slows a call whether or not the callee was full; a queue slows only those that found it full."""
+    slows a call whether or not the callee was full; a queue slows only those that found it full. The one
+    rule for a queue: ``compare`` and the ``network_latency`` finding both ask it."""
     full: list[float] = []
     free: list[float] = []
     for c in calls:
@@ -67,10 +78,12 @@ def waited_for_workers(callee: Occupancy, calls: list[Call], usual_ms: float) ->
             (full if callee.full(c.start_ns) else free).append(gap)
     free.sort()
     if len(full) < SIBLING_MIN_CALLS:
-        return False
+        return None
     other = (percentile(free, 25) or 0.0) if len(free) >= SIBLING_MIN_CALLS else usual_ms
     waited = median(full) or 0.0
-    return waited >= QUEUE_CONTRAST * other and waited - other >= SIBLING_MIN_MS
+    if waited >= QUEUE_CONTRAST * other and waited - other >= SIBLING_MIN_MS:
+        return Waited(waited, other, len(full))
+    return None
 
 
 def occupancies(analysis: Analysis) -> dict[str, Occupancy]:
@@ -116,17 +129,15 @@ def gap_cause(analysis: Analysis, edge: Edge, slow: list[Call], *, grown: bool,
     """The one answer to where ``edge``'s lost time went, judged on its ``slow`` calls: those of the stretch in
     which its gap ``grown`` above its usual, or those with a large gap when it was large all along (and then
     the neighbours' gaps count from zero as well). ``busy``: :func:`occupancies`, made once for every edge."""
-    slow_ids = {id(c) for c in slow}
-    quick = [c for c in edge.calls if c.gap_ms is not None and id(c) not in slow_ids]
     usual_ms = usual_gap_ms(edge) if grown else 0.0
     callee = busy.get(edge.callee) or Occupancy([])
-    slow_full = sum(callee.full(c.start_ns) for c in slow) / len(slow) if slow else 0.0
-    quick_full = sum(callee.full(c.start_ns) for c in quick) / len(quick) if quick else 0.0
-    if slow_full >= QUEUE_MIN_SHARE and slow_full >= QUEUE_CONTRAST * quick_full:
+    # the calls of the stretch it grew in, or, when it was large all along, every call of the period
+    stretch = slow if grown else [c for c in edge.calls if c.gap_ms is not None]
+    if (waited := waited_for_workers(callee, stretch, usual_ms)) is not None:
         return GapCause("callee_queue", edge.callee,
-                        f"{slow_full:.0%} of the slow calls reached {edge.callee} while it had {callee.ceiling} "
-                        f"requests in flight, its most (against {quick_full:.0%} of the others): they waited "
-                        f"for a free worker")
+                        f"the {waited.calls} calls that reached {edge.callee} while it had {callee.ceiling} "
+                        f"requests in flight, its most, lost {waited.full_ms:.0f} ms at the median, against "
+                        f"{waited.free_ms:.0f} ms for the others: they waited for a free worker")
     window = (min(c.start_ns for c in slow), max(c.start_ns for c in slow)) if slow else (0, 0)
     own = (median([c.gap_ms or 0.0 for c in slow]) or 0.0) - usual_ms
     bar = max(SIBLING_MIN_MS, SIBLING_SHARE * own)

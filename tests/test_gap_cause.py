@@ -1,0 +1,68 @@
+"""Where a hop's lost time went (`analyzers/gaps.py`), on calls built by hand so that which of them found the callee
+full is known exactly. The rule for a queue is one function (`gaps.waited_for_workers`); the `network_latency`
+finding's `callee_queue` and `compare`'s `[queue]` hops both ask it."""
+
+from __future__ import annotations
+
+from payscope.analyzers.calls import Call
+from payscope.analyzers.engine import Analysis, Edge
+from payscope.analyzers.gaps import Occupancy, gap_cause, waited_for_workers
+
+MS = 1_000_000
+SERVER_MS = 20
+
+
+def _call(i: int, sent_ms: int, gap_ms: float) -> Call:
+    """checkout -> bank, sent at ``sent_ms``; the bank's own time SERVER_MS, half the gap on each way."""
+    start = sent_ms * MS
+    half = int(gap_ms * MS / 2)
+    end = start + SERVER_MS * MS + 2 * half
+    return Call(f"{i:032x}", f"{i:016x}", None, "checkout", "bank", "POST /charges", "POST", start, end, None,
+                server_service="bank", server_start_ns=start + half, server_end_ns=end - half, server_ok=True)
+
+
+def _hop(slow_gaps: list[tuple[bool, float]]) -> tuple[Analysis, Edge, list[Call], dict[str, Occupancy]]:
+    """Twenty quiet calls (2 ms lost), then the slow stretch: one call a second, each (found the bank full, lost
+    this much). The bank's profile: its two workers both busy around the moment each 'full' call was sent."""
+    quiet = [_call(i, i * 1000, 2.0) for i in range(20)]
+    slow = [_call(100 + i, 100_000 + i * 1000, gap) for i, (_, gap) in enumerate(slow_gaps)]
+    held = [(c.start_ns - MS, c.start_ns + MS) for c, (full, _) in zip(slow, slow_gaps, strict=True) if full]
+    busy = {"bank": Occupancy(held + held)}  # two workers, both held then and only then
+    edge = Edge("checkout", "bank", "POST /charges", calls=quiet + slow)
+    analysis = Analysis(traces={}, calls=edge.calls, edges={edge.key: edge}, offsets=[], transactions={})
+    return analysis, edge, slow, busy
+
+
+def test_a_link_slowed_at_the_peak_is_the_link_even_when_the_callee_was_often_full() -> None:
+    """The sale peak: more requests (the bank is full for most of the slow calls) and a slower network (every
+    slow call loses 150 ms, full or not). A share of full calls alone would call it a queue; that the calls which
+    found a free worker lost as much says it is the wire."""
+    analysis, edge, slow, busy = _hop([(i % 3 != 0, 150.0 + i % 4) for i in range(20)])
+    assert sum(busy["bank"].full(c.start_ns) for c in slow) == 13  # most of the slow calls found it full
+    assert waited_for_workers(busy["bank"], slow, 2.0) is None
+    cause = gap_cause(analysis, edge, slow, grown=True, busy=busy)
+    assert (cause.where, cause.service) == ("link", None), cause
+
+
+def test_calls_that_found_every_worker_busy_and_alone_lost_the_time_queued() -> None:
+    """The same stretch, but only the calls that found the bank full lost the time: they waited for a worker."""
+    analysis, edge, slow, busy = _hop([(i % 3 != 0, 150.0 if i % 3 else 3.0) for i in range(20)])
+    waited = waited_for_workers(busy["bank"], slow, 2.0)
+    assert waited is not None and waited.calls == 13 and waited.full_ms == 150.0 and waited.free_ms == 3.0
+    cause = gap_cause(analysis, edge, slow, grown=True, busy=busy)
+    assert (cause.where, cause.service) == ("callee_queue", "bank"), cause
+    assert "13 calls" in cause.because and "150 ms" in cause.because and "3 ms" in cause.because
+
+
+def test_a_gap_large_all_along_is_judged_on_every_call_of_the_period() -> None:
+    """No quiet stretch to grow from: the gap was large from the start. The calls that found the bank full lost
+    30 ms and the others 18 ms: the wire costs every call most of it. Judged on the large gaps alone (those of
+    20 ms or more: only the full calls), it would look like a queue; judged on every call of the period, it is
+    not."""
+    analysis, edge, slow, busy = _hop([(i % 3 != 0, 30.0 if i % 3 else 18.0) for i in range(20)])
+    edge.calls = slow  # no quiet calls
+    large = [c for c in slow if (c.gap_ms or 0.0) >= 20]
+    assert all(busy["bank"].full(c.start_ns) for c in large)
+    assert waited_for_workers(busy["bank"], large, 0.0) is not None  # what the large gaps alone would say
+    cause = gap_cause(analysis, edge, large, grown=False, busy=busy)
+    assert cause.where == "link", cause
