@@ -227,3 +227,36 @@ def test_a_followed_redirect_is_not_a_retry_after_a_timeout() -> None:
     assert ingress.retries == 0 and not ingress.errors["timeout"]
     assert not (ingress.timeout.known and (ingress.timeout.value_ms or 0) < 100)
     assert not [f for f in analysis.findings if f.kind in JUDGED]
+
+
+def test_loading_pauses_the_cyclic_collector_and_gives_it_back(tmp_path: Path) -> None:
+    """The analysis is built with cyclic garbage collection paused (its records hold no cycles); afterwards, and
+    after a store that fails mid-read, the collector runs again."""
+    import gc
+
+    from payscope.analyzers.loader import load
+    from payscope.collector.store import StoreError, open_store
+
+    sim = Simulator(_healthy(), 1)
+    sim.run(20)
+    seen: list[bool] = []
+    with open_store(str(tmp_path / "s.db")) as store:
+        store.write([s for line in sim.otlp_lines() for s in
+                     spans_from_request(parse_json_message(json.loads(line), ExportTraceServiceRequest)).spans])
+        stored = store.iter_rows
+
+        def watched(**kwargs):  # type: ignore[no-untyped-def]
+            seen.append(gc.isenabled())
+            yield from stored(**kwargs)
+
+        def failing(**kwargs):  # type: ignore[no-untyped-def]
+            yield from stored(**kwargs)
+            raise StoreError("the store went away")
+
+        assert gc.isenabled()
+        store.iter_rows = watched  # type: ignore[method-assign]
+        assert load(store).calls and seen == [False] and gc.isenabled()
+        store.iter_rows = failing  # type: ignore[method-assign]
+        with pytest.raises(StoreError):
+            load(store)
+        assert gc.isenabled()
