@@ -353,6 +353,9 @@ async def test_compare_from_the_failed_list_names_the_bank_link(demo_store: Path
         assert (first["component"], first["service"]) == ("network", "bank"), screen.document["hops"]
         table = screen.query_one("#hops")
         assert table.row_count == len(screen.document["hops"])
+        # a queue its workers' own slowness caused is marked, as in the document (the demo's order service)
+        marked = [table.get_row_at(i)[-1] for i in range(table.row_count)]
+        assert marked == ["yes" if hop["consequence"] else "" for hop in screen.document["hops"]]
         assert "bank" in str(screen.query_one("#hop-sentence").render())
         await pilot.press("escape")
         assert isinstance(app.screen, FailuresScreen)

@@ -435,7 +435,7 @@ class CompareScreen(Loading):
                     id="windows")
         table: DataTable[str] = DataTable(id="hops", cursor_type="row")
         for label, width in (("#", 3), ("component", 10), ("service", 24), ("edge", 40), ("baseline p50", 12),
-                             ("incident p50", 12), ("explains", 10)):
+                             ("incident p50", 12), ("explains", 10), ("consequence", 11)):
             table.add_column(label, width=width)
         yield table
         yield VerticalScroll(Static("", id="hop-sentence"), id="hop-box")
@@ -460,7 +460,7 @@ class CompareScreen(Loading):
             table.add_row(str(i), hop["component"], hop["service"],
                           f"{edge['caller']} -> {edge['callee']}" if edge else "-",
                           format_ms(hop["baseline_ms"]["p50"]), format_ms(hop["incident_ms"]["p50"]),
-                          format_ms(hop["explains_ms"]))
+                          format_ms(hop["explains_ms"]), "yes" if hop.get("consequence") else "")
         base, inc = doc["baseline"], doc["incident"]
         self.query_one("#compare-status", Static).update(
             f"baseline {format_ns(base['from_ns'])[11:19]}-{format_ns(base['to_ns'])[11:19]} "
