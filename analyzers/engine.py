@@ -523,12 +523,23 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
     by_span = {(c.trace_id, c.span_id): c for c in calls}
 
     def depth(c: Call) -> int:
-        key = (c.trace_id, c.span_id)
-        if key not in depth_cache:
-            depth_cache[key] = 0
-            parent = by_span.get((c.trace_id, c.upstream)) if c.upstream else None
-            depth_cache[key] = depth(parent) + 1 if parent is not None else 0
-        return depth_cache[key]
+        """How many calls lead to ``c`` (walked up, not recursed: a recursive closure would hold this
+        function's tables in a reference cycle that only the cyclic collector frees)."""
+        path: list[tuple[str, str]] = []
+        cur: Call | None = c
+        known = 0
+        while cur is not None:
+            key = (cur.trace_id, cur.span_id)
+            if key in depth_cache:
+                known = depth_cache[key] + 1
+                break
+            depth_cache[key] = 0  # a loop of upstream ids ends here
+            path.append(key)
+            cur = by_span.get((cur.trace_id, cur.upstream)) if cur.upstream else None
+        for key in reversed(path):
+            depth_cache[key] = known
+            known += 1
+        return depth_cache[(c.trace_id, c.span_id)]
 
     out: dict[str, Transaction] = {}
     for trace_id, f in facts.items():

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import gc
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from payscope.collector.store import LogQuery, Sample, Store
@@ -15,6 +12,7 @@ from .declared import declared_timeouts
 from .diagnose import diagnose
 from .engine import Analysis, Window, group_traces, read
 from .logcalls import log_calls
+from .memory import paused_cycle_collection
 from .orders import LoggedFacts, Rules, configured_rules
 
 
@@ -47,26 +45,12 @@ def _proxy_calls(store: Store, window: Window | None, traces: set[str] | None = 
     return proxy_calls
 
 
-@contextmanager
-def _no_cycle_collection() -> Iterator[None]:
-    """Cyclic garbage collection paused while an analysis is built. It makes hundreds of thousands of records
-    that reference no cycle and live until the command ends: each collection would walk all of them again, for
-    nothing (about a tenth of `analyze` on a million spans). Reference counting still frees what is dropped."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
 def load(store: Store, *, window: Window | None = None) -> Analysis:
     """The whole-store analysis of ``store``. With ``window`` (from, to in ns; either may be None), only the
     traces that start in it (chosen in the store: nothing else is read), and the log lines written in it."""
     since, until = window if window else (None, None)
     rules = configured_rules()
-    with _no_cycle_collection():
+    with paused_cycle_collection():
         analysis = diagnose(group_traces(store.iter_rows(since_ns=since, until_ns=until)),
                             declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window),
                             order_rules=rules, order_logs=logged_facts(store, rules, window))
@@ -80,7 +64,7 @@ def load_sampled(store: Store, windows: list[tuple[int, int]], limit: int | None
     samples = [store.sample_traces(lo, hi, limit) for lo, hi in windows]
     chosen = sorted({t for s in samples for t in s.trace_ids})
     span = (min(lo for lo, _ in windows), max(hi for _, hi in windows))
-    with _no_cycle_collection():
+    with paused_cycle_collection():
         analysis = read(group_traces(store.rows_of(chosen)), extra_calls=_proxy_calls(store, span, set(chosen)))
     return analysis, samples
 

@@ -67,23 +67,26 @@ def current_setting(edge: Edge) -> Setting:
     return Setting(value, max(1, edge.max_attempts), edge.backoff_ms)
 
 
-def recommend(analysis: Analysis) -> list[Recommendation]:
-    """One recommendation per edge; callers' timeouts cover their callees' whole budgets."""
-    edges = analysis.edges
-    memo: dict[EdgeKey, Setting] = {}
-    visiting: set[EdgeKey] = set()
-    reasons: dict[EdgeKey, str] = {}
+class _Budgets:
+    """Each edge's setting, its callees' first (a method, not a recursive closure: that would hold the tables in
+    a reference cycle only the cyclic collector frees)."""
 
-    def setting(key: EdgeKey) -> Setting:
-        if key in memo:
-            return memo[key]
-        edge = edges[key]
-        if key in visiting:  # a cycle: fall back to the edge's own tail
+    def __init__(self, edges: dict[EdgeKey, Edge]) -> None:
+        self.edges = edges
+        self.memo: dict[EdgeKey, Setting] = {}
+        self.visiting: set[EdgeKey] = set()
+        self.reasons: dict[EdgeKey, str] = {}
+
+    def setting(self, key: EdgeKey) -> Setting:
+        if key in self.memo:
+            return self.memo[key]
+        edge = self.edges[key]
+        if key in self.visiting:  # a cycle: fall back to the edge's own tail
             return Setting(tail_timeout(edge))
-        visiting.add(key)
+        self.visiting.add(key)
         tail = tail_timeout(edge)
         # The callee makes its downstream calls one after another: their budgets add up.
-        downstream = sum(setting(k).budget_ms() or 0.0 for k in edge.downstream if k in edges)
+        downstream = sum(self.setting(k).budget_ms() or 0.0 for k in edge.downstream if k in self.edges)
         self_p99 = percentile(sorted(edge.self_ms), 99) or 0.0
         nested = (downstream + self_p99) * NESTED_MARGIN if downstream else 0.0
         per_try = tail
@@ -103,14 +106,19 @@ def recommend(analysis: Analysis) -> list[Recommendation]:
             attempts = 2
             backoff = nice_ceil_ms(max(MIN_TIMEOUT_MS, (percentile(edge.latency(), 50) or 10.0) / 2))
         result = Setting(None if per_try is None else max(MIN_TIMEOUT_MS, per_try), attempts, backoff)
-        memo[key] = result
-        reasons[key] = reason
-        visiting.discard(key)
+        self.memo[key] = result
+        self.reasons[key] = reason
+        self.visiting.discard(key)
         return result
 
+
+def recommend(analysis: Analysis) -> list[Recommendation]:
+    """One recommendation per edge; callers' timeouts cover their callees' whole budgets."""
+    edges = analysis.edges
+    budgets = _Budgets(edges)
     out = []
     for key, edge in sorted(edges.items()):
-        rec = setting(key)
+        rec = budgets.setting(key)
         cur = current_setting(edge)
         before = timeout_rate(edge, cur.per_try_ms)
         after = timeout_rate(edge, rec.per_try_ms)
@@ -127,7 +135,7 @@ def recommend(analysis: Analysis) -> list[Recommendation]:
         if not edge.instrumented_callee and edge.timed_out_ms:
             notes.append(f"{edge.callee} has no spans: latency above the current timeout was never observed, "
                          "so the tail may be longer than shown")
-        out.append(Recommendation(edge, cur, rec, reasons[key], before, after ** rec.attempts, notes))
+        out.append(Recommendation(edge, cur, rec, budgets.reasons[key], before, after ** rec.attempts, notes))
     return out
 
 

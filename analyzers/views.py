@@ -12,6 +12,7 @@ from payscope.timeparse import format_duration_ns, format_ms, format_ns
 from . import findings, recommend
 from .calls import Call
 from .engine import Analysis, Transaction, clock_shift_ns, order_of
+from .memory import paused_cycle_collection
 from .orders import MISMATCHES, mismatched
 from .tcc import ANOMALIES
 
@@ -66,6 +67,7 @@ def failure_outcomes(analysis: Analysis, *, since_ns: int | None = None, service
     return out
 
 
+@paused_cycle_collection()
 def failure_rows(store: Store, analysis: Analysis, *, since_ns: int | None = None, limit: int | None = 50,
                  offset: int = 0, outcome: str | None = None, service: str | None = None,
                  problem: str | None = None) -> list[dict[str, Any]]:
@@ -134,6 +136,7 @@ def _call_json(call: Call) -> dict[str, Any]:
             "late_success": call.late_success, "attempt": call.attempt, "error_class": call.error_class}
 
 
+@paused_cycle_collection()
 def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, Any]:
     """One transaction: its traces' spans as a tree, its log lines, outcome, and the whole-store findings it is
     evidence of."""
@@ -201,6 +204,7 @@ def window_json(analysis: Analysis) -> dict[str, str | None] | None:
     return {"from": None if since is None else format_ns(since), "to": None if until is None else format_ns(until)}
 
 
+@paused_cycle_collection()
 def analysis_document(analysis: Analysis) -> dict[str, Any]:
     """The JSON contract of `payscope analyze --format json`."""
     found = analysis.findings
@@ -230,6 +234,7 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
     }
 
 
+@paused_cycle_collection()
 def recommendation_document(analysis: Analysis, *, simulate: bool = False) -> dict[str, Any]:
     """The JSON contract of `payscope recommend timeouts --format json`."""
     recs = list(analysis.recommendations.values())

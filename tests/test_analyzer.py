@@ -235,6 +235,7 @@ def test_loading_pauses_the_cyclic_collector_and_gives_it_back(tmp_path: Path) -
     import gc
 
     from payscope.analyzers.loader import load
+    from payscope.analyzers.views import analysis_document
     from payscope.collector.store import StoreError, open_store
 
     sim = Simulator(_healthy(), 1)
@@ -260,3 +261,14 @@ def test_loading_pauses_the_cyclic_collector_and_gives_it_back(tmp_path: Path) -
         with pytest.raises(StoreError):
             load(store)
         assert gc.isenabled()
+        # and what it builds holds no reference cycle: nothing is left for the paused collector to find
+        store.iter_rows = stored  # type: ignore[method-assign]
+        gc.collect()
+        gc.disable()
+        try:
+            analysis = load(store)
+            document = analysis_document(analysis)
+            del analysis, document
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
