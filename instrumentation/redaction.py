@@ -227,13 +227,21 @@ def redact_attributes(attrs: Any) -> dict[str, Any]:
 # per-string work. Keys, integers and floats are checked by the caller: a number is not text on the wire.
 # (The words are looked for with bytes.find in the lower-cased bytes: a case-insensitive alternation in one
 # pattern costs about 40 us a span, more than everything else the collector does with one.)
-_SUSPECT_DIGITS = re.compile(rb"[0-9][0-9 \t+\-%bBdD]{11,}[0-9]|\xc2\xa0")
+_SUSPECT_CHARS = "0123456789 \t+-%bBdD"
+_SUSPECT_DIGITS = re.compile(rb"[0-9][0-9 \t+\-%bBdD]{11,}[0-9]")
 _SUSPECT_WORDS = (b"cvv", b"cvc", b"cvn", b"csc", b"security", b"verification", b"authorization", b"cookie")
+# Every byte of _SUSPECT_DIGITS' class as 1, every other as 0: a match needs 13 of them in a row, which
+# bytes.translate and a search for 13 ones find 15 times faster than the pattern tries each digit of a body
+# (random binary ids are full of them).
+_SUSPECT_CLASS = bytes(int(chr(i) in _SUSPECT_CHARS) for i in range(256))
+_SUSPECT_RUN = b"\x01" * 13
 
 
 def may_need_redaction(raw: bytes) -> bool:
     """False when the strings of a serialized request hold nothing :func:`redact_text` could change."""
-    if _SUSPECT_DIGITS.search(raw) is not None:
+    if _SUSPECT_RUN in raw.translate(_SUSPECT_CLASS) and _SUSPECT_DIGITS.search(raw) is not None:
+        return True
+    if b"\xc2\xa0" in raw:  # a no-break space between digit groups
         return True
     lower = raw.lower()
     return any(word in lower for word in _SUSPECT_WORDS)

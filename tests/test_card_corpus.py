@@ -183,3 +183,20 @@ def test_the_request_scan_never_misses_what_masking_would_change(parts: list[str
     text = "".join(parts)
     if redact_text(text) != text:
         assert may_need_redaction(text.encode())
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([p.encode() for p in _PIECES]), st.binary(max_size=8),
+                          st.sampled_from([b"\x00", b"\xc2", b"\xa0", b"b", b"D", b"\t", b"%", b"+"])), max_size=24))
+def test_the_request_scan_finds_what_the_digit_pattern_alone_finds(parts: list[bytes]) -> None:
+    """The scan looks for a run of 13 bytes of the pattern's class before it runs the pattern: it must answer
+    as the pattern (and the no-break space, and the words) alone would, on any bytes."""
+    import re
+
+    from payscope.instrumentation.redaction import may_need_redaction
+
+    raw = b"".join(parts)
+    plain = re.compile(rb"[0-9][0-9 \t+\-%bBdD]{11,}[0-9]|\xc2\xa0").search(raw) is not None or any(
+        word in raw.lower() for word in (b"cvv", b"cvc", b"cvn", b"csc", b"security", b"verification",
+                                         b"authorization", b"cookie"))
+    assert may_need_redaction(raw) == plain
