@@ -227,8 +227,8 @@ def redact_attributes(attrs: Any) -> dict[str, Any]:
 # per-string work. Keys, integers and floats are checked by the caller: a number is not text on the wire.
 # (The words are looked for with bytes.find in the lower-cased bytes: a case-insensitive alternation in one
 # pattern costs about 40 us a span, more than everything else the collector does with one.)
-_SUSPECT_CHARS = "0123456789 \t+-%bBdD"
-_SUSPECT_DIGITS = re.compile(rb"[0-9][0-9 \t+\-%bBdD]{11,}[0-9]")
+_SUSPECT_CHARS = "0123456789 \t+-%bBdD"  # digits and the separators of _SEP (%20, %2B and %2D spelled out)
+_SUSPECT_DIGITS = re.compile(f"[0-9][{re.escape(_SUSPECT_CHARS)}]{{11,}}[0-9]".encode())
 _SUSPECT_WORDS = (b"cvv", b"cvc", b"cvn", b"csc", b"security", b"verification", b"authorization", b"cookie")
 # Every byte of _SUSPECT_DIGITS' class as 1, every other as 0: a match needs 13 of them in a row, which
 # bytes.translate and a search for 13 ones find 15 times faster than the pattern tries each digit of a body
