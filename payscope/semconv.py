@@ -64,10 +64,28 @@ _ROUTE_PARAM = re.compile(r"\{[^/{}]+\}|<(?:\w+:)?\w+>|:\w+")
 _KEY_TEMPLATE = re.compile(r"order|payment|charge|transaction|invoice", re.IGNORECASE)
 
 
+BUSINESS_KEY, REQUEST_ID, IDEMPOTENCY = 1, 2, 4  # what an attribute's key says its value is (any case)
+_key_roles: dict[str, int] = {}
+
+
+def key_role(key: str) -> int:
+    """What ``key`` names, as flags: a business key (``order_id``, ``paymentId``), a request id, an idempotency
+    key; 0 for anything else. The one answer for the collector's filter (:func:`wanted`) and for
+    :func:`derive`, so that a span keeps the same keys whichever way it was decoded."""
+    role = _key_roles.get(key)
+    if role is None:
+        lowered = key.lower()
+        role = (BUSINESS_KEY * lowered.endswith(KEY_SUFFIXES)
+                | REQUEST_ID * ("request_id" in lowered or "request-id" in lowered)
+                | IDEMPOTENCY * ("dempotency" in lowered))
+        if len(_key_roles) < 100_000:
+            _key_roles[key] = role
+    return role
+
+
 def wanted(key: str) -> bool:
     """Whether derivation reads this attribute (a fast filter for raw protobuf attributes)."""
-    return key in READ_KEYS or key.endswith(KEY_SUFFIXES) or "dempotency" in key or "request_id" in key \
-        or "request-id" in key
+    return key in READ_KEYS or key_role(key) != 0
 
 
 def first(attrs: dict[str, Any], keys: Iterable[str]) -> Any:
@@ -192,13 +210,18 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
     keys = []
     request_ids: list[str] = []
     idempotency = False
+    roles = _key_roles
     for k, v in attrs.items():
-        lowered = k.lower()
-        if lowered.endswith(KEY_SUFFIXES) and isinstance(v, (str, int)) and v != "":
+        role = roles.get(k)
+        if role is None:
+            role = key_role(k)
+        if not role:
+            continue
+        if role & BUSINESS_KEY and isinstance(v, (str, int)) and v != "":
             keys.append(str(v))
-        if "request_id" in k or "request-id" in k:  # captured X-Request-ID: lets log lines find the trace
+        if role & REQUEST_ID:  # captured X-Request-ID: lets log lines find the trace
             request_ids.extend(f"rid:{item}" for item in (v if isinstance(v, (list, tuple)) else [v]) if item)
-        if "dempotency" in lowered:
+        if role & IDEMPOTENCY:
             idempotency = True
     keys += request_ids
     path = first(attrs, PATH)

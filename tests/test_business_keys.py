@@ -208,3 +208,26 @@ def test_emit_sw8_in_payscope_toml_reaches_the_program(tmp_path: Path) -> None:
                            "import os; print(os.environ.get('PAYSCOPE_EMIT_SW8'))"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "1", done.stderr
+
+
+@pytest.mark.parametrize("key", ["OrderId", "order_id", "app.payment.ID", "Request_ID", "x-request-id"])
+def test_a_spans_keys_do_not_depend_on_how_its_request_was_decoded(key: str) -> None:
+    """The collector takes a fast path for a request with nothing to mask and decodes the rest whole. A span's
+    business keys and request ids are the same either way, in any spelling of the key."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from payscope.collector.otlp import spans_from_request
+
+    def request(masked_elsewhere: bool) -> ExportTraceServiceRequest:
+        req = ExportTraceServiceRequest()
+        scope = req.resource_spans.add().scope_spans.add()
+        for i, value in enumerate(("ord-4417", "the card's cvv was asked for") if masked_elsewhere else ("ord-4417",)):
+            span = scope.spans.add(trace_id=bytes([i + 1]) * 16, span_id=bytes([i + 1]) * 8, name="POST /pay",
+                                   kind=2, start_time_unix_nano=1, end_time_unix_nano=2)
+            kv = span.attributes.add()
+            kv.key, kv.value.string_value = (key, value) if i == 0 else ("note", value)
+        return req
+
+    fast, careful = (spans_from_request(request(flag)).spans[0].row for flag in (False, True))
+    expected = ("rid:ord-4417",) if "request" in key.lower() else ("ord-4417",)
+    assert fast.keys == careful.keys == expected
