@@ -302,6 +302,9 @@ def test_in_a_real_terminal(demo_store: Path, tmp_path: Path) -> None:
                 time.sleep(0.2)
         wait_for("all outcomes")
         keys("/")
+        # typed only once the search box is drawn: a key that reached the list first would be one of its own
+        # bindings ("o" of the order id steps the outcome filter)
+        wait_for("enter to apply, empty to clear")
         keys("-l", order_id)
         keys("Enter")
         wait_for(f"search={order_id!r}")
