@@ -94,7 +94,7 @@ class Queues:
                 continue
             calls = [c for c in edge.calls if window[0] <= c.start_ns < window[1]]
             if waited_for_workers(callee, calls, usual_ms) is not None:
-                out.update(id(c) for c in calls if callee.full(c.start_ns))
+                out.update(id(c) for c in calls if callee.found_full(c))
         return out
 
 

@@ -43,6 +43,26 @@ class Occupancy:
         self.starts = sorted(s for s, _ in intervals)
         self.ends = sorted(e for _, e in intervals)
         self.ceiling = max((self.at(s) for s in self.starts), default=0)
+        # the stretches of time in which it was full, and how long it had been full before each: how long it
+        # was full between two moments is then two searches
+        self._full_from: list[int] = []
+        self._full_to: list[int] = []
+        self._full_before: list[int] = []
+        bar, level, i, j, total = self.ceiling - self.ceiling // 10, 0, 0, 0, 0
+        while self.ceiling and (i < len(self.starts) or j < len(self.ends)):
+            t = min(self.starts[i] if i < len(self.starts) else self.ends[j],
+                    self.ends[j] if j < len(self.ends) else self.starts[i])
+            was = level >= bar
+            while i < len(self.starts) and self.starts[i] == t:
+                level, i = level + 1, i + 1
+            while j < len(self.ends) and self.ends[j] == t:
+                level, j = level - 1, j + 1
+            if level >= bar and not was:
+                self._full_from.append(t)
+                self._full_before.append(total)
+            elif was and level < bar:
+                self._full_to.append(t)
+                total += t - self._full_from[-1]
 
     def at(self, t: int) -> int:
         """Requests in flight at ``t`` (started at or before it, not yet ended)."""
@@ -52,6 +72,24 @@ class Occupancy:
         """Every worker busy at ``t``, as far as the spans show: as many requests in flight as ever (within a
         tenth, for a pool split over processes that fill unevenly)."""
         return self.ceiling > 0 and self.at(t) >= self.ceiling - self.ceiling // 10
+
+    def _full_until(self, t: int) -> int:
+        """Nanoseconds it was full before ``t``."""
+        k = bisect.bisect_right(self._full_from, t) - 1
+        if k < 0:
+            return 0
+        return self._full_before[k] + min(t, self._full_to[k]) - self._full_from[k]
+
+    def found_full(self, c: Call) -> bool:
+        """Whether call ``c`` came to the callee while every worker was busy: full when it was sent, or full for
+        at least half of the time from then until its server span began. A call sent in the instant a single
+        worker was between two requests still waits behind those that came before it."""
+        if self.full(c.start_ns):
+            return True
+        begun = c.server_start_ns
+        if begun is None or begun <= c.start_ns:
+            return False
+        return 2 * (self._full_until(begun) - self._full_until(c.start_ns)) >= begun - c.start_ns
 
 
 @dataclass(frozen=True)
@@ -75,7 +113,7 @@ def waited_for_workers(callee: Occupancy, calls: list[Call], usual_ms: float) ->
     free: list[float] = []
     for c in calls:
         if (gap := c.gap_ms) is not None:
-            (full if callee.full(c.start_ns) else free).append(gap)
+            (full if callee.found_full(c) else free).append(gap)
     free.sort()
     if len(full) < SIBLING_MIN_CALLS:
         return None
