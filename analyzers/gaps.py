@@ -5,8 +5,8 @@ The gap of a call (client span minus server span) is everything that is neither 
 caller's wait for it: the wire, a proxy, a connection pool, the callee's accept queue, a caller too starved of
 CPU to read its answer. Which of these it was shows in what else happened at the same time:
 
-- ``callee_queue``: the slow calls sent while the callee had as many requests in flight as it ever had lost far
-  more than those sent while it had fewer (:func:`waited_for_workers`). A request that finds every worker busy
+- ``callee_queue``: the slow calls that came while the callee had as many requests in flight as it ever had lost
+  far more than the others (:func:`waited_for_workers`). A request that finds every worker busy
   waits before its server span starts; a delay on the wire slows every call alike.
 - ``caller``: the caller's calls to its other callees lost time in the same stretch. What they share is the
   caller: its host's network, or a process too busy to send and read (a starved CPU, a held interpreter lock).
@@ -48,7 +48,8 @@ class Occupancy:
         self._full_from: list[int] = []
         self._full_to: list[int] = []
         self._full_before: list[int] = []
-        bar, level, i, j, total = self.ceiling - self.ceiling // 10, 0, 0, 0, 0
+        self._bar = bar = self.ceiling - self.ceiling // 10
+        level, i, j, total = 0, 0, 0, 0
         while self.ceiling and (i < len(self.starts) or j < len(self.ends)):
             t = min(self.starts[i] if i < len(self.starts) else self.ends[j],
                     self.ends[j] if j < len(self.ends) else self.starts[i])
@@ -71,7 +72,7 @@ class Occupancy:
     def full(self, t: int) -> bool:
         """Every worker busy at ``t``, as far as the spans show: as many requests in flight as ever (within a
         tenth, for a pool split over processes that fill unevenly)."""
-        return self.ceiling > 0 and self.at(t) >= self.ceiling - self.ceiling // 10
+        return self.ceiling > 0 and self.at(t) >= self._bar
 
     def _full_until(self, t: int) -> int:
         """Nanoseconds it was full before ``t``."""
