@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import collections
 import glob
 import gzip
@@ -25,10 +26,11 @@ from . import logparse
 from .decoding import WorkerPool
 from .files import check_text
 from .otlp import OTLP_SOURCE
-from .redaction import redact_log
+from .redaction import redact_log, redact_text, text_may_need_redaction
 
 BATCH = 5000
 CHUNK_LINES = 20_000  # lines a worker process parses at a time
+CLEAN_BLOCK_LINES = 128  # lines asked at once whether they hold anything to mask
 PARSE_AHEAD = 4       # chunks parsed ahead of the one being linked and stored
 SAMPLE_LINES = 50
 MAX_LINE_BYTES = 64 * 1024  # a longer line is reported and skipped, and the rest of the file read
@@ -166,8 +168,9 @@ def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_o
                 raise InputError(f"--format {fmt!r} is not one of auto, {', '.join(logparse.FORMATS)}")
             parser_spec, report.format = ("named", fmt), fmt
 
-        source_name = Path(source).name if source != "-" else "stdin"
-        name = service or (source_name.split(".")[0] if source != "-" else "stdin")
+        # masked here once, so that a record of a line that needs no masking is not asked again (redact_log)
+        source_name = redact_text(Path(source).name if source != "-" else "stdin")
+        name = redact_text(service or (source_name.split(".")[0] if source != "-" else "stdin"))
         job = _Chunk(parser_spec, name, source_name, source, tz, clock_offset_ns)
         parser = job.parser()
         chunks = _chunks(itertools.chain(sample, lines), lambda line: parser(line.rstrip("\r\n")) is not None)
@@ -243,9 +246,11 @@ class _Chunk:
         parser = self.parser()
         problems: list[tuple[str, str]] = []
         out = []
+        ends, clean = self.clean_blocks(chunk)
         for parsed in logparse.records(iter(chunk), parser,
                                        lambda n, reason, line: problems.append((f"{self.source}:{n}", reason))):
-            record = _record(parsed, self.service, self.source_name, self.tz, self.clock_offset_ns)
+            line_clean = not parsed.extra_lines and clean[bisect.bisect_left(ends, parsed.lineno)]
+            record = _record(parsed, self.service, self.source_name, self.tz, self.clock_offset_ns, line_clean)
             if isinstance(record, str):
                 problems.append((f"{self.source}:{parsed.lineno}", record))
                 continue
@@ -253,9 +258,26 @@ class _Chunk:
             out.append(record)
         return out, problems
 
+    def clean_blocks(self, chunk: list[tuple[int, str]]) -> tuple[list[int], list[bool]]:
+        """For each CLEAN_BLOCK_LINES lines of ``chunk``, the number of its last line and whether none of its
+        lines holds anything to mask, so that the strings a parser cuts from them need none either. Asked only
+        of the named formats, which cut a line where a digit does not meet a digit. A block with a backslash is
+        not clean (an escape a parser decodes can spell a digit or a word), nor is any block of a custom nginx
+        format (two of its variables may meet between two digits)."""
+        blocks = range(0, len(chunk), CLEAN_BLOCK_LINES)
+        ends = [chunk[min(at + CLEAN_BLOCK_LINES, len(chunk)) - 1][0] for at in blocks]
+        if self.parser_spec[0] != "named":
+            return ends, [False for _ in blocks]
+        clean = []
+        for at in blocks:
+            text = "".join([line for _, line in chunk[at:at + CLEAN_BLOCK_LINES]])
+            clean.append("\\" not in text and not text_may_need_redaction(text))
+        return ends, clean
 
-def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offset_ns: int) -> LogRecord | str:
-    """The record of a parsed line, or why there is none."""
+
+def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offset_ns: int,
+            line_clean: bool = False) -> LogRecord | str:
+    """The record of a parsed line, or why there is none (``line_clean``: as in ``redact_log``)."""
     f = parsed.fields
     moment = logparse.parse_time(str(f.get("time") or ""), tz)
     if moment is None:
@@ -270,18 +292,22 @@ def _record(parsed: logparse.Parsed, service: str, source: str, tz: tzinfo, offs
     trace_id, span_id, request_id = f.get("trace_id"), f.get("span_id"), f.get("request_id")
     if not trace_id or not request_id:
         extra = " ".join(f"{k}={v}" for k, v in attrs.items() if isinstance(v, str))
-        found_trace, found_span, found_req = logparse.find_ids(f"{message} {extra}")
+        found_trace, found_span, found_req = logparse.find_ids(f"{message} {extra}", request=not request_id)
         trace_id = trace_id or found_trace
         span_id = span_id or found_span
         request_id = request_id or found_req
     if request_id:
+        if not isinstance(request_id, str):
+            line_clean = False  # a number written here as text (4.2e15 as "4200000000000000.0") was not in the line
         attrs["request_id"] = str(request_id)
+    if not isinstance(attrs.get("host", ""), str):
+        line_clean = False
     return redact_log(LogRecord(
         time_ns=time_ns, service=service, message=message,
         severity=str(f.get("level") or "")[:16], host=str(attrs.pop("host", "") or ""),
         attributes={k: v for k, v in attrs.items() if v is not None},
         source=f"{source}:{parsed.lineno}",
-        trace_id=str(trace_id) if trace_id else None, span_id=str(span_id) if span_id else None))
+        trace_id=str(trace_id) if trace_id else None, span_id=str(span_id) if span_id else None), line_clean)
 
 
 TWIN_WINDOW_NS = 1_000_000_000

@@ -402,17 +402,19 @@ def parse_tz(text: str | None) -> tzinfo:
 _TRACEPARENT = re.compile(r"\b00-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}\b")
 
 
-def find_ids(text: str) -> tuple[str | None, str | None, str | None]:
-    """Trace id, span id and request id written inside a message (or a W3C traceparent)."""
+def find_ids(text: str, request: bool = True) -> tuple[str | None, str | None, str | None]:
+    """Trace id, span id and request id written inside a message (or a W3C traceparent); ``request=False``:
+    the request id is known already, and not looked for."""
     # Each pattern needs its word (trace, span, request; 00- for a traceparent): most lines hold none, and a
     # substring test of the lowered line costs far less than a case-insensitive search. Outside ASCII a
     # letter may match case-insensitively without lowering to it (the long s, the Kelvin sign): search then.
     if text.isascii():
         lower = text.lower()
         parent_word, trace_word, span_word, request_word = \
-            "00-" in text, "trace" in lower, "span" in lower, "request" in lower
+            "00-" in text, "trace" in lower, "span" in lower, request and "request" in lower
     else:
-        parent_word = trace_word = span_word = request_word = True
+        parent_word = trace_word = span_word = True
+        request_word = request
     req = _REQUEST_ID.search(text) if request_word else None
     parent = _TRACEPARENT.search(text) if parent_word else None
     if parent:

@@ -12,6 +12,7 @@ from payscope.instrumentation.redaction import (
     redact_any,
     redact_attributes,
     redact_text,
+    text_may_need_redaction,
 )
 from payscope.model import LogRecord, Span
 
@@ -29,15 +30,19 @@ def redact_span(span: Span) -> Span:
     return span
 
 
-def redact_log(record: LogRecord) -> LogRecord:
-    """``record`` with its message, service, host, source and attributes masked."""
+def redact_log(record: LogRecord, line_clean: bool = False) -> LogRecord:
+    """``record`` with its message, service, host, source and attributes masked. With ``line_clean``, the line
+    its host and attributes were cut from needs no masking (``text_may_need_redaction``), and its service and
+    source were masked already: only its message (which a parser may have put together), secret keys and
+    numbers are looked at."""
     record.message = redact_text(record.message)
-    record.service = redact_text(record.service)
-    record.host = redact_text(record.host)
-    record.source = redact_text(record.source)
-    record.attributes = redact_attributes(record.attributes)
+    if not line_clean:
+        record.service = redact_text(record.service)
+        record.host = redact_text(record.host)
+        record.source = redact_text(record.source)
+    record.attributes = redact_attributes(record.attributes, line_clean)
     return record
 
 
 __all__ = ["REDACTED", "is_card_number", "is_secret_key", "luhn_valid", "may_need_redaction", "redact_any",
-           "redact_attributes", "redact_log", "redact_span", "redact_text"]
+           "redact_attributes", "redact_log", "redact_span", "redact_text", "text_may_need_redaction"]

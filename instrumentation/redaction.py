@@ -74,27 +74,33 @@ _MAYBE_PAN = re.compile(r"\d[\d \t+\-%bBdD\u00a0]{11,}\d")
 _ID_BEFORE = re.compile(r"(?i)(?:trace|span|parent)[_.\-]?id[\"']?\s*[:=]\s*[\"']?$")
 
 
-def _mask_run(match: re.Match[str]) -> str:
-    text = match.group(0)
-    if _ID_BEFORE.search(match.string, max(0, match.start() - 24), match.start()):
-        return text
+def _card_window(run: str) -> tuple[int, int] | None:
+    """Where a card number lies in a run of digit groups (``_DIGIT_RUN``), or None. A card number may share
+    the run with a neighbour ("ref 12 4111 1111 1111 1111 cvv 123"), so every run of whole groups is tried,
+    longest first."""
     groups, at = [], 0
-    for sep in _SEP_RE.finditer(text):
+    for sep in _SEP_RE.finditer(run):
         groups.append((at, sep.start()))
         at = sep.end()
-    groups.append((at, len(text)))
+    groups.append((at, len(run)))
     if len(groups) == 1:
-        return REDACTED if is_card_number(text) else text
-    # Grouped: a card number may share the run with a neighbour ("ref 12 4111 1111 1111 1111 cvv 123"),
-    # so every run of whole groups is tried, longest first.
+        return (0, len(run)) if is_card_number(run) else None
     n = len(groups)
     for size in range(n, 0, -1):
         for first in range(0, n - size + 1):
             last = first + size - 1
-            digits = "".join(text[a:b] for a, b in groups[first:last + 1])
+            digits = "".join(run[a:b] for a, b in groups[first:last + 1])
             if is_card_number(digits):
-                return text[:groups[first][0]] + REDACTED + text[groups[last][1]:]
-    return text
+                return groups[first][0], groups[last][1]
+    return None
+
+
+def _mask_run(match: re.Match[str]) -> str:
+    text = match.group(0)
+    if _ID_BEFORE.search(match.string, max(0, match.start() - 24), match.start()):
+        return text
+    window = _card_window(text)
+    return text if window is None else text[:window[0]] + REDACTED + text[window[1]:]
 
 
 # --- other secrets in free text ----------------------------------------------------------------
@@ -107,17 +113,20 @@ _AUTH_TEXT = re.compile(r"(?i)((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)(?
 _COOKIE_TEXT = re.compile(r"(?i)((?:set-)?cookie[\"']?\s*[:=]\s*[\"']?)[^\r\n\"']+")
 
 
+def _has_secret_word(lowered: str) -> bool:
+    """Whether lower-cased text holds a word the CVV, Authorization and Cookie patterns start from (cvv, cvc,
+    cvn, csc, security, verification, authorization, cookie): tested in line, as this runs on every string stored."""
+    return ("cv" in lowered or "csc" in lowered or "secur" in lowered or "verif" in lowered or "authoriz" in lowered
+            or "cookie" in lowered)
+
+
 def redact_text(text: str) -> str:
     """``text`` with card numbers, CVV values, Authorization and Cookie values masked."""
     if not text or len(text) < 3:  # too short for a card number or any of the words
         return text
     if _MAYBE_PAN.search(text):
         text = _DIGIT_RUN.sub(_mask_run, text)
-    lowered = text.lower()
-    # the words the three patterns below start from (cvv, cvc, cvn, csc, security, verification, authorization,
-    # cookie), tested in line: this runs on every string stored
-    if "cv" in lowered or "csc" in lowered or "secur" in lowered or "verif" in lowered or "authoriz" in lowered \
-            or "cookie" in lowered:
+    if _has_secret_word(text.lower()):
         text = _CVV_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
         text = _AUTH_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
         text = _COOKIE_TEXT.sub(lambda m: m.group(1) + REDACTED, text)
@@ -182,20 +191,22 @@ def _number_is_card(value: int | float) -> bool:
     return value >= _BIG and is_card_number(str(value))
 
 
-def redact_any(value: Any, key: str = "") -> Any:
-    """``value`` with every secret masked: strings, numbers, lists and tuples, mappings (keys too)."""
+def redact_any(value: Any, key: str = "", text_clean: bool = False) -> Any:
+    """``value`` with every secret masked: strings, numbers, lists and tuples, mappings (keys too). With
+    ``text_clean``, its strings and keys are known to hold no text to mask (:func:`text_may_need_redaction`
+    said so of where they were cut from): only secret keys and numbers are looked at."""
     if key and is_secret_key(key):
         return REDACTED
     if isinstance(value, str):
-        return redact_text(value)
+        return value if text_clean else redact_text(value)
     if isinstance(value, bool):
         return value
     if isinstance(value, (int, float)):
         return REDACTED if not is_id_key(key) and _number_is_card(value) else value
     if isinstance(value, dict):
-        return redact_attributes(value)
+        return redact_attributes(value, text_clean)
     if isinstance(value, (list, tuple)):
-        masked = [redact_any(v, key) for v in value]
+        masked = [redact_any(v, key, text_clean) for v in value]
         return tuple(masked) if isinstance(value, tuple) else masked
     return value
 
@@ -212,14 +223,16 @@ def _masked_key(key: str) -> str:
     return masked
 
 
-def redact_attributes(attrs: Any) -> dict[str, Any]:
-    """A copy of ``attrs`` that is safe to store: keys masked where they hold a number, secret values masked."""
+def redact_attributes(attrs: Any, text_clean: bool = False) -> dict[str, Any]:
+    """A copy of ``attrs`` that is safe to store: keys masked where they hold a number, secret values masked
+    (``text_clean``: as in :func:`redact_any`)."""
     out: dict[str, Any] = {}
     for k, v in attrs.items():
+        key = k if text_clean else _masked_key(k)
         if is_id_key(k) and isinstance(v, str) and v.isdigit():
-            out[_masked_key(k)] = v
+            out[key] = v
         else:
-            out[_masked_key(k)] = redact_any(v, k)
+            out[key] = redact_any(v, k, text_clean)
     return out
 
 
@@ -235,6 +248,19 @@ _SUSPECT_WORDS = (b"cvv", b"cvc", b"cvn", b"csc", b"security", b"verification", 
 # (random binary ids are full of them).
 _SUSPECT_CLASS = bytes(int(chr(i) in _SUSPECT_CHARS) for i in range(256))
 _SUSPECT_RUN = b"\x01" * 13
+# Lower-cased ASCII with %20, %2b and %2d made the separators they encode, then digits as 1, separators as 2:
+# a match of _DIGIT_RUN is digits with at most one separator between two, never two twos in a row, so with every
+# pair of twos made zeros and the twos left dropped, one of 13 digits or more (a card number's least) leaves 13
+# ones in a row.
+_SUSPECT_DIGIT_CLASS = bytes(1 if 48 <= i <= 57 else 2 if chr(i) in " \t+-" else 0 for i in range(256))
+
+
+def _may_hold_card_digits(lower: bytes) -> bool:
+    digits = lower.replace(b"%20", b" ").replace(b"%2b", b"+").replace(b"%2d", b"-").translate(_SUSPECT_DIGIT_CLASS)
+    return _SUSPECT_RUN in digits.replace(b"\x02\x02", b"\0\0").replace(b"\x02", b"")
+
+
+_DIGIT_RUN_ASCII = re.compile(rb"(?<![0-9])[0-9](?:(?:[ \t+\-]|%20|%2[bd])?[0-9]){11,30}(?![0-9])")  # lower-cased
 
 
 def may_need_redaction(raw: bytes) -> bool:
@@ -245,3 +271,27 @@ def may_need_redaction(raw: bytes) -> bool:
         return True
     lower = raw.lower()
     return any(word in lower for word in _SUSPECT_WORDS)
+
+
+def text_may_need_redaction(text: str) -> bool:
+    """False when no piece of ``text`` cut out between two characters that are not both digits can hold what
+    :func:`redact_text` masks: no run of digit groups holds a card number (whatever the text before it says: a
+    piece cut after ``trace_id=`` no longer says it) and no word a secret pattern starts from is in it.
+
+    A parser that cuts a line only where a digit does not meet a digit (at quotes, brackets, ``=``, spaces)
+    gives strings that need no masking when the line needs none; one that decodes escapes (JSON's
+    ``\\u0034``) does not, and the caller must not ask this of its lines. Meant for many lines at once: ASCII
+    text is scanned as bytes, and the digit pattern tried only where 13 of its characters stand in a row."""
+    if not text.isascii():  # other digits, the no-break space: the patterns themselves, over all of it
+        return (bool(_MAYBE_PAN.search(text))
+                and any(_card_window(m.group(0)) is not None for m in _DIGIT_RUN.finditer(text))
+                or _has_secret_word(text.lower()))
+    lower = text.encode("ascii").lower()
+    if any(word in lower for word in _SUSPECT_WORDS):
+        return True
+    if _may_hold_card_digits(lower):  # then line by line (no run crosses a line end), the pattern where it may
+        for line in lower.split(b"\n"):
+            if _may_hold_card_digits(line) and any(_card_window(m.group(0).decode("ascii")) is not None
+                                                   for m in _DIGIT_RUN_ASCII.finditer(line)):
+                return True
+    return False
