@@ -227,12 +227,20 @@ def redact_attributes(attrs: Any, text_clean: bool = False) -> dict[str, Any]:
     """A copy of ``attrs`` that is safe to store: keys masked where they hold a number, secret values masked
     (``text_clean``: as in :func:`redact_any`)."""
     out: dict[str, Any] = {}
+    if text_clean:
+        for k, v in attrs.items():
+            if type(v) is str:  # the common case, in line: only its key can make it a secret
+                secret = _secret_keys.get(k)
+                out[k] = REDACTED if (is_secret_key(k) if secret is None else secret) else v
+            else:
+                out[k] = redact_any(v, k, True)
+        return out
     for k, v in attrs.items():
-        key = k if text_clean else _masked_key(k)
+        key = _masked_key(k)
         if is_id_key(k) and isinstance(v, str) and v.isdigit():
             out[key] = v
         else:
-            out[key] = redact_any(v, k, text_clean)
+            out[key] = redact_any(v, k)
     return out
 
 
