@@ -66,6 +66,8 @@ def _offset(hours: str, minutes: str) -> timezone:
 def parse_time(text: str, tz: tzinfo) -> datetime | None:
     """Most timestamp spellings logs use; a time without a zone is taken in ``tz``."""
     text = text.strip().strip("[]")
+    if text[2:3] == "/" and (clf := _CLF_TIME.fullmatch(text)) is not None:  # an access log's: no ISO try first
+        return _clf_time(clf, tz)
     try:  # the common spellings, without the regular expressions below
         quick = datetime.fromisoformat(text)
         return quick if quick.tzinfo else quick.replace(tzinfo=tz)
