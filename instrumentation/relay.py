@@ -110,6 +110,10 @@ class Channel:
     def close(self, end: bool = False) -> None:
         """Send what is buffered and hang up; say how much was dropped, if anything was. ``end``: tell the relay
         that the program is done (a sidecar, stopping), so that it exports everything and goes away now."""
+        if self._pid == -1 and end:  # nothing was ever sent: the relay still waits to hear that the program is done
+            with _start_lock:
+                if self._pid == -1:
+                    self._start()
         if self._pid != os.getpid():
             return
         self.flush()

@@ -10,12 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from payscope.collector.store import open_store
+from payscope.instrumentation.sidecar import RELAY_DRAIN_S
 from tests.helpers import CollectorProcess, free_port, node_server, payscope, payscope_json, wait_port
 from tests.test_sidecar_stream import _stop
 
@@ -135,3 +137,17 @@ def test_upstream_or_egress_one_of_the_two() -> None:
         proc = payscope("sidecar", "--listen", f"127.0.0.1:{free_port()}", "--service", "x", *extra)
         assert proc.returncode == 2 and "one of the two" in proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("mode", [("--egress",), ("--upstream", "127.0.0.1:9")])
+def test_a_sidecar_that_carried_nothing_stops_at_once(collector: CollectorProcess, mode: tuple[str, ...]) -> None:
+    """Its relay is told the sidecar is done even when no span ever went to it, so a stop does not sit out the
+    relay's drain wait (RELAY_DRAIN_S) for nothing."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "payscope", "sidecar", *mode, "--listen", f"127.0.0.1:{port}",
+                             "--service", "idle", "--collector", collector.http_url],
+                            stderr=subprocess.PIPE, text=True)
+    wait_port(port)
+    started = time.monotonic()
+    _stop(proc)
+    assert time.monotonic() - started < RELAY_DRAIN_S / 3
