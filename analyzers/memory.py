@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+_lock = threading.Lock()
+_building = 0         # analyses and documents being built now, in any thread
+_was_enabled = False  # whether the collector ran before the first of them began
 
 
 @contextmanager
@@ -12,12 +17,20 @@ def paused_cycle_collection() -> Iterator[None]:
     """Cyclic garbage collection paused while an analysis, or a document from one, is built (a context manager
     or a decorator). They make hundreds of thousands of records that hold no reference cycle (kept so: no
     recursive closures) and live until the command ends; each collection would walk all of them again, for
-    nothing (a tenth to a quarter of `analyze` on large stores). Reference counting still frees what is dropped,
-    and the collector runs again afterwards."""
-    was = gc.isenabled()
-    gc.disable()
+    nothing (a tenth to a quarter of `analyze` on large stores). Reference counting still frees what is dropped.
+
+    The collector is process-wide, and the TUI builds in worker threads: it stays paused until the last build
+    under way in any thread has ended, and then runs again if it ran before the first began."""
+    global _building, _was_enabled
+    with _lock:
+        if _building == 0:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+        _building += 1
     try:
         yield
     finally:
-        if was:
-            gc.enable()
+        with _lock:
+            _building -= 1
+            if _building == 0 and _was_enabled:
+                gc.enable()

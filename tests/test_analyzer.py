@@ -279,3 +279,31 @@ def test_loading_pauses_the_cyclic_collector_and_gives_it_back(tmp_path: Path) -
             gc.set_debug(0)
             gc.garbage.clear()
             gc.enable()
+
+
+def test_the_collector_stays_paused_until_the_last_build_in_any_thread_ends() -> None:
+    """Two builds overlapping in two threads (TUI workers do): the first to end leaves the pause on for the
+    other, and the collector runs again once both have ended."""
+    import gc
+    import threading
+
+    from payscope.analyzers.memory import paused_cycle_collection
+
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, bool] = {}
+
+    def second() -> None:
+        first_in.wait(5)
+        with paused_cycle_collection():
+            second_in.set()
+            first_out.wait(5)
+            seen["after the first ended"] = gc.isenabled()
+    worker = threading.Thread(target=second)
+    worker.start()
+    assert gc.isenabled()
+    with paused_cycle_collection():
+        first_in.set()
+        second_in.wait(5)
+    first_out.set()
+    worker.join(5)
+    assert seen == {"after the first ended": False} and gc.isenabled()
