@@ -34,3 +34,12 @@ def paused_cycle_collection() -> Iterator[None]:
             _building -= 1
             if _building == 0 and _was_enabled:
                 gc.enable()
+
+
+def no_cycle_collection_until_exit() -> None:
+    """For a command that builds one analysis, answers and ends: cyclic collection off for the rest of the
+    process. Turning it back on after a build would make the next allocation walk every record the build made
+    (everything allocated while paused is still in the youngest generation), and the interpreter would walk them
+    all again at exit; neither finds anything. Memory stays bounded: what the command drops is still freed by
+    reference counting."""
+    gc.disable()

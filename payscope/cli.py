@@ -438,6 +438,7 @@ def failures(
 ) -> None:
     """Failed transactions, newest first, one a line."""
     from payscope.analyzers.loader import load
+    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.analyzers.search import matching
     from payscope.analyzers.search import parse as parse_search
     from payscope.analyzers.views import FAILURE_OUTCOMES, PROBLEMS, failure_rows
@@ -453,6 +454,7 @@ def failures(
         raise PayscopeError(f"--problem {problem!r} is not one of {', '.join(PROBLEMS)}")
     since_ns = parse_since_ns(since, time.time_ns()) if since else None
     query = parse_search(search) if search else None
+    no_cycle_collection_until_exit()
     with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         if query is None:
             rows = failure_rows(opened, load(opened), since_ns=since_ns, limit=limit or None, outcome=outcome,
@@ -488,10 +490,12 @@ def show(
 ) -> None:
     """One transaction: a waterfall of its spans with status and errors."""
     from payscope.analyzers.loader import load
+    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.analyzers.views import transaction_view
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json"))
+    no_cycle_collection_until_exit()
     with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         view = transaction_view(opened, load(opened), transaction)
     if output_format == "json":
@@ -520,6 +524,7 @@ def analyze(
     from payscope import report
     from payscope.analyzers.findings import SEVERITIES, severity_at_least
     from payscope.analyzers.loader import load
+    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.analyzers.views import analysis_document
     from payscope.collector.store import open_store
 
@@ -527,6 +532,7 @@ def analyze(
     if fail_on is not None and fail_on not in SEVERITIES:
         raise PayscopeError(f"--fail-on {fail_on!r} is not one of {', '.join(SEVERITIES)}")
     window = _window(since, until)
+    no_cycle_collection_until_exit()
     with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         document = analysis_document(load(opened, window=window))
     if output_format == "json":
@@ -549,10 +555,12 @@ def reconcile(
     """The orders finance should look at: charged but failed, charged twice, paid without a charge."""
     from payscope import report
     from payscope.analyzers.loader import load
+    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.analyzers.orders import mismatched
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "csv", "json"))
+    no_cycle_collection_until_exit()
     with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         found = [o.to_json() for o in mismatched(load(opened))]
     if output_format == "json":
@@ -610,6 +618,7 @@ def compare(
     from payscope.analyzers.compare import SAMPLE
     from payscope.analyzers.compare import compare as compare_windows
     from payscope.analyzers.loader import load_sampled
+    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "markdown"))
@@ -622,6 +631,7 @@ def compare(
     if sample is not None and sample < 0:
         raise PayscopeError(f"--sample {sample} must be 0 (every trace) or more")
     limit = SAMPLE if sample is None else sample or None
+    no_cycle_collection_until_exit()
     with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         analysis, (base_sample, inc_sample) = load_sampled(opened, [base, inc], limit)
         document = compare_windows(analysis, base, inc, (base_sample, inc_sample))
@@ -655,11 +665,13 @@ def recommend_timeouts(
     """Per-edge timeouts and retries from the healthy latency tail, deadlines shrinking down the chain."""
     from payscope import report
     from payscope.analyzers.loader import load
+    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.analyzers.views import recommendation_document
     from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "yaml"))
     window = _window(since, until)
+    no_cycle_collection_until_exit()
     with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
         document = recommendation_document(load(opened, window=window), simulate=simulate)
     if output_format == "json":
