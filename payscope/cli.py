@@ -7,13 +7,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 
 from payscope import __version__
 from payscope.errors import InputError, PayscopeError
+
+if TYPE_CHECKING:
+    from payscope.collector.store import Store
 
 app = typer.Typer(
     name="payscope",
@@ -71,6 +74,16 @@ def _indices(store: str | None, traces_index: str | None, logs_index: str | None
         raise PayscopeError("--traces-index and --logs-index need an Elasticsearch --store (es://HOST:9200)")
     query = urlencode({k: v for k, v in (("traces", traces_index), ("logs", logs_index)) if v})
     return url + ("&" if "?" in url else "?") + query
+
+
+def _open_for_analysis(store: str | None, traces_index: str | None, logs_index: str | None) -> Store:
+    """The store, read-only, for a command that builds one analysis from it, answers and ends. Cyclic garbage
+    collection is off from here to the end of the process (`memory.no_cycle_collection_until_exit` says why)."""
+    from payscope.analyzers.memory import no_cycle_collection_until_exit
+    from payscope.collector.store import open_store
+
+    no_cycle_collection_until_exit()
+    return open_store(_indices(store, traces_index, logs_index), readonly=True)
 
 
 def _version(value: bool) -> None:
@@ -438,11 +451,9 @@ def failures(
 ) -> None:
     """Failed transactions, newest first, one a line."""
     from payscope.analyzers.loader import load
-    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.analyzers.search import matching
     from payscope.analyzers.search import parse as parse_search
     from payscope.analyzers.views import FAILURE_OUTCOMES, PROBLEMS, failure_rows
-    from payscope.collector.store import open_store
     from payscope.timeparse import parse_since_ns
 
     _check_format(output_format, ("table", "json"))
@@ -454,8 +465,7 @@ def failures(
         raise PayscopeError(f"--problem {problem!r} is not one of {', '.join(PROBLEMS)}")
     since_ns = parse_since_ns(since, time.time_ns()) if since else None
     query = parse_search(search) if search else None
-    no_cycle_collection_until_exit()
-    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
+    with _open_for_analysis(store, traces_index, logs_index) as opened:
         if query is None:
             rows = failure_rows(opened, load(opened), since_ns=since_ns, limit=limit or None, outcome=outcome,
                                 service=service, problem=problem)
@@ -490,13 +500,10 @@ def show(
 ) -> None:
     """One transaction: a waterfall of its spans with status and errors."""
     from payscope.analyzers.loader import load
-    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.analyzers.views import transaction_view
-    from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json"))
-    no_cycle_collection_until_exit()
-    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
+    with _open_for_analysis(store, traces_index, logs_index) as opened:
         view = transaction_view(opened, load(opened), transaction)
     if output_format == "json":
         _emit_json(view)
@@ -524,16 +531,13 @@ def analyze(
     from payscope import report
     from payscope.analyzers.findings import SEVERITIES, severity_at_least
     from payscope.analyzers.loader import load
-    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.analyzers.views import analysis_document
-    from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "markdown"))
     if fail_on is not None and fail_on not in SEVERITIES:
         raise PayscopeError(f"--fail-on {fail_on!r} is not one of {', '.join(SEVERITIES)}")
     window = _window(since, until)
-    no_cycle_collection_until_exit()
-    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
+    with _open_for_analysis(store, traces_index, logs_index) as opened:
         document = analysis_document(load(opened, window=window))
     if output_format == "json":
         _emit_json(document)
@@ -555,13 +559,10 @@ def reconcile(
     """The orders finance should look at: charged but failed, charged twice, paid without a charge."""
     from payscope import report
     from payscope.analyzers.loader import load
-    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.analyzers.orders import mismatched
-    from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "csv", "json"))
-    no_cycle_collection_until_exit()
-    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
+    with _open_for_analysis(store, traces_index, logs_index) as opened:
         found = [o.to_json() for o in mismatched(load(opened))]
     if output_format == "json":
         _emit_json({"orders": found, "counts": report.mismatch_counts(found)})
@@ -618,8 +619,6 @@ def compare(
     from payscope.analyzers.compare import SAMPLE
     from payscope.analyzers.compare import compare as compare_windows
     from payscope.analyzers.loader import load_sampled
-    from payscope.analyzers.memory import no_cycle_collection_until_exit
-    from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "markdown"))
     from payscope.timeparse import parse_window
@@ -631,8 +630,7 @@ def compare(
     if sample is not None and sample < 0:
         raise PayscopeError(f"--sample {sample} must be 0 (every trace) or more")
     limit = SAMPLE if sample is None else sample or None
-    no_cycle_collection_until_exit()
-    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
+    with _open_for_analysis(store, traces_index, logs_index) as opened:
         analysis, (base_sample, inc_sample) = load_sampled(opened, [base, inc], limit)
         document = compare_windows(analysis, base, inc, (base_sample, inc_sample))
     for label, window in (("baseline", document["baseline"]), ("incident", document["incident"])):
@@ -665,14 +663,11 @@ def recommend_timeouts(
     """Per-edge timeouts and retries from the healthy latency tail, deadlines shrinking down the chain."""
     from payscope import report
     from payscope.analyzers.loader import load
-    from payscope.analyzers.memory import no_cycle_collection_until_exit
     from payscope.analyzers.views import recommendation_document
-    from payscope.collector.store import open_store
 
     _check_format(output_format, ("table", "json", "yaml"))
     window = _window(since, until)
-    no_cycle_collection_until_exit()
-    with open_store(_indices(store, traces_index, logs_index), readonly=True) as opened:
+    with _open_for_analysis(store, traces_index, logs_index) as opened:
         document = recommendation_document(load(opened, window=window), simulate=simulate)
     if output_format == "json":
         _emit_json(document)
