@@ -66,10 +66,11 @@ def node() -> None:
         pytest.skip("node not installed: the service here is a plain Node.js server")
 
 
-def _egress(collector: CollectorProcess) -> tuple[subprocess.Popen[str], int]:
+def _sidecar(collector: CollectorProcess, mode: tuple[str, ...] = ("--egress",),
+             service: str = "checkout") -> tuple[subprocess.Popen[str], int]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "payscope", "sidecar", "--egress", "--listen", f"127.0.0.1:{port}",
-                             "--service", "checkout", "--collector", collector.http_url, "--timeout", "5"],
+    proc = subprocess.Popen([sys.executable, "-m", "payscope", "sidecar", *mode, "--listen", f"127.0.0.1:{port}",
+                             "--service", service, "--collector", collector.http_url, "--timeout", "5"],
                             env=dict(os.environ, OTEL_BSP_SCHEDULE_DELAY="100"), stderr=subprocess.PIPE, text=True)
     wait_port(port)
     return proc, port
@@ -77,7 +78,7 @@ def _egress(collector: CollectorProcess) -> tuple[subprocess.Popen[str], int]:
 
 @pytest.fixture()
 def egress(node: None, collector: CollectorProcess) -> Iterator[int]:
-    proc, port = _egress(collector)
+    proc, port = _sidecar(collector)
     try:
         yield port
     finally:
@@ -143,11 +144,7 @@ def test_upstream_or_egress_one_of_the_two() -> None:
 def test_a_sidecar_that_carried_nothing_stops_at_once(collector: CollectorProcess, mode: tuple[str, ...]) -> None:
     """Its relay is told the sidecar is done even when no span ever went to it, so a stop does not sit out the
     relay's drain wait (RELAY_DRAIN_S) for nothing."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "payscope", "sidecar", *mode, "--listen", f"127.0.0.1:{port}",
-                             "--service", "idle", "--collector", collector.http_url],
-                            stderr=subprocess.PIPE, text=True)
-    wait_port(port)
+    proc, _ = _sidecar(collector, mode, service="idle")
     started = time.monotonic()
     _stop(proc)
     assert time.monotonic() - started < RELAY_DRAIN_S / 3
