@@ -11,7 +11,7 @@ from . import engine, findings, recommend
 from .engine import Analysis, EdgeKey, TimeoutValue
 
 
-def diagnose(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
+def diagnose(traces: Iterable[list[SpanRow] | bytes], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
              extra_calls: Any = None, order_rules: Any = None, order_logs: Any = None) -> Analysis:
     """Everything payscope concludes from these traces, each conclusion decided once.
 

@@ -8,13 +8,14 @@ Nothing here reads a store, prints or reads the clock.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from payscope.model import SpanRow
 
 from .calls import Call, TraceFacts, is_charge_like, is_idempotent, resolve_aliases, trace_calls
+from .derived import thaw
 from .stats import median, ms, p50_p99, percentile
 
 if TYPE_CHECKING:
@@ -238,25 +239,21 @@ class Analysis:
 
 # --- reading -------------------------------------------------------------------
 
-def group_traces(batches: Iterable[list[SpanRow]]) -> Iterator[list[SpanRow]]:
-    """Spans arrive sorted by trace id; yield one trace at a time."""
-    current: list[SpanRow] = []
-    for batch in batches:
-        for span in batch:
-            if current and span.trace_id != current[0].trace_id:
-                yield current
-                current = []
-            current.append(span)
-    if current:
-        yield current
-
-
-def collect_calls(traces: Iterable[list[SpanRow]]) -> tuple[dict[str, TraceFacts], list[Call]]:
+def collect_calls(traces: Iterable[list[SpanRow] | bytes]) -> tuple[dict[str, TraceFacts], list[Call]]:
+    """The calls and facts of every trace, each given as its spans or as its stored derivation
+    (``derived``), with calls to an address renamed after the service the votes of every trace put there."""
     facts: dict[str, TraceFacts] = {}
     calls: list[Call] = []
     votes: dict[str, dict[str, int]] = {}
-    for spans in traces:
-        trace_facts, trace_calls_ = trace_calls(spans, votes)
+    for item in traces:
+        if isinstance(item, bytes):
+            trace_facts, trace_calls_, trace_votes = thaw(item)
+            for peer, counts in trace_votes.items():  # in trace order, as if its spans were read here
+                into = votes.setdefault(peer, {})
+                for callee, n in counts.items():
+                    into[callee] = into.get(callee, 0) + n
+        else:
+            trace_facts, trace_calls_ = trace_calls(item, votes)
         facts[trace_facts.trace_id] = trace_facts
         calls.extend(trace_calls_)
     resolve_aliases(calls, votes)
@@ -584,7 +581,7 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
     return out
 
 
-def read(traces: Iterable[list[SpanRow]], *, extra_calls: Any = None) -> Analysis:
+def read(traces: Iterable[list[SpanRow] | bytes], *, extra_calls: Any = None) -> Analysis:
     """The calls of every trace on one clock, and nothing judged yet: no edges, no transactions (what
     `payscope compare` needs, and the first half of :func:`run`).
 
@@ -601,9 +598,9 @@ def read(traces: Iterable[list[SpanRow]], *, extra_calls: Any = None) -> Analysi
     return Analysis(facts, calls, {}, offsets, {})
 
 
-def run(traces: Iterable[list[SpanRow]], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
+def run(traces: Iterable[list[SpanRow] | bytes], *, declared: dict[EdgeKey, TimeoutValue] | None = None,
         extra_calls: Any = None) -> Analysis:
-    """Calls, clocks, edges and transactions over traces (each a list of the spans of one trace)."""
+    """Calls, clocks, edges and transactions over traces (each the spans of one trace, or its derivation)."""
     analysis = read(traces, extra_calls=extra_calls)
     calls = analysis.calls
     chains = retry_chains(calls)

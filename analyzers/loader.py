@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from payscope.collector.store import LogQuery, Sample, Store
+from payscope.collector.store import LogQuery, Sample, Store, group_traces
 from payscope.model import LogRecord
 
 from .calls import Call, TraceFacts
 from .declared import declared_timeouts
+from .derived import KEY
 from .diagnose import diagnose
-from .engine import Analysis, Window, group_traces, read
+from .engine import Analysis, Window, read
 from .logcalls import log_calls
 from .memory import paused_cycle_collection
 from .orders import LoggedFacts, Rules, configured_rules
@@ -51,7 +52,7 @@ def load(store: Store, *, window: Window | None = None) -> Analysis:
     since, until = window if window else (None, None)
     rules = configured_rules()
     with paused_cycle_collection():
-        analysis = diagnose(group_traces(store.iter_rows(since_ns=since, until_ns=until)),
+        analysis = diagnose(store.iter_traces(KEY, since, until),
                             declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window),
                             order_rules=rules, order_logs=logged_facts(store, rules, window))
     analysis.window = window

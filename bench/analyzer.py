@@ -1,7 +1,8 @@
 """`payscope analyze` and `payscope recommend timeouts` on large stores (250k and 1M spans, 20 services).
 
-Reports wall time and peak memory of each command, beside the floor: reading the same span
-facts from the store into memory; and `analyze --since` the store's last ten minutes, which should not grow
+Reports wall time and peak memory of each command, beside the floor: reading the same span facts from the store
+into memory; `analyze` both on the spans alone (traces still arriving) and once every trace is settled and
+derived, and what deriving them cost; and `analyze --since` the store's last ten minutes, which should not grow
 with the store. Stores are built once per size under bench/out/ and reused.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import subprocess
 import sys
 import time
@@ -135,6 +137,16 @@ def last_minutes(path: Path, minutes: int) -> tuple[str, int]:
         return format_ns(since_ns), len(store.traces(since_ns=since_ns, limit=None))
 
 
+def settle_store(path: Path) -> float:
+    """Derive every trace of the store (``analyzers.derived.settle``); the seconds it took."""
+    from payscope.analyzers.derived import settle
+
+    with open_store(str(path)) as store:
+        t = time.perf_counter()
+        settle(store)
+        return time.perf_counter() - t
+
+
 def measure(args: list[str]) -> tuple[float, float]:
     """Wall seconds and peak resident MiB of `payscope ARGS` in a child process."""
     t = time.perf_counter()
@@ -167,13 +179,20 @@ def run_shape(shape: str, sizes: list[int]) -> None:
                 pass
         out = subprocess.run([sys.executable, "-c", FLOOR, str(path)], capture_output=True, text=True, check=True)
         floor_s, floor_kb, count = out.stdout.split()
+        with sqlite3.connect(path) as conn:  # first as a store whose traces are still arriving: spans only
+            conn.execute("DELETE FROM derived")
+        spans_s, spans_mb = measure(["analyze", "--store", str(path), "--format", "json"])
+        derive_s = settle_store(path)  # what the collector does once each trace settles
         analyze_s, analyze_mb = measure(["analyze", "--store", str(path), "--format", "json"])
         recommend_s, recommend_mb = measure(["recommend", "timeouts", "--store", str(path), "--format", "json"])
         since, in_window = last_minutes(path, WINDOW_MINUTES)
         window_s, window_mb = measure(["analyze", "--store", str(path), "--format", "json", "--since", since])
         results[size] = analyze_s
         print(f"  {int(count):>9,} spans: load floor {float(floor_s):6.1f}s {int(floor_kb) / 1024:6.0f} MiB | "
-              f"analyze {analyze_s:6.1f}s ({analyze_s / float(floor_s):.1f}x floor) | "
+              f"analyze from the spans {spans_s:6.1f}s ({spans_s / float(floor_s):.1f}x floor), peak "
+              f"{spans_mb:5.0f} MiB | deriving every trace {derive_s:5.1f}s ({derive_s / int(count) * 1e6:.1f} us a "
+              f"span) | analyze settled {analyze_s:6.1f}s ({analyze_s / float(floor_s):.1f}x floor, "
+              f"x{spans_s / analyze_s:.2f} of from the spans) | "
               f"recommend {recommend_s:6.1f}s | peak {analyze_mb:5.0f} / {recommend_mb:5.0f} MiB | "
               f"analyze --since the last {WINDOW_MINUTES} min ({in_window:,} traces) {window_s:5.1f}s "
               f"({window_s / analyze_s:.2f}x analyze), peak {window_mb:4.0f} MiB")

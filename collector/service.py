@@ -15,7 +15,7 @@ from payscope.errors import InputError
 from .decoding import DecodePool
 from .receivers import GRPCReceiver, HTTPReceiver, Receiver, protobuf_backend, warn_if_slow_protobuf
 from .store import Store
-from .writer import BatchWriter
+from .writer import SETTLE_S, BatchWriter, Deriver
 
 
 def parse_listen(value: str, option: str) -> tuple[str, int]:
@@ -97,6 +97,8 @@ class Collector:
     grpc: str | None = "127.0.0.1:4317"
     access: Access = field(default_factory=Access)
     workers: int = 0  # decoding processes (collector/decoding.py); 0 decodes in the receiving threads
+    deriver: Deriver | None = None  # derives settled traces for the analysis (writer.BatchWriter)
+    settle_s: float = SETTLE_S
     writer: BatchWriter = field(init=False)
     decoder: DecodePool = field(init=False)
     receivers: list[HTTPReceiver | GRPCReceiver] = field(default_factory=list)
@@ -110,7 +112,7 @@ class Collector:
                 self.access.check(addresses[option][0], option)
         tls = self.access.ssl_context()
         raise_open_files_limit()
-        self.writer = BatchWriter(self.store)
+        self.writer = BatchWriter(self.store, deriver=self.deriver, settle_s=self.settle_s)
         self.decoder = DecodePool(self.workers)
         receiver = Receiver(self.writer, self.access.token, self.decoder)
         listening = []
@@ -145,10 +147,10 @@ class Collector:
 
 
 def run_collector(store: Store, http: str | None, grpc: str | None, access: Access | None = None,
-                  workers: int = 0) -> None:
+                  workers: int = 0, deriver: Deriver | None = None, settle_s: float = SETTLE_S) -> None:
     """Serve until SIGINT or SIGTERM."""
     warn_if_slow_protobuf()
-    collector = Collector(store, http, grpc, access or Access(), workers)
+    collector = Collector(store, http, grpc, access or Access(), workers, deriver, settle_s)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: object) -> None:

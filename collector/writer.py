@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import queue
+import sys
 import threading
+import time
+from collections import OrderedDict
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 from payscope.model import EncodedSpan, LogRecord, Span
 
@@ -27,13 +30,36 @@ _DATA_ERRORS = (OverflowError, ValueError, TypeError, UnicodeError)
 
 _STOP = object()
 
+SETTLE_S = 10.0  # a trace this long without a new span is derived for the analysis
+_SETTLE_STEP = 200  # traces derived between two looks at the queue (about 20 ms for ten-span traces)
+_TICK_S = 0.5  # how often an idle writer looks for settled traces
+_MAX_TOUCHED = 200_000  # traces remembered as written; past it the oldest are left to the backlog scan
+
+
+class Deriver(Protocol):
+    """What derives a store's settled traces for the analysis (``analyzers.derived.Deriver``)."""
+
+    def derive(self, trace_ids: list[str]) -> object: ...
+
+    def backlog(self, after_no: int, limit: int) -> list[tuple[int, str]]: ...
+
 
 class BatchWriter:
     """Group commit: a request is acknowledged only after the transaction holding it commits."""
 
     def __init__(self, store: Store, *, max_pending_items: int = 200_000,
-                 max_transaction_items: int = 50_000) -> None:
+                 max_transaction_items: int = 50_000, deriver: Deriver | None = None,
+                 settle_s: float = SETTLE_S) -> None:
         self.store = store
+        # With a deriver, the writer derives each trace it wrote once no span came for it in ``settle_s``,
+        # and every trace stored before that has no derivation yet (the backlog), when nothing waits in the
+        # queue: acknowledgements never wait for a derivation longer than one step.
+        self._deriver = deriver if store.keeps_derivations else None
+        self.settle_s = settle_s
+        self._touched: OrderedDict[str, float] = OrderedDict()  # trace id -> when a span of it was last written
+        self._backlog_after: int | None = 0  # the trace number the backlog scan has reached; None: done
+        self._derive_failed = False
+        self.derived_traces = 0
         self.max_pending_items = max_pending_items
         self.max_transaction_items = max_transaction_items
         self._queue: queue.Queue[object] = queue.Queue()
@@ -68,7 +94,11 @@ class BatchWriter:
 
     def _run(self) -> None:
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=_TICK_S if self._deriver else None)
+            except queue.Empty:
+                self._settle()
+                continue
             if first is _STOP:
                 return
             work = [first]
@@ -89,6 +119,46 @@ class BatchWriter:
                 self._pending -= size
             if stop_after:
                 return
+            if self._deriver and self._queue.empty():
+                self._settle()
+
+    def _settle(self) -> None:
+        """One bounded step of deriving: traces that settled, else the next page of the backlog."""
+        if self._deriver is None:
+            return
+        settled_before = time.monotonic() - self.settle_s
+        chosen: list[str] = []
+        while self._touched and len(chosen) < _SETTLE_STEP:
+            trace_id, written = next(iter(self._touched.items()))
+            if written > settled_before:
+                break
+            del self._touched[trace_id]
+            chosen.append(trace_id)
+        try:
+            if not chosen and self._backlog_after is not None:
+                page = self._deriver.backlog(self._backlog_after, _SETTLE_STEP)
+                self._backlog_after = page[-1][0] if page else None
+                chosen = [trace_id for _, trace_id in page if trace_id not in self._touched]
+            if chosen:
+                self._deriver.derive(chosen)
+                self.derived_traces += len(chosen)
+        except Exception as exc:  # a derivation only saves the analysis work: it never stops the writer
+            if not self._derive_failed:
+                self._derive_failed = True
+                print(f"payscope collect: deriving traces for the analysis failed ({type(exc).__name__}: "
+                      f"{str(exc)[:200]}); the analysis reads their spans instead", file=sys.stderr, flush=True)
+
+    def _written(self, spans: list[Any]) -> None:
+        """Remember when the traces of ``spans`` were last written (the oldest first)."""
+        now = time.monotonic()
+        touched = self._touched
+        for trace_id in {s.row.trace_id if isinstance(s, EncodedSpan) else s.trace_id for s in spans}:
+            touched.pop(trace_id, None)
+            touched[trace_id] = now
+        if len(touched) > _MAX_TOUCHED:
+            while len(touched) > _MAX_TOUCHED:
+                touched.popitem(last=False)
+            self._backlog_after = 0  # the forgotten ones are found again by the backlog scan
 
     def _commit(self, work: list[tuple[Any, Any, Future[None], int]]) -> None:
         """One transaction for many requests. If it fails, each request is committed alone, so that one
@@ -110,6 +180,8 @@ class BatchWriter:
         spans = [s for w in work for s in w[0]]
         logs = [r for w in work for r in w[1]]
         self.store.write(spans, logs)
+        if self._deriver and spans:
+            self._written(spans)
         self.committed_spans += len(spans)
         self.committed_logs += len(logs)
         for w in work:

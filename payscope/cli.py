@@ -207,8 +207,12 @@ def collect(
     workers: Annotated[Optional[int], typer.Option(
         help="Processes that decode large requests (default: one per core; 0: decode in the receiving "
              "threads).", min=0, max=64)] = None,
+    settle_seconds: Annotated[float, typer.Option(
+        help="A trace that gets no new span for this long has its calls worked out once and stored, so that "
+             "analysing it later need not read its spans again.", min=0.0)] = 10.0,
 ) -> None:
     """Receive OTLP spans and logs (HTTP and gRPC) and store them until stopped (Ctrl-C)."""
+    from payscope.analyzers.derived import Deriver
     from payscope.collector.decoding import default_workers
     from payscope.collector.service import Access, read_token, run_collector
     from payscope.collector.store import open_store
@@ -221,7 +225,8 @@ def collect(
         if value:
             access.check(parse_listen(value, option)[0], option)
     with open_store(store, spool=spool or Path.home() / ".cache" / "payscope" / "spool") as opened:
-        run_collector(opened, http_at, grpc_at, access, default_workers() if workers is None else workers)
+        run_collector(opened, http_at, grpc_at, access, default_workers() if workers is None else workers,
+                      Deriver(opened), settle_seconds)
 
 
 # --- import ----------------------------------------------------------------------
@@ -262,6 +267,10 @@ def import_traces(
                     report.logs += len(batch.logs)
                     report.new_spans += new_spans
             reports.append(report)
+        if any(r.new_spans for r in reports):
+            from payscope.analyzers.derived import settle
+
+            settle(opened)  # the imported traces are whole: their calls worked out once, for every analysis
     if not any(r.spans or r.logs for r in reports) and any(r.rejected for r in reports):
         first = next(p for r in reports for p in r.problems)
         rejected = sum(r.rejected for r in reports)

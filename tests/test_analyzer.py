@@ -12,6 +12,7 @@ from payscope.analyzers import engine, recommend
 from payscope.analyzers.diagnose import diagnose
 from payscope.collector.importers import ImportReport, read_trace_file
 from payscope.collector.otlp import parse_json_message, spans_from_request
+from payscope.collector.store import group_traces
 from payscope.model import SpanRow
 from payscope.synth import Call, Service, Simulator, chain
 from tests.helpers import REALDATA, SCENARIOS, payscope, payscope_json
@@ -22,7 +23,7 @@ JUDGED = {"timeout_inversion", "late_success", "timeout_below_tail", "retry_budg
 
 def _analysis_of(rows: list[SpanRow]) -> engine.Analysis:
     rows.sort(key=lambda s: s.trace_id)
-    return diagnose(engine.group_traces([rows]))
+    return diagnose(group_traces([rows]))
 
 
 def _file_spans(path: Path) -> list[SpanRow]:
@@ -244,26 +245,26 @@ def test_loading_pauses_the_cyclic_collector_and_gives_it_back(tmp_path: Path) -
     with open_store(str(tmp_path / "s.db")) as store:
         store.write([s for line in sim.otlp_lines() for s in
                      spans_from_request(parse_json_message(json.loads(line), ExportTraceServiceRequest)).spans])
-        stored = store.iter_rows
+        stored = store.iter_traces
 
-        def watched(**kwargs):  # type: ignore[no-untyped-def]
+        def watched(*args, **kwargs):  # type: ignore[no-untyped-def]
             seen.append(gc.isenabled())
-            yield from stored(**kwargs)
+            yield from stored(*args, **kwargs)
 
-        def failing(**kwargs):  # type: ignore[no-untyped-def]
-            yield from stored(**kwargs)
+        def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+            yield from stored(*args, **kwargs)
             raise StoreError("the store went away")
 
         assert gc.isenabled()
-        store.iter_rows = watched  # type: ignore[method-assign]
+        store.iter_traces = watched  # type: ignore[method-assign]
         assert load(store).calls and seen == [False] and gc.isenabled()
-        store.iter_rows = failing  # type: ignore[method-assign]
+        store.iter_traces = failing  # type: ignore[method-assign]
         with pytest.raises(StoreError):
             load(store)
         assert gc.isenabled()
         # and what it builds holds no reference cycle: nothing of payscope's is left for the paused collector
         # to find (other threads of the test process may leave garbage of their own meanwhile)
-        store.iter_rows = stored  # type: ignore[method-assign]
+        store.iter_traces = stored  # type: ignore[method-assign]
         gc.collect()
         gc.disable()
         gc.set_debug(gc.DEBUG_SAVEALL)

@@ -254,13 +254,13 @@ def test_embedded_records_schema_version_and_refuses_another(tmp_path: Path) -> 
         open_store(str(path))
 
 
-@pytest.mark.parametrize("version", [5, 6])
+@pytest.mark.parametrize("version", [5, 6, 7])
 def test_embedded_upgrades_a_store_written_by_an_earlier_version_to_what_this_version_writes(
         tmp_path: Path, version: int) -> None:
     from payscope.collector.logingest import ingest
     from tests.helpers import DATA
 
-    inputs = DATA / "stores"  # v5.db.gz and v6.db.gz were written from these by earlier versions (see README)
+    inputs = DATA / "stores"  # v5.db.gz, v6.db.gz and v7.db.gz were written from these by earlier versions (see README)
     old = tmp_path / f"v{version}.db"
     old.write_bytes(gzip.decompress((inputs / f"v{version}.db.gz").read_bytes()))
     conn = sqlite3.connect(old)

@@ -104,6 +104,32 @@ class Store(abc.ABC):
         """The derived facts of every span, in batches, a trace's spans contiguous; with ``since_ns`` or
         ``until_ns``, of the traces whose first span starts in [since, until) only, chosen in the store."""
 
+    def iter_traces(self, derived_key: str | None = None, since_ns: int | None = None,
+                    until_ns: int | None = None, batch_size: int = 10_000) -> Iterator[list[SpanRow] | bytes]:
+        """Every trace (of those starting in [since, until)) once, by trace id: its stored derivation under
+        ``derived_key`` when it has an exact one (see :meth:`write_derived`), else the derived facts of its
+        spans. A backend that keeps no derivations gives the spans of every trace."""
+        return group_traces(self.iter_rows(batch_size, since_ns, until_ns))
+
+    keeps_derivations = False  # whether write_derived keeps anything
+
+    def underived(self, derived_key: str, after_no: int, limit: int) -> list[tuple[int, str]]:
+        """Up to ``limit`` traces numbered after ``after_no`` that have no exact derivation under
+        ``derived_key``, as (number, trace id), by number."""
+        return []
+
+    def rows_to_derive(self, trace_ids: list[str]) -> list[tuple[str, int, list[SpanRow]]]:
+        """For each of ``trace_ids`` that is stored: (trace id, span count, its spans' facts by span id), all
+        read at one moment, so that the count is the count of the spans given."""
+        return []
+
+    def write_derived(self, derived_key: str, items: list[tuple[str, int, bytes]]) -> None:
+        """Keep (trace id, span count, body): what the code named ``derived_key`` derived from that trace
+        when it had that many spans. :meth:`iter_traces` gives the body back only while the trace still
+        has that many. Derivations are a cache of what the spans say: losing one loses nothing (a backend
+        that keeps none drops them)."""
+        return None
+
     @abc.abstractmethod
     def sample_traces(self, since_ns: int, until_ns: int, limit: int | None) -> Sample:
         """Up to ``limit`` (None: all) of the traces whose first span starts in [since, until): those whose trace
@@ -174,3 +200,16 @@ class Store(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def group_traces(batches: Iterable[list[SpanRow]]) -> Iterator[list[SpanRow]]:
+    """Span batches whose traces are contiguous (``Store.iter_rows``), as one list per trace."""
+    current: list[SpanRow] = []
+    for batch in batches:
+        for span in batch:
+            if current and span.trace_id != current[0].trace_id:
+                yield current
+                current = []
+            current.append(span)
+    if current:
+        yield current

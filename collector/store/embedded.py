@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 from payscope.errors import StoreError
 from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 
-from .api import SAMPLE_DIGITS, LogQuery, Sample, Store
+from .api import SAMPLE_DIGITS, LogQuery, Sample, Store, group_traces
 from .codec import decode_body, encode_span
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -50,6 +50,11 @@ CREATE TABLE IF NOT EXISTS traces(
 CREATE UNIQUE INDEX IF NOT EXISTS traces_id ON traces(trace_id);
 CREATE INDEX IF NOT EXISTS traces_start ON traces(start_ns);
 CREATE INDEX IF NOT EXISTS traces_failed ON traces(start_ns) WHERE error_count > 0;
+-- What the analysis derived from a trace's spans (its calls and facts, analyzers/derived.py), so that it need
+-- not read them again: exact only while the trace has the span count it was made from, and for the code that
+-- made it (key). Anything else is read from the spans.
+CREATE TABLE IF NOT EXISTS derived(trace_no INTEGER PRIMARY KEY, span_count INTEGER NOT NULL, key TEXT NOT NULL,
+    body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS keys(key TEXT NOT NULL, trace_id TEXT NOT NULL,
     PRIMARY KEY(key, trace_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS logs(
@@ -67,6 +72,7 @@ _SPAN_COLUMNS = "trace_no, trace_id, span_id, service, kind, start_ns, end_ns, f
 _ROW_SELECT = "SELECT trace_id, span_id, facts FROM spans"
 _TRACE_ROWS = "SELECT s.trace_id, s.span_id, s.facts FROM traces t JOIN spans s ON s.trace_no = t.trace_no"
 _TRACE_NO = "(SELECT trace_no FROM traces WHERE trace_id = ?)"
+_EXACT = "d.trace_no = t.trace_no AND d.span_count = t.span_count AND d.key = ?"  # a derivation still true
 _ROOT_RANK = 4_000_000_000_000_000_000  # sorts spans with a parent after every root, within int64
 _V5_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, status_code, status_message, "
                "error_class, operation, peer, method, http_status, attempt, idempotency_key, timeout_connect_ms, "
@@ -215,6 +221,8 @@ _MIGRATIONS: dict[int, tuple[str, ...] | Callable[[sqlite3.Connection], None]] =
     4: ("ALTER TABLE spans ADD COLUMN fault TEXT",),
     5: _upgrade_5,
     6: _upgrade_6,
+    7: ("CREATE TABLE IF NOT EXISTS derived(trace_no INTEGER PRIMARY KEY, span_count INTEGER NOT NULL, "
+        "key TEXT NOT NULL, body BLOB NOT NULL)",),
 }
 
 
@@ -370,22 +378,26 @@ class EmbeddedStore(Store):
 
     # --- connections ---------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
+        """This thread's connection."""
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is None:
-            try:
-                conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False,
-                                       isolation_level=None if self._readonly else "DEFERRED")
-            except sqlite3.OperationalError as exc:
-                raise StoreError(f"cannot open store {self.path}: {exc}") from None
-            conn.execute("PRAGMA busy_timeout=30000")
-            if not self._readonly:
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA cache_size=-65536")
-            self._local.conn = conn
+            conn = self._local.conn = self._connect(self._readonly)
             if not hasattr(self, "_all_conns"):
                 self._all_conns: list[sqlite3.Connection] = []
             self._all_conns.append(conn)
+        return conn
+
+    def _connect(self, autocommit: bool) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False,
+                                   isolation_level=None if autocommit else "DEFERRED")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from None
+        conn.execute("PRAGMA busy_timeout=30000")
+        if not self._readonly:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+        conn.execute("PRAGMA cache_size=-65536")
         return conn
 
     def close(self) -> None:
@@ -555,6 +567,78 @@ class EmbeddedStore(Store):
             if not found:
                 return
             yield _rows(self.path, found)
+
+    keeps_derivations = True
+
+    def iter_traces(self, derived_key: str | None = None, since_ns: int | None = None,
+                    until_ns: int | None = None, batch_size: int = 10_000) -> Iterator[list[SpanRow] | bytes]:
+        if derived_key is None:
+            yield from group_traces(self.iter_rows(batch_size, since_ns, until_ns))
+            return
+        # Both reads in one transaction of a connection of their own, so that no trace is in neither (derived
+        # between the two) or in both (a late span between the two).
+        conn = self._connect(autocommit=True)
+        try:
+            conn.execute("BEGIN")
+            where, args = _window("t.start_ns", since_ns, until_ns)
+            derived = conn.execute(f"SELECT t.trace_id, d.body FROM traces t JOIN derived d ON {_EXACT}{where} "
+                                   "ORDER BY t.trace_id", (derived_key, *args))
+            where, args = _window("t.start_ns", since_ns, until_ns, "d.trace_no IS NULL")
+            # the derivation looked up before the spans are (a third of the time when every trace has one)
+            spans = conn.execute(f"SELECT s.trace_id, s.span_id, s.facts FROM traces t LEFT JOIN derived d ON "
+                                 f"{_EXACT} JOIN spans s ON s.trace_no = t.trace_no{where} "
+                                 "ORDER BY t.trace_id, s.span_id", (derived_key, *args))
+
+            def span_batches() -> Iterator[list[SpanRow]]:
+                while found := spans.fetchmany(batch_size):
+                    yield _rows(self.path, found)
+
+            pending = next(derived, None)
+            for trace in group_traces(span_batches()):
+                trace_id = trace[0].trace_id
+                while pending is not None and pending[0] < trace_id:
+                    yield pending[1]
+                    pending = next(derived, None)
+                yield trace
+            while pending is not None:
+                yield pending[1]
+                pending = next(derived, None)
+        finally:
+            conn.close()
+
+    def underived(self, derived_key: str, after_no: int, limit: int) -> list[tuple[int, str]]:
+        return [(no, tid) for no, tid in self._read(
+            f"SELECT t.trace_no, t.trace_id FROM traces t LEFT JOIN derived d ON {_EXACT} "
+            "WHERE t.trace_no > ? AND d.trace_no IS NULL ORDER BY t.trace_no LIMIT ?", (derived_key, after_no, limit))]
+
+    def rows_to_derive(self, trace_ids: list[str]) -> list[tuple[str, int, list[SpanRow]]]:
+        out: list[tuple[str, int, list[SpanRow]]] = []
+        for chunk in _chunks(sorted({t.lower() for t in trace_ids})):
+            # one statement for a trace's count and its spans: one moment
+            found = self._read(f"SELECT s.trace_id, s.span_id, s.facts, t.span_count FROM traces t "
+                               f"JOIN spans s ON s.trace_no = t.trace_no WHERE t.trace_id IN ({_marks(chunk)}) "
+                               "ORDER BY t.trace_id, s.span_id", tuple(chunk))
+            counts = {row[0]: row[3] for row in found}
+            for trace in group_traces([_rows(self.path, [row[:3] for row in found])]):
+                out.append((trace[0].trace_id, counts[trace[0].trace_id], trace))
+        return out
+
+    def write_derived(self, derived_key: str, items: list[tuple[str, int, bytes]]) -> None:
+        if self._readonly:
+            raise StoreError("this store was opened read-only")
+        if not items:
+            return
+        with self._write_lock:
+            conn = self._conn()
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany("INSERT OR REPLACE INTO derived(trace_no, span_count, key, body) "
+                                 "SELECT trace_no, ?, ?, ? FROM traces WHERE trace_id = ?",
+                                 [(count, derived_key, body, tid) for tid, count, body in items])
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
     def sample_traces(self, since_ns: int, until_ns: int, limit: int | None) -> Sample:
         # left-padded to the digits read, the text orders as the number does

@@ -1,0 +1,134 @@
+"""A trace's calls derived once and stored: an analysis that reads them says exactly what one from the spans says."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from payscope.analyzers import derived
+from payscope.analyzers.loader import load
+from payscope.analyzers.views import analysis_document
+from payscope.collector.importers import ImportReport, read_trace_file
+from payscope.collector.store import open_store
+from tests.helpers import DATA, REALDATA, SCENARIOS, CollectorProcess, payscope, payscope_json
+
+SOURCES = [*sorted(SCENARIOS.glob("*.otlp.jsonl.gz")), REALDATA / "hotrod_redis-timeout_retries.otlp.json",
+           REALDATA / "otel-demo_envoy15s_timeout_masked.otlp.json",
+           REALDATA / "zipkin_smartthings-oauth-authorization.zipkinv2.json",
+           DATA / "stores" / "keys.otlp.json"]  # every derived fact of a span: a captured timeout, keys, a fault
+
+
+def _document(path: Path) -> str:
+    with open_store(str(path), readonly=True) as store:
+        return json.dumps(analysis_document(load(store)), sort_keys=True, default=str)
+
+
+def _kinds(path: Path) -> tuple[int, int]:
+    """How many traces the analysis is given as a derivation, and how many as spans."""
+    with open_store(str(path), readonly=True) as store:
+        items = list(store.iter_traces(derived.KEY))
+    return sum(isinstance(i, bytes) for i in items), sum(not isinstance(i, bytes) for i in items)
+
+
+def _stored(source: Path, path: Path) -> Path:
+    with open_store(str(path)) as store:
+        for batch in read_trace_file(source, ImportReport(str(source))):
+            store.write(batch.spans, batch.logs)
+    return path
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name.split(".")[0])
+def test_an_analysis_of_derived_traces_says_what_one_of_their_spans_says(source: Path, tmp_path: Path) -> None:
+    spans_only = _stored(source, tmp_path / "spans.db")
+    settled = tmp_path / "settled.db"
+    shutil.copy(spans_only, settled)
+    with open_store(str(settled)) as store:
+        count = derived.settle(store)
+    assert count > 0 and _kinds(settled) == (count, 0) and _kinds(spans_only) == (0, count)
+    assert _document(settled) == _document(spans_only)
+
+
+def test_a_late_span_sends_its_trace_back_to_its_spans(tmp_path: Path) -> None:
+    """A span that arrives after its trace was derived: that trace is read from its spans again (the
+    derivation no longer matches its span count), the others still from their derivations, and the
+    analysis is the one of all the spans."""
+    source = SCENARIOS / "marketplace.otlp.jsonl.gz"
+    batches = list(read_trace_file(source, ImportReport(str(source))))
+    spans = [s for b in batches for s in b.spans]
+    late = next(s for s in spans if s.row.kind == "client" and s.row.parent_id)
+    whole = tmp_path / "whole.db"
+    with open_store(str(whole)) as store:
+        store.write(spans)
+    partial = tmp_path / "partial.db"
+    with open_store(str(partial)) as store:
+        store.write([s for s in spans if s is not late])
+        traces = derived.settle(store)
+        store.write([late])
+    assert _kinds(partial) == (traces - 1, 1)
+    assert _document(partial) == _document(whole)
+    with open_store(str(partial)) as store:
+        assert derived.settle(store) == 1  # derived again, with the late span
+    assert _kinds(partial) == (traces, 0) and _document(partial) == _document(whole)
+
+
+def test_a_derivation_made_by_other_code_is_not_read(tmp_path: Path) -> None:
+    path = _stored(SCENARIOS / "calm.otlp.jsonl.gz", tmp_path / "s.db")
+    with open_store(str(path)) as store:
+        derived.settle(store)
+    conn = sqlite3.connect(path)
+    with conn:  # as another payscope version would have left them: a key of its own, a body this one cannot read
+        conn.execute("UPDATE derived SET key = 'other', body = x'00'")
+    conn.close()
+    with open_store(str(path), readonly=True) as store:
+        assert all(not isinstance(i, bytes) for i in store.iter_traces(derived.KEY))
+        assert load(store).calls
+
+
+def test_import_leaves_every_trace_derived(tmp_path: Path) -> None:
+    store = tmp_path / "s.db"
+    payscope("import", "traces", str(SCENARIOS / "subscriptions.otlp.jsonl.gz"), "--store", str(store), check=True)
+    derived_count, from_spans = _kinds(store)
+    assert derived_count > 0 and from_spans == 0
+
+
+def test_the_collector_derives_traces_once_they_settle(tmp_path: Path) -> None:
+    """Real SDK exporters into `payscope collect`: a trace is derived only after no span came for it for
+    --settle-seconds, and the analysis of the store then reads it derived and says what the spans say."""
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.trace import SpanKind
+
+    store_path = tmp_path / "s.db"
+    collector = CollectorProcess(store_path, grpc=False, extra=("--settle-seconds", "1.5"))
+    try:
+        provider = TracerProvider(resource=Resource.create({"service.name": "checkout"}))
+        provider.add_span_processor(SimpleSpanProcessor(OTLPSpanExporter(endpoint=f"{collector.http_url}/v1/traces")))
+        tracer = provider.get_tracer("tests")
+        for n in range(5):
+            with tracer.start_as_current_span("POST /checkout", kind=SpanKind.SERVER,
+                                              attributes={"http.request.method": "POST", "http.route": "/checkout"}):
+                with tracer.start_as_current_span("POST", kind=SpanKind.CLIENT, attributes={
+                        "http.request.method": "POST", "server.address": "payment",
+                        "url.full": f"http://payment/pay/{n}"}):
+                    pass
+        provider.force_flush()
+        assert _kinds(store_path) == (0, 5)  # just written: not settled yet
+        deadline = time.monotonic() + 20
+        while _kinds(store_path) != (5, 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _kinds(store_path) == (5, 0)
+        provider.shutdown()
+    finally:
+        collector.stop()
+    settled = payscope_json("analyze", "--store", str(store_path))
+    with sqlite3.connect(store_path) as conn:
+        conn.execute("DELETE FROM derived")
+    assert _kinds(store_path) == (0, 5)
+    assert payscope_json("analyze", "--store", str(store_path)) == settled
