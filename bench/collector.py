@@ -150,14 +150,14 @@ def prefilled(path: Path, spans: int) -> Path:
 
 
 def run(payloads: list[bytes], clients: int, seconds: float, workers: int,
-        prefill: Path | None = None) -> tuple[float, float, float, int, int]:
+        prefill: Path | None = None, settle: str = "10") -> tuple[float, float, float, int, int]:
     """spans/s acknowledged, p50 and p99 ms, requests acked and told to retry, into a fresh store (or a copy of
     ``prefill``)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.db"
         if prefill is not None:
             shutil.copy(prefill, store)
-        collector = CollectorProcess(store, grpc=False, extra=("--workers", str(workers)))
+        collector = CollectorProcess(store, grpc=False, extra=("--workers", str(workers), "--settle-seconds", settle))
         try:
             # the decoding processes start on the first large request: started before the clock
             conn = http.client.HTTPConnection("127.0.0.1", collector.http_port, timeout=60)
@@ -184,6 +184,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--payloads", type=int, default=400, help="distinct requests (each its own traces)")
     parser.add_argument("--prefill", type=int, default=0, help="spans the store holds before each run")
+    parser.add_argument("--settle", default="10", help="`payscope collect --settle-seconds` values to compare, "
+                        "comma-separated (a large one: no trace is derived during the run)")
     args = parser.parse_args(argv)
     payloads = [make_request(i) for i in range(args.payloads)]
     ceiling = decode_only(payloads[:50], 3.0)
@@ -199,9 +201,10 @@ def main(argv: list[str]) -> None:
     if args.prefill:
         print(f"  each run into a store already holding {args.prefill:,} spans")
     for clients in (int(c) for c in args.clients.split(",")):
-        for workers in (int(w) for w in args.workers.split(",")):
-            rate, p50, p99, acked, rejected = run(payloads, clients, args.seconds, workers, prefill)
+        for workers, settle in ((int(w), t) for w in args.workers.split(",") for t in args.settle.split(",")):
+            rate, p50, p99, acked, rejected = run(payloads, clients, args.seconds, workers, prefill, settle)
             base.setdefault(clients, rate)
-            print(f"  collect --workers {workers}, {clients} senders, acknowledged and durable: {rate:10,.0f} spans/s "
+            print(f"  collect --workers {workers} --settle-seconds {settle}, {clients} senders, acknowledged and "
+                  f"durable: {rate:10,.0f} spans/s "
                   f"({rate / ceiling:.3f} of ceiling, x{rate / base[clients]:.2f} of the first) | ack p50 "
                   f"{p50:.0f} ms, p99 {p99:.0f} ms | {acked} acked, {rejected} told to retry", flush=True)

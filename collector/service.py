@@ -166,4 +166,5 @@ def run_collector(store: Store, http: str | None, grpc: str | None, access: Acce
         pass
     collector.stop()
     print(f"payscope collect: stopped; {collector.writer.committed_spans} spans and "
-          f"{collector.writer.committed_logs} log records stored this run", file=sys.stderr, flush=True)
+          f"{collector.writer.committed_logs} log records stored this run, {collector.writer.derived_traces} traces "
+          "derived for the analysis", file=sys.stderr, flush=True)

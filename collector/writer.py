@@ -34,6 +34,7 @@ SETTLE_S = 10.0  # a trace this long without a new span is derived for the analy
 _SETTLE_STEP = 200  # traces derived between two looks at the queue (about 20 ms for ten-span traces)
 _TICK_S = 0.5  # how often an idle writer looks for settled traces
 _MAX_TOUCHED = 200_000  # traces remembered as written; past it the oldest are left to the backlog scan
+_BUSY_MAX = 0.5  # derive only while committing took less than this share of the writer's last second
 
 
 class Deriver(Protocol):
@@ -60,6 +61,9 @@ class BatchWriter:
         self._backlog_after: int | None = 0  # the trace number the backlog scan has reached; None: done
         self._derive_failed = False
         self.derived_traces = 0
+        self._busy_s = 0.0  # seconds spent committing since _window_start
+        self._window_start = time.monotonic()
+        self._busy_share = 1.0  # of the last whole window (none yet: taken as busy)
         self.max_pending_items = max_pending_items
         self.max_transaction_items = max_transaction_items
         self._queue: queue.Queue[object] = queue.Queue()
@@ -114,7 +118,9 @@ class BatchWriter:
                     break
                 work.append(item)
                 size += item[3]  # type: ignore[index]
+            started = time.monotonic()
             self._commit(work)  # type: ignore[arg-type]
+            self._busy_s += time.monotonic() - started
             with self._lock:
                 self._pending -= size
             if stop_after:
@@ -126,7 +132,13 @@ class BatchWriter:
         """One bounded step of deriving: traces that settled, else the next page of the backlog."""
         if self._deriver is None:
             return
-        settled_before = time.monotonic() - self.settle_s
+        now = time.monotonic()
+        if now - self._window_start >= 1.0:
+            self._busy_share = self._busy_s / (now - self._window_start)
+            self._busy_s, self._window_start = 0.0, now
+        if self._busy_share >= _BUSY_MAX:  # a writer this busy keeps its time for acknowledging
+            return
+        settled_before = now - self.settle_s
         chosen: list[str] = []
         while self._touched and len(chosen) < _SETTLE_STEP:
             trace_id, written = next(iter(self._touched.items()))
