@@ -249,6 +249,7 @@ def import_traces(
             raise PayscopeError(f"{path}: no such file")
         check_gzip(path)
     reports = []
+    imported: set[str] = set()  # the traces that got a new span
     with open_store(store) as opened:
         for path in files:
             if not path.exists():
@@ -263,14 +264,18 @@ def import_traces(
 
                 for batch in read_trace_file(path, report, advance):
                     new_spans, _ = opened.write(batch.spans, batch.logs)
+                    if new_spans:
+                        imported.update(s.row.trace_id for s in batch.spans)
                     report.spans += len(batch.spans)
                     report.logs += len(batch.logs)
                     report.new_spans += new_spans
             reports.append(report)
-        if any(r.new_spans for r in reports):
-            from payscope.analyzers.derived import settle
+        if imported:  # the imported traces are whole: their calls worked out once, for every analysis
+            from payscope.analyzers.derived import derive
 
-            settle(opened)  # the imported traces are whole: their calls worked out once, for every analysis
+            ordered = sorted(imported)
+            for at in range(0, len(ordered), 1_000):
+                derive(opened, ordered[at:at + 1_000])
     if not any(r.spans or r.logs for r in reports) and any(r.rejected for r in reports):
         first = next(p for r in reports for p in r.problems)
         rejected = sum(r.rejected for r in reports)
