@@ -25,7 +25,10 @@ from .codec import decode_body, encode_span
 
 SCHEMA_VERSION = 8
 
-_SCHEMA = """
+_DERIVED_TABLE = ("CREATE TABLE IF NOT EXISTS derived(trace_no INTEGER PRIMARY KEY, span_count INTEGER NOT NULL, "
+                  "key TEXT NOT NULL, body BLOB NOT NULL)")
+
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS resources(id INTEGER PRIMARY KEY, body TEXT NOT NULL UNIQUE);
 -- A trace is numbered when it is first seen (trace_no), and its spans are found by that number: new traces
@@ -53,8 +56,7 @@ CREATE INDEX IF NOT EXISTS traces_failed ON traces(start_ns) WHERE error_count >
 -- What the analysis derived from a trace's spans (its calls and facts, analyzers/derived.py), so that it need
 -- not read them again: exact only while the trace has the span count it was made from, and for the code that
 -- made it (key). Anything else is read from the spans.
-CREATE TABLE IF NOT EXISTS derived(trace_no INTEGER PRIMARY KEY, span_count INTEGER NOT NULL, key TEXT NOT NULL,
-    body BLOB NOT NULL);
+{_DERIVED_TABLE};
 CREATE TABLE IF NOT EXISTS keys(key TEXT NOT NULL, trace_id TEXT NOT NULL,
     PRIMARY KEY(key, trace_id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS logs(
@@ -221,8 +223,7 @@ _MIGRATIONS: dict[int, tuple[str, ...] | Callable[[sqlite3.Connection], None]] =
     4: ("ALTER TABLE spans ADD COLUMN fault TEXT",),
     5: _upgrade_5,
     6: _upgrade_6,
-    7: ("CREATE TABLE IF NOT EXISTS derived(trace_no INTEGER PRIMARY KEY, span_count INTEGER NOT NULL, "
-        "key TEXT NOT NULL, body BLOB NOT NULL)",),
+    7: (_DERIVED_TABLE,),
 }
 
 
@@ -573,7 +574,7 @@ class EmbeddedStore(Store):
     def iter_traces(self, derived_key: str | None = None, since_ns: int | None = None,
                     until_ns: int | None = None, batch_size: int = 10_000) -> Iterator[list[SpanRow] | bytes]:
         if derived_key is None:
-            yield from group_traces(self.iter_rows(batch_size, since_ns, until_ns))
+            yield from super().iter_traces(None, since_ns, until_ns, batch_size)
             return
         # Both reads in one transaction of a connection of their own, so that no trace is in neither (derived
         # between the two) or in both (a late span between the two).
