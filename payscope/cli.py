@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from payscope import __version__
-from payscope.errors import InputError, PayscopeError
+from payscope.errors import InputError, PayscopeError, StoreError
 
 if TYPE_CHECKING:
     from payscope.collector.store import Store
@@ -274,8 +274,12 @@ def import_traces(
             from payscope.analyzers.derived import derive
 
             ordered = sorted(imported)
-            for at in range(0, len(ordered), 1_000):
-                derive(opened, ordered[at:at + 1_000])
+            try:
+                for at in range(0, len(ordered), 1_000):
+                    derive(opened, ordered[at:at + 1_000])
+            except StoreError as exc:  # what was imported is stored: the analysis reads its spans instead
+                err.print(f"payscope import: the spans are stored, but working out their calls failed ({exc}); "
+                          "the analysis reads them from their spans")
     if not any(r.spans or r.logs for r in reports) and any(r.rejected for r in reports):
         first = next(p for r in reports for p in r.problems)
         rejected = sum(r.rejected for r in reports)

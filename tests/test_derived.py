@@ -7,6 +7,7 @@ import shutil
 import sqlite3
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -23,19 +24,19 @@ SOURCES = [*sorted(SCENARIOS.glob("*.otlp.jsonl.gz")), REALDATA / "hotrod_redis-
            DATA / "stores" / "keys.otlp.json"]  # every derived fact of a span: a captured timeout, keys, a fault
 
 
-def _document(path: Path) -> str:
+def _document(path: Path | str) -> str:
     with open_store(str(path), readonly=True) as store:
         return json.dumps(analysis_document(load(store)), sort_keys=True, default=str)
 
 
-def _kinds(path: Path) -> tuple[int, int]:
+def _kinds(path: Path | str) -> tuple[int, int]:
     """How many traces the analysis is given as a derivation, and how many as spans."""
     with open_store(str(path), readonly=True) as store:
         items = list(store.iter_traces(derived.KEY))
     return sum(isinstance(i, bytes) for i in items), sum(not isinstance(i, bytes) for i in items)
 
 
-def _stored(source: Path, path: Path) -> Path:
+def _stored(source: Path, path: Path | str) -> Path | str:
     with open_store(str(path)) as store:
         for batch in read_trace_file(source, ImportReport(str(source))):
             store.write(batch.spans, batch.logs)
@@ -74,6 +75,35 @@ def test_a_late_span_sends_its_trace_back_to_its_spans(tmp_path: Path) -> None:
     with open_store(str(partial)) as store:
         assert derived.settle(store) == 1  # derived again, with the late span
     assert _kinds(partial) == (traces, 0) and _document(partial) == _document(whole)
+
+
+ES_SOURCES = [SCENARIOS / "marketplace.otlp.jsonl.gz", REALDATA / "otel-demo_envoy15s_timeout_masked.otlp.json",
+              DATA / "stores" / "keys.otlp.json"]
+
+
+@pytest.mark.parametrize("source", ES_SOURCES, ids=lambda p: p.name.split(".")[0])
+def test_on_elasticsearch_an_analysis_of_derived_traces_says_what_one_of_their_spans_says(source: Path,
+                                                                                        es_url: str) -> None:
+    _stored(source, es_url)
+    from_spans = _document(es_url)
+    with open_store(es_url) as store:
+        count = derived.derive(store, [t.trace_id for t in store.traces(limit=None)])
+    assert count > 0 and _kinds(es_url) == (count, 0)
+    assert _document(es_url) == from_spans
+
+
+def test_on_elasticsearch_a_late_span_sends_its_trace_back_to_its_spans(es_url: str, elasticsearch_node: Any) -> None:
+    source = SCENARIOS / "marketplace.otlp.jsonl.gz"
+    spans = [s for b in read_trace_file(source, ImportReport(str(source))) for s in b.spans]
+    late = next(s for s in spans if s.row.kind == "client" and s.row.parent_id)
+    with open_store(es_url) as store:
+        store.write([s for s in spans if s is not late])
+        traces = derived.derive(store, [t.trace_id for t in store.traces(limit=None)])
+        store.write([late])
+    assert _kinds(es_url) == (traces - 1, 1)
+    mixed = _document(es_url)
+    elasticsearch_node.request("DELETE", "/_data_stream/payscope-derived")
+    assert _kinds(es_url) == (0, traces) and _document(es_url) == mixed
 
 
 def test_a_derivation_made_by_other_code_is_not_read(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +96,25 @@ async def test_the_tui_lists_and_opens_the_same_failures(both_stores: tuple[str,
     assert rows[es] and [str(r) for r in rows[es]] == [str(r) for r in rows[embedded]]
 
 
-def test_two_collectors_with_sdk_exporters_store_each_span_once(es_url: str) -> None:
+def _derived(url: str) -> tuple[int, int]:
+    """How many traces the analysis is given as a derivation, and how many as spans."""
+    from payscope.analyzers.derived import KEY
+
+    with open_store(url, readonly=True) as store:
+        items = list(store.iter_traces(KEY))
+    return sum(isinstance(i, bytes) for i in items), sum(not isinstance(i, bytes) for i in items)
+
+
+def test_two_collectors_with_sdk_exporters_store_each_span_once(es_url: str, elasticsearch_node: Any) -> None:
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.trace import SpanKind, Status, StatusCode
 
-    collectors = [CollectorProcess(es_url, grpc=False) for _ in range(2)]
+    # each collector derives the traces it wrote to once they settle: after 3 s, longer than a refresh, so that
+    # the later of the two sees the other's spans
+    collectors = [CollectorProcess(es_url, grpc=False, extra=("--settle-seconds", "3")) for _ in range(2)]
     try:
         assert all("es://" in c.banner for c in collectors)
         providers = []
@@ -127,9 +139,16 @@ def test_two_collectors_with_sdk_exporters_store_each_span_once(es_url: str) -> 
             trace_ids.append(format(root.get_span_context().trace_id, "032x"))
         for provider in providers:
             provider.shutdown()  # flushes: every export was acknowledged by its collector
+        deadline = time.monotonic() + 30
+        while _derived(es_url) != (120, 0) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert _derived(es_url) == (120, 0)
     finally:
         for collector in collectors:
             collector.stop()
+    settled = _json("analyze", "--store", es_url)
+    elasticsearch_node.request("DELETE", "/_data_stream/payscope-derived")
+    assert _derived(es_url) == (0, 120) and _json("analyze", "--store", es_url) == settled
     with open_store(es_url, readonly=True) as store:
         assert store.counts()["spans"] == 360
         assert store.counts()["traces"] == 120

@@ -233,6 +233,34 @@ def test_the_rows_of_a_window_are_those_of_the_traces_that_started_in_it(backend
     assert read(0, 1) == {}
 
 
+def test_a_derivation_is_given_back_only_while_its_trace_has_the_spans_it_was_made_from(
+        backend: Callable[[], Store]) -> None:
+    store = backend()
+    assert store.keeps_derivations
+    early = "0" * 31 + "1"  # starts before the window
+    store.write(sample_trace(T2, False, 1500) + sample_trace(T1, True, 1200) + sample_trace(early, False, 900))
+    found = store.rows_to_derive([T2, T1, "d" * 32])
+    assert sorted((t, n) for t, n, _ in found) == [(T1, 3), (T2, 3)]
+    assert all([r.trace_id for r in rows] == [t] * 3 for t, _, rows in found)
+    for t, _, rows in found:  # the spans given are the spans an analysis reads of that trace
+        assert [r.span_id for r in rows] == [r.span_id for r in next(
+            i for i in store.iter_traces() if not isinstance(i, bytes) and i[0].trace_id == t)]
+    store.write_derived("k", [(T1, 3, b"one"), (T2, 2, b"made from two spans"), (early, 3, b"early")])
+    store.write_derived("k", [(T1, 3, b"one")])  # the same derivation twice: kept once
+
+    def read(key: str | None, since: int | None = None, until: int | None = None) -> list[object]:
+        return [i if isinstance(i, bytes) else (i[0].trace_id, len(i))
+                for i in store.iter_traces(key, since, until, batch_size=2)]
+
+    assert read("k") == [b"early", b"one", (T2, 3)]  # by trace id; T2's derivation counted other spans
+    assert read("other key") == read(None) == [(early, 3), (T1, 3), (T2, 3)]
+    assert read("k", 1000 * 1_000_000, 2000 * 1_000_000) == [b"one", (T2, 3)]
+    store.write([span(T1, "1000000000000004", "1000000000000001", "gateway", "client", 1250, 1260)])
+    assert read("k") == [b"early", (T1, 4), (T2, 3)]  # a late span: read from the spans again
+    store.write_derived("k", [(T1, 4, b"with the late span")])
+    assert read("k") == [b"early", b"with the late span", (T2, 3)]
+
+
 def test_meta_round_trip(backend: Callable[[], Store]) -> None:
     store = backend()
     store.set_meta("declared_timeouts", "[]")

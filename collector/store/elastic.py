@@ -24,12 +24,14 @@ facts payscope derives on write are then derived on read, from the same attribut
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
 import re
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +42,7 @@ from payscope import semconv
 from payscope.errors import StoreError
 from payscope.model import STATUS_ERROR, STATUS_OK, STATUS_UNSET, EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 
-from .api import SAMPLE_DIGITS, LogQuery, Sample, Store, UnsupportedError
+from .api import SAMPLE_DIGITS, LogQuery, Sample, Store, UnsupportedError, group_traces
 from .codec import decode_body
 from .spool import Spool
 
@@ -48,6 +50,7 @@ TRACES = "traces-payscope.otel-default"
 LOGS = "logs-payscope.otel-default"
 META = "payscope-meta"
 KEYS = "payscope-keys"
+DERIVED = "payscope-derived"  # each settled trace's calls, derived once (analyzers/derived.py)
 POLICY = "payscope-retention"
 _HEALTH_WAIT_S = 10  # how long a red index of ours may take to become yellow before it is refused
 _BULK_DOCS = 5_000
@@ -79,6 +82,14 @@ _SPAN_MAPPING: dict[str, Any] = {
             "timeout_source": {"type": "keyword"}, "retry_max": {"type": "integer"}, "amount": {"type": "double"},
             "keys": {"type": "keyword"}, "caller_budget_ms": {"type": "double"}, "fault": {"type": "keyword"},
         }},
+    },
+}
+_DERIVED_MAPPING: dict[str, Any] = {
+    "dynamic": False,
+    "properties": {
+        "@timestamp": {"type": "date_nanos"},  # when it was derived: the retention counts from it
+        "trace_id": {"type": "keyword"}, "key": {"type": "keyword"}, "span_count": {"type": "integer"},
+        "body": {"type": "binary"},  # kept in _source only, never indexed
     },
 }
 _LOG_MAPPING: dict[str, Any] = {
@@ -210,6 +221,7 @@ class ElasticStore(Store):
         self.logs_index = logs_index or query.get("logs") or env.get("PAYSCOPE_ES_LOGS_INDEX") or LOGS
         self.foreign = self.traces_index != TRACES  # written by another pipeline: derive facts on read
         self.foreign_logs = self.logs_index != LOGS
+        self.keeps_derivations = not self.foreign  # never written into another pipeline's cluster layout
         self._retention = query.get("retention") or env.get("PAYSCOPE_ES_RETENTION") or "7d"
         self._call(self._check, "connect to")
         if not readonly and not self.foreign:
@@ -252,7 +264,8 @@ class ElasticStore(Store):
         # Only the indices payscope reads or writes are judged, and a moment is given for a replica to be
         # promoted after a node is lost: a cluster red for a stranger's index, or for a second, still serves us.
         # A name gets a trailing '*' so that one not yet made matches nothing (green) instead of waiting red.
-        ours = {name if "*" in name else name + "*" for name in (self.traces_index, self.logs_index, META, KEYS)}
+        ours = {name if "*" in name else name + "*" for name in (self.traces_index, self.logs_index, META, KEYS,
+                                                                    DERIVED)}
         health = self._es.options(ignore_status=408).cluster.health(
             index=",".join(sorted(ours)), wait_for_status="yellow", timeout=f"{_HEALTH_WAIT_S}s")
         if health["status"] == "red":
@@ -265,7 +278,8 @@ class ElasticStore(Store):
             "delete": {"min_age": self._retention, "actions": {"delete": {}}}}})
         settings = {"index.lifecycle.name": POLICY, "index.refresh_interval": "1s"}
         for name, pattern, mapping in (("payscope-traces", "traces-payscope.otel-*", _SPAN_MAPPING),
-                                       ("payscope-logs", "logs-payscope.otel-*", _LOG_MAPPING)):
+                                       ("payscope-logs", "logs-payscope.otel-*", _LOG_MAPPING),
+                                       ("payscope-derived", f"{DERIVED}*", _DERIVED_MAPPING)):
             self._es.indices.put_index_template(name=name, index_patterns=[pattern], data_stream={}, priority=500,
                                                 template={"settings": settings, "mappings": mapping})
         for index, props in ((META, {"value": {"type": "keyword", "index": False, "doc_values": False}}),
@@ -273,7 +287,7 @@ class ElasticStore(Store):
             if not self._es.indices.exists(index=index):
                 self._es.options(ignore_status=400).indices.create(
                     index=index, mappings={"dynamic": False, "properties": props})
-        for stream in (TRACES, LOGS):
+        for stream in (TRACES, LOGS, DERIVED):
             if not self._es.indices.exists(index=stream):
                 self._es.options(ignore_status=400).indices.create_data_stream(name=stream)
         existing = self._es.indices.get_mapping(index=TRACES)
@@ -288,7 +302,7 @@ class ElasticStore(Store):
         a write within the refresh interval (1 s)."""
         if self._dirty:
             self._dirty = False
-            self._call(self._es.indices.refresh, "refresh", index=f"{TRACES},{LOGS},{META},{KEYS}",
+            self._call(self._es.indices.refresh, "refresh", index=f"{TRACES},{LOGS},{META},{KEYS},{DERIVED}",
                        ignore_unavailable=True, allow_no_indices=True)
 
     def close(self) -> None:
@@ -451,18 +465,20 @@ class ElasticStore(Store):
         return [*base, "payscope"]
 
     def _span_hits(self, query: dict[str, Any], sort: list[Any] | None = None,
-                   source: list[str] | None = None) -> Iterator[dict[str, Any]]:
-        """Every span document matching ``query``, paged with a point in time and search_after."""
+                   source: list[str] | None = None, index: str | None = None) -> Iterator[dict[str, Any]]:
+        """Every span document (or of ``index``, every document) matching ``query``, paged with a point in time
+        and search_after."""
         self._refreshed()
-        pit = self._call(self._es.open_point_in_time, "read", index=self.traces_index, keep_alive="1m",
+        runtime = self._runtime() if index is None else {}
+        pit = self._call(self._es.open_point_in_time, "read", index=index or self.traces_index, keep_alive="1m",
                          ignore_unavailable=True)["id"]
         after: list[Any] | None = None
         try:
             while True:
                 body: dict[str, Any] = {"query": query, "size": _PAGE, "pit": {"id": pit, "keep_alive": "1m"},
                                         "sort": (sort or []) + [{"_shard_doc": "asc"}], "track_total_hits": False}
-                if self._runtime():
-                    body["runtime_mappings"] = self._runtime()
+                if runtime:
+                    body["runtime_mappings"] = runtime
                 if source is not None:
                     body["_source"] = source
                 if after is not None:
@@ -563,24 +579,31 @@ class ElasticStore(Store):
         return [b["key"] for b in result.get("aggregations", {}).get("t", {}).get("buckets", [])]
 
     def _all_trace_starts(self, query: dict[str, Any]) -> dict[str, float]:
-        """Every trace id matching ``query`` with its earliest matching start, paged by ``composite``."""
-        out: dict[str, float] = {}
+        """Every trace id matching ``query`` with its earliest matching start."""
+        return {b["key"]["t"]: b["start"]["value"] or 0.0 for page in self._trace_buckets(query, starts=True)
+                for b in page}
+
+    def _trace_buckets(self, query: dict[str, Any], *, starts: bool) -> Iterator[list[dict[str, Any]]]:
+        """One bucket per trace id with a span matching ``query`` (its ``doc_count`` the spans that match, with
+        ``starts`` their earliest start too), by trace id, in pages of a ``composite`` aggregation."""
         after: dict[str, Any] | None = None
         while True:
             composite: dict[str, Any] = {"size": _MAX_TERMS, "sources": [{"t": {"terms": {"field": "trace_id"}}}]}
             if after is not None:
                 composite["after"] = after
-            body: dict[str, Any] = {"query": query, "size": 0, "aggs": {"t": {
-                "composite": composite, "aggs": {"start": {"min": {"field": "payscope.start_ns"}}}}}}
+            agg: dict[str, Any] = {"composite": composite}
+            if starts:
+                agg["aggs"] = {"start": {"min": {"field": "payscope.start_ns"}}}
+            body: dict[str, Any] = {"query": query, "size": 0, "aggs": {"t": agg}}
             if self._runtime():
                 body["runtime_mappings"] = self._runtime()
-            agg = self._search(self.traces_index, **body).get("aggregations", {}).get("t", {})
-            buckets = agg.get("buckets", [])
-            for b in buckets:
-                out[b["key"]["t"]] = b["start"]["value"] or 0.0
-            after = agg.get("after_key")
+            found = self._search(self.traces_index, **body).get("aggregations", {}).get("t", {})
+            buckets = found.get("buckets", [])
+            if buckets:
+                yield buckets
+            after = found.get("after_key")
             if not buckets or after is None:
-                return out
+                return
 
     def _summaries(self, base: dict[str, Any] | None, since_ns: int | None, until_ns: int | None,
                    limit: int | None, offset: int) -> list[TraceSummary]:
@@ -597,9 +620,9 @@ class ElasticStore(Store):
         summaries.sort(key=lambda s: s.start_ns, reverse=True)
         return summaries
 
-    def _starts_of(self, trace_ids: list[str]) -> dict[str, int]:
-        """Each trace's first start, over all its spans."""
-        out: dict[str, int] = {}
+    def _firsts(self, trace_ids: list[str]) -> dict[str, tuple[int, int]]:
+        """Each trace's first start over all its spans, and how many spans it has."""
+        out: dict[str, tuple[int, int]] = {}
         for i in range(0, len(trace_ids), 1000):
             chunk = trace_ids[i:i + 1000]
             body: dict[str, Any] = {"query": {"terms": {"trace_id": chunk}}, "size": 0, "aggs": {"t": {
@@ -608,15 +631,22 @@ class ElasticStore(Store):
             if self._runtime():
                 body["runtime_mappings"] = self._runtime()
             for b in self._search(self.traces_index, **body).get("aggregations", {}).get("t", {}).get("buckets", []):
-                out[b["key"]] = int(b["start"]["value"] or 0)
+                out[b["key"]] = (int(b["start"]["value"] or 0), b["doc_count"])
         return out
 
+    def _starts_of(self, trace_ids: list[str]) -> dict[str, int]:
+        """Each trace's first start, over all its spans."""
+        return {t: start for t, (start, _) in self._firsts(trace_ids).items()}
+
+    def _counted_in(self, since_ns: int | None, until_ns: int | None) -> list[tuple[str, int]]:
+        """The traces whose first span starts in [since, until), with their span counts, by trace id: those with
+        a span that starts in it, less those that started before it (a trace is in a window by its first start)."""
+        firsts = self._firsts(sorted(self._all_trace_starts(_started(since_ns, until_ns))))
+        return sorted((t, count) for t, (start, count) in firsts.items()
+                      if (since_ns is None or start >= since_ns) and (until_ns is None or start < until_ns))
+
     def _starting_in(self, since_ns: int | None, until_ns: int | None) -> list[str]:
-        """The traces whose first span starts in [since, until): those with a span that starts in it, less those
-        that started before it (a trace is in a window by its first start)."""
-        starts = self._starts_of(sorted(self._all_trace_starts(_started(since_ns, until_ns))))
-        return [t for t, start in starts.items()
-                if (since_ns is None or start >= since_ns) and (until_ns is None or start < until_ns)]
+        return [t for t, _ in self._counted_in(since_ns, until_ns)]
 
     def sample_traces(self, since_ns: int, until_ns: int, limit: int | None) -> Sample:
         """Chosen in Elasticsearch: a ``terms`` aggregation over the spans that start in the window, ordered by
@@ -676,7 +706,7 @@ class ElasticStore(Store):
             yield from self.rows_of(self._starting_in(since_ns, until_ns), batch_size)
             return
         batch: list[SpanRow] = []
-        sort = [{"trace_id": "asc"}, {"payscope.start_ns": "asc"}]
+        sort = [{"trace_id": "asc"}, {"payscope.start_ns": "asc"}, {"span_id": "asc"}]  # as rows_of orders them
         for hit in self._span_hits({"match_all": {}}, sort, self._row_source()):
             batch.append(self._span_and_row(hit["_source"])[1])
             if len(batch) >= batch_size:
@@ -684,6 +714,64 @@ class ElasticStore(Store):
                 batch = []
         if batch:
             yield batch
+
+    def iter_traces(self, derived_key: str | None = None, since_ns: int | None = None,
+                    until_ns: int | None = None, batch_size: int = 10_000) -> Iterator[list[SpanRow] | bytes]:
+        """Each trace's span count from an aggregation, in pages of traces by trace id; then, per page, the
+        derivations under ``derived_key`` made from that many spans, and the spans of the traces that have
+        none. A trace written meanwhile is read as it was counted or from its spans, never from a derivation
+        of fewer spans."""
+        if (derived_key is None or not self.keeps_derivations
+                or not self._call(self._es.indices.exists, "read", index=DERIVED)):
+            return super().iter_traces(derived_key, since_ns, until_ns, batch_size)
+        return self._derived_or_spans(derived_key, since_ns, until_ns, batch_size)
+
+    def _derived_or_spans(self, derived_key: str, since_ns: int | None, until_ns: int | None,
+                          batch_size: int) -> Iterator[list[SpanRow] | bytes]:
+        if since_ns is not None or until_ns is not None:
+            counted = self._counted_in(since_ns, until_ns)
+            pages: Iterable[list[tuple[str, int]]] = (counted[i:i + _MAX_TERMS]
+                                                       for i in range(0, len(counted), _MAX_TERMS))
+        else:
+            pages = ([(b["key"]["t"], b["doc_count"]) for b in page]
+                     for page in self._trace_buckets({"match_all": {}}, starts=False))
+        for page in pages:
+            exact = self._derivations(derived_key, dict(page))
+            unread = [t for t, _ in page if t not in exact]
+            spans = {rows[0].trace_id: rows for rows in group_traces(self.rows_of(unread, batch_size))}
+            for trace_id, _ in page:
+                item = exact.get(trace_id) or spans.get(trace_id)
+                if item:
+                    yield item
+
+    def _derivations(self, derived_key: str, counts: dict[str, int]) -> dict[str, bytes]:
+        """The bodies of those traces' derivations under ``derived_key`` that were made from as many spans as
+        ``counts`` says each has now."""
+        out: dict[str, bytes] = {}
+        query = {"bool": {"filter": [{"term": {"key": derived_key}}, {"terms": {"trace_id": list(counts)}}]}}
+        for hit in self._span_hits(query, source=["trace_id", "span_count", "body"], index=DERIVED):
+            doc = hit["_source"]
+            if counts.get(doc.get("trace_id")) == doc.get("span_count"):
+                out[doc["trace_id"]] = base64.b64decode(doc["body"])
+        return out
+
+    def rows_to_derive(self, trace_ids: list[str]) -> list[tuple[str, int, list[SpanRow]]]:
+        if not self.keeps_derivations:
+            return []
+        return [(rows[0].trace_id, len(rows), rows) for rows in group_traces(self.rows_of(trace_ids))]
+
+    def write_derived(self, derived_key: str, items: list[tuple[str, int, bytes]]) -> None:
+        """Derivations are created, never overwritten, with an id of trace, span count and key: the same one
+        made by two collectors is stored once; one made after a late span is another document."""
+        if not items or not self.keeps_derivations or self._readonly:
+            return
+        now = iso_ns(time.time_ns())
+        actions: list[dict[str, Any]] = []
+        for trace_id, span_count, body in items:
+            actions += [{"create": {"_index": DERIVED, "_id": f"{trace_id}-{span_count}-{derived_key}"}},
+                        {"@timestamp": now, "trace_id": trace_id, "key": derived_key, "span_count": span_count,
+                         "body": base64.b64encode(body).decode("ascii")}]
+        self._bulk(actions)
 
     def _server_query(self) -> dict[str, Any]:
         kinds = [v for k in ("server", "consumer") for v in (_KINDS[k], k, f"SPAN_KIND_{k.upper()}")]
