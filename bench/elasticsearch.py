@@ -61,6 +61,18 @@ def read_cost(node: elastic.Node, command: list[str]) -> tuple[float, int]:
         return time.perf_counter() - start, relay.answered_bytes
 
 
+def derive_all(store: str) -> tuple[float, int]:
+    """Seconds to derive every stored trace's calls (what collectors do as traces settle), and how many."""
+    from payscope.analyzers.derived import derive
+    from payscope.collector.store import open_store
+
+    start = time.perf_counter()
+    with open_store(store) as opened:
+        ids = sorted(t.trace_id for t in opened.traces(limit=None))
+        done = sum(derive(opened, ids[i:i + 1000]) for i in range(0, len(ids), 1000))
+    return time.perf_counter() - start, done
+
+
 def halves(store: str) -> list[str]:
     """`compare`'s windows: the second half of the stored traces against the first."""
     from payscope.collector.store import open_store
@@ -94,6 +106,7 @@ def main(argv: list[str]) -> None:
         with open_store(embedded, readonly=True) as opened:
             base_count = opened.counts()["spans"]
         base_analyze = analyze_seconds(embedded)
+        node.request("DELETE", "/_data_stream/payscope-derived")  # what the collectors derived meanwhile
         es_analyze = analyze_seconds(es)
         compare = halves(es)
         middle = compare[-1].split("..")[0]  # where the incident window starts
@@ -103,6 +116,10 @@ def main(argv: list[str]) -> None:
             ("compare, --sample 1000", [*compare, "--sample", "1000"]),
             ("compare, --sample 100", [*compare, "--sample", "100"]),
             ("analyze --since the middle", ["analyze", "--since", format_ns(int(float(middle) * 1e9))]))]
+        derive_seconds, derived = derive_all(es)
+        reads.append(("analyze, every trace derived", *read_cost(node, ["analyze"])))
+        reads.append(("analyze --since, derived", *read_cost(node, ["analyze", "--since",
+                                                                    format_ns(int(float(middle) * 1e9))])))
     print(f"ingest, {args.clients} clients x {args.seconds:.0f}s, {SPANS_PER_REQUEST} spans/request, "
           "OTLP/HTTP protobuf, acknowledged and durable; Elasticsearch 8.12.2, one node, 1 GiB heap, this machine")
     print(f"  embedded store, one collector (baseline):   {base:10,.0f} spans/s")
@@ -111,6 +128,7 @@ def main(argv: list[str]) -> None:
     print(f"  payscope analyze: embedded {base_analyze:.1f} s on {base_count:,} spans "
           f"({base_count / base_analyze:,.0f} spans/s); Elasticsearch {es_analyze:.1f} s on {count:,} spans "
           f"({count / es_analyze:,.0f} spans/s, {count / es_analyze / (base_count / base_analyze):.2f} x)")
+    print(f"  deriving every trace's calls afterwards: {derive_seconds:.1f} s for {derived:,} traces")
     print(f"read from Elasticsearch ({count:,} spans), bytes it sent back; the first line is the baseline:")
     for label, seconds, sent in reads:
         print(f"  {label:28} {seconds:6.1f}s {sent / 2**20:8.1f} MiB  ({sent / reads[0][2]:.3f} x)")
