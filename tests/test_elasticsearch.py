@@ -72,6 +72,22 @@ def test_show_a_failed_transaction_as_on_the_embedded_store(both_stores: tuple[s
             _json("show", f["trace_id"], "--store", embedded)
 
 
+def test_a_reader_gets_its_answers_compressed(both_stores: tuple[str, str]) -> None:
+    """Read-only commands ask Elasticsearch for gzip: the same answer in a fraction of the bytes (counted by a
+    relay in front of the node)."""
+    from payscope.demo.netdelay import DelayingRelay
+
+    _, es = both_stores
+    sent = {}
+    for setting in ("", "?compress=off"):
+        port = free_port()
+        with DelayingRelay(port, int(es.rsplit(":", 1)[1]), lambda: 0.0) as relay:
+            answer = _json("failures", "--limit", "0", "--store", f"es://127.0.0.1:{port}{setting}")
+            sent[setting] = (relay.answered_bytes, answer)
+    assert sent[""][1] == sent["?compress=off"][1] and sent[""][1]["failures"]
+    assert sent[""][0] < 0.5 * sent["?compress=off"][0]
+
+
 @pytest.mark.anyio
 async def test_the_tui_lists_and_opens_the_same_failures(both_stores: tuple[str, str]) -> None:
     from payscope.tui.app import TransactionScreen, build
@@ -236,6 +252,7 @@ def test_another_pipelines_otel_traces_and_ecs_logs_are_read_and_analysed(es_url
     ("es://", "no host"),
     ("es://127.0.0.1:{free}", "connection refused"),  # a port nothing listens on, taken when the test runs
     ("es://no-such-host.invalid:9200", "cannot reach Elasticsearch"),
+    ("es://127.0.0.1:9200?compress=maybe", "compress must be on or off"),
 ])
 def test_a_store_that_cannot_be_used_is_one_line_and_exit_2(store: str, said: str) -> None:
     done = payscope("failures", "--store", store.replace("{free}", str(free_port())))

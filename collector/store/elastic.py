@@ -57,6 +57,7 @@ _BULK_DOCS = 5_000
 _PAGE = 5_000
 _MAX_TERMS = 10_000
 _MAX_BUCKETS = 60_000  # below the cluster's default search.max_buckets (65,536)
+_SWITCH = {"on": True, "true": True, "1": True, "yes": True, "off": False, "false": False, "0": False, "no": False}
 _KINDS = {"server": "Server", "client": "Client", "producer": "Producer", "consumer": "Consumer",
           "internal": "Internal", "unspecified": "Unspecified"}
 _STATUS = {STATUS_UNSET: "Unset", STATUS_OK: "Ok", STATUS_ERROR: "Error"}
@@ -212,9 +213,15 @@ class ElasticStore(Store):
             if not os.path.isfile(ca):
                 raise StoreError(f"the Elasticsearch CA file {ca} does not exist")
             auth["ca_certs"] = ca
+        # gzip on the wire: a reader's answers shrink to about a third (docs/elasticsearch.md); a writer's bulk
+        # requests are left plain unless asked, so that the cluster's cores go to indexing
+        setting = query.get("compress") or env.get("PAYSCOPE_ES_COMPRESS")
+        if setting is not None and setting.lower() not in _SWITCH:
+            raise StoreError(f"--store {_safe(url)}: compress must be on or off, not {setting!r}")
+        compress = readonly if setting is None else _SWITCH[setting.lower()]
         # every node named is tried in turn: a cluster keeps answering while one of them is down
         self._es = Elasticsearch([f"{scheme}://{h}" for h in hosts], request_timeout=30, retry_on_timeout=True,
-                                 max_retries=max(3, len(hosts)), **auth)
+                                 max_retries=max(3, len(hosts)), http_compress=compress, **auth)
         self._readonly = readonly
         self._dirty = False
         self.traces_index = traces_index or query.get("traces") or env.get("PAYSCOPE_ES_TRACES_INDEX") or TRACES
