@@ -73,6 +73,56 @@ def derive_all(store: str) -> tuple[float, int]:
     return time.perf_counter() - start, done
 
 
+def copy_store(source: str, es: str) -> tuple[float, int]:
+    """Write every span of the store ``source`` into ``es`` (what a collector would have stored), in batches; the
+    seconds it took and the spans written."""
+    from payscope.collector.store import open_store
+
+    start = time.perf_counter()
+    written = 0
+    with open_store(source, readonly=True) as src, open_store(es) as dst:
+        batch: list[object] = []
+        for summary in src.traces(limit=None):
+            batch += src.trace(summary.trace_id)
+            if len(batch) >= 5000:
+                written += dst.write(batch)[0]  # type: ignore[arg-type]
+                batch = []
+        written += dst.write(batch)[0]  # type: ignore[arg-type]
+    return time.perf_counter() - start, written
+
+
+def large(source: str) -> None:
+    """`analyze` on a large store copied into Elasticsearch: from its spans, then with every trace derived. Wall
+    time, peak memory of the command, and the bytes Elasticsearch sent (gzipped, as a reader asks for them)."""
+    from bench.analyzer import RUN_CLI, measure
+
+    base_wall, base_peak = measure(["analyze", "--store", source, "--format", "json"])
+    with elastic.running(name="payscope-bench", heap="1g") as node:
+        es = node.url.replace("http://", "es://")
+        copy_seconds, spans = copy_store(source, es)
+        print(f"copied {spans:,} spans from {source} in {copy_seconds:.0f} s ({spans / copy_seconds:,.0f} spans/s)")
+        node.request("DELETE", "/_data_stream/payscope-derived")
+        rows = []
+        for label in ("from the spans", "every trace derived"):
+            if label != "from the spans":
+                seconds, traces = derive_all(es)
+                print(f"derived {traces:,} traces in {seconds:.0f} s ({seconds / traces * 1e3:.2f} ms a trace)")
+            port = free_port()
+            with DelayingRelay(port, int(node.url.rsplit(":", 1)[1]), lambda: 0.0) as relay:
+                start = time.perf_counter()
+                done = subprocess.run([sys.executable, "-c", RUN_CLI, "analyze", "--store", f"es://127.0.0.1:{port}",
+                                       "--format", "json"], check=True, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True)
+                wall = time.perf_counter() - start
+                peak = int(done.stderr.strip().splitlines()[-1]) / 1024
+                rows.append((label, wall, peak, relay.answered_bytes))
+    print(f"payscope analyze on {spans:,} spans in Elasticsearch (one node, 1 GiB heap, this machine); the baseline "
+          f"is the embedded store it was copied from, read from its spans: {base_wall:.1f} s, peak {base_peak:.0f} MiB")
+    for label, wall, peak, sent in rows:
+        print(f"  {label:22} {wall:7.1f} s ({wall / base_wall:.2f} x baseline)  peak {peak:6.0f} MiB  "
+              f"{sent / 2**20:8.1f} MiB sent ({sent / spans:.0f} bytes a span; {sent / rows[0][3]:.3f} x)")
+
+
 def halves(store: str) -> list[str]:
     """`compare`'s windows: the second half of the stored traces against the first."""
     from payscope.collector.store import open_store
@@ -89,7 +139,12 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--payloads", type=int, default=400)
+    parser.add_argument("--large", metavar="STORE", help="instead: copy this embedded store into Elasticsearch and "
+                        "measure `analyze` on it, from the spans and derived (bench/out/analyzer-1000000-v8.db)")
     args = parser.parse_args(argv)
+    if args.large:
+        large(args.large)
+        return
     payloads = [make_request(i) for i in range(args.payloads)]
     with tempfile.TemporaryDirectory() as tmp, elastic.running(name="payscope-bench", heap="1g") as node:
         embedded = str(Path(tmp) / "bench.db")
