@@ -22,6 +22,7 @@ from pathlib import Path
 
 from payscope import model
 from payscope.collector.store import Store
+from payscope.collector.store.api import Cursor
 
 from . import calls as calls_module
 from .calls import Call, Captured, TraceFacts, trace_calls
@@ -95,13 +96,14 @@ def derive(store: Store, trace_ids: list[str]) -> int:
 
 def settle(store: Store, batch: int = 1_000) -> int:
     """Derive every trace of ``store`` that has no exact derivation (after an import); the number derived."""
-    done, after = 0, 0
+    done = 0
+    after: Cursor = None
     while True:
-        page = store.underived(KEY, after, batch)
-        if not page:
+        found, after = store.underived(KEY, after, batch)
+        if found:
+            done += derive(store, found)
+        if after is None:
             return done
-        done += derive(store, [trace_id for _, trace_id in page])
-        after = page[-1][0]
 
 
 class Deriver:
@@ -114,5 +116,5 @@ class Deriver:
     def derive(self, trace_ids: list[str]) -> int:
         return derive(self.store, trace_ids)
 
-    def backlog(self, after_no: int, limit: int) -> list[tuple[int, str]]:
-        return self.store.underived(KEY, after_no, limit)
+    def backlog(self, after: Cursor, limit: int) -> tuple[list[str], Cursor]:
+        return self.store.underived(KEY, after, limit)

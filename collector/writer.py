@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from payscope.model import EncodedSpan, LogRecord, Span
 
 from .store import Store
+from .store.api import Cursor
 
 
 class OverloadedError(Exception):
@@ -42,7 +43,7 @@ class Deriver(Protocol):
 
     def derive(self, trace_ids: list[str]) -> object: ...
 
-    def backlog(self, after_no: int, limit: int) -> list[tuple[int, str]]: ...
+    def backlog(self, after: Cursor, limit: int) -> tuple[list[str], Cursor]: ...
 
 
 class BatchWriter:
@@ -58,7 +59,8 @@ class BatchWriter:
         self._deriver = deriver if store.keeps_derivations else None
         self.settle_s = settle_s
         self._touched: OrderedDict[str, float] = OrderedDict()  # trace id -> when a span of it was last written
-        self._backlog_after: int | None = 0  # the trace number the backlog scan has reached; None: done
+        self._backlog_after: Cursor = None  # where the backlog scan goes on from (None: the start)
+        self._backlog_done = False
         self._derive_failed = False
         self.derived_traces = 0
         self._busy_s = 0.0  # seconds spent committing since _window_start
@@ -147,10 +149,10 @@ class BatchWriter:
             del self._touched[trace_id]
             chosen.append(trace_id)
         try:
-            if not chosen and self._backlog_after is not None:
-                page = self._deriver.backlog(self._backlog_after, _SETTLE_STEP)
-                self._backlog_after = page[-1][0] if page else None
-                chosen = [trace_id for _, trace_id in page if trace_id not in self._touched]
+            if not chosen and not self._backlog_done:
+                found, self._backlog_after = self._deriver.backlog(self._backlog_after, _SETTLE_STEP)
+                self._backlog_done = self._backlog_after is None
+                chosen = [trace_id for trace_id in found if trace_id not in self._touched]
             if chosen:
                 self._deriver.derive(chosen)
                 self.derived_traces += len(chosen)
@@ -170,7 +172,7 @@ class BatchWriter:
         if len(touched) > _MAX_TOUCHED:
             while len(touched) > _MAX_TOUCHED:
                 touched.popitem(last=False)
-            self._backlog_after = 0  # the forgotten ones are found again by the backlog scan
+            self._backlog_after, self._backlog_done = None, False  # the forgotten ones: found again by the scan
 
     def _commit(self, work: list[tuple[Any, Any, Future[None], int]]) -> None:
         """One transaction for many requests. If it fails, each request is committed alone, so that one

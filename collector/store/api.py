@@ -41,6 +41,8 @@ class LogQuery:
     limit: int | None = 100
 
 
+Cursor = int | str | None  # where a scan of the store goes on from (a backend's own value); None: the start
+
 # A trace id's last 14 hex digits (56 bits) are random in every W3C trace id (its "random" flag promises no
 # more) and in time-prefixed ids too: a sample drawn by them is the one a trace-id ratio sampler keeps.
 SAMPLE_DIGITS = 14
@@ -113,10 +115,11 @@ class Store(abc.ABC):
 
     keeps_derivations = False  # whether write_derived keeps anything
 
-    def underived(self, derived_key: str, after_no: int, limit: int) -> list[tuple[int, str]]:
-        """Up to ``limit`` traces numbered after ``after_no`` that have no exact derivation under
-        ``derived_key``, as (number, trace id), by number."""
-        return []
+    def underived(self, derived_key: str, after: Cursor, limit: int) -> tuple[list[str], Cursor]:
+        """The traces that have no exact derivation under ``derived_key``, looked for in one bounded step from
+        ``after`` (None: the first stored trace): at most ``limit`` of them, and where the next step goes on
+        from, or None when the scan has reached the last stored trace."""
+        return [], None
 
     def rows_to_derive(self, trace_ids: list[str]) -> list[tuple[str, int, list[SpanRow]]]:
         """For each of ``trace_ids`` that is stored: (trace id, span count, its spans' facts by span id), all

@@ -42,7 +42,7 @@ from payscope import semconv
 from payscope.errors import StoreError
 from payscope.model import STATUS_ERROR, STATUS_OK, STATUS_UNSET, EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 
-from .api import SAMPLE_DIGITS, LogQuery, Sample, Store, UnsupportedError, group_traces
+from .api import SAMPLE_DIGITS, Cursor, LogQuery, Sample, Store, UnsupportedError, group_traces
 from .codec import decode_body
 from .spool import Spool
 
@@ -590,12 +590,14 @@ class ElasticStore(Store):
         return {b["key"]["t"]: b["start"]["value"] or 0.0 for page in self._trace_buckets(query, starts=True)
                 for b in page}
 
-    def _trace_buckets(self, query: dict[str, Any], *, starts: bool) -> Iterator[list[dict[str, Any]]]:
+    def _trace_buckets(self, query: dict[str, Any], *, starts: bool, after_trace: str | None = None,
+                       size: int = _MAX_TERMS) -> Iterator[list[dict[str, Any]]]:
         """One bucket per trace id with a span matching ``query`` (its ``doc_count`` the spans that match, with
-        ``starts`` their earliest start too), by trace id, in pages of a ``composite`` aggregation."""
-        after: dict[str, Any] | None = None
+        ``starts`` their earliest start too), by trace id (those after ``after_trace``), in pages of a
+        ``composite`` aggregation."""
+        after: dict[str, Any] | None = None if after_trace is None else {"t": after_trace}
         while True:
-            composite: dict[str, Any] = {"size": _MAX_TERMS, "sources": [{"t": {"terms": {"field": "trace_id"}}}]}
+            composite: dict[str, Any] = {"size": size, "sources": [{"t": {"terms": {"field": "trace_id"}}}]}
             if after is not None:
                 composite["after"] = after
             agg: dict[str, Any] = {"composite": composite}
@@ -751,16 +753,28 @@ class ElasticStore(Store):
                 if item:
                     yield item
 
-    def _derivations(self, derived_key: str, counts: dict[str, int]) -> dict[str, bytes]:
-        """The bodies of those traces' derivations under ``derived_key`` that were made from as many spans as
-        ``counts`` says each has now."""
+    def _derivations(self, derived_key: str, counts: dict[str, int], bodies: bool = True) -> dict[str, bytes]:
+        """The bodies (without ``bodies``, empty values) of those traces' derivations under ``derived_key`` that
+        were made from as many spans as ``counts`` says each has now."""
         out: dict[str, bytes] = {}
         query = {"bool": {"filter": [{"term": {"key": derived_key}}, {"terms": {"trace_id": list(counts)}}]}}
-        for hit in self._span_hits(query, source=["trace_id", "span_count", "body"], index=DERIVED):
+        source = ["trace_id", "span_count", "body"] if bodies else ["trace_id", "span_count"]
+        for hit in self._span_hits(query, source=source, index=DERIVED):
             doc = hit["_source"]
             if counts.get(doc.get("trace_id")) == doc.get("span_count"):
-                out[doc["trace_id"]] = base64.b64decode(doc["body"])
+                out[doc["trace_id"]] = base64.b64decode(doc["body"]) if bodies else b""
         return out
+
+    def underived(self, derived_key: str, after: Cursor, limit: int) -> tuple[list[str], Cursor]:
+        """By trace id: the next ``limit`` stored traces (a ``composite`` page, with their span counts), less
+        those with an exact derivation. The cursor is the last trace id looked at."""
+        if not self.keeps_derivations:
+            return [], None
+        buckets = next(self._trace_buckets({"match_all": {}}, starts=False, after_trace=str(after) if after else None,
+                                           size=limit), [])
+        counts = {b["key"]["t"]: b["doc_count"] for b in buckets}
+        exact = self._derivations(derived_key, counts, bodies=False) if counts else {}
+        return [t for t in counts if t not in exact], (buckets[-1]["key"]["t"] if len(buckets) == limit else None)
 
     def rows_to_derive(self, trace_ids: list[str]) -> list[tuple[str, int, list[SpanRow]]]:
         if not self.keeps_derivations:

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from payscope.errors import StoreError
 from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 
-from .api import SAMPLE_DIGITS, LogQuery, Sample, Store, group_traces
+from .api import SAMPLE_DIGITS, Cursor, LogQuery, Sample, Store, group_traces
 from .codec import decode_body, encode_span
 
 SCHEMA_VERSION = 8
@@ -607,10 +607,12 @@ class EmbeddedStore(Store):
         finally:
             conn.close()
 
-    def underived(self, derived_key: str, after_no: int, limit: int) -> list[tuple[int, str]]:
-        return [(no, tid) for no, tid in self._read(
+    def underived(self, derived_key: str, after: Cursor, limit: int) -> tuple[list[str], Cursor]:
+        """By trace number: the next ``limit`` traces with no exact derivation (the join skips the others)."""
+        found = self._read(
             f"SELECT t.trace_no, t.trace_id FROM traces t LEFT JOIN derived d ON {_EXACT} "
-            "WHERE t.trace_no > ? AND d.trace_no IS NULL ORDER BY t.trace_no LIMIT ?", (derived_key, after_no, limit))]
+            "WHERE t.trace_no > ? AND d.trace_no IS NULL ORDER BY t.trace_no LIMIT ?", (derived_key, after or 0, limit))
+        return [tid for _, tid in found], (found[-1][0] if found else None)
 
     def rows_to_derive(self, trace_ids: list[str]) -> list[tuple[str, int, list[SpanRow]]]:
         out: list[tuple[str, int, list[SpanRow]]] = []
