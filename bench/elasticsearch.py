@@ -50,14 +50,14 @@ def analyze_seconds(store: str) -> float:
     return time.perf_counter() - start
 
 
-def read_cost(node: elastic.Node, command: list[str]) -> tuple[float, int]:
+def read_cost(node: elastic.Node, command: list[str], options: str = "") -> tuple[float, int]:
     """Seconds a payscope command takes on the node's data, and the bytes Elasticsearch sent it (counted by a
-    relay with no delay in front of the node)."""
+    relay with no delay in front of the node); ``options`` ends the store URL (``?compress=off``)."""
     port = free_port()
     with DelayingRelay(port, int(node.url.rsplit(":", 1)[1]), lambda: 0.0) as relay:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "payscope", *command, "--store", f"es://127.0.0.1:{port}",
-                        "--format", "json"], check=True, capture_output=True)
+        subprocess.run([sys.executable, "-m", "payscope", *command, "--store",
+                        f"es://127.0.0.1:{port}{options}", "--format", "json"], check=True, capture_output=True)
         return time.perf_counter() - start, relay.answered_bytes
 
 
@@ -173,6 +173,7 @@ def main(argv: list[str]) -> None:
             ("analyze --since the middle", ["analyze", "--since", format_ns(int(float(middle) * 1e9))]))]
         derive_seconds, derived = derive_all(es)
         reads.append(("analyze, every trace derived", *read_cost(node, ["analyze"])))
+        reads.append(("the same, ?compress=off", *read_cost(node, ["analyze"], "?compress=off")))
         reads.append(("analyze --since, derived", *read_cost(node, ["analyze", "--since",
                                                                     format_ns(int(float(middle) * 1e9))])))
     print(f"ingest, {args.clients} clients x {args.seconds:.0f}s, {SPANS_PER_REQUEST} spans/request, "
