@@ -25,6 +25,7 @@ for i in range(int(sys.argv[1])):
                                                   "http.request.header.authorization": ("Bearer s3cr3t-t0ken",)}):
         logging.getLogger("pay").info("charging o-%d with card 4111111111111111 cvv=123", i)
 exported_here = "opentelemetry.exporter.otlp.proto.http.trace_exporter" in sys.modules
+sys.stderr.write("relay socket: %s\n" % os.environ.get("PAYSCOPE_RELAY"))
 print("relay" if os.environ.get("PAYSCOPE_RELAY") else "no relay", "in-process exporter" if exported_here else "")
 """
 
@@ -37,11 +38,10 @@ def _run(tmp_path: Path, collector_url: str, count: int, **env: str) -> subproce
                           capture_output=True, text=True, timeout=60, env=dict(os.environ, **env), cwd=tmp_path)
 
 
-def _relays() -> list[str]:
-    """Directories of relays still running (each removes its own when it stops)."""
-    import tempfile
-
-    return [p.name for p in Path(tempfile.gettempdir()).glob("payscope-relay-*")]
+def _relays(tmp: Path) -> list[str]:
+    """Directories of relays still running under `tmp` (each removes its own when it stops). The program
+    runs with TMPDIR=tmp, so relays that other tests start at the same time are not counted."""
+    return [p.name for p in tmp.glob("payscope-relay-*")]
 
 
 def _wait_for(condition: object, timeout: float = 10.0) -> bool:
@@ -55,11 +55,13 @@ def _wait_for(condition: object, timeout: float = 10.0) -> bool:
 
 def test_a_short_program_loses_nothing_and_the_relay_goes_away(tmp_path: Path, collector: CollectorProcess,
                                                                store_path: Path) -> None:
-    before = set(_relays())
-    done = _run(tmp_path, collector.http_url, 300)
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    done = _run(tmp_path, collector.http_url, 300, TMPDIR=str(tmp))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["relay"]  # exported through the relay; no OTLP exporter in the program
     assert "exporting to " + collector.http_url + " through the payscope run relay" in done.stderr
+    assert f"relay socket: {tmp}/payscope-relay-" in done.stderr  # the relay counted below is this one
 
     def all_there() -> bool:
         with open_store(str(store_path), readonly=True) as store:
@@ -67,7 +69,7 @@ def test_a_short_program_loses_nothing_and_the_relay_goes_away(tmp_path: Path, c
                 store.traces_by_key("o-299")[0] if store.traces_by_key("o-299") else "0" * 32)) == 1
 
     assert _wait_for(all_there), "spans or log records of a program that already exited were lost"
-    assert _wait_for(lambda: set(_relays()) <= before), "the relay outlived its program"
+    assert _wait_for(lambda: not _relays(tmp)), "the relay outlived its program"
 
 
 def test_in_process_export_still_works_when_asked_for(tmp_path: Path, collector: CollectorProcess,
