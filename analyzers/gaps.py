@@ -17,6 +17,7 @@ CPU to read its answer. Which of these it was shows in what else happened at the
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass
 
 from .calls import Call
@@ -24,6 +25,7 @@ from .engine import Analysis, Edge
 from .stats import median, percentile
 
 QUEUE_CONTRAST = 2.0       # a queue: the calls that found the callee full lost this many times the others
+QUEUE_Z = 2.33             # ... and ranked above them this far beyond chance (one-sided, p < 0.01)
 SIBLING_SHARE = 0.25       # a neighbour edge grew too when its gap rose by this share of the hop's own growth
 SIBLING_MIN_MS = 5.0       # ... and by at least this much: a busy host's jitter stays below
 SIBLING_MIN_CALLS = 3      # a neighbour edge with fewer answered calls in the stretch says nothing
@@ -108,7 +110,10 @@ def waited_for_workers(callee: Occupancy, calls: list[Call], usual_ms: float) ->
     sent while it was full lost, at the median, ``QUEUE_CONTRAST`` times what those sent while it was not
     lost (the lower quartile of theirs: a call sent as the queue drained can find it free and wait all the
     same; its ``usual_ms`` gap when too few found it free), and ``SIBLING_MIN_MS`` more. A delay on the wire
-    slows a call whether or not the callee was full; a queue slows only those that found it full. The one
+    slows a call whether or not the callee was full; a queue slows only those that found it full. And they
+    must have lost more than the free ones by rank, beyond chance (:func:`ranked_above`): when the wire's
+    delay varies widely, the few calls that found the callee full are a handful drawn from that spread, and
+    the median of a handful can land above twice the lower quartile of the rest by luck alone. The one
     rule for a queue: ``compare`` and the ``network_latency`` finding both ask it."""
     full: list[float] = []
     free: list[float] = []
@@ -120,9 +125,21 @@ def waited_for_workers(callee: Occupancy, calls: list[Call], usual_ms: float) ->
         return None
     other = (percentile(free, 25) or 0.0) if len(free) >= SIBLING_MIN_CALLS else usual_ms
     waited = median(full) or 0.0
-    if waited >= QUEUE_CONTRAST * other and waited - other >= SIBLING_MIN_MS:
+    if waited >= QUEUE_CONTRAST * other and waited - other >= SIBLING_MIN_MS and (
+            len(free) < SIBLING_MIN_CALLS or ranked_above(full, free)):
         return Waited(waited, other, len(full))
     return None
+
+
+def ranked_above(high: list[float], low_sorted: list[float]) -> bool:
+    """Whether the values of ``high`` rank above those of ``low_sorted`` beyond chance: the Mann-Whitney U
+    statistic (pairs in which the first is larger, ties counting half), one-sided, at ``QUEUE_Z`` standard
+    deviations above what two samples of one spread would give (normal approximation)."""
+    n, m = len(high), len(low_sorted)
+    u = sum(bisect.bisect_left(low_sorted, v) + 0.5 * (bisect.bisect_right(low_sorted, v)
+                                                       - bisect.bisect_left(low_sorted, v)) for v in high)
+    spread = math.sqrt(n * m * (n + m + 1) / 12)
+    return spread > 0 and (u - n * m / 2) / spread >= QUEUE_Z
 
 
 def occupancies(analysis: Analysis) -> dict[str, Occupancy]:

@@ -66,3 +66,19 @@ def test_a_gap_large_all_along_is_judged_on_every_call_of_the_period() -> None:
     assert waited_for_workers(busy["bank"], large, 0.0) is not None  # what the large gaps alone would say
     cause = gap_cause(analysis, edge, large, grown=False, busy=busy)
     assert cause.where == "link", cause
+
+
+def test_a_handful_of_full_calls_drawn_from_a_wide_spread_is_not_a_queue() -> None:
+    """The wire's delay varies widely at the peak (10 to 187 ms), and four calls found the bank full, with gaps
+    from that same spread. Their median (155 ms) is more than twice the lower quartile of the others, as a
+    median of four draws often is; but they do not rank above the free calls beyond chance, so it is the link.
+    (Seen in the demo: the delaying relay's spread, and a bank full for a few calls at the height of the peak.)"""
+    full_at = {10: 150.0, 25: 160.0, 40: 170.0, 55: 60.0}
+    spread = iter(10.0 + 3 * k for k in range(60))
+    analysis, edge, slow, busy = _hop([(i in full_at, full_at[i] if i in full_at else next(spread))
+                                       for i in range(64)])
+    free = sorted(c.gap_ms or 0.0 for i, c in enumerate(slow) if i not in full_at)
+    assert 155.0 >= 2 * free[len(free) // 4]  # the contrast alone would call it a queue
+    assert waited_for_workers(busy["bank"], slow, 2.0) is None
+    cause = gap_cause(analysis, edge, slow, grown=True, busy=busy)
+    assert cause.where == "link", cause
