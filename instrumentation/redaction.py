@@ -66,10 +66,13 @@ def is_card_number(digits: str) -> bool:
 
 # One separator between digits: a space, tab, dash, plus or their URL encodings.
 _SEP = r"(?:[ \t+\-\u00a0]|%20|%2[bBdD])"
-_DIGIT_RUN = re.compile(rf"(?<!\d)\d(?:{_SEP}?\d){{11,30}}(?!\d)")
+# A card number's digits: ASCII, or the fullwidth forms an East Asian input method types (U+FF10-FF19); the
+# byte scan of a request (may_need_redaction) looks for exactly these, so both ways of decoding agree.
+_D = "0-9\uff10-\uff19"
+_DIGIT_RUN = re.compile(rf"(?<![{_D}])[{_D}](?:{_SEP}?[{_D}]){{11,30}}(?![{_D}])")
 _SEP_RE = re.compile(_SEP)
 # A cheap test first: most text has no run of 13 digit-or-separator characters.
-_MAYBE_PAN = re.compile(r"\d[\d \t+\-%bBdD\u00a0]{11,}\d")
+_MAYBE_PAN = re.compile(rf"[{_D}][{_D} \t+\-%bBdD\u00a0]{{11,}}[{_D}]")
 # A decimal trace or span id, said to be one by what comes right before it.
 _ID_BEFORE = re.compile(r"(?i)(?:trace|span|parent)[_.\-]?id[\"']?\s*[:=]\s*[\"']?$")
 
@@ -256,6 +259,8 @@ _SUSPECT_WORDS = (b"cvv", b"cvc", b"cvn", b"csc", b"security", b"verification", 
 # (random binary ids are full of them).
 _SUSPECT_CLASS = bytes(int(chr(i) in _SUSPECT_CHARS) for i in range(256))
 _SUSPECT_RUN = b"\x01" * 13
+_FULLWIDTH_DIGIT = re.compile(b"\xef\xbc[\x90-\x99]")
+_NBSP_BETWEEN_DIGITS = re.compile(b"[0-9]\xc2\xa0[0-9]")  # between fullwidth digits: those are found anyway
 # Lower-cased ASCII with %20, %2b and %2d made the separators they encode, then digits as 1, separators as 2:
 # a match of _DIGIT_RUN is digits with at most one separator between two, never two twos in a row, so with every
 # pair of twos made zeros and the twos left dropped, one of 13 digits or more (a card number's least) leaves 13
@@ -275,7 +280,9 @@ def may_need_redaction(raw: bytes) -> bool:
     """False when the strings of a serialized request hold nothing :func:`redact_text` could change."""
     if _SUSPECT_RUN in raw.translate(_SUSPECT_CLASS) and _SUSPECT_DIGITS.search(raw) is not None:
         return True
-    if b"\xc2\xa0" in raw:  # a no-break space between digit groups
+    if b"\xc2\xa0" in raw and _NBSP_BETWEEN_DIGITS.search(raw) is not None:  # a no-break space between digit
+        return True                                                                # groups (random ids hold many)
+    if b"\xef\xbc" in raw and _FULLWIDTH_DIGIT.search(raw) is not None:  # a fullwidth digit
         return True
     lower = raw.lower()
     return any(word in lower for word in _SUSPECT_WORDS)
