@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import random
 import shutil
 import statistics
@@ -149,10 +150,35 @@ def prefilled(path: Path, spans: int) -> Path:
     return path
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user and system) used so far by a process and every child it has (Linux /proc), or nan
+    where /proc is not there. Alive children are counted; a child that exited was waited for by its parent,
+    which then counts it."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return float("nan")
+    pids = {pid}
+    for task in tasks:
+        try:
+            pids.update(int(p) for p in Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+        except OSError:
+            continue  # a thread that ended meanwhile
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])) / ticks
+    return total
+
+
 def run(payloads: list[bytes], clients: int, seconds: float, workers: int,
-        prefill: Path | None = None, settle: str = "10") -> tuple[float, float, float, int, int]:
-    """spans/s acknowledged, p50 and p99 ms, requests acked and told to retry, into a fresh store (or a copy of
-    ``prefill``)."""
+        prefill: Path | None = None, settle: str = "10") -> tuple[float, float, float, int, int, float]:
+    """spans/s acknowledged, p50 and p99 ms, requests acked and told to retry, and the collector's CPU
+    (its decoding processes included) in microseconds a span, into a fresh store (or a copy of ``prefill``)."""
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "bench.db"
         if prefill is not None:
@@ -165,15 +191,18 @@ def run(payloads: list[bytes], clients: int, seconds: float, workers: int,
                          headers={"Content-Type": "application/x-protobuf"})
             conn.getresponse().read()
             conn.close()
+            cpu = cpu_seconds(collector.proc.pid)
             start = time.perf_counter()
             acked, latencies, rejected = load(collector.http_port, payloads, clients, seconds)
             elapsed = time.perf_counter() - start
+            cpu = cpu_seconds(collector.proc.pid) - cpu
         finally:
             collector.stop()
     latencies.sort()
     p50 = statistics.median(latencies) * 1000 if latencies else float("nan")
     p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000 if latencies else float("nan")
-    return acked * SPANS_PER_REQUEST / elapsed, p50, p99, acked, rejected
+    spans = acked * SPANS_PER_REQUEST
+    return spans / elapsed, p50, p99, acked, rejected, cpu / max(1, spans) * 1e6
 
 
 def main(argv: list[str]) -> None:
@@ -202,9 +231,10 @@ def main(argv: list[str]) -> None:
         print(f"  each run into a store already holding {args.prefill:,} spans")
     for clients in (int(c) for c in args.clients.split(",")):
         for workers, settle in ((int(w), t) for w in args.workers.split(",") for t in args.settle.split(",")):
-            rate, p50, p99, acked, rejected = run(payloads, clients, args.seconds, workers, prefill, settle)
+            rate, p50, p99, acked, rejected, cpu = run(payloads, clients, args.seconds, workers, prefill, settle)
             base.setdefault(clients, rate)
             print(f"  collect --workers {workers} --settle-seconds {settle}, {clients} senders, acknowledged and "
                   f"durable: {rate:10,.0f} spans/s "
                   f"({rate / ceiling:.3f} of ceiling, x{rate / base[clients]:.2f} of the first) | ack p50 "
-                  f"{p50:.0f} ms, p99 {p99:.0f} ms | {acked} acked, {rejected} told to retry", flush=True)
+                  f"{p50:.0f} ms, p99 {p99:.0f} ms | {acked} acked, {rejected} told to retry | collector CPU "
+                  f"{cpu:.1f} us a span", flush=True)

@@ -13,6 +13,7 @@ from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as PbSpan
 
 from payscope import semconv
@@ -130,7 +131,95 @@ def _wanted_attributes(kvs: Any) -> dict[str, Any] | None:
     return out
 
 
-def spans_from_request(request: ExportTraceServiceRequest, raw: bytes | None = None) -> Decoded:
+def _lite_request_type() -> type[Any]:
+    """ExportTraceServiceRequest as it is on the wire, but with a span's attributes, events and links left as
+    the bytes of each: one parse gives a span's attributes as a list of ``bytes``, each an encoded KeyValue,
+    without a Python object for every key and value. Made from the OTLP trace descriptor itself, so every
+    other field is the same (an upstream field added later is declared the same way); the bytes of a span
+    serialize back to what came."""
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+    from opentelemetry.proto.common.v1 import common_pb2
+    from opentelemetry.proto.resource.v1 import resource_pb2
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    file = descriptor_pb2.FileDescriptorProto()
+    trace_pb2.DESCRIPTOR.CopyToProto(file)
+    real, lite = f".{file.package}.", ".payscope.lite.trace.v1."
+    file.name, file.package = "payscope/lite/trace.proto", lite.strip(".")
+
+    def retarget(messages: Any) -> None:
+        for message in messages:
+            for f in message.field:
+                if f.type_name.startswith(real):
+                    f.type_name = lite + f.type_name[len(real):]
+                if message.name == "Span" and f.name in ("attributes", "events", "links"):
+                    f.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+                    f.ClearField("type_name")
+            retarget(message.nested_type)
+
+    retarget(file.message_type)
+    request = file.message_type.add(name="ExportTraceServiceRequest")
+    request.field.add(name="resource_spans", number=1, type=descriptor_pb2.FieldDescriptorProto.TYPE_MESSAGE,
+                      label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED, type_name=lite + "ResourceSpans")
+    pool = descriptor_pool.DescriptorPool()  # its own pool: the OTLP files it depends on, then itself
+    for dependency in (common_pb2.DESCRIPTOR, resource_pb2.DESCRIPTOR):
+        proto = descriptor_pb2.FileDescriptorProto()
+        dependency.CopyToProto(proto)
+        pool.Add(proto)
+    pool.Add(file)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{file.package}.{request.name}"))
+
+
+_LiteRequest = _lite_request_type()
+_CAREFUL = 3  # a value to decode the careful way: a secret's key, or a number as long as a card number
+_kv_seen: dict[bytes, tuple[int, str, Any]] = {}
+_KV_SEEN_MAX = 65_536  # then forgotten at once: a value seen once (a path with an id) is not worth keeping
+
+
+def _kv_entry(encoded: bytes) -> tuple[int, str, Any]:
+    """(kind, key, value) of one encoded KeyValue, the value only when the analysis reads it. Remembered for
+    the next span that carries the same bytes (most attributes repeat: the method, the route, the peer),
+    unless it is a secret or a long number, which are never kept."""
+    kv = KeyValue.FromString(encoded)
+    key = kv.key
+    kind = _key_kinds.get(key)
+    if kind is None:
+        kind = _key_kind(key)
+    if kind == _SECRET:
+        return _CAREFUL, key, None
+    value = kv.value
+    which = value.WhichOneof("value")
+    if which != "string_value" and _number_may_be_card(value, which):
+        return _CAREFUL, key, None
+    entry = (kind, key, (value.string_value if which == "string_value" else any_value(value))
+             if kind == _WANTED else None)
+    if type(entry[2]) in (str, int, float, bool, type(None)):  # nothing a reader could change in place
+        if len(_kv_seen) >= _KV_SEEN_MAX:
+            _kv_seen.clear()
+        _kv_seen[encoded] = entry
+    return entry
+
+
+def _wanted_of_encoded(encoded_kvs: Any) -> dict[str, Any] | None:
+    """:func:`_wanted_attributes` for attributes still encoded, one KeyValue's bytes each."""
+    out = {}
+    seen = _kv_seen
+    for encoded in encoded_kvs:
+        entry = seen.get(encoded) or _kv_entry(encoded)
+        kind = entry[0]
+        if kind == _WANTED:
+            out[entry[1]] = entry[2]
+        elif kind == _CAREFUL:
+            return None
+    return out
+
+
+def _spans_from_lite(request: Any) -> Decoded:
+    return _spans(request, _wanted_of_encoded, lambda span: PbSpan.FromString(span.SerializeToString()))
+
+
+def spans_from_request(request: ExportTraceServiceRequest, raw: bytes | None = None,
+                       careful: bool | None = None) -> Decoded:
     """The valid spans of a request, redacted and ready to store; invalid ones counted as rejected.
 
     ``raw`` is the request as serialized, when at hand. The fast path keeps a span's body as it came,
@@ -138,10 +227,18 @@ def spans_from_request(request: ExportTraceServiceRequest, raw: bytes | None = N
     request's bytes, no secret key, no number as long as a card number, no events or links (whose
     numbers are not checked here). Every other span is decoded whole and masked (:func:`redact_span`).
     """
-    out = Decoded()
     if raw is None:
         raw = request.SerializeToString()
-    careful = may_need_redaction(raw)
+    careful = may_need_redaction(raw) if careful is None else careful
+    return _spans(request, (lambda kvs: None) if careful else _wanted_attributes, lambda span: span)
+
+
+def _spans(request: Any, read_wanted: Callable[[Any], dict[str, Any] | None],
+           whole: Callable[[Any], PbSpan]) -> Decoded:
+    """The one loop over a request's spans, either kind (:func:`_parse_traces`): ``read_wanted`` gives a span's
+    attributes for the fast path, or None when the span is to be decoded whole (``whole`` gives it as the OTLP
+    message) and masked."""
+    out = Decoded()
     append = out.spans.append
     derive = semconv.derive
     kinds = SPAN_KINDS
@@ -150,20 +247,23 @@ def spans_from_request(request: ExportTraceServiceRequest, raw: bytes | None = N
         service = _resource_service(resource)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
+                wanted = None if span.events or span.links else read_wanted(span.attributes)
+                if wanted is None:
+                    span = whole(span)
                 problem = _problem(span)
                 if problem:
                     out.reject(problem)
                     continue
-                wanted = None if careful or span.events or span.links else _wanted_attributes(span.attributes)
                 if wanted is None:
                     append(encode_span(redact_span(decode_span(span, service, resource))))
                     continue
                 kind = span.kind
                 parent = span.parent_span_id
+                status = span.status
                 row = derive(span.trace_id.hex(), span.span_id.hex(), parent.hex() if parent else None, service,
                              span.name, kinds[kind] if 0 <= kind < len(kinds) else "unspecified",
-                             span.start_time_unix_nano, span.end_time_unix_nano, span.status.code,
-                             span.status.message, wanted, [])
+                             span.start_time_unix_nano, span.end_time_unix_nano, status.code, status.message,
+                             wanted, [])
                 append(EncodedSpan(row, span.SerializeToString(), resource))
     return out
 
@@ -257,31 +357,56 @@ def _parse(body: bytes, content_type: str, message_type: type[Any]) -> tuple[Any
 
 def count_items(request: Any) -> int:
     """How many spans or log records a parsed request holds (no decoding: lengths of repeated fields)."""
-    if isinstance(request, ExportTraceServiceRequest):
+    if isinstance(request, (ExportTraceServiceRequest, _LiteRequest)):
         return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
     return sum(len(sl.log_records) for rl in request.resource_logs for sl in rl.scope_logs)
 
 
-class Signal:
-    """One OTLP signal: its request type and what turns a parsed request into payscope's records."""
+def _parse_traces(body: bytes, content_type: str) -> tuple[Any, bytes | None]:
+    """A traces request: protobuf bytes in which nothing could need masking are parsed with their spans'
+    attributes left encoded (:func:`_lite_request_type`); anything else as the OTLP message."""
+    if "json" in content_type or may_need_redaction(body):
+        return _parse(body, content_type, ExportTraceServiceRequest)
+    request = _LiteRequest()
+    try:
+        request.ParseFromString(body)
+    except DecodeError as exc:
+        raise InputError(f"malformed protobuf ExportTraceServiceRequest: {exc}") from None
+    return request, body
 
-    def __init__(self, name: str, message_type: type[Any], convert: Callable[[Any, bytes | None], Decoded]) -> None:
+
+def _convert_traces(request: Any, raw: bytes | None) -> Decoded:
+    """What :func:`spans_from_request` gives, for either kind of request :func:`_parse_traces` made."""
+    if not isinstance(request, _LiteRequest):
+        return spans_from_request(request, raw, careful=None if raw is None else True)
+    try:
+        return _spans_from_lite(request)
+    except DecodeError as exc:  # a KeyValue, event or link inside a span, read only now
+        raise InputError(f"malformed protobuf ExportTraceServiceRequest: {exc}") from None
+
+
+class Signal:
+    """One OTLP signal: what parses a body, and what turns a parsed request into payscope's records."""
+
+    def __init__(self, name: str, parse: Callable[[bytes, str], tuple[Any, bytes | None]],
+                 convert: Callable[[Any, bytes | None], Decoded]) -> None:
         self.name = name
-        self.message_type = message_type
+        self._parse = parse
         self.convert = convert
 
     def parse(self, body: bytes, content_type: str) -> tuple[Any, bytes | None]:
         """The request message of a body, and its protobuf bytes when that is what came; InputError if unreadable."""
-        return _parse(body, content_type, self.message_type)
+        return self._parse(body, content_type)
 
 
-TRACES = Signal("traces", ExportTraceServiceRequest, spans_from_request)
-LOGS = Signal("logs", ExportLogsServiceRequest, lambda request, raw: logs_from_request(request))
+TRACES = Signal("traces", _parse_traces, _convert_traces)
+LOGS = Signal("logs", lambda body, content_type: _parse(body, content_type, ExportLogsServiceRequest),
+              lambda request, raw: logs_from_request(request))
 
 
 def decode_traces(body: bytes, content_type: str) -> Decoded:
     """Decode an OTLP/HTTP traces body; raises InputError when it cannot be read at all."""
-    return spans_from_request(*_parse(body, content_type, ExportTraceServiceRequest))
+    return TRACES.convert(*TRACES.parse(body, content_type))
 
 
 def decode_logs(body: bytes, content_type: str) -> Decoded:

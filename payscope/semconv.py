@@ -6,7 +6,7 @@ import functools
 import math
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from payscope.model import STATUS_ERROR, Span, SpanRow
 
@@ -179,60 +179,97 @@ def classify_error(kind: str, status_code: int, http_status: int | None, rpc_sta
     return "business"
 
 
+class _Plan(NamedTuple):
+    """What :func:`derive` reads from attributes with a given set of keys: for each fact, the keys of its
+    spellings that are there, in the order of preference; the keys that name an id; which options are there."""
+
+    http_status: tuple[str, ...]
+    rpc_status: tuple[str, ...]
+    method: tuple[str, ...]
+    url: tuple[str, ...]
+    peer: tuple[str, ...]
+    route: tuple[str, ...]
+    path: tuple[str, ...]
+    amount: tuple[str, ...]
+    roles: tuple[tuple[str, int], ...]
+    captured: bool
+    budget: bool
+
+
+_plans: dict[tuple[str, ...], _Plan] = {}
+
+
+def _plan(keys: tuple[str, ...]) -> _Plan:
+    """The plan for attributes with these keys, made once for each set of keys (spans of one kind from one
+    instrumentation share theirs). Only which keys are there goes into it, never a value: an empty value is
+    still skipped by :func:`first` when the span is read."""
+    plan = _plans.get(keys)
+    if plan is None:
+        there = set(keys)
+
+        def of(spellings: tuple[str, ...]) -> tuple[str, ...]:
+            return tuple(k for k in spellings if k in there)
+
+        plan = _Plan(of(HTTP_STATUS), of(RPC_STATUS), of(HTTP_METHOD), of(URL), of(PEER), of(ROUTE), of(PATH),
+                     of(ATTR_AMOUNT), tuple((k, role) for k in keys if (role := key_role(k))),
+                     bool(there & {ATTR_TIMEOUT_SOURCE, ATTR_TIMEOUT_READ, ATTR_TIMEOUT_TOTAL, ATTR_RETRY_MAX}),
+                     bool(there.intersection(BUDGET)))
+        if len(_plans) < 10_000:
+            _plans[keys] = plan
+    return plan
+
+
 def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, name: str, kind: str,
            start_ns: int, end_ns: int, status_code: int, status_message: str, attrs: dict[str, Any],
            events: list[dict[str, Any]]) -> SpanRow:
     """The facts the analysis needs, from a span's fields and (at least its ``wanted``) attributes."""
-    http_status = _int(first(attrs, HTTP_STATUS))
-    rpc_status = _int(first(attrs, RPC_STATUS))
-    method_value = first(attrs, HTTP_METHOD)
+    plan = _plans.get(keys := tuple(attrs)) or _plan(keys)
+    http_status = _int(first(attrs, plan.http_status))
+    rpc_status = _int(first(attrs, plan.rpc_status))
+    method_value = first(attrs, plan.method)
     method = str(method_value).upper() if method_value is not None else None
     text = error_text(status_message, attrs, events) if status_code == STATUS_ERROR or (
         http_status or 0) >= 400 or rpc_status else ""
-    url = first(attrs, URL)
+    url = first(attrs, plan.url)
     url_match = _URL.match(str(url)) if url is not None else None
-    peer = first(attrs, PEER)
+    peer = first(attrs, plan.peer)
     if peer is None and url_match:
         peer = url_match.group(1)
     rpc_service, rpc_method = attrs.get("rpc.service"), attrs.get("rpc.method")
-    route = first(attrs, ROUTE)
+    route = first(attrs, plan.route)
+    path = first(attrs, plan.path)
     if rpc_service and rpc_method:
         operation = f"{rpc_service}/{rpc_method}"
     elif kind in ("client", "producer"):
         if route is None:
-            raw_path = url_match.group(2) if url_match else first(attrs, PATH)
+            raw_path = url_match.group(2) if url_match else path
             route = template_path(str(raw_path or "/")) if (url_match or raw_path is not None) else None
         operation = f"{method} {route}" if method and route else (span_name_or(name, method))
     else:
-        if route is None and method and name.upper() == method and first(attrs, PATH) is not None:
-            route = template_path(str(first(attrs, PATH)))  # a span named only by its method (a sidecar, a proxy)
+        if route is None and method and name.upper() == method and path is not None:
+            route = template_path(str(path))  # a span named only by its method (a sidecar, a proxy)
         operation = f"{method} {route}" if method and route else name
-    keys = []
-    request_ids: list[str] = []
-    idempotency = False
-    roles = _key_roles
-    for k, v in attrs.items():
-        role = roles.get(k)
-        if role is None:
-            role = key_role(k)
-        if not role:
-            continue
-        if role & BUSINESS_KEY and isinstance(v, (str, int)) and v != "":
-            keys.append(str(v))
-        if role & REQUEST_ID:  # captured X-Request-ID: lets log lines find the trace
-            request_ids.extend(f"rid:{item}" for item in (v if isinstance(v, (list, tuple)) else [v]) if item)
-        if role & IDEMPOTENCY:
-            idempotency = True
-    keys += request_ids
-    path = first(attrs, PATH)
+    keys_found: list[str] = []
+    if plan.roles:
+        request_ids: list[str] = []
+        idempotency = False
+        for k, role in plan.roles:
+            v = attrs[k]
+            if role & BUSINESS_KEY and isinstance(v, (str, int)) and v != "":
+                keys_found.append(str(v))
+            if role & REQUEST_ID:  # captured X-Request-ID: lets log lines find the trace
+                request_ids.extend(f"rid:{item}" for item in (v if isinstance(v, (list, tuple)) else [v]) if item)
+            if role & IDEMPOTENCY:
+                idempotency = True
+        keys_found += request_ids
+    else:
+        idempotency = False
     if route and path:
         slots = _key_slots(str(route))
         if slots:
             segments = str(path).split("?")[0].split("/")
-            keys.extend(segments[i] for i in slots if i < len(segments) and segments[i])
-    captured = ATTR_TIMEOUT_SOURCE in attrs or ATTR_TIMEOUT_READ in attrs or ATTR_TIMEOUT_TOTAL in attrs \
-        or ATTR_RETRY_MAX in attrs
-    retry_max = _int(attrs.get(ATTR_RETRY_MAX)) if captured else None
+            keys_found.extend(segments[i] for i in slots if i < len(segments) and segments[i])
+    captured = plan.captured
     return SpanRow(
         trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, status_code, status_message,
         classify_error(kind, status_code, http_status, rpc_status, text), operation,
@@ -241,9 +278,10 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
         _float(attrs.get(ATTR_TIMEOUT_CONNECT)) if captured else None,
         _float(attrs.get(ATTR_TIMEOUT_READ)) if captured else None,
         _float(attrs.get(ATTR_TIMEOUT_TOTAL)) if captured else None,
-        str(attrs[ATTR_TIMEOUT_SOURCE]) if ATTR_TIMEOUT_SOURCE in attrs else None, retry_max,
-        _float(first(attrs, ATTR_AMOUNT)), tuple(dict.fromkeys(keys)) if keys else (),
-        budget_ms(attrs) if kind in ("server", "consumer") else None,
+        str(attrs[ATTR_TIMEOUT_SOURCE]) if ATTR_TIMEOUT_SOURCE in attrs else None,
+        _int(attrs.get(ATTR_RETRY_MAX)) if captured else None,
+        _float(first(attrs, plan.amount)), tuple(dict.fromkeys(keys_found)) if keys_found else (),
+        budget_ms(attrs) if plan.budget and kind in ("server", "consumer") else None,
         str(attrs[ATTR_FAULT]) if attrs.get(ATTR_FAULT) else None)
 
 
