@@ -4,8 +4,10 @@ program produced, masks secrets before they leave the program, and goes away wit
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ for i in range(int(sys.argv[1])):
                                                   "http.request.header.authorization": ("Bearer s3cr3t-t0ken",)}):
         logging.getLogger("pay").info("charging o-%d with card 4111111111111111 cvv=123", i)
 exported_here = "opentelemetry.exporter.otlp.proto.http.trace_exporter" in sys.modules
-sys.stderr.write("relay socket: %s\n" % os.environ.get("PAYSCOPE_RELAY"))
+sys.stderr.write("relay socket: %s\\n" % os.environ.get("PAYSCOPE_RELAY"))
 print("relay" if os.environ.get("PAYSCOPE_RELAY") else "no relay", "in-process exporter" if exported_here else "")
 """
 
@@ -55,8 +57,15 @@ def _wait_for(condition: object, timeout: float = 10.0) -> bool:
 
 def test_a_short_program_loses_nothing_and_the_relay_goes_away(tmp_path: Path, collector: CollectorProcess,
                                                                store_path: Path) -> None:
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    # a short directory of its own: a unix socket's path holds at most 107 bytes, and pytest's are long
+    tmp = Path(tempfile.mkdtemp(prefix="relay-test-"))
+    try:
+        _short_program_loses_nothing(tmp, tmp_path, collector, store_path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _short_program_loses_nothing(tmp: Path, tmp_path: Path, collector: CollectorProcess, store_path: Path) -> None:
     done = _run(tmp_path, collector.http_url, 300, TMPDIR=str(tmp))
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["relay"]  # exported through the relay; no OTLP exporter in the program
