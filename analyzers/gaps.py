@@ -25,7 +25,7 @@ from .engine import Analysis, Edge
 from .stats import median, percentile
 
 QUEUE_CONTRAST = 2.0       # a queue: the calls that found the callee full lost this many times the others
-QUEUE_Z = 2.33             # ... and ranked above them this far beyond chance (one-sided, p < 0.01)
+QUEUE_P = 0.01             # ... and were fast less often than the others, beyond this chance (one-sided)
 SIBLING_SHARE = 0.25       # a neighbour edge grew too when its gap rose by this share of the hop's own growth
 SIBLING_MIN_MS = 5.0       # ... and by at least this much: a busy host's jitter stays below
 SIBLING_MIN_CALLS = 3      # a neighbour edge with fewer answered calls in the stretch says nothing
@@ -110,11 +110,14 @@ def waited_for_workers(callee: Occupancy, calls: list[Call], usual_ms: float) ->
     sent while it was full lost, at the median, ``QUEUE_CONTRAST`` times what those sent while it was not
     lost (the lower quartile of theirs: a call sent as the queue drained can find it free and wait all the
     same; its ``usual_ms`` gap when too few found it free), and ``SIBLING_MIN_MS`` more. A delay on the wire
-    slows a call whether or not the callee was full; a queue slows only those that found it full. And they
-    must have lost more than the free ones by rank, beyond chance (:func:`ranked_above`): when the wire's
-    delay varies widely, the few calls that found the callee full are a handful drawn from that spread, and
-    the median of a handful can land above twice the lower quartile of the rest by luck alone. The one
-    rule for a queue: ``compare`` and the ``network_latency`` finding both ask it."""
+    slows a call whether or not the callee was full; a queue slows only those that found it full.
+
+    And beyond chance (:func:`rarely_fast`): when the wire's delay varies widely, the few calls that found the
+    callee full are a handful drawn from that spread, and the median of a handful can land above twice the
+    others' lower quartile by luck alone. So the calls that found it full must also have been fast (no slower
+    than that bar) less often than the free calls were, at ``QUEUE_P``. The free calls that waited as a queue
+    drained do not weaken this: it asks only how often each side was fast. The one rule for a queue:
+    ``compare`` and the ``network_latency`` finding both ask it."""
     full: list[float] = []
     free: list[float] = []
     for c in calls:
@@ -125,21 +128,27 @@ def waited_for_workers(callee: Occupancy, calls: list[Call], usual_ms: float) ->
         return None
     other = (percentile(free, 25) or 0.0) if len(free) >= SIBLING_MIN_CALLS else usual_ms
     waited = median(full) or 0.0
-    if waited >= QUEUE_CONTRAST * other and waited - other >= SIBLING_MIN_MS and (
-            len(free) < SIBLING_MIN_CALLS or ranked_above(full, free)):
-        return Waited(waited, other, len(full))
-    return None
+    if waited < QUEUE_CONTRAST * other or waited - other < SIBLING_MIN_MS:
+        return None
+    if len(free) >= SIBLING_MIN_CALLS:
+        bar = max(QUEUE_CONTRAST * other, other + SIBLING_MIN_MS)
+        share = bisect.bisect_right(free, bar) / len(free)
+        if not rarely_fast(sum(g <= bar for g in full), len(full), share):
+            return None
+    return Waited(waited, other, len(full))
 
 
-def ranked_above(high: list[float], low_sorted: list[float]) -> bool:
-    """Whether the values of ``high`` rank above those of ``low_sorted`` beyond chance: the Mann-Whitney U
-    statistic (pairs in which the first is larger, ties counting half), one-sided, at ``QUEUE_Z`` standard
-    deviations above what two samples of one spread would give (normal approximation)."""
-    n, m = len(high), len(low_sorted)
-    u = sum(bisect.bisect_left(low_sorted, v) + 0.5 * (bisect.bisect_right(low_sorted, v)
-                                                       - bisect.bisect_left(low_sorted, v)) for v in high)
-    spread = math.sqrt(n * m * (n + m + 1) / 12)
-    return spread > 0 and (u - n * m / 2) / spread >= QUEUE_Z
+def rarely_fast(fast: int, calls: int, share: float) -> bool:
+    """Whether ``fast`` of ``calls`` is fewer than a share ``share`` of them would be, beyond chance: the chance of
+    so few or fewer (binomial, one-sided) is below ``QUEUE_P``."""
+    if share <= 0.0:
+        return False
+    if share >= 1.0:
+        return fast < calls
+    log_q, log_r = math.log(share), math.log1p(-share)
+    chance = sum(math.exp(math.lgamma(calls + 1) - math.lgamma(i + 1) - math.lgamma(calls - i + 1)
+                          + i * log_q + (calls - i) * log_r) for i in range(fast + 1))
+    return chance < QUEUE_P
 
 
 def occupancies(analysis: Analysis) -> dict[str, Occupancy]:
