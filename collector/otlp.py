@@ -182,9 +182,7 @@ def _kv_entry(encoded: bytes) -> tuple[int, str, Any]:
     unless it is a secret or a long number, which are never kept."""
     kv = KeyValue.FromString(encoded)
     key = kv.key
-    kind = _key_kinds.get(key)
-    if kind is None:
-        kind = _key_kind(key)
+    kind = _key_kind(key)
     if kind == _SECRET:
         return _CAREFUL, key, None
     value = kv.value
@@ -212,10 +210,6 @@ def _wanted_of_encoded(encoded_kvs: Any) -> dict[str, Any] | None:
         elif kind == _CAREFUL:
             return None
     return out
-
-
-def _spans_from_lite(request: Any) -> Decoded:
-    return _spans(request, _wanted_of_encoded, lambda span: PbSpan.FromString(span.SerializeToString()))
 
 
 def spans_from_request(request: ExportTraceServiceRequest, raw: bytes | None = None,
@@ -365,14 +359,8 @@ def count_items(request: Any) -> int:
 def _parse_traces(body: bytes, content_type: str) -> tuple[Any, bytes | None]:
     """A traces request: protobuf bytes in which nothing could need masking are parsed with their spans'
     attributes left encoded (:func:`_lite_request_type`); anything else as the OTLP message."""
-    if "json" in content_type or may_need_redaction(body):
-        return _parse(body, content_type, ExportTraceServiceRequest)
-    request = _LiteRequest()
-    try:
-        request.ParseFromString(body)
-    except DecodeError as exc:
-        raise InputError(f"malformed protobuf ExportTraceServiceRequest: {exc}") from None
-    return request, body
+    lite = "json" not in content_type and not may_need_redaction(body)
+    return _parse(body, content_type, _LiteRequest if lite else ExportTraceServiceRequest)
 
 
 def _convert_traces(request: Any, raw: bytes | None) -> Decoded:
@@ -380,7 +368,7 @@ def _convert_traces(request: Any, raw: bytes | None) -> Decoded:
     if not isinstance(request, _LiteRequest):
         return spans_from_request(request, raw, careful=None if raw is None else True)
     try:
-        return _spans_from_lite(request)
+        return _spans(request, _wanted_of_encoded, lambda span: PbSpan.FromString(span.SerializeToString()))
     except DecodeError as exc:  # a KeyValue, event or link inside a span, read only now
         raise InputError(f"malformed protobuf ExportTraceServiceRequest: {exc}") from None
 

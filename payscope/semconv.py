@@ -200,22 +200,20 @@ _plans: dict[tuple[str, ...], _Plan] = {}
 
 
 def _plan(keys: tuple[str, ...]) -> _Plan:
-    """The plan for attributes with these keys, made once for each set of keys (spans of one kind from one
-    instrumentation share theirs). Only which keys are there goes into it, never a value: an empty value is
-    still skipped by :func:`first` when the span is read."""
-    plan = _plans.get(keys)
-    if plan is None:
-        there = set(keys)
+    """The plan for attributes with these keys, made the first time a set of keys is seen (spans of one kind
+    from one instrumentation share theirs; :func:`derive` looks it up first). Only which keys are there goes
+    into it, never a value: an empty value is still skipped by :func:`first` when the span is read."""
+    there = set(keys)
 
-        def of(spellings: tuple[str, ...]) -> tuple[str, ...]:
-            return tuple(k for k in spellings if k in there)
+    def of(spellings: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(k for k in spellings if k in there)
 
-        plan = _Plan(of(HTTP_STATUS), of(RPC_STATUS), of(HTTP_METHOD), of(URL), of(PEER), of(ROUTE), of(PATH),
-                     of(ATTR_AMOUNT), tuple((k, role) for k in keys if (role := key_role(k))),
-                     bool(there & {ATTR_TIMEOUT_SOURCE, ATTR_TIMEOUT_READ, ATTR_TIMEOUT_TOTAL, ATTR_RETRY_MAX}),
-                     bool(there.intersection(BUDGET)))
-        if len(_plans) < 10_000:
-            _plans[keys] = plan
+    plan = _Plan(of(HTTP_STATUS), of(RPC_STATUS), of(HTTP_METHOD), of(URL), of(PEER), of(ROUTE), of(PATH),
+                 of(ATTR_AMOUNT), tuple((k, role) for k in keys if (role := key_role(k))),
+                 bool(there & {ATTR_TIMEOUT_SOURCE, ATTR_TIMEOUT_READ, ATTR_TIMEOUT_TOTAL, ATTR_RETRY_MAX}),
+                 bool(there.intersection(BUDGET)))
+    if len(_plans) < 10_000:
+        _plans[keys] = plan
     return plan
 
 
@@ -250,20 +248,17 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
             route = template_path(str(path))  # a span named only by its method (a sidecar, a proxy)
         operation = f"{method} {route}" if method and route else name
     keys_found: list[str] = []
-    if plan.roles:
-        request_ids: list[str] = []
-        idempotency = False
-        for k, role in plan.roles:
-            v = attrs[k]
-            if role & BUSINESS_KEY and isinstance(v, (str, int)) and v != "":
-                keys_found.append(str(v))
-            if role & REQUEST_ID:  # captured X-Request-ID: lets log lines find the trace
-                request_ids.extend(f"rid:{item}" for item in (v if isinstance(v, (list, tuple)) else [v]) if item)
-            if role & IDEMPOTENCY:
-                idempotency = True
-        keys_found += request_ids
-    else:
-        idempotency = False
+    request_ids: list[str] = []
+    idempotency = False
+    for k, role in plan.roles:
+        v = attrs[k]
+        if role & BUSINESS_KEY and isinstance(v, (str, int)) and v != "":
+            keys_found.append(str(v))
+        if role & REQUEST_ID:  # captured X-Request-ID: lets log lines find the trace
+            request_ids.extend(f"rid:{item}" for item in (v if isinstance(v, (list, tuple)) else [v]) if item)
+        if role & IDEMPOTENCY:
+            idempotency = True
+    keys_found += request_ids
     if route and path:
         slots = _key_slots(str(route))
         if slots:
