@@ -316,6 +316,27 @@ def _reachable(address: tuple[str, int]) -> bool:
         return sock.connect_ex(address) == 0
 
 
+SETTLE_LIMIT_S = 60.0  # the longest a report waits past the settle time for the services' last spans
+
+
+def _settle(store_url: str, settle_s: float) -> None:
+    """Wait the settle time, then until the store has taken no new span for as long again (at least a second, at
+    most SETTLE_LIMIT_S): on a loaded machine the exporters' last batches come late, and a report read before they
+    arrive judges an experiment on calls it has not seen."""
+    from payscope.collector.store import open_store
+
+    time.sleep(settle_s)
+    quiet_s = max(1.0, settle_s)
+    give_up = time.monotonic() + SETTLE_LIMIT_S
+    with open_store(store_url, readonly=True) as opened:
+        seen, since = opened.counts()["spans"], time.monotonic()
+        while time.monotonic() - since < quiet_s and time.monotonic() < give_up:
+            time.sleep(0.5)
+            now = opened.counts()["spans"]
+            if now != seen:
+                seen, since = now, time.monotonic()
+
+
 def run(scenario: Scenario, store_url: str, collector: str, say: Any = print) -> dict[str, Any]:
     """Start the faults, drive the traffic, stop, and report; the report's ``passed`` says whether the
     expectations held."""
@@ -333,7 +354,7 @@ def run(scenario: Scenario, store_url: str, collector: str, say: Any = print) ->
     finally:
         sidecar.stop()
         say("faults off")
-    time.sleep(scenario.settle_s)
+    _settle(store_url, scenario.settle_s)
     until_ns = time.time_ns()
     return report(scenario, store_url, (since_ns, until_ns), driven)
 

@@ -84,7 +84,8 @@ def test_the_recommended_timeouts_pass_the_same_experiment(experiments: dict[str
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     doc = json.loads(done.stdout)
     assert doc["passed"] and not {"non_idempotent_retry", "late_success"} & _findings(doc)
-    (bank,) = [e for e in doc["edges"] if (e["caller"], e["callee"]) == ("payment", "bank")]
+    (bank,) = [e for e in doc["edges"] if (e["caller"], e["callee"]) == ("payment", "bank")] or [
+        pytest.fail(f"no payment -> bank calls under {settings}: {doc['traffic']}, {doc['edges']}")]
     assert bank["injected"] > 0  # the faults were there: the timeouts held under them
     assert doc["orders_charged_twice"] == 0
 
@@ -113,3 +114,33 @@ def test_an_upstream_that_refuses_is_named(tmp_path: Path) -> None:
     done = payscope("chaos", str(scenario), "--store", str(tmp_path / "payscope.db"))
     assert done.returncode == 2 and f"127.0.0.1:{closed} refuses connections" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_the_report_waits_for_spans_that_come_after_the_settle_time(tmp_path: Path) -> None:
+    """A loaded machine's exporters send their last batches late: the report must not be read before they land."""
+    import threading
+    import time
+
+    from payscope.chaos import _settle
+    from payscope.collector.store import open_store
+    from tests.test_store_conformance import sample_trace
+
+    path = str(tmp_path / "payscope.db")
+    with open_store(path) as store:
+        store.write(sample_trace("a" * 32, False))
+
+    def late_batches() -> None:  # two batches, 0.8 s and 1.6 s after the settle time of 0.2 s
+        for n, trace in enumerate(("b" * 32, "c" * 32)):
+            time.sleep(0.8)
+            with open_store(path) as writer:
+                writer.write(sample_trace(trace, False, start_ms=2000 + n))
+
+    writer = threading.Thread(target=late_batches)
+    started = time.monotonic()
+    writer.start()
+    _settle(path, 0.2)
+    waited = time.monotonic() - started
+    writer.join()
+    with open_store(path, readonly=True) as store:
+        assert store.counts()["spans"] == 9
+    assert waited >= 1.6 + 1.0  # the last batch, then a quiet second

@@ -107,6 +107,20 @@ def test_demo_store_holds_real_failures_and_linked_logs(demo_run: tuple[Path, su
     assert {r["service"] for r in shown["logs"]} >= {"gateway", "order", "payment"}
 
 
+def test_fixed_sets_each_client_to_cover_every_operation_it_serves(
+        demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """order's one inventory client makes the TCC try, confirm and cancel calls: the timeout --fixed gives it is the
+    longest of their recommendations, so that none of the three is cut inside its own tail."""
+    from payscope.demo import fixed_settings
+
+    store, _ = demo_run
+    recs = payscope_json("recommend", "timeouts", "--store", str(store))["recommendations"]
+    inventory = {r["edge"]["operation"]: r["recommended"]["timeout_ms"] for r in recs
+                 if (r["edge"]["caller"], r["edge"]["callee"]) == ("order", "inventory")}
+    assert len(inventory) >= 2, inventory
+    assert float(fixed_settings(store)["ORDER_INVENTORY_TIMEOUT"]) * 1000 == max(inventory.values())
+
+
 def test_demo_fixed_measurably_lowers_failures(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     store, _ = demo_run
     proc = payscope("demo", "--fixed", "--duration", DURATION, "--store", str(store), timeout=300)
@@ -122,7 +136,8 @@ def test_demo_fixed_measurably_lowers_failures(demo_run: tuple[Path, subprocess.
     for run in (0, 1):  # the counts reconcile: every order placed was paid or failed for its customer
         assert table["orders placed"][run] == table["orders paid"][run] + table["orders failed for the customer"][run]
         assert table["orders charged twice"][run] <= table["orders placed"][run]
-    assert table["orders failed for the customer"][1] <= table["orders failed for the customer"][0]
+    applied = [line for line in proc.stderr.splitlines() if "applying" in line]
+    assert table["orders failed for the customer"][1] <= table["orders failed for the customer"][0], applied
     assert "PAYMENT_BANK_RETRIES=0" in proc.stderr
 
 

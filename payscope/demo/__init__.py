@@ -292,18 +292,20 @@ def fixed_settings(store: Path) -> dict[str, str]:
     from payscope.collector.store import open_store
 
     with open_store(str(store), readonly=True) as opened:
-        recs = {(r.edge.caller, r.edge.callee): r.recommended for r in load(opened).recommendations.values()}
+        recs = list(load(opened).recommendations.values())
     settings = dict(FAULTY)
 
     def put(name: str, edge: tuple[str, str]) -> None:
-        rec = recs.get(edge)
-        if rec is not None and rec.per_try_ms is not None:
-            settings[name] = f"{rec.per_try_ms / 1000:g}"
+        # One client setting serves every operation on the edge (order's inventory client makes the TCC try, confirm
+        # and cancel calls): it must cover the one that needs the longest, not whichever operation came last.
+        values = [r.recommended.per_try_ms for r in recs if (r.edge.caller, r.edge.callee) == edge]
+        if values and None not in values:
+            settings[name] = f"{max(v for v in values if v is not None) / 1000:g}"
 
     put("GATEWAY_TIMEOUT", ("gateway", "order"))
     put("ORDER_PAYMENT_TIMEOUT", ("order", "payment"))
     put("ORDER_INVENTORY_TIMEOUT", ("order", "inventory"))
     put("PAYMENT_BANK_TIMEOUT", ("payment", "bank"))
-    bank = recs.get(("payment", "bank"))
-    settings["PAYMENT_BANK_RETRIES"] = str(max(0, (bank.attempts if bank else 1) - 1))
+    bank = [r.recommended.attempts for r in recs if (r.edge.caller, r.edge.callee) == ("payment", "bank")]
+    settings["PAYMENT_BANK_RETRIES"] = str(max(0, min(bank, default=1) - 1))
     return settings
