@@ -11,6 +11,7 @@ from payscope.timeparse import format_ns
 from .calls import Call
 from .engine import Analysis, Edge, EdgeKey, is_business_failure
 from .gaps import Occupancy, gap_cause, occupancies, stretch_gap_ms, stretches
+from .recommend import connect_timeout_ms
 from .stats import fraction_above, percentile
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
@@ -468,8 +469,8 @@ def connect_timeout_too_long(analysis: Analysis, edge: Edge) -> Finding | None:
         "(what a single timeout value sets), or of seconds, only delays noticing that the callee is down, and "
         "retries to a healthy replica start late.",
         {"connect_timeout_ms": connect, "read_timeout_ms": read}, [],
-        {"connect_timeout_ms": 500 if read >= 1000 else max(50, int(read // 4)), "action": "shorten the connect "
-         "timeout", "timeout_ms": analysis.recommended_ms(edge.key)})
+        {"connect_timeout_ms": connect_timeout_ms(analysis.recommended_ms(edge.key) or read),
+         "action": "set the connect timeout on its own", "timeout_ms": analysis.recommended_ms(edge.key)})
 
 
 def find(analysis: Analysis) -> list[Finding]:

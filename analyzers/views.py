@@ -248,6 +248,10 @@ def fix_text(finding: dict[str, Any]) -> str:
     """A finding's fix with its edge's one recommended timeout, as every command and screen shows it."""
     rec = finding["recommendation"]
     text = rec.get("action") or "see payscope recommend timeouts"
-    if rec.get("timeout_ms"):
+    if rec.get("connect_timeout_ms"):  # the connect timeout, beside the read timeout it is not
+        text += f" to {format_ms(rec['connect_timeout_ms'])}"
+        if rec.get("timeout_ms"):
+            text += f" (read: recommended timeout {format_ms(rec['timeout_ms'])})"
+    elif rec.get("timeout_ms"):
         text += f" (recommended timeout {format_ms(rec['timeout_ms'])})"
     return text

@@ -35,8 +35,9 @@ async def _tui_findings(store: str, trace_id: str) -> str:
 
 def _check_one_answer(store: str) -> int:
     """Every surface against `recommend`; returns how many edges with a finding were compared."""
-    recommended = {_edge(r["edge"]): r["recommended"]["timeout_ms"]
-                   for r in payscope_json("recommend", "timeouts", "--store", store)["recommendations"]}
+    recs = payscope_json("recommend", "timeouts", "--store", store)["recommendations"]
+    recommended = {_edge(r["edge"]): r["recommended"]["timeout_ms"] for r in recs}
+    snippets = {_edge(r["edge"]): r["snippets"] for r in recs}
     analysis = payscope_json("analyze", "--store", store)
     for edge in analysis["edges"]:
         assert edge["recommended_timeout_ms"] == recommended[_edge(edge)]
@@ -48,6 +49,9 @@ def _check_one_answer(store: str) -> int:
         key = _edge(finding["edge"])
         assert value == recommended[key], (finding["kind"], key)
         compared.add(key)
+        connect = finding["recommendation"].get("connect_timeout_ms")
+        if connect is not None:  # the connect timeout the finding asks for is the one the snippets set
+            assert connect <= value and f"connect={connect / 1000:g})" in snippets[key]["httpx"], snippets[key]
         if not finding["evidence"]["trace_ids"]:
             continue
         trace_id = finding["evidence"]["trace_ids"][0]
