@@ -95,14 +95,18 @@ class Call:
     @property
     def gap_ms(self) -> float | None:
         """What the caller waited beyond the callee's own time: the network, a queue, connection set-up. Known
-        for a successful call, and, as a lower bound, for one given up while the callee's answer was already
-        on its way (its server span ended inside the client span); None otherwise."""
+        for a successful call. For one the caller gave up on, a lower bound: the whole gap when the callee's
+        answer was already on its way (its server span ended inside the client span), else the wait before the
+        callee's span began, or the whole call when it began only after the caller had given up (a request
+        left in the callee's queue past the caller's timeout). None for other failures."""
         server_end, server_start = self.server_end_ns, self.server_start_ns  # read on every call of every edge
         if server_end is None or server_start is None:
             return None
-        if self.error_class is not None and not (self.gave_up and self.server_ok and server_end <= self.end_ns):
-            return None  # failed, and not given up on an answer already on the wire
-        return max(0.0, (self.end_ns - self.start_ns) / 1e6 - (server_end - server_start) / 1e6)
+        if self.error_class is None or (self.gave_up and self.server_ok and server_end <= self.end_ns):
+            return max(0.0, (self.end_ns - self.start_ns) / 1e6 - (server_end - server_start) / 1e6)
+        if self.gave_up:
+            return max(0.0, (min(server_start, self.end_ns) - self.start_ns) / 1e6)
+        return None  # failed, and not given up
 
     @property
     def timed_out(self) -> bool:

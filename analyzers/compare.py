@@ -41,6 +41,7 @@ MIN_REQUESTS = 5       # fewer requests of a kind than this in a window say noth
 # Traces read from each window: p50s and means of a few thousand requests move by a few percent at most, and
 # a large store is never read whole (the store chooses them: Store.sample_traces).
 SAMPLE = 5_000
+HELD_BY = 3            # the hops named as what held a queued service's workers
 
 
 @dataclass
@@ -98,21 +99,24 @@ class Queues:
         return out
 
 
-def _critical_path(analysis: Analysis, trace_id: str, queued: set[int]) -> Iterator[tuple[HopKey, float]]:
-    """(hop, milliseconds) pieces of one trace's entry request along its critical path; ``queued``: the calls
-    whose gap was a wait for a worker (:meth:`Queues.queued`)."""
+def _critical_path(analysis: Analysis, trace_id: str, queued: set[int],
+                   root: tuple[str | None, str, int, int] | None = None) -> Iterator[tuple[HopKey, float]]:
+    """(hop, milliseconds) pieces of one trace's entry request along its critical path, or of the request
+    ``root`` (server span id, service, start, end) in it; ``queued``: the calls whose gap was a wait for a worker
+    (:meth:`Queues.queued`)."""
     calls = analysis.calls_of(trace_id)
     under: dict[str | None, list[Call]] = defaultdict(list)
     for c in calls:
         under[c.entry_span_id].append(c)
-    roots = [c for c in calls if c.upstream is None and c.entry_span_id is not None
-             and c.entry_start_ns is not None and c.entry_end_ns is not None]
-    if not roots:
-        return
-    first = min(roots, key=lambda c: c.entry_start_ns or 0)
-    assert first.entry_start_ns is not None and first.entry_end_ns is not None
-    stack: list[tuple[str | None, str, int, int]] = [(first.entry_span_id, first.caller, first.entry_start_ns,
-                                                     first.entry_end_ns)]
+    if root is None:
+        roots = [c for c in calls if c.upstream is None and c.entry_span_id is not None
+                 and c.entry_start_ns is not None and c.entry_end_ns is not None]
+        if not roots:
+            return
+        first = min(roots, key=lambda c: c.entry_start_ns or 0)
+        assert first.entry_start_ns is not None and first.entry_end_ns is not None
+        root = (first.entry_span_id, first.caller, first.entry_start_ns, first.entry_end_ns)
+    stack: list[tuple[str | None, str, int, int]] = [root]
     seen: set[str | None] = set()
     while stack:
         span_id, service, start, end = stack.pop()
@@ -151,9 +155,9 @@ def _critical_path(analysis: Analysis, trace_id: str, queued: set[int]) -> Itera
         yield (service, "service", None), own / 1e6
 
 
-def _requests(analysis: Analysis, window: Window, queues: Queues) -> list[tuple[Kind, dict[HopKey, float]]]:
-    """Each entry request in the window: its kind and its pieces along the critical path."""
-    queued = queues.queued(window)
+def _requests(analysis: Analysis, window: Window, queued: set[int]) -> list[tuple[Kind, dict[HopKey, float]]]:
+    """Each entry request in the window: its kind and its pieces along the critical path; ``queued``: the calls
+    of the window that waited for a worker (:meth:`Queues.queued`)."""
     out = []
     for trace_id, facts in analysis.traces.items():
         if not window[0] <= facts.start_ns < window[1]:
@@ -165,6 +169,24 @@ def _requests(analysis: Analysis, window: Window, queues: Queues) -> list[tuple[
             # requests of one kind take one path through the system: compared with themselves, a change of
             # traffic mix is not taken for a slowdown, and a hop only some requests cross is not diluted
             out.append(((facts.root_service, frozenset(k[2] for k in pieces if k[2] is not None)), pieces))
+    return out
+
+
+def _requests_into(analysis: Analysis, service: str, window: Window, queued: set[int]
+                   ) -> list[tuple[Kind, dict[HopKey, float]]]:
+    """Each request ``service`` answered in the window (by when it was sent): its kind and its pieces along its
+    critical path, from the moment its server span began."""
+    out = []
+    for c in analysis.calls:
+        if c.callee != service or not window[0] <= c.start_ns < window[1] or c.answered_by is None \
+                or c.server_start_ns is None or c.server_end_ns is None:
+            continue
+        pieces: dict[HopKey, float] = defaultdict(float)
+        root = (c.answered_by, c.server_service or c.callee, c.server_start_ns, c.server_end_ns)
+        for key, value in _critical_path(analysis, c.trace_id, queued, root):
+            pieces[key] += value
+        if pieces:
+            out.append(((service, frozenset(k[2] for k in pieces if k[2] is not None)), pieces))
     return out
 
 
@@ -238,17 +260,14 @@ def _merged(explained: dict[HopKey, float], noise: float) -> tuple[dict[HopKey, 
     return merged, members
 
 
-def compare(analysis: Analysis, baseline: Window, incident: Window,
-            samples: tuple[Sample, Sample] | None = None) -> dict[str, Any]:
-    """The JSON contract of `payscope compare`: both windows, and the hops ranked by what they explain.
-
-    Each kind of entry request (entry service and operation) is compared with itself, so that a change in the
-    traffic mix is not taken for a slowdown; a hop is ranked by what it adds to the kind it slows most.
-    ``samples``: when the analysis holds only a sample of each window's traces (``loader.load_sampled``), what
-    was read of each, which the document states.
-    """
-    queues = Queues.of(analysis)
-    base_requests, inc_requests = _requests(analysis, baseline, queues), _requests(analysis, incident, queues)
+def _ranked(analysis: Analysis, windows: tuple[Window, Window],
+            requests: tuple[list[tuple[Kind, dict[HopKey, float]]], list[tuple[Kind, dict[HopKey, float]]]],
+            queued: tuple[set[int], set[int]] | None) -> tuple[WindowStats, WindowStats, list[dict[str, Any]]]:
+    """Both windows' stats, and the hops ranked by what they add to the kind of request they slow most. With
+    ``queued`` (each window's queued calls), a queue in front of a service whose own requests grew says what
+    held its workers: the same ranking over the requests that service answered (``held_by``)."""
+    baseline, incident = windows
+    base_requests, inc_requests = requests
     base_kinds = defaultdict(int, Counter(k for k, _ in base_requests))
     inc_kinds = Counter(k for k, _ in inc_requests)
     kept = {k for k, n in inc_kinds.items() if n >= MIN_REQUESTS and base_kinds[k] >= MIN_REQUESTS}
@@ -305,7 +324,7 @@ def compare(analysis: Analysis, baseline: Window, incident: Window,
         inc_samples = sorted(v for k in members_of if k in inc.pieces for v in inc.pieces[k].samples)
         service, component, edge = key
         held_ms = held[service] if component == "queue" else None
-        hops.append({
+        hop: dict[str, Any] = {
             "service": service, "component": component,
             "edge": None if edge is None else {"caller": edge[0], "callee": edge[1], "operation": edge[2]},
             "baseline_ms": _pct(base_samples), "incident_ms": _pct(inc_samples),
@@ -315,7 +334,44 @@ def compare(analysis: Analysis, baseline: Window, incident: Window,
             "consequence": consequence(key, g),
             "sentence": sentence(service, component, edge, value, added[g], g, _pct(base_samples),
                                  _pct(inc_samples), held_ms, consequence(key, g)),
-        })
+        }
+        if queued is not None and hop["consequence"]:
+            # what held the workers: the requests the service answered, ranked the same way (one level deep)
+            into = (_requests_into(analysis, service, baseline, queued[0]),
+                    _requests_into(analysis, service, incident, queued[1]))
+            hop["held_by"] = [h for h in _ranked(analysis, windows, into, None)[2]
+                              if (h["service"], h["component"]) != (service, "queue")][:HELD_BY]
+        hops.append(hop)
+
+    def named(hop: dict[str, Any]) -> tuple[str, str, Any]:
+        return hop["service"], hop["component"], hop["edge"] and tuple(hop["edge"].values())
+
+    def after(hop: dict[str, Any]) -> bool:
+        """A consequence ranks after its causes when they are listed; when the entry requests never reached them
+        (they gave up in the queue), the queue leads, and what held its workers is named under it."""
+        return bool(hop["consequence"]) and (not hop.get("held_by")
+                                             or any(named(h) in listed for h in hop["held_by"]))
+
+    listed = {named(h) for h in hops if not h["consequence"]}
+    hops.sort(key=lambda h: (after(h), -h["explains_ms"]))
+    return base, inc, hops
+
+
+def compare(analysis: Analysis, baseline: Window, incident: Window,
+            samples: tuple[Sample, Sample] | None = None) -> dict[str, Any]:
+    """The JSON contract of `payscope compare`: both windows, and the hops ranked by what they explain.
+
+    Each kind of entry request (entry service and operation) is compared with itself, so that a change in the
+    traffic mix is not taken for a slowdown; a hop is ranked by what it adds to the kind it slows most. A queue
+    that is a consequence (its service's own requests took longer, holding its workers) says what held them
+    (``held_by``): the entry requests that gave up waiting in it never reached what slowed the service.
+    ``samples``: when the analysis holds only a sample of each window's traces (``loader.load_sampled``), what
+    was read of each, which the document states.
+    """
+    queues = Queues.of(analysis)
+    queued = queues.queued(baseline), queues.queued(incident)
+    requests = _requests(analysis, baseline, queued[0]), _requests(analysis, incident, queued[1])
+    base, inc, hops = _ranked(analysis, (baseline, incident), requests, queued)
     base_sample, inc_sample = samples if samples is not None else (None, None)
     return {"baseline": _summary(base, base_sample), "incident": _summary(inc, inc_sample),
             "noise": f"entry requests are compared kind by kind (entry service and the calls they make); a hop "
@@ -378,5 +434,8 @@ def sentence(service: str, component: str, edge: tuple[str, str, str] | None, va
         why = (f"; {service}'s own requests took {held_ms:.0f} ms longer, which held its workers: a consequence of "
                "what slowed them" if consequence else f"; {service}'s own requests took about as long as before "
                f"({held_ms:+.0f} ms): more came than its workers could take")
-    return (f"{value:.0f} ms per {group[0]} request that crosses it{share} is lost {where}{call}: p50 {base['p50']} -> "
-            f"{inc['p50']} ms, p99 {base['p99']} -> {inc['p99']} ms{why}")
+    def at(values: dict[str, float | None], q: str) -> str:
+        return "none" if values[q] is None else f"{values[q]}"
+
+    return (f"{value:.0f} ms per {group[0]} request that crosses it{share} is lost {where}{call}: "
+            f"p50 {at(base, 'p50')} -> {at(inc, 'p50')} ms, p99 {at(base, 'p99')} -> {at(inc, 'p99')} ms{why}")

@@ -135,8 +135,18 @@ def compare_lines(document: dict[str, Any]) -> list[str]:
     if not document["hops"]:
         lines.append("no hop grew above noise: " + document["noise"])
     for i, hop in enumerate(document["hops"], 1):
-        lines.append(f"{i}. [{hop['component']}] {hop['service']}: {hop['sentence']}")
+        first, *held = hop_lines(hop)
+        lines.append(f"{i}. {first}")
+        lines.extend(f"   {line}" for line in held)
     return lines
+
+
+def hop_lines(hop: dict[str, Any]) -> list[str]:
+    """One hop of `payscope compare`, and for a queue that is a consequence, what held its service's workers: as
+    the command prints it and the TUI shows it."""
+    return [f"[{hop['component']}] {hop['service']}: {hop['sentence']}"] + [
+        f"held {hop['service']}'s workers: [{h['component']}] {h['service']}: {h['sentence']}"
+        for h in hop.get("held_by") or ()]
 
 
 def mismatch_counts(orders: list[dict[str, Any]]) -> dict[str, int]:

@@ -165,3 +165,16 @@ def node_server(script: str, directory: Path) -> Iterator[int]:
         yield port
     finally:
         stop_all([proc])
+
+
+def demo_bank_link_leads(hops: list[dict[str, Any]]) -> bool:
+    """Whether `compare` on the demo's sale peak names the bank's slowed link first: as the first hop, or, when
+    the entry requests gave up waiting in order's queue and never reached the bank, as what held order's workers
+    under that queue, which then leads."""
+    first = hops[0]
+    if (first["component"], first["service"]) == ("queue", "order"):
+        return bool(first["consequence"]) and any(
+            (h["component"], h["service"], (h["edge"] or {}).get("caller")) == ("network", "bank", "payment")
+            for h in first.get("held_by") or ())
+    return (first["component"], first["service"], (first["edge"] or {}).get("caller")) == ("network", "bank",
+                                                                                          "payment")

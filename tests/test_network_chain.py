@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,10 +28,11 @@ DELAY_MS = 150.0
 SPIN_MS = 150
 
 
-def _three_hops(store: Path, one_worker: bool = False
+def _three_hops(store: Path, one_worker: bool = False, frontend_timeout_s: float = 5.0
                 ) -> tuple[CollectorProcess, dict[str, int], dict[str, float], DelayingRelay, list[Any]]:
     """frontend -> api -> relay -> ledger under `payscope run`, into a collector writing ``store``; the relay's
-    delay is ``delay["ms"]``. ``one_worker``: api serves one request at a time."""
+    delay is ``delay["ms"]``. ``one_worker``: api serves one request at a time; ``frontend_timeout_s``: how long
+    frontend waits for api."""
     collector = CollectorProcess(store, grpc=False)
     ports = {name: free_port() for name in ("frontend", "api", "ledger", "link")}
     delay = {"ms": 0.0}
@@ -43,7 +45,8 @@ def _three_hops(store: Path, one_worker: bool = False
         _payscope_run("ledger", collector, sys.executable, "hop.py", str(ports["ledger"]), env=base),
         _payscope_run("api", collector, sys.executable, "hop.py", str(ports["api"]), env=api_env),
         _payscope_run("frontend", collector, sys.executable, "hop.py", str(ports["frontend"]),
-                      env=dict(base, NEXT_URL=f"http://127.0.0.1:{ports['api']}")),
+                      env=dict(base, NEXT_URL=f"http://127.0.0.1:{ports['api']}",
+                               NEXT_TIMEOUT=str(frontend_timeout_s))),
     ]
     return collector, ports, delay, relay, procs
 
@@ -168,18 +171,18 @@ def test_requests_waiting_for_a_busy_worker_are_a_queue_not_the_link(tmp_path: P
     assert "more came than its workers could take" in first["sentence"]
 
 
-def test_a_queue_behind_a_slow_link_is_ranked_after_the_link(tmp_path: Path) -> None:
-    """frontend -> api (one worker) -> ledger, four customers at a time throughout; then the link between api and
-    ledger slows. api's worker is held the longer, so requests queue in front of it for more time than the link
-    itself adds: the queue is a consequence, and the link comes first.
-
-    Stand-in: this machine's kernel has no netem, so the slow network is a delaying TCP relay
-    (`payscope.demo.netdelay`) between api and ledger."""
-    store = tmp_path / "payscope.db"
-    collector, ports, delay, relay, procs = _three_hops(store, one_worker=True)
+def _four_at_once_then_a_slow_link(store: Path, frontend_timeout_s: float) -> tuple[tuple[float, float],
+                                                                                   tuple[float, float]]:
+    """frontend -> api (one worker) -> ledger: one customer at a time, then four at once throughout (the healthy
+    window), then the same with the link between api and ledger slowed by DELAY_MS (the incident window). When
+    frontend gives up on api, its customer's request fails (504) and api still works off what was given up."""
+    collector, ports, delay, relay, procs = _three_hops(store, one_worker=True, frontend_timeout_s=frontend_timeout_s)
 
     def order(_: int = 0) -> None:
-        urllib.request.urlopen(f"http://127.0.0.1:{ports['frontend']}/work?sleep_ms=20", timeout=30).read()
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{ports['frontend']}/work?sleep_ms=20", timeout=30).read()
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 504, exc  # frontend gave up on api
 
     def four_at_once() -> tuple[float, float]:
         start = time.time()
@@ -195,11 +198,23 @@ def test_a_queue_behind_a_slow_link_is_ranked_after_the_link(tmp_path: Path) -> 
         healthy = four_at_once()
         delay["ms"] = DELAY_MS
         slow_link = four_at_once()
-        time.sleep(1.5)  # every batch out
+        time.sleep(1.5 if frontend_timeout_s > 1 else REQUESTS * (DELAY_MS + 40) / 1000 + 1.5)  # all done, sent
     finally:
         stop_all(procs)
         relay.stop()
         collector.stop()
+    return healthy, slow_link
+
+
+def test_a_queue_behind_a_slow_link_is_ranked_after_the_link(tmp_path: Path) -> None:
+    """frontend -> api (one worker) -> ledger, four customers at a time throughout; then the link between api and
+    ledger slows. api's worker is held the longer, so requests queue in front of it for more time than the link
+    itself adds: the queue is a consequence, and the link comes first.
+
+    Stand-in: this machine's kernel has no netem, so the slow network is a delaying TCP relay
+    (`payscope.demo.netdelay`) between api and ledger."""
+    store = tmp_path / "payscope.db"
+    healthy, slow_link = _four_at_once_then_a_slow_link(store, frontend_timeout_s=5.0)
     doc = payscope_json("compare", "--store", str(store), "--baseline", _window(healthy),
                         "--incident", _window(slow_link))
     first = doc["hops"][0]
@@ -210,3 +225,29 @@ def test_a_queue_behind_a_slow_link_is_ranked_after_the_link(tmp_path: Path) -> 
     assert queue["explains_ms"] > first["explains_ms"]  # the larger, and still second: it is what the link caused
     assert queue["held_ms"] == pytest.approx(DELAY_MS, rel=0.3)
     assert "a consequence of what slowed them" in queue["sentence"]
+
+
+def test_requests_that_give_up_in_a_queue_are_led_to_what_held_its_workers(tmp_path: Path) -> None:
+    """As above, but frontend waits only 300 ms for api: once the link slows, each request finds three ahead of it
+    in api's queue (about 175 ms each) and frontend gives up before api even starts on it. The entry requests
+    never reach the link; what they lost is api's queue, and what held api's worker is the link, named under the
+    queue. Before, those calls had no known gap, the queue went unseen, and the time was put on the network
+    between frontend and api.
+
+    Stand-in: this machine's kernel has no netem, so the slow network is a delaying TCP relay
+    (`payscope.demo.netdelay`) between api and ledger."""
+    store = tmp_path / "payscope.db"
+    healthy, slow_link = _four_at_once_then_a_slow_link(store, frontend_timeout_s=0.3)
+    doc = payscope_json("compare", "--store", str(store), "--baseline", _window(healthy),
+                        "--incident", _window(slow_link))
+    first = doc["hops"][0]
+    assert (first["service"], first["component"], first["consequence"]) == ("api", "queue", True), doc["hops"]
+    assert first["held_ms"] == pytest.approx(DELAY_MS, rel=0.3)
+    held = first["held_by"][0]
+    assert (held["service"], held["component"], held["edge"]["caller"]) == ("ledger", "network", "api"), first
+    assert held["explains_ms"] == pytest.approx(DELAY_MS, rel=0.3)
+    assert not [h for h in doc["hops"] if h["component"] == "network" and h["service"] == "api"], doc["hops"]
+    found = payscope_json("analyze", "--store", str(store))["findings"]
+    causes = {(f["edge"]["caller"], f["edge"]["callee"]): f["metrics"]["cause"] for f in found
+              if f["kind"] == "network_latency"}
+    assert causes.get(("frontend", "api")) in (None, "callee_queue") and causes.get(("api", "ledger")) == "link"

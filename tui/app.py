@@ -17,7 +17,7 @@ from textual.worker import Worker, WorkerState
 from payscope.analyzers.views import fix_text
 from payscope.collector.store import Store
 from payscope.errors import PayscopeError
-from payscope.report import journey_lines
+from payscope.report import hop_lines, journey_lines
 from payscope.timeparse import format_ms, format_ns, parse_window
 
 from . import data
@@ -468,12 +468,13 @@ class CompareScreen(Loading):
             f"{format_ns(inc['to_ns'])[11:19]} ({inc['entry_requests']}): {len(doc['hops'])} hops above noise; "
             "w: other windows")
         self.query_one("#hop-sentence", Static).update(
-            doc["hops"][0]["sentence"] if doc["hops"] else "no hop grew above noise: " + doc["noise"])
+            "\n".join(hop_lines(doc["hops"][0])) if doc["hops"] else "no hop grew above noise: " + doc["noise"])
 
     @on(DataTable.RowHighlighted, "#hops")
     def show_sentence(self, event: DataTable.RowHighlighted) -> None:
         if self.document and event.cursor_row < len(self.document["hops"]):
-            self.query_one("#hop-sentence", Static).update(self.document["hops"][event.cursor_row]["sentence"])
+            hop = self.document["hops"][event.cursor_row]
+            self.query_one("#hop-sentence", Static).update("\n".join(hop_lines(hop)))
 
     def action_windows(self) -> None:
         box = self.query_one("#windows", Input)

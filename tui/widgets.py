@@ -165,7 +165,9 @@ class Waterfall(ScrollView, can_focus=True):
             if 0 <= at < bar_width:
                 cells[at] = TIMEOUT_MARK
                 gap_cells.discard(at)
-        if gap:
+        if gap and (row.get("call") or {}).get("error_class"):
+            marks += f" gap>={gap:.1f}ms"  # given up: what it waited at least, after the error it ended in
+        elif gap:
             marks = f" gap {gap:.1f}ms" + marks
         critical = "critical" in self.flags.get(row["span_id"], ())
         style = Style(bold=critical)
