@@ -93,6 +93,20 @@ class Call:
         return (self.server_end_ns - self.server_start_ns) / 1e6
 
     @property
+    def observed_ms(self) -> float | None:
+        """What the caller saw of a call its callee answered well: its length, or for a late success as long as it
+        would have lasted (until the callee finished). None for an injected fault, a failure, and a call given up
+        with no answer (its length was never seen). The samples of every latency judgement (``Edge.latency``)."""
+        if self.fault is not None:
+            return None
+        client = (self.end_ns - self.start_ns) / 1e6
+        if self.error_class is None:
+            return client
+        if self.gave_up and self.late_success and self.server_end_ns is not None:
+            return max(client, (self.server_end_ns - self.start_ns) / 1e6)
+        return None
+
+    @property
     def gap_ms(self) -> float | None:
         """What the caller waited beyond the callee's own time: the network, a queue, connection set-up. Known
         for a successful call. For one the caller gave up on, a lower bound: the whole gap when the callee's

@@ -7,7 +7,7 @@ from typing import Any
 
 from payscope.model import SpanRow
 
-from . import engine, findings, recommend
+from . import engine, findings, gaps, recommend
 from .engine import Analysis, EdgeKey, TimeoutValue
 
 
@@ -20,6 +20,7 @@ def diagnose(traces: Iterable[list[SpanRow] | bytes], *, declared: dict[EdgeKey,
     """
     analysis = engine.run(traces, declared=declared, extra_calls=extra_calls)
     analysis.order_rules, analysis.order_logs = order_rules, order_logs  # before anything asks for the orders
+    gaps.leave_out_queues(analysis)  # the tails timeouts are sized and judged on
     analysis.recommendations = {r.edge.key: r for r in recommend.recommend(analysis)}
     analysis.findings = findings.find(analysis)
     return analysis

@@ -103,6 +103,7 @@ class Edge:
     calls: list[Call] = field(default_factory=list)
     healthy_ms: list[float] = field(default_factory=list)     # what the caller saw of successful calls
     observed_ms: list[float] = field(default_factory=list)    # ... plus late successes, as long as they took
+    tail_ms: list[float] | None = None                        # observed_ms without a queue (gaps.leave_out_queues)
     server_ms: list[float] = field(default_factory=list)      # the callee's own time on successful calls
     gap_ms: list[float] = field(default_factory=list)         # client minus server: network, queue, connect
     censored_ms: list[float] = field(default_factory=list)    # gave up with no answer: lasted at least this
@@ -133,6 +134,12 @@ class Edge:
         uses. Late successes count as long as they took; calls given up without an answer are in
         ``censored_ms``, never replaced by the callee's own time."""
         return self.observed_ms
+
+    def tail(self) -> list[float]:
+        """The samples a timeout is sized and judged on (sorted): :meth:`latency`, without the calls that waited for
+        a free worker of a callee whose calls queued (``tail_ms``, :func:`gaps.leave_out_queues`): a timeout that
+        covers a queue only lets it grow."""
+        return self.observed_ms if self.tail_ms is None else self.tail_ms
 
     def budget_ms(self) -> float | None:
         """The current worst case of one logical call on this edge (None when its timeout is not known)."""
@@ -188,6 +195,7 @@ class Analysis:
     _with_errors: set[str] | None = field(default=None, repr=False)
     _orders: dict[str, Any] | None = field(default=None, repr=False)
     _problems: dict[str, list[str]] | None = field(default=None, repr=False)
+    _busy: dict[str, Any] | None = field(default=None, repr=False)  # gaps.occupancies, made once
     order_rules: Any = None  # orders.Rules: what counts as a charge and an answer (payscope.toml [orders])
     order_logs: Any = None   # orders.LoggedFacts: the log lines those rules name
     window: Window | None = None  # read only the traces that started in it; None: every trace
@@ -425,16 +433,14 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
             answered = False
         elif c.error_class is None:
             edge.healthy_ms.append(client)
-            edge.observed_ms.append(client)
         else:
             edge.errors[c.error_class] += 1
             if c.gave_up:
                 edge.timed_out_ms.append(client)
-                if c.late_success and c.server_end_ns is not None:
-                    # it would have lasted at least until the callee finished
-                    edge.observed_ms.append(max(client, ms(c.server_end_ns - c.start_ns)))
-                else:
+                if not (c.late_success and c.server_end_ns is not None):
                     edge.censored_ms.append(client)
+        if (seen := c.observed_ms) is not None:
+            edge.observed_ms.append(seen)
         if answered and (server := c.server_ms) is not None:
             edge.server_ms.append(server)
             if (gap := c.gap_ms) is not None:

@@ -116,15 +116,18 @@ def timeout_below_tail(analysis: Analysis, edge: Edge) -> Finding | None:
         return None
     t = timeout.value_ms
     summary = None
-    if edge.instrumented_callee and len(edge.latency()) >= MIN_SAMPLES:
-        values = edge.latency()
+    if edge.instrumented_callee and len(edge.tail()) >= MIN_SAMPLES:
+        values = edge.tail()
         p99 = percentile(values, 99) or 0.0
         rate = fraction_above(values, t)
         if p99 <= t or rate < BELOW_TAIL_MIN_RATE:
             return None
+        queued = "" if edge.tail_ms is None else (
+            f" The {len(edge.observed_ms) - len(edge.tail_ms)} calls that waited for a free worker of {edge.callee} "
+            "are left out: a queue is what a timeout should shed.")
         explanation = (f"The timeout cuts off {rate:.1%} of calls that {edge.callee} answered successfully "
                        f"(what {edge.caller} saw, counting calls {edge.callee} finished after {edge.caller} "
-                       "had stopped waiting). These are healthy but slow requests being turned into failures.")
+                       f"had stopped waiting). These are healthy but slow requests being turned into failures.{queued}")
     else:
         # The callee has no spans: successes are cut off at the timeout. Their tail reaching up to it,
         # with timeouts spread over the whole period rather than in one burst, says the same thing.

@@ -153,7 +153,29 @@ def rarely_fast(fast: int, calls: int, share: float) -> bool:
 
 def occupancies(analysis: Analysis) -> dict[str, Occupancy]:
     """Each service's in-flight profile, in one pass over the calls: the server spans that answered calls into
-    it and those its own calls were made under, each once."""
+    it and those its own calls were made under, each once (made once an analysis)."""
+    if analysis._busy is None:
+        analysis._busy = _occupancies(analysis)
+    return analysis._busy
+
+
+def leave_out_queues(analysis: Analysis) -> None:
+    """Each edge's tail without its queue (``Edge.tail``): when the calls that found the callee with every worker
+    busy lost, beyond chance, more than the others (:func:`waited_for_workers`, over the whole period), what the
+    caller saw of them is the callee's queue, not its work, and a timeout sized on it would only let the queue
+    grow; a queue is what a timeout sheds. The recommendation and the below-tail finding read the rest, unless
+    nothing is left."""
+    busy = occupancies(analysis)
+    for edge in analysis.edges.values():
+        callee = busy.get(edge.callee)
+        if callee is None or waited_for_workers(callee, edge.calls, usual_gap_ms(edge)) is None:
+            continue
+        kept = [seen for c in edge.calls if (seen := c.observed_ms) is not None and not callee.found_full(c)]
+        if kept and len(kept) < len(edge.observed_ms):
+            edge.tail_ms = sorted(kept)
+
+
+def _occupancies(analysis: Analysis) -> dict[str, Occupancy]:
     spans: dict[str, dict[str, tuple[int, int]]] = {}
     for c in analysis.calls:
         if c.server_start_ns is not None and c.server_end_ns is not None:

@@ -91,8 +91,8 @@ class _Budgets:
         nested = (downstream + self_p99) * NESTED_MARGIN if downstream else 0.0
         per_try = tail
         reason = "caller-observed p99 x 1.25 (p99.9 where there are 1000+ samples)"
-        if len(edge.latency()) < MIN_TAIL_SAMPLES:
-            reason = (f"only {len(edge.latency())} successful calls, too few for a tail: covers the longest "
+        if len(edge.tail()) < MIN_TAIL_SAMPLES:
+            reason = (f"only {len(edge.tail())} successful calls, too few for a tail: covers the longest "
                       "the caller saw")
         if per_try is None:
             per_try = edge.timeout.value_ms if edge.timeout.known else None
@@ -104,7 +104,7 @@ class _Budgets:
         backoff = 0.0
         if edge.idempotent and per_try is not None:
             attempts = 2
-            backoff = nice_ceil_ms(max(MIN_TIMEOUT_MS, (percentile(edge.latency(), 50) or 10.0) / 2))
+            backoff = nice_ceil_ms(max(MIN_TIMEOUT_MS, (percentile(edge.tail(), 50) or 10.0) / 2))
         result = Setting(None if per_try is None else max(MIN_TIMEOUT_MS, per_try), attempts, backoff)
         self.memo[key] = result
         self.reasons[key] = reason
@@ -123,7 +123,11 @@ def recommend(analysis: Analysis) -> list[Recommendation]:
         before = timeout_rate(edge, cur.per_try_ms)
         after = timeout_rate(edge, rec.per_try_ms)
         notes = []
-        cut = fraction_above(edge.latency(), rec.per_try_ms) if rec.per_try_ms is not None else 0.0
+        if edge.tail_ms is not None:
+            notes.append(f"{len(edge.observed_ms) - len(edge.tail_ms)} calls that waited for a free worker of "
+                         f"{edge.callee} (its queue, not its work) are left out of the tail: a timeout that covers "
+                         "a queue only lets it grow")
+        cut = fraction_above(edge.tail(), rec.per_try_ms) if rec.per_try_ms is not None else 0.0
         if cut:
             notes.append(f"cuts {cut:.2%} of the successful calls the caller saw (outliers beyond "
                          f"{OUTLIER_FACTOR:g}x the p99)")
@@ -151,8 +155,9 @@ def timeout_rate(edge: Edge, per_try_ms: float | None) -> float:
 
 
 def tail_timeout(edge: Edge) -> float | None:
-    """A per-try timeout from the tail of what the caller saw of successful calls."""
-    values = edge.latency()
+    """A per-try timeout from the tail of what the caller saw of successful calls (``Edge.tail``: without a
+    queue at the callee)."""
+    values = edge.tail()
     p99 = percentile(values, 99)
     if p99 is None:
         return None

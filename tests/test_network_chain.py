@@ -251,3 +251,9 @@ def test_requests_that_give_up_in_a_queue_are_led_to_what_held_its_workers(tmp_p
     causes = {(f["edge"]["caller"], f["edge"]["callee"]): f["metrics"]["cause"] for f in found
               if f["kind"] == "network_latency"}
     assert causes.get(("frontend", "api")) in (None, "callee_queue") and causes.get(("api", "ledger")) == "link"
+    # frontend's timeout is sized on api's work and its downstream budget, not on api's queue: one that covered
+    # the seconds its requests queued would only let the queue grow
+    (rec,) = [r for r in payscope_json("recommend", "timeouts", "--store", str(store))["recommendations"]
+              if (r["edge"]["caller"], r["edge"]["callee"]) == ("frontend", "api")]
+    assert any("waited for a free worker of api" in note for note in rec["notes"]), rec["notes"]
+    assert rec["recommended"]["timeout_ms"] < rec["latency_ms"]["p99"] / 2, rec
