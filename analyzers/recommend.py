@@ -13,6 +13,9 @@ from .stats import fraction_above, median, ms, nice_ceil_ms, percentile
 MARGIN = 1.25          # over the healthy p99
 NESTED_MARGIN = 1.1    # a caller waits this much longer than its callee's whole budget
 MIN_TIMEOUT_MS = 10.0
+# Linux's least TCP retransmission timeout: one lost segment adds at least this much to a call, so a timeout
+# closer than this above the tail turns a single lost packet (or a GC pause, a starved host) into a failure.
+RETRANSMIT_MS = 200.0
 OUTLIER_FACTOR = 4.0   # a success slower than this many p99s is an outlier, not the tail to cover
 MIN_TAIL_SAMPLES = 20  # fewer successes than this give no tail: cover the longest one seen
 
@@ -90,7 +93,8 @@ class _Budgets:
         self_p99 = percentile(sorted(edge.self_ms), 99) or 0.0
         nested = (downstream + self_p99) * NESTED_MARGIN if downstream else 0.0
         per_try = tail
-        reason = "caller-observed p99 x 1.25 (p99.9 where there are 1000+ samples)"
+        reason = (f"caller-observed p99 x {MARGIN:g}, and at least {RETRANSMIT_MS:.0f} ms above it (p99.9 where "
+                  "there are 1000+ samples)")
         if len(edge.tail()) < MIN_TAIL_SAMPLES:
             reason = (f"only {len(edge.tail())} successful calls, too few for a tail: covers the longest "
                       "the caller saw")
@@ -161,7 +165,7 @@ def tail_timeout(edge: Edge) -> float | None:
     p99 = percentile(values, 99)
     if p99 is None:
         return None
-    target = p99 * MARGIN
+    target = max(p99 * MARGIN, p99 + RETRANSMIT_MS)
     if len(values) >= 1000:
         target = max(target, percentile(values, 99.9) or target)
     worst = values[-1]
