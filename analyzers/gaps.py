@@ -165,14 +165,27 @@ def leave_out_queues(analysis: Analysis) -> None:
     caller saw of them is the callee's queue, not its work, and a timeout sized on it would only let the queue
     grow; a queue is what a timeout sheds. The recommendation and the below-tail finding read the rest, unless
     nothing is left."""
-    busy = occupancies(analysis)
     for edge in analysis.edges.values():
-        callee = busy.get(edge.callee)
+        if not _may_queue(edge):
+            continue
+        callee = occupancies(analysis).get(edge.callee)
         if callee is None or waited_for_workers(callee, edge.calls, usual_gap_ms(edge)) is None:
             continue
         kept = [seen for c in edge.calls if (seen := c.observed_ms) is not None and not callee.found_full(c)]
         if kept and len(kept) < len(edge.observed_ms):
             edge.tail_ms = sorted(kept)
+
+
+def _may_queue(edge: Edge) -> bool:
+    """What :func:`waited_for_workers` needs before anything is worked out for it: the median of three or more
+    calls that found the callee full lost ``SIBLING_MIN_MS`` more than the others, so two calls at least lost that
+    much, among the answered ones (``Edge.gap_ms``, sorted), or the edge has calls given up or held by a fault,
+    whose gaps that list does not hold. Most edges of a healthy store pass none of it."""
+    wide = len(edge.gap_ms) - bisect.bisect_left(edge.gap_ms, SIBLING_MIN_MS)
+    if wide < 2 and (edge.timed_out_ms or edge.injected):  # (a call counted twice only lets more edges through)
+        wide += sum(1 for c in edge.calls if (c.error_class is not None or c.fault is not None)
+                    and (g := c.gap_ms) is not None and g >= SIBLING_MIN_MS)
+    return wide >= 2
 
 
 def _occupancies(analysis: Analysis) -> dict[str, Occupancy]:
