@@ -179,11 +179,12 @@ def leave_out_queues(analysis: Analysis) -> None:
 def _may_queue(edge: Edge) -> bool:
     """What :func:`waited_for_workers` needs before anything is worked out for it: the median of three or more
     calls that found the callee full lost ``SIBLING_MIN_MS`` more than the others, so two calls at least lost that
-    much, among the answered ones (``Edge.gap_ms``, sorted), or the edge has calls given up or held by a fault,
-    whose gaps that list does not hold. Most edges of a healthy store pass none of it."""
+    much. Counted in the answered calls' sorted gaps (``Edge.gap_ms``), and only when that is not enough, in the
+    calls that list leaves out (held by a fault, or not answered well: given up). Most edges of a healthy store
+    stop at the first count."""
     wide = len(edge.gap_ms) - bisect.bisect_left(edge.gap_ms, SIBLING_MIN_MS)
-    if wide < 2 and (edge.timed_out_ms or edge.injected):  # (a call counted twice only lets more edges through)
-        wide += sum(1 for c in edge.calls if (c.error_class is not None or c.fault is not None)
+    if wide < 2 and len(edge.gap_ms) < len(edge.calls):
+        wide += sum(1 for c in edge.calls if (c.fault is not None or not c.server_ok)
                     and (g := c.gap_ms) is not None and g >= SIBLING_MIN_MS)
     return wide >= 2
 
