@@ -133,6 +133,7 @@ def _call_json(call: Call) -> dict[str, Any]:
     return {"callee": call.callee, "operation": call.operation, "client_ms": round(call.duration_ns / 1e6, 3),
             "server_ms": None if server is None else round(server, 3),
             "gap_ms": None if gap is None else round(gap, 3),
+            "gap_at_least": gap is not None and call.error_class is not None,  # given up: what it waited at least
             "late_success": call.late_success, "attempt": call.attempt, "error_class": call.error_class}
 
 

@@ -239,8 +239,8 @@ def call_times(call: dict[str, Any] | None) -> str:
     parts = [f"client {format_ms(call['client_ms'])}"]
     if call["server_ms"] is not None:
         parts.append(f"server {format_ms(call['server_ms'])}")
-    if call["gap_ms"] is not None:  # of a failed call, what it waited at least (the caller gave up)
-        parts.append(f"gap {'>=' if call.get('error_class') else ''}{format_ms(call['gap_ms'])}")
+    if call["gap_ms"] is not None:
+        parts.append(f"gap {'>=' if call.get('gap_at_least') else ''}{format_ms(call['gap_ms'])}")
     if call["late_success"]:
         parts.append("LATE SUCCESS")
     return "[" + " / ".join(parts) + "]"

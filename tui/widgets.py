@@ -165,7 +165,7 @@ class Waterfall(ScrollView, can_focus=True):
             if 0 <= at < bar_width:
                 cells[at] = TIMEOUT_MARK
                 gap_cells.discard(at)
-        if gap and (row.get("call") or {}).get("error_class"):
+        if gap and (row.get("call") or {}).get("gap_at_least"):
             marks += f" gap>={gap:.1f}ms"  # given up: what it waited at least, after the error it ended in
         elif gap:
             marks = f" gap {gap:.1f}ms" + marks
