@@ -147,6 +147,23 @@ def recommend(analysis: Analysis) -> list[Recommendation]:
     return out
 
 
+def per_client(recs: list[Recommendation]) -> dict[tuple[str, str], tuple[list[str], Setting]]:
+    """One setting for each caller -> callee, with the operations it serves: a client object (an httpx.Client, a
+    requests Session, an nginx upstream) usually serves every operation on a callee with one timeout, which must
+    cover the operation that needs the longest (of those with a recommendation), and may retry no more than the
+    least retryable operation allows. `recommend timeouts` and the demo's ``--fixed`` both read it."""
+    groups: dict[tuple[str, str], list[Recommendation]] = defaultdict(list)
+    for r in recs:
+        groups[(r.edge.caller, r.edge.callee)].append(r)
+    out = {}
+    for pair, group in sorted(groups.items()):
+        tries = [t for r in group if (t := r.recommended.per_try_ms) is not None]
+        attempts = min(r.recommended.attempts for r in group)
+        backoff = max(r.recommended.backoff_ms for r in group) if attempts > 1 else 0.0
+        out[pair] = (sorted(r.edge.operation for r in group), Setting(max(tries, default=None), attempts, backoff))
+    return out
+
+
 def timeout_rate(edge: Edge, per_try_ms: float | None) -> float:
     """The share of calls a per-try timeout fails, from what the caller saw: successes slower than it, and
     calls given up without an answer, whose length was never seen (counted as failing under any timeout)."""

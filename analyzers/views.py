@@ -240,6 +240,12 @@ def recommendation_document(analysis: Analysis, *, simulate: bool = False) -> di
     """The JSON contract of `payscope recommend timeouts --format json`."""
     recs = list(analysis.recommendations.values())
     document: dict[str, Any] = {"window": window_json(analysis), "recommendations": [r.to_json() for r in recs]}
+    edges = {(r.edge.caller, r.edge.callee): r.edge for r in recs}
+    document["clients"] = [  # one client object serving several operations: one value that covers them all
+        {"caller": caller, "callee": callee, "operations": operations, "timeout_ms": setting.per_try_ms,
+         "attempts": setting.attempts, "retries": setting.attempts - 1, "backoff_ms": setting.backoff_ms,
+         "snippets": recommend.snippets(edges[(caller, callee)], setting)}
+        for (caller, callee), (operations, setting) in recommend.per_client(recs).items() if len(operations) > 1]
     if simulate:
         document["simulation"] = recommend.simulate(analysis, recs)
     return document

@@ -110,6 +110,12 @@ def print_recommendations(document: dict[str, Any], console: Console, *, snippet
                     console.print(f"  [{client}]", markup=False)
                     for line in text.splitlines():
                         console.print(f"    {line}", markup=False)
+    if document.get("clients"):
+        console.print("one client for several operations (a timeout that covers the slowest, the retries the least "
+                      "retryable allows):", markup=False)
+        for c in document["clients"]:
+            console.print(f"  {c['caller']} -> {c['callee']} ({len(c['operations'])} operations): "
+                          f"{format_ms(c['timeout_ms'])}, {c['retries']} retries", markup=False)
     sim = document.get("simulation")
     if sim:
         console.print("\nreplay of the recorded transactions (traces):")

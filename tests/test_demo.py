@@ -118,14 +118,20 @@ def test_fixed_sets_each_client_to_cover_every_operation_it_serves(
         demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     """order's one inventory client makes the TCC try, confirm and cancel calls: the timeout --fixed gives it is the
     longest of their recommendations, so that none of the three is cut inside its own tail."""
+    from payscope.analyzers.recommend import connect_timeout_ms
     from payscope.demo import fixed_settings
 
     store, _ = demo_run
-    recs = payscope_json("recommend", "timeouts", "--store", str(store))["recommendations"]
-    inventory = {r["edge"]["operation"]: r["recommended"]["timeout_ms"] for r in recs
+    doc = payscope_json("recommend", "timeouts", "--store", str(store))
+    inventory = {r["edge"]["operation"]: r["recommended"]["timeout_ms"] for r in doc["recommendations"]
                  if (r["edge"]["caller"], r["edge"]["callee"]) == ("order", "inventory")}
     assert len(inventory) >= 2, inventory
-    assert float(fixed_settings(store)["ORDER_INVENTORY_TIMEOUT"]) * 1000 == max(inventory.values())
+    # `recommend timeouts` gives the client's one value too, and --fixed applies that one
+    (client,) = [c for c in doc["clients"] if (c["caller"], c["callee"]) == ("order", "inventory")]
+    assert sorted(client["operations"]) == sorted(inventory) and client["timeout_ms"] == max(inventory.values())
+    assert float(fixed_settings(store)["ORDER_INVENTORY_TIMEOUT"]) * 1000 == client["timeout_ms"]
+    assert f"connect={connect_timeout_ms(client['timeout_ms']) / 1000:g})" in client["snippets"]["httpx"]
+    assert "order -> inventory (3 operations)" in payscope("recommend", "timeouts", "--store", str(store)).stdout
 
 
 def test_demo_fixed_measurably_lowers_failures(demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:

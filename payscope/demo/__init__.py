@@ -288,24 +288,25 @@ def outcomes(store: Path) -> Counter[str]:
 
 def fixed_settings(store: Path) -> dict[str, str]:
     """The demo's settings as payscope recommends them, from what the store recorded."""
+    from payscope.analyzers import recommend
     from payscope.analyzers.loader import load
     from payscope.collector.store import open_store
 
     with open_store(str(store), readonly=True) as opened:
-        recs = list(load(opened).recommendations.values())
+        clients = recommend.per_client(list(load(opened).recommendations.values()))
     settings = dict(FAULTY)
 
     def put(name: str, edge: tuple[str, str]) -> None:
-        # One client setting serves every operation on the edge (order's inventory client makes the TCC try, confirm
-        # and cancel calls): it must cover the one that needs the longest, not whichever operation came last.
-        values = [r.recommended.per_try_ms for r in recs if (r.edge.caller, r.edge.callee) == edge]
-        if values and None not in values:
-            settings[name] = f"{max(v for v in values if v is not None) / 1000:g}"
+        # one client in each service serves every operation on its callee (order's inventory client makes the TCC
+        # try, confirm and cancel calls): the client's one value (recommend.per_client)
+        setting = clients[edge][1] if edge in clients else None
+        if setting is not None and setting.per_try_ms is not None:
+            settings[name] = f"{setting.per_try_ms / 1000:g}"
 
     put("GATEWAY_TIMEOUT", ("gateway", "order"))
     put("ORDER_PAYMENT_TIMEOUT", ("order", "payment"))
     put("ORDER_INVENTORY_TIMEOUT", ("order", "inventory"))
     put("PAYMENT_BANK_TIMEOUT", ("payment", "bank"))
-    bank = [r.recommended.attempts for r in recs if (r.edge.caller, r.edge.callee) == ("payment", "bank")]
-    settings["PAYMENT_BANK_RETRIES"] = str(max(0, min(bank, default=1) - 1))
+    bank = clients.get(("payment", "bank"))
+    settings["PAYMENT_BANK_RETRIES"] = str(max(0, (bank[1].attempts if bank else 1) - 1))
     return settings
