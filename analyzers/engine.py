@@ -141,6 +141,11 @@ class Edge:
         covers a queue only lets it grow."""
         return self.observed_ms if self.tail_ms is None else self.tail_ms
 
+    @property
+    def queued(self) -> int:
+        """How many of :meth:`latency`'s calls :meth:`tail` leaves out: they waited in the callee's queue."""
+        return 0 if self.tail_ms is None else len(self.observed_ms) - len(self.tail_ms)
+
     def budget_ms(self) -> float | None:
         """The current worst case of one logical call on this edge (None when its timeout is not known)."""
         if not self.timeout.known or self.timeout.value_ms is None:

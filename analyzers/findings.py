@@ -122,9 +122,9 @@ def timeout_below_tail(analysis: Analysis, edge: Edge) -> Finding | None:
         rate = fraction_above(values, t)
         if p99 <= t or rate < BELOW_TAIL_MIN_RATE:
             return None
-        queued = "" if edge.tail_ms is None else (
-            f" The {len(edge.observed_ms) - len(edge.tail_ms)} calls that waited for a free worker of {edge.callee} "
-            "are left out: a queue is what a timeout should shed.")
+        queued = "" if not edge.queued else (
+            f" The {edge.queued} calls that waited for a free worker of {edge.callee} are left out: a queue is "
+            "what a timeout should shed.")
         explanation = (f"The timeout cuts off {rate:.1%} of calls that {edge.callee} answered successfully "
                        f"(what {edge.caller} saw, counting calls {edge.callee} finished after {edge.caller} "
                        f"had stopped waiting). These are healthy but slow requests being turned into failures.{queued}")

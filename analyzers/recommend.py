@@ -127,8 +127,8 @@ def recommend(analysis: Analysis) -> list[Recommendation]:
         before = timeout_rate(edge, cur.per_try_ms)
         after = timeout_rate(edge, rec.per_try_ms)
         notes = []
-        if edge.tail_ms is not None:
-            notes.append(f"{len(edge.observed_ms) - len(edge.tail_ms)} calls that waited for a free worker of "
+        if edge.queued:
+            notes.append(f"{edge.queued} calls that waited for a free worker of "
                          f"{edge.callee} (its queue, not its work) are left out of the tail: a timeout that covers "
                          "a queue only lets it grow")
         cut = fraction_above(edge.tail(), rec.per_try_ms) if rec.per_try_ms is not None else 0.0
