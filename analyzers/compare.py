@@ -213,8 +213,7 @@ def _summary(stats: WindowStats, sample: Sample | None) -> dict[str, Any]:
     out = {"from_ns": stats.window[0], "to_ns": stats.window[1], "entry_requests": stats.total,
            "entry_ms": _pct(durations)}
     if sample is not None:
-        out["sample"] = {"traces_read": len(sample.trace_ids), "traces_in_window": sample.in_window,
-                         "limit": sample.limit, "complete": sample.complete}
+        out["sample"] = sample.to_json()
     return out
 
 

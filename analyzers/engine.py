@@ -19,6 +19,8 @@ from .derived import thaw
 from .stats import median, ms, p50_p99, percentile
 
 if TYPE_CHECKING:
+    from payscope.collector.store import Sample
+
     from .findings import Finding
     from .recommend import Recommendation
 
@@ -204,6 +206,7 @@ class Analysis:
     order_rules: Any = None  # orders.Rules: what counts as a charge and an answer (payscope.toml [orders])
     order_logs: Any = None   # orders.LoggedFacts: the log lines those rules name
     window: Window | None = None  # read only the traces that started in it; None: every trace
+    sample: Sample | None = None  # the store's sample of those traces that was read (None: no limit was set)
 
     def recommended_ms(self, key: EdgeKey) -> float | None:
         """The one recommended per-try timeout of an edge, that every finding and screen cites."""

@@ -46,16 +46,30 @@ def _proxy_calls(store: Store, window: Window | None, traces: set[str] | None = 
     return proxy_calls
 
 
-def load(store: Store, *, window: Window | None = None) -> Analysis:
+_END_NS = 2**63 - 1  # the last time a store can hold: a sample of "every trace" is drawn over [0, this)
+
+
+def load(store: Store, *, window: Window | None = None, sample: int | None = None) -> Analysis:
     """The whole-store analysis of ``store``. With ``window`` (from, to in ns; either may be None), only the
-    traces that start in it (chosen in the store: nothing else is read), and the log lines written in it."""
+    traces that start in it (chosen in the store: nothing else is read), and the log lines written in it. With
+    ``sample``, at most that many of those traces: the store's sample (``Store.sample_traces``, as a trace-id
+    ratio sampler keeps them), read whole, with the log lines of those traces only; a window that holds no more
+    is read as without it."""
     since, until = window if window else (None, None)
+    drawn = store.sample_traces(since or 0, _END_NS if until is None else until, sample) if sample else None
     rules = configured_rules()
     with paused_cycle_collection():
-        analysis = diagnose(store.iter_traces(KEY, since, until),
-                            declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window),
-                            order_rules=rules, order_logs=logged_facts(store, rules, window))
+        if drawn is None or drawn.complete:
+            analysis = diagnose(store.iter_traces(KEY, since, until),
+                                declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window),
+                                order_rules=rules, order_logs=logged_facts(store, rules, window))
+        else:
+            chosen = set(drawn.trace_ids)
+            analysis = diagnose(group_traces(store.rows_of(drawn.trace_ids)),
+                                declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window, chosen),
+                                order_rules=rules, order_logs=logged_facts(store, rules, window, chosen))
     analysis.window = window
+    analysis.sample = drawn
     return analysis
 
 
@@ -70,9 +84,10 @@ def load_sampled(store: Store, windows: list[tuple[int, int]], limit: int | None
     return analysis, samples
 
 
-def logged_facts(store: Store, rules: Rules, window: Window | None = None) -> LoggedFacts:
+def logged_facts(store: Store, rules: Rules, window: Window | None = None,
+                 chosen: set[str] | None = None) -> LoggedFacts:
     """The log lines of traces that the order rules name: each charge a charging service logged, and each
-    trace that told its customer the order failed."""
+    trace that told its customer the order failed (of the ``chosen`` traces only; None: any)."""
     since, until = window if window else (None, None)
 
     def lines(text: str | None) -> list[LogRecord]:
@@ -81,8 +96,10 @@ def logged_facts(store: Store, rules: Rules, window: Window | None = None) -> Lo
         return [r for _, r in store.search_logs(LogQuery(text=text, since_ns=since, until_ns=until, limit=None))]
 
     def traces(r: LogRecord) -> tuple[str, ...]:  # its trace, or the traces its order id left it between
-        return (r.trace_id,) if r.trace_id else tuple(r.attributes.get("link.candidates") or ())
+        found = (r.trace_id,) if r.trace_id else tuple(r.attributes.get("link.candidates") or ())
+        return found if chosen is None else tuple(t for t in found if t in chosen)
 
     return LoggedFacts([(found, r.span_id or "", r.service, r.time_ns) for r in lines(rules.charge_log)
                         if (found := traces(r))],
-                       {r.trace_id for r in lines(rules.failed_log) if r.trace_id})
+                       {r.trace_id for r in lines(rules.failed_log)
+                        if r.trace_id and (chosen is None or r.trace_id in chosen)})

@@ -197,12 +197,17 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
             "clock_skew": [o.to_json() for o in analysis.offsets]}
 
 
-def window_json(analysis: Analysis) -> dict[str, str | None] | None:
-    """The window of start times the analysis read its traces from, as ISO times (None: every trace)."""
-    if analysis.window is None:
+def window_json(analysis: Analysis) -> dict[str, Any] | None:
+    """The window of start times the analysis read its traces from, as ISO times, and the sample of them it read
+    when a limit was set (None: every trace)."""
+    if analysis.window is None and analysis.sample is None:
         return None
-    since, until = analysis.window
-    return {"from": None if since is None else format_ns(since), "to": None if until is None else format_ns(until)}
+    since, until = analysis.window or (None, None)
+    out: dict[str, Any] = {"from": None if since is None else format_ns(since),
+                           "to": None if until is None else format_ns(until)}
+    if analysis.sample is not None:
+        out["sample"] = analysis.sample.to_json()
+    return out
 
 
 @paused_cycle_collection()

@@ -59,6 +59,9 @@ WindowSince = Annotated[Optional[str], typer.Option(
                     "they are read from the store.")]
 WindowUntil = Annotated[Optional[str], typer.Option(
     "--until", help="Only the traces that started before this ISO time, or DURATION ago.")]
+AnalysisSample = Annotated[Optional[int], typer.Option(
+    "--sample", help="At most this many traces read (default: every trace), chosen in the store by trace id as a "
+                     "ratio sampler keeps them; the output says how many of how many were read.", show_default=False)]
 
 
 def _indices(store: str | None, traces_index: str | None, logs_index: str | None) -> str | None:
@@ -105,6 +108,13 @@ def _window(since: str | None, until: str | None) -> tuple[int | None, int | Non
     from payscope.timeparse import start_window
 
     return start_window(since, until, time.time_ns())
+
+
+def _sample(sample: int | None) -> int | None:
+    """The limit ``--sample`` sets on the traces an analysis reads (None: every trace)."""
+    if sample is not None and sample < 0:
+        raise PayscopeError(f"--sample {sample} must be 0 (every trace) or more")
+    return sample or None
 
 
 def _check_format(value: str, allowed: tuple[str, ...]) -> str:
@@ -544,6 +554,7 @@ def analyze(
     ] = None,
     since: WindowSince = None,
     until: WindowUntil = None,
+    sample: AnalysisSample = None,
 ) -> None:
     """Timeout and retry findings over everything in the store (or the traces of a window of time)."""
     from payscope import report
@@ -554,9 +565,9 @@ def analyze(
     _check_format(output_format, ("table", "json", "markdown"))
     if fail_on is not None and fail_on not in SEVERITIES:
         raise PayscopeError(f"--fail-on {fail_on!r} is not one of {', '.join(SEVERITIES)}")
-    window = _window(since, until)
+    window, limit = _window(since, until), _sample(sample)
     with _open_for_analysis(store, traces_index, logs_index) as opened:
-        document = analysis_document(load(opened, window=window))
+        document = analysis_document(load(opened, window=window, sample=limit))
     if output_format == "json":
         _emit_json(document)
     elif output_format == "markdown":
@@ -645,9 +656,7 @@ def compare(
     base = parse_window(baseline, "--baseline") if baseline else (2 * inc[0] - inc[1], inc[0])
     if base[0] < inc[1] and inc[0] < base[1]:
         raise PayscopeError("--baseline and --incident overlap: compare two separate windows")
-    if sample is not None and sample < 0:
-        raise PayscopeError(f"--sample {sample} must be 0 (every trace) or more")
-    limit = SAMPLE if sample is None else sample or None
+    limit = SAMPLE if sample is None else _sample(sample)
     with _open_for_analysis(store, traces_index, logs_index) as opened:
         analysis, (base_sample, inc_sample) = load_sampled(opened, [base, inc], limit)
         document = compare_windows(analysis, base, inc, (base_sample, inc_sample))
@@ -677,6 +686,7 @@ def recommend_timeouts(
     snippets: Annotated[bool, typer.Option("--snippets", help="Print config snippets per edge.")] = False,
     since: WindowSince = None,
     until: WindowUntil = None,
+    sample: AnalysisSample = None,
 ) -> None:
     """Per-edge timeouts and retries from the healthy latency tail, deadlines shrinking down the chain."""
     from payscope import report
@@ -684,9 +694,9 @@ def recommend_timeouts(
     from payscope.analyzers.views import recommendation_document
 
     _check_format(output_format, ("table", "json", "yaml"))
-    window = _window(since, until)
+    window, limit = _window(since, until), _sample(sample)
     with _open_for_analysis(store, traces_index, logs_index) as opened:
-        document = recommendation_document(load(opened, window=window), simulate=simulate)
+        document = recommendation_document(load(opened, window=window, sample=limit), simulate=simulate)
     if output_format == "json":
         _emit_json(document)
     elif output_format == "yaml":
@@ -699,13 +709,14 @@ def recommend_timeouts(
 
 @app.command()
 def tui(store: StoreOption = None, traces_index: TracesIndexOption = None,
-        logs_index: LogsIndexOption = None, since: WindowSince = None, until: WindowUntil = None) -> None:
+        logs_index: LogsIndexOption = None, since: WindowSince = None, until: WindowUntil = None,
+        sample: AnalysisSample = None) -> None:
     """Walk failed transactions in the terminal: waterfall, logs, findings, edges and timeouts (of every trace,
     or of those that started in a window: a DURATION moves with the clock as new data arrives)."""
     from payscope.tui.app import build
 
     _window(since, until)  # refused here, before the screen is taken
-    build(_indices(store, traces_index, logs_index), since=since, until=until).run()
+    build(_indices(store, traces_index, logs_index), since=since, until=until, sample=_sample(sample)).run()
 
 
 # --- demo --------------------------------------------------------------------------

@@ -12,13 +12,24 @@ from payscope.timeparse import format_ms, format_ns
 SEVERITY_STYLE = {"critical": "bold red", "high": "red", "medium": "yellow", "low": "cyan", "info": "dim"}
 
 
-def window_text(window: dict[str, str | None] | None) -> str:
+def sample_text(sample: dict[str, Any] | None) -> str:
+    """How many of the traces a read limited by ``--sample`` took ("" when it took them all)."""
+    if not sample or sample["complete"]:
+        return ""
+    return f"a sample of {sample['traces_read']:,} of {sample['traces_in_window']:,} traces"
+
+
+def window_text(window: dict[str, Any] | None) -> str:
     """Which traces an analysis read, said before what it found in them."""
     if not window:
         return ""
     bounds = ([f"from {window['from']}"] if window.get("from") else []) + (
         [f"before {window['to']}"] if window.get("to") else [])
-    return f"of the traces that started {' and '.join(bounds)}"
+    started = f" that started {' and '.join(bounds)}" if bounds else ""
+    sampled = sample_text(window.get("sample"))
+    if sampled:
+        return f"of {sampled}{started} (chosen by trace id; --sample 0 reads every trace)"
+    return f"of the traces{started}" if started else ""
 
 
 def counts_line(stats: dict[str, Any]) -> str:
@@ -87,8 +98,8 @@ def markdown(document: dict[str, Any]) -> str:
 
 
 def print_recommendations(document: dict[str, Any], console: Console, *, snippets: bool = False) -> None:
-    if document.get("window"):
-        console.print(window_text(document["window"]), markup=False)
+    if window_text(document.get("window")):
+        console.print(window_text(document.get("window")), markup=False)
     console.print(f"{'edge':<48} {'now':>8} {'source':<11} {'p50':>7} {'p99':>7} {'p99.9':>7} "
                   f"{'recommend':>9} {'retries':>7} {'timeouts now':>12} {'after':>7}", markup=False)
     for r in document["recommendations"]:
@@ -130,10 +141,8 @@ def compare_lines(document: dict[str, Any]) -> list[str]:
     base, inc = document["baseline"], document["incident"]
 
     def read(window: dict[str, Any]) -> str:
-        sample = window.get("sample")
-        if not sample or sample["complete"]:
-            return ""
-        return f" (from a sample of {sample['traces_read']:,} of {sample['traces_in_window']:,} traces)"
+        sampled = sample_text(window.get("sample"))
+        return f" (from {sampled})" if sampled else ""
 
     lines = [f"baseline: {base['entry_requests']} entry requests{read(base)}, "
              f"p50 {format_ms(base['entry_ms']['p50'])}; "

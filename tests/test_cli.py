@@ -132,6 +132,53 @@ def test_analyze_and_recommend_read_the_traces_of_a_window_and_say_so(tmp_path: 
     assert proc.returncode == 2 and "--since 'yesterday'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_analyze_and_recommend_read_a_sample_of_the_traces_and_say_so(tmp_path: Path) -> None:
+    """``--sample N`` reads the store's sample of N traces and nothing else: its analysis is the whole analysis of
+    a store that holds only those traces, and every output says how many of how many were read."""
+    from payscope.collector.store import open_store
+    from tests.helpers import payscope_json
+
+    store, alone = str(tmp_path / "s.db"), str(tmp_path / "alone.db")
+    payscope("import", "traces", str(SCENARIOS / "marketplace.otlp.jsonl.gz"), "--store", store, check=True)
+    with open_store(store, readonly=True) as opened:
+        every = len(opened.traces(limit=None))
+        limit = every // 3
+        chosen = opened.sample_traces(0, 2**63 - 1, limit).trace_ids
+        assert len(chosen) == limit
+        with open_store(alone) as copy:
+            copy.write([s for t in chosen for s in opened.trace(t)])
+    sampled = payscope_json("analyze", "--store", store, "--sample", str(limit))
+    assert sampled["stats"]["window"] == {"from": None, "to": None, "sample": {
+        "traces_read": limit, "traces_in_window": every, "limit": limit, "complete": False}}
+    whole_of_those = payscope_json("analyze", "--store", alone)
+    assert whole_of_those["stats"]["window"] is None
+    for document in (sampled, whole_of_those):
+        del document["stats"]["window"]
+    assert sampled == whole_of_those
+    assert sampled["stats"]["traces"] == limit and sampled["findings"]
+    # a limit the store does not reach reads every trace, and says so
+    unlimited = payscope_json("analyze", "--store", store)
+    roomy = payscope_json("analyze", "--store", store, "--sample", str(every + 1))
+    assert roomy["stats"]["window"]["sample"] == {"traces_read": every, "traces_in_window": every,
+                                                   "limit": every + 1, "complete": True}
+    roomy["stats"]["window"] = None
+    assert roomy == unlimited == payscope_json("analyze", "--store", store, "--sample", "0")
+    # one answer: the sample's recommendations are the ones its analysis cites, and the table says what was read
+    recommended = payscope_json("recommend", "timeouts", "--store", store, "--sample", str(limit))
+    assert recommended["window"]["sample"]["traces_read"] == limit
+    cited = {(e["caller"], e["callee"], e["operation"]): e["recommended_timeout_ms"] for e in sampled["edges"]}
+    assert recommended["recommendations"]
+    for r in recommended["recommendations"]:
+        edge = r["edge"]
+        assert cited[(edge["caller"], edge["callee"], edge["operation"])] == r["recommended"]["timeout_ms"]
+    said = f"of a sample of {limit:,} of {every:,} traces"
+    assert payscope("analyze", "--store", store, "--sample", str(limit), check=True).stdout.startswith(said)
+    assert payscope("recommend", "timeouts", "--store", store, "--sample", str(limit),
+                    check=True).stdout.startswith(said)
+    proc = payscope("analyze", "--store", store, "--sample", "-5")
+    assert proc.returncode == 2 and "--sample -5" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_help_takes_h_and_run_shows_its_command() -> None:
     short = payscope("-h", check=True).stdout
     assert short == payscope("--help", check=True).stdout

@@ -46,6 +46,8 @@ def both_stores(tmp_path_factory: pytest.TempPathFactory, elasticsearch_node: An
     ("recommend", "timeouts"),
     ("compare", "--incident"),
     ("compare", "--sample", "20", "--incident"),  # both stores choose the same sample
+    ("analyze", "--sample", "300"),  # ... and here
+    ("recommend", "timeouts", "--sample", "300"),
     ("analyze", "--since"),  # both stores choose the traces that started in the second half
     ("recommend", "timeouts", "--since"),
 ])

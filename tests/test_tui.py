@@ -174,6 +174,29 @@ async def test_a_window_of_time_lists_the_failures_of_the_traces_that_started_in
         assert screen.total == len(expected) and f"since {format_ns(split)}" in app.sub_title
 
 
+@pytest.mark.anyio
+async def test_a_sample_lists_the_failures_of_the_traces_in_it_as_analyze_reads_them(tmp_path: Path) -> None:
+    from payscope.analyzers.loader import load
+    from payscope.analyzers.views import failure_rows
+    from tests.helpers import SCENARIOS
+
+    store = str(tmp_path / "s.db")
+    payscope("import", "traces", str(SCENARIOS / "subscriptions.otlp.jsonl.gz"), "--store", store, check=True)
+    with open_store(store, readonly=True) as opened:
+        limit = len(opened.traces(limit=None)) // 2
+        chosen = set(opened.sample_traces(0, 2**63 - 1, limit).trace_ids)
+        every = failure_rows(opened, load(opened), limit=None)
+        expected = failure_rows(opened, load(opened, sample=limit), limit=None)
+    assert 0 < len(expected) < len(every) and {r["trace_id"] for r in expected} <= chosen
+    app = build(store, refresh_seconds=3600, sample=limit)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await _settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, FailuresScreen)
+        assert [r["trace_id"] for r in screen.rows] == [r["trace_id"] for r in expected][:data.PAGE]
+        assert screen.total == len(expected) and f"a sample of at most {limit:,} traces" in app.sub_title
+
+
 @pytest.fixture(scope="module")
 def sample_store(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("snap") / "sample.db"

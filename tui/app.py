@@ -504,14 +504,14 @@ class PayscopeApp(App[None]):
     BINDINGS = [Binding("q", "quit", "quit"), Binding("question_mark", "help", "help")]
 
     def __init__(self, store: Store, *, refresh_seconds: float = 2.0, report_dir: str | None = None,
-                 since: str | None = None, until: str | None = None) -> None:
+                 since: str | None = None, until: str | None = None, sample: int | None = None) -> None:
         super().__init__()
         self.store = store
-        self.source = data.Source(store, since, until)
+        self.source = data.Source(store, since, until, sample)
         self.refresh_seconds = refresh_seconds
         self.report_dir = report_dir or os.getcwd()
         self.sub_title = Path(str(getattr(store, "url", ""))).name
-        if since or until:
+        if since or until or sample:
             self.sub_title += f" · {self.source.describe()}"
 
     def on_mount(self) -> None:

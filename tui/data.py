@@ -23,11 +23,13 @@ PAGE = 60
 class Source:
     """The store and its whole-store analysis, made again only when the store has new data; with ``since`` or
     ``until`` (as `payscope analyze --since/--until` takes them), the analysis of the traces that started in
-    that window, the window taken again at each new analysis (``--since 1h`` moves with the clock)."""
+    that window, the window taken again at each new analysis (``--since 1h`` moves with the clock); with
+    ``sample``, of at most that many of those traces (as `payscope analyze --sample`)."""
 
-    def __init__(self, store: Store, since: str | None = None, until: str | None = None) -> None:
+    def __init__(self, store: Store, since: str | None = None, until: str | None = None,
+                 sample: int | None = None) -> None:
         self.store = store
-        self.since, self.until = since, until
+        self.since, self.until, self.sample = since, until, sample
         self._analysis: Analysis | None = None
         self._counts: dict[str, int] | None = None
         self._lock = threading.Lock()
@@ -37,14 +39,15 @@ class Source:
             counts = self.store.counts()
             if self._analysis is None or counts != self._counts:
                 window = start_window(self.since, self.until, time.time_ns())
-                self._analysis = load(self.store, window=window)
+                self._analysis = load(self.store, window=window, sample=self.sample)
                 self._counts = counts
             return self._analysis
 
     def describe(self) -> str:
         """Which traces the analysis reads, for the title bar."""
         return " ".join([*([f"since {self.since}"] if self.since else []),
-                         *([f"until {self.until}"] if self.until else [])]) or "every trace"
+                         *([f"until {self.until}"] if self.until else []),
+                         *([f"a sample of at most {self.sample:,} traces"] if self.sample else [])]) or "every trace"
 
 
 @dataclass

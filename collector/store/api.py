@@ -16,6 +16,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from payscope.errors import PayscopeError
 from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
@@ -59,6 +60,11 @@ class Sample:
     @property
     def complete(self) -> bool:
         return self.limit is None or len(self.trace_ids) < self.limit
+
+    def to_json(self) -> dict[str, Any]:
+        """What a document says of it: traces read, traces in the window, the limit, and whether all were read."""
+        return {"traces_read": len(self.trace_ids), "traces_in_window": self.in_window, "limit": self.limit,
+                "complete": self.complete}
 
 
 class Store(abc.ABC):
