@@ -65,7 +65,7 @@ def load(store: Store, *, window: Window | None = None, sample: int | None = Non
                                 order_rules=rules, order_logs=logged_facts(store, rules, window))
         else:
             chosen = set(drawn.trace_ids)
-            analysis = diagnose(group_traces(store.rows_of(drawn.trace_ids)),
+            analysis = diagnose(store.traces_of(KEY, drawn.trace_ids),
                                 declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window, chosen),
                                 order_rules=rules, order_logs=logged_facts(store, rules, window, chosen))
     analysis.window = window

@@ -252,13 +252,22 @@ def test_a_derivation_is_given_back_only_while_its_trace_has_the_spans_it_was_ma
         return [i if isinstance(i, bytes) else (i[0].trace_id, len(i))
                 for i in store.iter_traces(key, since, until, batch_size=2)]
 
+
+    def read_of(key: str | None, trace_ids: list[str]) -> list[object]:  # chosen traces, as a sample reads them
+        return [i if isinstance(i, bytes) else (i[0].trace_id, len(i))
+                for i in store.traces_of(key, trace_ids, batch_size=2)]
+
     assert read("k") == [b"early", b"one", (T2, 3)]  # by trace id; T2's derivation counted other spans
     assert read("other key") == read(None) == [(early, 3), (T1, 3), (T2, 3)]
     assert read("k", 1000 * 1_000_000, 2000 * 1_000_000) == [b"one", (T2, 3)]
+    assert read_of("k", [T2, "d" * 32, T1.upper()]) == [b"one", (T2, 3)]  # by trace id; one never stored: none
+    assert read_of(None, [T1, early]) == [(early, 3), (T1, 3)] and read_of("k", []) == []
     store.write([span(T1, "1000000000000004", "1000000000000001", "gateway", "client", 1250, 1260)])
     assert read("k") == [b"early", (T1, 4), (T2, 3)]  # a late span: read from the spans again
+    assert read_of("k", [T1, T2, early]) == [b"early", (T1, 4), (T2, 3)]
     store.write_derived("k", [(T1, 4, b"with the late span")])
     assert read("k") == [b"early", b"with the late span", (T2, 3)]
+    assert read_of("k", [T1]) == [b"with the late span"]
 
     # the backlog: traces with no exact derivation, found in bounded steps until the scan says it is done
     found, cursor = store.underived("k", None, 1)

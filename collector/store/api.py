@@ -119,6 +119,12 @@ class Store(abc.ABC):
         spans. A backend that keeps no derivations gives the spans of every trace."""
         return group_traces(self.iter_rows(batch_size, since_ns, until_ns))
 
+    def traces_of(self, derived_key: str | None, trace_ids: list[str],
+                  batch_size: int = 10_000) -> Iterator[list[SpanRow] | bytes]:
+        """Those of ``trace_ids`` that are stored, once each, by trace id, as :meth:`iter_traces` gives them: a
+        trace's exact derivation under ``derived_key``, else its spans' derived facts."""
+        return group_traces(self.rows_of(trace_ids, batch_size))
+
     keeps_derivations = False  # whether write_derived keeps anything
 
     def underived(self, derived_key: str, after: Cursor, limit: int) -> tuple[list[str], Cursor]:

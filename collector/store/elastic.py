@@ -753,6 +753,25 @@ class ElasticStore(Store):
                 if item:
                     yield item
 
+    def traces_of(self, derived_key: str | None, trace_ids: list[str],
+                  batch_size: int = 10_000) -> Iterator[list[SpanRow] | bytes]:
+        """As :meth:`iter_traces`, a page of traces at a time: their span counts from an aggregation, then the
+        derivations made from that many spans, and the spans of the traces that have none."""
+        if (derived_key is None or not self.keeps_derivations
+                or not self._call(self._es.indices.exists, "read", index=DERIVED)):
+            yield from super().traces_of(derived_key, trace_ids, batch_size)
+            return
+        ids = sorted({t.lower() for t in trace_ids})
+        for i in range(0, len(ids), _MAX_TERMS):
+            page = ids[i:i + _MAX_TERMS]
+            exact = self._derivations(derived_key, {t: count for t, (_, count) in self._firsts(page).items()})
+            unread = [t for t in page if t not in exact]
+            spans = {rows[0].trace_id: rows for rows in group_traces(self.rows_of(unread, batch_size))}
+            for trace_id in page:
+                item = exact.get(trace_id) or spans.get(trace_id)
+                if item:
+                    yield item
+
     def _derivations(self, derived_key: str, counts: dict[str, int], bodies: bool = True) -> dict[str, bytes]:
         """The bodies (without ``bodies``, empty values) of those traces' derivations under ``derived_key`` that
         were made from as many spans as ``counts`` says each has now."""

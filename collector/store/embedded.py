@@ -607,6 +607,29 @@ class EmbeddedStore(Store):
         finally:
             conn.close()
 
+    def traces_of(self, derived_key: str | None, trace_ids: list[str],
+                  batch_size: int = 10_000) -> Iterator[list[SpanRow] | bytes]:
+        if derived_key is None:
+            yield from super().traces_of(None, trace_ids, batch_size)
+            return
+        conn = self._connect(autocommit=True)  # as iter_traces: both reads of a chunk in one transaction
+        try:
+            conn.execute("BEGIN")
+            for chunk in _chunks(sorted({t.lower() for t in trace_ids})):
+                derived = dict(conn.execute(f"SELECT t.trace_id, d.body FROM traces t JOIN derived d ON {_EXACT} "
+                                            f"WHERE t.trace_id IN ({_marks(chunk)})", (derived_key, *chunk)))
+                unread = [t for t in chunk if t not in derived]
+                spans = {rows[0].trace_id: rows for rows in group_traces([_rows(self.path, conn.execute(
+                    f"SELECT s.trace_id, s.span_id, s.facts FROM traces t JOIN spans s ON s.trace_no = t.trace_no "
+                    f"WHERE t.trace_id IN ({_marks(unread)}) ORDER BY t.trace_id, s.span_id", unread).fetchall())])
+                         } if unread else {}
+                for trace_id in chunk:
+                    item = derived.get(trace_id) or spans.get(trace_id)
+                    if item:
+                        yield item
+        finally:
+            conn.close()
+
     def underived(self, derived_key: str, after: Cursor, limit: int) -> tuple[list[str], Cursor]:
         """By trace number: the next ``limit`` traces with no exact derivation (the join skips the others)."""
         found = self._read(
