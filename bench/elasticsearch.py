@@ -123,6 +123,74 @@ def large(source: str) -> None:
               f"{sent / 2**20:8.1f} MiB sent ({sent / spans:.0f} bytes a span; {sent / rows[0][3]:.3f} x)")
 
 
+def _fill(args: tuple[str, str, int, int]) -> int:
+    """Write ``count`` spans into ``es``: the traces of the store ``template`` again and again, each copy under new
+    random trace ids, through payscope's own writer (as a collector stores them). Run in a process of its own."""
+    import dataclasses
+    import random
+
+    from payscope.collector.store import open_store
+
+    template, es, count, seed = args
+    rng = random.Random(seed)
+    with open_store(template, readonly=True) as src:
+        traces = [src.trace(t.trace_id) for t in src.traces(limit=None)]
+    written = 0
+    with open_store(es) as dst:
+        while written < count:
+            batch: list[object] = []
+            for spans in traces:
+                trace_id = f"{rng.getrandbits(128):032x}"
+                batch += [dataclasses.replace(s, trace_id=trace_id) for s in spans]
+                if len(batch) >= 5000:
+                    written += dst.write(batch)[0]  # type: ignore[arg-type]
+                    batch = []
+                    if written >= count:
+                        break
+    return written
+
+
+def scale(template: str, sizes: list[int], sample: int, writers: int = 2) -> None:
+    """`analyze --sample` as one node fills up to each of ``sizes`` spans: wall time, peak memory, and the bytes
+    Elasticsearch sent (gzipped, as a reader asks for them). The baseline is the whole analysis at the first size."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bench.analyzer import RUN_CLI
+
+    def analyze(node: elastic.Node, *options: str) -> tuple[float, float, int]:
+        port = free_port()
+        with DelayingRelay(port, int(node.url.rsplit(":", 1)[1]), lambda: 0.0) as relay:
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, "-c", RUN_CLI, "analyze", "--store", f"es://127.0.0.1:{port}",
+                                   "--format", "json", *options], check=True, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
+            return (time.perf_counter() - start, int(done.stderr.strip().splitlines()[-1]) / 1024,
+                    relay.answered_bytes)
+
+    rows = []
+    with elastic.running(name="payscope-bench", heap="1g") as node:
+        es = node.url.replace("http://", "es://")
+        stored = 0
+        for size in sizes:
+            start = time.perf_counter()
+            share = (size - stored + writers - 1) // writers
+            with ProcessPoolExecutor(writers) as pool:
+                stored += sum(pool.map(_fill, [(template, es, share, size * 10 + i) for i in range(writers)]))
+            node.request("POST", "/_refresh")
+            print(f"filled to {stored:,} spans ({(time.perf_counter() - start) / 60:.1f} min)", flush=True)
+            if not rows:
+                rows.append((stored, "every trace", *analyze(node)))
+                print(rows[-1], flush=True)
+            rows.append((stored, f"--sample {sample:,}", *analyze(node, "--sample", str(sample))))
+            print(rows[-1], flush=True)
+    base = rows[0]
+    print(f"payscope analyze on Elasticsearch 8.12.2 (one node, 1 GiB heap, this machine) as it fills; the baseline is "
+          f"the whole analysis of {base[0]:,} spans")
+    for spans, label, wall, peak, sent in rows:
+        print(f"  {spans:>12,} spans  {label:16} {wall:7.1f} s ({wall / base[2]:.2f} x)  peak {peak:6.0f} MiB  "
+              f"{sent / 2**20:8.1f} MiB sent ({sent / base[4]:.3f} x)")
+
+
 def halves(store: str) -> list[str]:
     """`compare`'s windows: the second half of the stored traces against the first."""
     from payscope.collector.store import open_store
@@ -141,7 +209,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--payloads", type=int, default=400)
     parser.add_argument("--large", metavar="STORE", help="instead: copy this embedded store into Elasticsearch and "
                         "measure `analyze` on it, from the spans and derived (bench/out/analyzer-1000000-v8.db)")
+    parser.add_argument("--scale", metavar="SIZES", help="instead: fill a node to each of these numbers of spans "
+                        "(comma-separated) from the store --template, and measure `analyze --sample` at each")
+    parser.add_argument("--template", default="bench/out/analyzer-250000-v8.db")
+    parser.add_argument("--sample", type=int, default=50_000)
     args = parser.parse_args(argv)
+    if args.scale:
+        scale(args.template, [int(n) for n in args.scale.split(",")], args.sample)
+        return
     if args.large:
         large(args.large)
         return
