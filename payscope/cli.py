@@ -117,6 +117,22 @@ def _sample(sample: int | None) -> int | None:
     return sample or None
 
 
+LARGE_STORE_TRACES = 250_000  # above this, reading every trace takes minutes and more memory than a laptop spares
+
+
+def whole_read_note(opened: Store, window: tuple[int | None, int | None] | None, limit: int | None,
+                    large: int = LARGE_STORE_TRACES) -> str | None:
+    """What to say before an analysis reads every trace of a store that holds more than ``large`` (None: say
+    nothing: a sample or a window was asked for, or the store is not that large)."""
+    if limit is not None or window is not None:
+        return None
+    traces = opened.counts()["traces"]
+    if traces <= large:
+        return None
+    return (f"payscope: reading all {traces:,} traces of {opened.url}; --sample {large // 2:,} (or --since 1h) "
+            "reads a bounded part")
+
+
 def _check_format(value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise PayscopeError(f"--format {value!r} is not one of {', '.join(allowed)}")
@@ -567,6 +583,8 @@ def analyze(
         raise PayscopeError(f"--fail-on {fail_on!r} is not one of {', '.join(SEVERITIES)}")
     window, limit = _window(since, until), _sample(sample)
     with _open_for_analysis(store, traces_index, logs_index) as opened:
+        if note := whole_read_note(opened, window, limit):
+            err.print(note, markup=False)
         document = analysis_document(load(opened, window=window, sample=limit))
     if output_format == "json":
         _emit_json(document)
@@ -696,6 +714,8 @@ def recommend_timeouts(
     _check_format(output_format, ("table", "json", "yaml"))
     window, limit = _window(since, until), _sample(sample)
     with _open_for_analysis(store, traces_index, logs_index) as opened:
+        if note := whole_read_note(opened, window, limit):
+            err.print(note, markup=False)
         document = recommendation_document(load(opened, window=window, sample=limit), simulate=simulate)
     if output_format == "json":
         _emit_json(document)

@@ -178,6 +178,16 @@ def test_analyze_and_recommend_read_a_sample_of_the_traces_and_say_so(tmp_path: 
     proc = payscope("analyze", "--store", store, "--sample", "-5")
     assert proc.returncode == 2 and "--sample -5" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
+    # reading every trace of a large store is said first, with the way to bound it
+    from payscope.cli import whole_read_note
+
+    with open_store(store, readonly=True) as opened:
+        assert whole_read_note(opened, None, None) is None  # not that large
+        note = whole_read_note(opened, None, None, large=every - 1)
+        assert note and f"all {every:,} traces" in note and "--sample" in note
+        assert whole_read_note(opened, None, limit, large=every - 1) is None
+        assert whole_read_note(opened, (0, None), None, large=every - 1) is None
+
 
 def test_help_takes_h_and_run_shows_its_command() -> None:
     short = payscope("-h", check=True).stdout
