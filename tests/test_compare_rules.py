@@ -1,0 +1,117 @@
+"""`payscope compare`'s rules for whose time an added gap is, on traces written by hand as OTLP/JSON and imported
+through the real command line, so that what was added where is known exactly:
+
+- a delay on the wire leaves the callee's own time as it was; a starved callee (CPU, runtime) slows its own work
+  and the pickup of each request together (`compare.starved`);
+- of an edge's two ends, the service named is the one whose other edges grew too, in any kind of request.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import payscope, payscope_json
+
+MS = 1_000_000
+T0 = 1_767_000_000_000_000_000
+BASELINE = (T0, T0 + 60_000 * MS)
+INCIDENT = (T0 + 120_000 * MS, T0 + 180_000 * MS)
+
+# (caller, callee) -> (gap ms, callee's own ms), for one request sent at this many ms into its window
+Timing = Callable[[str, str, random.Random], tuple[float, float]]
+
+
+def _span(trace: str, span: str, parent: str | None, name: str, kind: int, start: int, end: int) -> dict[str, Any]:
+    out = {"traceId": trace, "spanId": span, "name": name, "kind": kind, "startTimeUnixNano": str(start),
+           "endTimeUnixNano": str(end), "attributes": [], "status": {}}
+    if parent:
+        out["parentSpanId"] = parent
+    return out
+
+
+def _write(path: Path, flows: dict[str, list[str]], timing: dict[str, Timing], seed: int = 3) -> None:
+    """Traces of each flow (entry service -> its callees, called one after another), 200 requests a window, a
+    window's timings from ``timing["baseline"]`` or ``timing["incident"]``."""
+    rng = random.Random(seed)
+    spans: dict[str, list[dict[str, Any]]] = {}
+    ids = iter(range(1, 10**9))
+
+    def new_id(width: int) -> str:
+        return f"{rng.getrandbits(4 * width - 20) << 20 | next(ids):0{width}x}"
+
+    for label, (lo, _) in (("baseline", BASELINE), ("incident", INCIDENT)):
+        for i in range(200):
+            entry, callees = list(flows.items())[i % len(flows)]
+            trace, root = new_id(32), new_id(16)
+            start = lo + i * 250 * MS
+            t = start + MS
+            for callee in callees:
+                gap, own = timing[label](entry, callee, rng)
+                client, server = new_id(16), new_id(16)
+                half = int(gap * MS / 2)
+                end = t + 2 * half + int(own * MS)
+                spans.setdefault(entry, []).append(_span(trace, client, root, f"POST /{callee}", 3, t, end))
+                spans.setdefault(callee, []).append(_span(trace, server, client, f"POST /{callee}", 2, t + half,
+                                                          end - half))
+                t = end
+            spans.setdefault(entry, []).append(_span(trace, root, None, f"GET /{entry}", 2, start, t + MS))
+    request = {"resourceSpans": [
+        {"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+         "scopeSpans": [{"scope": {"name": "by-hand"}, "spans": found}]} for service, found in spans.items()]}
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(request) + "\n")
+
+
+def _compare(tmp_path: Path, flows: dict[str, list[str]], timing: dict[str, Timing]) -> list[dict[str, Any]]:
+    tmp_path.mkdir(exist_ok=True)
+    traces, store = tmp_path / "t.otlp.jsonl.gz", str(tmp_path / "s.db")
+    _write(traces, flows, timing)
+    payscope("import", "traces", str(traces), "--store", store, check=True)
+    window = [f"{lo / 1e9}..{hi / 1e9}" for lo, hi in (BASELINE, INCIDENT)]
+    return payscope_json("compare", "--store", store, "--baseline", window[0], "--incident", window[1])["hops"]
+
+
+def _healthy(_: str, __: str, rng: random.Random) -> tuple[float, float]:
+    return rng.uniform(0.8, 1.2), rng.uniform(1.5, 2.5)
+
+
+def test_a_delay_on_the_wire_is_the_network_and_a_starved_callee_is_the_callee(tmp_path: Path) -> None:
+    flows = {"web": ["ledger"]}
+
+    def wire(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        return rng.uniform(60, 100), rng.uniform(1.5, 2.5)  # the same own time: the time is on the wire
+
+    def starved(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        # requests wait for the CPU before the callee's span begins, and its own work runs three times slower
+        return rng.uniform(20, 140), rng.uniform(4.5, 7.5)
+
+    on_wire = _compare(tmp_path / "wire", flows, {"baseline": _healthy, "incident": wire})
+    assert (on_wire[0]["service"], on_wire[0]["component"]) == ("ledger", "network"), on_wire
+    assert "the network" in on_wire[0]["sentence"]
+    in_callee = _compare(tmp_path / "starved", flows, {"baseline": _healthy, "incident": starved})
+    assert (in_callee[0]["service"], in_callee[0]["component"]) == ("ledger", "service"), in_callee
+    assert not [h for h in in_callee if h["component"] == "network"], in_callee
+    assert "starved CPU or runtime" in in_callee[0]["sentence"]
+    assert in_callee[0]["explains_ms"] > 60  # the gaps' growth is counted in it, not only the own time's 4 ms
+
+
+def test_the_end_named_is_the_one_whose_other_edges_grew_in_any_kind_of_request(tmp_path: Path) -> None:
+    """ledger's network is slow; api's requests also find cache a little slower (drift above the noise). api has
+    two grown edges in its kind of request, ledger one; web's requests show ledger's second grown edge."""
+    flows = {"api": ["ledger", "cache"], "web": ["ledger"]}
+
+    def incident(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        if callee == "ledger":
+            return rng.uniform(80, 120), rng.uniform(1.5, 2.5)
+        return rng.uniform(9, 11), rng.uniform(1.5, 2.5)  # cache: about 9 ms more than its 1 ms
+
+    hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": incident})
+    assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "network"), hops
+    on_ledger = [h for h in hops if h["edge"] and "ledger" in (h["edge"]["caller"], h["edge"]["callee"])]
+    assert {h["edge"]["caller"] for h in on_ledger} == {"api", "web"}, hops  # both kinds of request
+    assert all((h["service"], h["component"]) == ("ledger", "network") for h in on_ledger), hops
