@@ -27,7 +27,7 @@ from .calls import Call
 from .engine import Analysis, Edge
 from .gaps import Occupancy, occupancies, usual_gap_ms, waited_for_workers
 from .stats import p50_p99 as _pct
-from .stats import percentile, shift_z
+from .stats import percentile
 
 Window = tuple[int, int]  # [from, to) in nanoseconds
 HopKey = tuple[str, str, tuple[str, str, str] | None]  # service, component, edge
@@ -42,10 +42,6 @@ MIN_REQUESTS = 5       # fewer requests of a kind than this in a window say noth
 # a large store is never read whole (the store chooses them: Store.sample_traces).
 SAMPLE = 5_000
 HELD_BY = 3            # the hops named as what held a queued service's workers
-# A service whose own time per request grew at least this much at the median, beyond chance (STARVED_Z), is slow
-# itself: a delay on the wire leaves the callee's own work as it was.
-STARVED_RATIO = 2.0
-STARVED_Z = 3.0
 
 
 @dataclass
@@ -221,30 +217,13 @@ def _summary(stats: WindowStats, sample: Sample | None) -> dict[str, Any]:
     return out
 
 
-def starved(base: WindowStats, inc: WindowStats) -> set[str]:
-    """The services whose own time per request grew by :data:`STARVED_RATIO` or more at the median, beyond
-    chance (:func:`stats.shift_z`). A delay on the wire leaves the callee's own work as it was; a starved CPU or
-    runtime slows that work and, before it, the pickup of each request (the wait before its server span
-    begins), so the gaps of its calls grow with it."""
-    out = set()
-    for key in base.pieces.keys() & inc.pieces.keys():
-        if key[1] != "service":
-            continue
-        before, after = base.pieces[key].samples, inc.pieces[key].samples  # sorted
-        mb, mi = percentile(before, 50), percentile(after, 50)
-        if mb is not None and mi is not None and mi >= STARVED_RATIO * mb and shift_z(before, after) >= STARVED_Z:
-            out.add(key[0])
-    return out
-
-
 def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: float,
-                    slow: set[str], ends: dict[str, float]) -> dict[HopKey, HopKey]:
+                    ends: dict[str, float]) -> dict[HopKey, HopKey]:
     """Network hops renamed after the service they share: a delay on one service's network shows on every
     edge into and out of it, and the ranking must name that service, not the one beside it: of an edge's two
     ends, the one whose network hops grew the more over every kind of request (``ends``). Gaps that grow
     only on calls out of a service whose own time grew too are that service's own slowness (a starved CPU
-    makes its client spans long), not the network; so are the gaps of a service whose own time grew by a
-    factor (``slow``, :func:`starved`)."""
+    makes its client spans long), not the network."""
     touching: dict[str, list[HopKey]] = defaultdict(list)
     for key in keys:
         edge = key[2]
@@ -260,9 +239,6 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
         # growth, so what decides is the growth of their other edges (a few milliseconds of drift on a third
         # edge does not outweigh a second edge that carries the delay)
         common = max((callee, caller), key=lambda s: ends.get(s, 0.0))  # a tie goes to the callee
-        if common in slow:
-            renamed[key] = (common, "service", None)
-            continue
         if common == caller:
             into = [k for k in touching[caller] if k[2] is not None and k[2][1] == caller]
             if not into and own_growth.get(caller, 0.0) > noise:
@@ -272,14 +248,13 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
     return renamed
 
 
-def _merged(explained: dict[HopKey, float], noise: float, slow: set[str],
+def _merged(explained: dict[HopKey, float], noise: float,
             ends: dict[str, float]) -> tuple[dict[HopKey, float], dict[HopKey, list[HopKey]]]:
     """Hops of one kind of entry request after network gaps are put on the service they share (the end with the
-    more ``ends`` growth; for a service in ``slow``, on its own time), and the queues in front of a service on
-    each of its edges are one."""
+    more ``ends`` growth), and the queues in front of a service on each of its edges are one."""
     own_growth = {key[0]: value for key, value in explained.items() if key[1] == "service"}
     grown_network = [k for k, v in explained.items() if k[1] == "network" and v > noise]
-    renamed = _common_service(grown_network, own_growth, noise, slow, ends)
+    renamed = _common_service(grown_network, own_growth, noise, ends)
     renamed.update({k: (k[0], "queue", None) for k in explained if k[1] == "queue"})  # one queue a service
     merged: dict[HopKey, float] = defaultdict(float)
     members: dict[HopKey, list[HopKey]] = defaultdict(list)
@@ -304,7 +279,6 @@ def _ranked(analysis: Analysis, windows: tuple[Window, Window],
     base = _window_stats(baseline, base_requests, kept)
     inc = _window_stats(incident, inc_requests, kept)
     groups = [g for g in inc.requests if base.requests.get(g, 0) >= MIN_REQUESTS and inc.requests[g] >= MIN_REQUESTS]
-    slow = starved(base, inc)
 
     def crossing(stats: WindowStats, key: HopKey, group: Kind) -> tuple[int, float, float]:
         """(requests of the kind that cross the hop, their mean time in it, its variance)."""
@@ -348,7 +322,7 @@ def _ranked(analysis: Analysis, windows: tuple[Window, Window],
                 ends[k[2][1]] += v
     for g in groups:
         noise, grown = noises[g], grown_in[g]
-        merged, members = _merged({k: v for k, (v, _) in grown.items()}, noise, slow, ends)
+        merged, members = _merged({k: v for k, (v, _) in grown.items()}, noise, ends)
         for key, value in merged.items():
             chance = math.sqrt(sum(grown[k][1] ** 2 for k in members[key]))
             if value > max(noise, chance) and (key not in best or value > best[key][0]):
@@ -375,8 +349,7 @@ def _ranked(analysis: Analysis, windows: tuple[Window, Window],
             "held_ms": None if held_ms is None else round(held_ms, 2),
             "consequence": consequence(key, g),
             "sentence": sentence(service, component, edge, value, added[g], g, _pct(base_samples),
-                                 _pct(inc_samples), held_ms, consequence(key, g),
-                                 with_gaps=any(k[1] == "network" for k in members_of)),
+                                 _pct(inc_samples), held_ms, consequence(key, g)),
         }
         if queued is not None and hop["consequence"]:
             # what held the workers: the requests the service answered, ranked the same way (one level deep)
@@ -461,15 +434,13 @@ def default_windows(analysis: Analysis, parts: int = 4) -> tuple[Window, Window]
 
 def sentence(service: str, component: str, edge: tuple[str, str, str] | None, value: float, added: float,
              group: Kind, base: dict[str, float | None], inc: dict[str, float | None],
-             held_ms: float | None = None, consequence: bool = False, with_gaps: bool = False) -> str:
+             held_ms: float | None = None, consequence: bool = False) -> str:
     """The hop as a line an on-call engineer can paste into an incident channel; ``held_ms``, for a queue: how
-    much longer the service's own requests took (:func:`_held_ms`), ``consequence`` whether that is why;
-    ``with_gaps``: a service's own time that took in the gaps of its calls (a starved host, :func:`starved`)."""
+    much longer the service's own requests took (:func:`_held_ms`), ``consequence`` whether that is why."""
     share = f" ({min(1.0, value / added):.0%} of the {added:.0f} ms they gained)" if added > 0 else ""
     where = {"network": f"between {service} and its caller or callee (the network, a proxy, a queue or a "
                         "connection pool)",
-             "service": f"inside {service}: its own time grew with the gaps of its calls (a starved CPU or "
-                        "runtime on its host, not the wire)" if with_gaps else f"inside {service}'s own code",
+             "service": f"inside {service}'s own code",
              "queue": f"waiting for a free worker of {service} (calls that found all its workers busy)",
              "dependency": f"in {service}, which has no spans",
              "injected": f"in faults the sidecar injected into {service}'s requests"}[component]

@@ -28,31 +28,6 @@ def median(values: Sequence[float]) -> float | None:
     return float(ordered[mid]) if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
-def shift_z(before: Sequence[float], after: Sequence[float]) -> float:
-    """How far ``after`` lies above ``before``, in standard deviations of the Mann-Whitney U statistic (ties
-    get their mean rank): about 0 when both come from one distribution, 3 or more when ``after`` is larger
-    beyond chance. It asks nothing of their shape, so a heavy tail does not decide it."""
-    n1, n2 = len(before), len(after)
-    if not n1 or not n2:
-        return 0.0
-    merged = sorted([(v, 0) for v in before] + [(v, 1) for v in after])
-    rank_sum = 0.0
-    ties = 0.0
-    i = 0
-    while i < len(merged):
-        j = i
-        while j + 1 < len(merged) and merged[j + 1][0] == merged[i][0]:
-            j += 1
-        run = j - i + 1
-        ties += run ** 3 - run
-        rank_sum += (i + j + 2) / 2 * sum(side for _, side in merged[i:j + 1])
-        i = j + 1
-    u = rank_sum - n2 * (n2 + 1) / 2
-    n = n1 + n2
-    variance = n1 * n2 / 12 * (n + 1 - ties / (n * (n - 1)))
-    return (u - n1 * n2 / 2) / math.sqrt(variance) if variance > 0 else 0.0
-
-
 def fraction_above(sorted_values: Sequence[float], threshold: float) -> float:
     """Share of the values strictly above ``threshold``."""
     if not sorted_values:
