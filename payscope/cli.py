@@ -121,16 +121,17 @@ LARGE_STORE_TRACES = 250_000  # above this, reading every trace takes minutes an
 
 
 def whole_read_note(opened: Store, window: tuple[int | None, int | None] | None, limit: int | None,
-                    large: int = LARGE_STORE_TRACES) -> str | None:
+                    large: int = LARGE_STORE_TRACES, bound: str | None = None) -> str | None:
     """What to say before an analysis reads every trace of a store that holds more than ``large`` (None: say
-    nothing: a sample or a window was asked for, or the store is not that large)."""
+    nothing: a sample or a window was asked for, or the store is not that large); ``bound``: the option of
+    the command that bounds the read (default ``--sample``, or ``--since``)."""
     if limit is not None or window is not None:
         return None
     traces = opened.counts()["traces"]
     if traces <= large:
         return None
-    return (f"payscope: reading all {traces:,} traces of {opened.url}; --sample {large // 2:,} (or --since 1h) "
-            "reads a bounded part")
+    return (f"payscope: reading all {traces:,} traces of {opened.url}; "
+            f"{bound or f'--sample {large // 2:,} (or --since 1h)'} reads a bounded part")
 
 
 def _check_format(value: str, allowed: tuple[str, ...]) -> str:
@@ -508,13 +509,19 @@ def failures(
     if problem is not None and problem not in PROBLEMS:
         raise PayscopeError(f"--problem {problem!r} is not one of {', '.join(PROBLEMS)}")
     since_ns = parse_since_ns(since, time.time_ns()) if since else None
+    # the traces that started since then, and only they, are read and analysed: as `tui --since` and
+    # `analyze --since` read them, so that all three give each transaction the same outcome and findings
+    window = None if since_ns is None else (since_ns, None)
     query = parse_search(search) if search else None
     with _open_for_analysis(store, traces_index, logs_index) as opened:
+        if note := whole_read_note(opened, window, None, bound="--since 1h"):
+            err.print(note, markup=False)
+        analysis = load(opened, window=window)
         if query is None:
-            rows = failure_rows(opened, load(opened), since_ns=since_ns, limit=limit or None, outcome=outcome,
+            rows = failure_rows(opened, analysis, since_ns=since_ns, limit=limit or None, outcome=outcome,
                                 service=service, problem=problem)
         else:
-            rows = matching(opened, failure_rows(opened, load(opened), since_ns=since_ns, limit=None,
+            rows = matching(opened, failure_rows(opened, analysis, since_ns=since_ns, limit=None,
                                                  outcome=outcome, service=service, problem=problem),
                             query)[:limit or None]
     if output_format == "json":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -402,6 +403,26 @@ async def test_the_failed_list_pages_through_the_whole_store(demo_store: Path) -
             await _settle(app, pilot)
         assert [r["trace_id"] for r in screen.rows] == [f["trace_id"] for f in every]
         assert _status(app).startswith(f"{len(every)} failed transactions")
+
+
+@pytest.mark.anyio
+async def test_failures_since_and_the_tui_since_give_each_transaction_one_answer(demo_store: Path) -> None:
+    """From the sale peak on: the same transactions, outcomes and findings, worst first, in `payscope failures
+    --since` and in the TUI's list (both analyse the traces that started since then, not the whole store)."""
+    from payscope.timeparse import format_ns
+
+    with open_store(str(demo_store), readonly=True) as opened:
+        peak = json.loads(opened.get_meta("demo_peak") or "{}")
+    since = format_ns(int(peak["start"] * 1e9))
+    listed = payscope_json("failures", "--store", str(demo_store), "--since", since, "--limit", "0")["failures"]
+    assert listed and all(r["time"] >= since for r in listed)
+    app = build(str(demo_store), refresh_seconds=3600, since=since)
+    async with app.run_test(size=(140, 44)) as pilot:
+        await _settle(app, pilot)
+        screen = app.screen
+        assert isinstance(screen, FailuresScreen)
+        assert screen.total == len(listed)
+        assert screen.rows == listed[:len(screen.rows)]
 
 
 @pytest.mark.anyio
