@@ -369,11 +369,13 @@ def network_latency(analysis: Analysis) -> list[Finding]:
         gap50 = percentile(edge.gap_ms, 50) or 0.0
         server50 = percentile(edge.server_ms, 50) or 0.0
         growth = ""
-        if gap50 >= NETWORK_MIN_MS and gap50 >= server50:
-            slow = [c for c in edge.calls if (c.gap_ms or 0.0) >= NETWORK_MIN_MS]
-        elif (grown := _gap_growth(edge)) is not None:
+        # a gap that grew for part of the period is judged on the calls of that part, even when it is large at
+        # the median over the whole period: what the other calls lost (before it grew) is not what grew
+        if (grown := _gap_growth(edge)) is not None:
             usual, gap50, when, slow = grown
             growth = f"The gap grew from {_ms(usual)} to {_ms(gap50)} at the median from {when} on."
+        elif gap50 >= NETWORK_MIN_MS and gap50 >= server50:
+            slow = [c for c in edge.calls if (c.gap_ms or 0.0) >= NETWORK_MIN_MS]
         else:
             continue
         busy = busy if busy is not None else occupancies(analysis)
