@@ -1,6 +1,6 @@
-"""`payscope compare`'s rule for which service a grown network gap is named after, on traces written by hand as
-OTLP/JSON and imported through the real command line, so that what was added where is known exactly: of an edge's
-two ends, the one whose other edges grew too, in any kind of request.
+"""Whose time a grown network gap is, on traces written by hand as OTLP/JSON and imported through the real command
+line, so that what was added where is known exactly: `compare` names, of an edge's two ends, the one whose other
+edges grew too, in any kind of request; `network_latency` judges a gap that grew on the calls it grew in.
 """
 
 from __future__ import annotations
@@ -92,3 +92,42 @@ def test_the_end_named_is_the_one_whose_other_edges_grew_in_any_kind_of_request(
     on_ledger = [h for h in hops if h["edge"] and "ledger" in (h["edge"]["caller"], h["edge"]["callee"])]
     assert {h["edge"]["caller"] for h in on_ledger} == {"api", "web"}, hops  # both kinds of request
     assert all((h["service"], h["component"]) == ("ledger", "network") for h in on_ledger), hops
+
+
+def test_a_gap_that_grew_is_judged_on_the_calls_it_grew_in(tmp_path: Path) -> None:
+    """ledger has one worker. Bursts of three calls queue behind each other all along (the second and third wait
+    for the first), and in the second half of the period every answer also loses 300 ms on the wire. The gap is
+    large at the median over the whole period; what grew is the wire, paid by every call, queued or not."""
+    rng = random.Random(5)
+    ids = iter(range(1, 10**9))
+
+    def new_id(width: int) -> str:
+        return f"{rng.getrandbits(4 * width - 20) << 20 | next(ids):0{width}x}"
+
+    web: list[dict[str, Any]] = []
+    ledger: list[dict[str, Any]] = []
+    for burst in range(120):
+        sent = T0 + burst * 1000 * MS
+        wire = 300.0 if burst >= 60 else 0.0
+        free_at = sent
+        for _ in range(3):  # sent together; ledger takes them one at a time
+            trace, root, client, server = new_id(32), new_id(16), new_id(16), new_id(16)
+            begins = max(sent + MS, free_at)
+            ends = begins + int(rng.uniform(18, 22) * MS)
+            free_at = ends
+            answered = ends + MS + int((wire + rng.uniform(0, 10)) * MS)
+            web.append(_span(trace, root, None, "GET /pay", 2, sent - MS, answered + MS))
+            web.append(_span(trace, client, root, "POST /ledger", 3, sent, answered))
+            ledger.append(_span(trace, server, client, "POST /ledger", 2, begins, ends))
+    path, store = tmp_path / "t.otlp.jsonl.gz", str(tmp_path / "s.db")
+    request = {"resourceSpans": [
+        {"resource": {"attributes": [{"key": "service.name", "value": {"stringValue": service}}]},
+         "scopeSpans": [{"scope": {"name": "by-hand"}, "spans": found}]}
+        for service, found in (("web", web), ("ledger", ledger))]}
+    with gzip.open(path, "wt") as f:
+        f.write(json.dumps(request) + "\n")
+    payscope("import", "traces", str(path), "--store", store, check=True)
+    found = [f for f in payscope_json("analyze", "--store", store)["findings"] if f["kind"] == "network_latency"]
+    assert [(f["edge"]["caller"], f["edge"]["callee"]) for f in found] == [("web", "ledger")], found
+    assert found[0]["metrics"]["cause"] == "link", found[0]
+    assert "The gap grew from" in found[0]["explanation"]
