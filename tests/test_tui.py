@@ -152,7 +152,10 @@ async def test_new_failures_appear_without_moving_the_cursor(tmp_path: Path) -> 
 
 
 @pytest.mark.anyio
-async def test_a_window_of_time_lists_the_failures_of_the_traces_that_started_in_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bound", ["since", "sample"])
+async def test_a_window_of_time_or_a_sample_lists_the_failures_of_the_traces_read(tmp_path: Path, bound: str) -> None:
+    """`tui --since` lists the failures of the traces that started in the window, `tui --sample N` those of the
+    store's sample of N traces: as `analyze` reads them."""
     from payscope.analyzers.loader import load
     from payscope.analyzers.views import failure_rows
     from payscope.timeparse import format_ns
@@ -162,40 +165,21 @@ async def test_a_window_of_time_lists_the_failures_of_the_traces_that_started_in
     payscope("import", "traces", str(SCENARIOS / "subscriptions.otlp.jsonl.gz"), "--store", store, check=True)
     with open_store(store, readonly=True) as opened:
         starts = sorted(t.start_ns for t in opened.traces(limit=None))
-        split = starts[len(starts) // 2]
+        split, limit = starts[len(starts) // 2], len(starts) // 2
+        read = ({t.trace_id for t in opened.traces(limit=None) if t.start_ns >= split} if bound == "since"
+                else set(opened.sample_traces(0, 2**63 - 1, limit).trace_ids))
         every = failure_rows(opened, load(opened), limit=None)
-        expected = failure_rows(opened, load(opened, window=(split, None)), limit=None)
-    assert 0 < len(expected) < len(every)
-    app = build(store, refresh_seconds=3600, since=format_ns(split))
+        expected = failure_rows(opened, load(opened, window=(split, None)) if bound == "since"
+                                else load(opened, sample=limit), limit=None)
+    assert 0 < len(expected) < len(every) and {r["trace_id"] for r in expected} <= read
+    app = build(store, refresh_seconds=3600, **({"since": format_ns(split)} if bound == "since" else {"sample": limit}))
     async with app.run_test(size=(140, 44)) as pilot:
         await _settle(app, pilot)
         screen = app.screen
         assert isinstance(screen, FailuresScreen)
         assert [r["trace_id"] for r in screen.rows] == [r["trace_id"] for r in expected][:data.PAGE]
-        assert screen.total == len(expected) and f"since {format_ns(split)}" in app.sub_title
-
-
-@pytest.mark.anyio
-async def test_a_sample_lists_the_failures_of_the_traces_in_it_as_analyze_reads_them(tmp_path: Path) -> None:
-    from payscope.analyzers.loader import load
-    from payscope.analyzers.views import failure_rows
-    from tests.helpers import SCENARIOS
-
-    store = str(tmp_path / "s.db")
-    payscope("import", "traces", str(SCENARIOS / "subscriptions.otlp.jsonl.gz"), "--store", store, check=True)
-    with open_store(store, readonly=True) as opened:
-        limit = len(opened.traces(limit=None)) // 2
-        chosen = set(opened.sample_traces(0, 2**63 - 1, limit).trace_ids)
-        every = failure_rows(opened, load(opened), limit=None)
-        expected = failure_rows(opened, load(opened, sample=limit), limit=None)
-    assert 0 < len(expected) < len(every) and {r["trace_id"] for r in expected} <= chosen
-    app = build(store, refresh_seconds=3600, sample=limit)
-    async with app.run_test(size=(140, 44)) as pilot:
-        await _settle(app, pilot)
-        screen = app.screen
-        assert isinstance(screen, FailuresScreen)
-        assert [r["trace_id"] for r in screen.rows] == [r["trace_id"] for r in expected][:data.PAGE]
-        assert screen.total == len(expected) and f"a sample of at most {limit:,} traces" in app.sub_title
+        said = f"since {format_ns(split)}" if bound == "since" else f"a sample of at most {limit:,} traces"
+        assert screen.total == len(expected) and said in app.sub_title
 
 
 @pytest.fixture(scope="module")
