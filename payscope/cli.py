@@ -134,6 +134,13 @@ def whole_read_note(opened: Store, window: tuple[int | None, int | None] | None,
             f"{bound or f'--sample {large // 2:,} (or --since 1h)'} reads a bounded part")
 
 
+def _say_whole_read(opened: Store, window: tuple[int | None, int | None] | None, limit: int | None,
+                    bound: str | None = None) -> None:
+    """Say :func:`whole_read_note` on stderr, when there is something to say."""
+    if note := whole_read_note(opened, window, limit, bound=bound):
+        err.print(note, markup=False)
+
+
 def _check_format(value: str, allowed: tuple[str, ...]) -> str:
     if value not in allowed:
         raise PayscopeError(f"--format {value!r} is not one of {', '.join(allowed)}")
@@ -514,8 +521,7 @@ def failures(
     window = None if since_ns is None else (since_ns, None)
     query = parse_search(search) if search else None
     with _open_for_analysis(store, traces_index, logs_index) as opened:
-        if note := whole_read_note(opened, window, None, bound="--since 1h"):
-            err.print(note, markup=False)
+        _say_whole_read(opened, window, None, bound="--since 1h")
         analysis = load(opened, window=window)
         if query is None:
             rows = failure_rows(opened, analysis, since_ns=since_ns, limit=limit or None, outcome=outcome,
@@ -590,8 +596,7 @@ def analyze(
         raise PayscopeError(f"--fail-on {fail_on!r} is not one of {', '.join(SEVERITIES)}")
     window, limit = _window(since, until), _sample(sample)
     with _open_for_analysis(store, traces_index, logs_index) as opened:
-        if note := whole_read_note(opened, window, limit):
-            err.print(note, markup=False)
+        _say_whole_read(opened, window, limit)
         document = analysis_document(load(opened, window=window, sample=limit))
     if output_format == "json":
         _emit_json(document)
@@ -721,8 +726,7 @@ def recommend_timeouts(
     _check_format(output_format, ("table", "json", "yaml"))
     window, limit = _window(since, until), _sample(sample)
     with _open_for_analysis(store, traces_index, logs_index) as opened:
-        if note := whole_read_note(opened, window, limit):
-            err.print(note, markup=False)
+        _say_whole_read(opened, window, limit)
         document = recommendation_document(load(opened, window=window, sample=limit), simulate=simulate)
     if output_format == "json":
         _emit_json(document)
