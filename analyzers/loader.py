@@ -58,16 +58,11 @@ def load(store: Store, *, window: Window | None = None, sample: int | None = Non
     since, until = window if window else (None, None)
     drawn = store.sample_traces(since or 0, _END_NS if until is None else until, sample) if sample else None
     rules = configured_rules()
+    chosen = None if drawn is None or drawn.complete else set(drawn.trace_ids)  # None: every trace of the window
     with paused_cycle_collection():
-        if drawn is None or drawn.complete:
-            analysis = diagnose(store.iter_traces(KEY, since, until),
-                                declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window),
-                                order_rules=rules, order_logs=logged_facts(store, rules, window))
-        else:
-            chosen = set(drawn.trace_ids)
-            analysis = diagnose(store.traces_of(KEY, drawn.trace_ids),
-                                declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window, chosen),
-                                order_rules=rules, order_logs=logged_facts(store, rules, window, chosen))
+        traces = store.iter_traces(KEY, since, until) if chosen is None else store.traces_of(KEY, sorted(chosen))
+        analysis = diagnose(traces, declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window, chosen),
+                            order_rules=rules, order_logs=logged_facts(store, rules, window, chosen))
     analysis.window = window
     analysis.sample = drawn
     return analysis

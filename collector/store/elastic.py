@@ -745,13 +745,19 @@ class ElasticStore(Store):
             pages = ([(b["key"]["t"], b["doc_count"]) for b in page]
                      for page in self._trace_buckets({"match_all": {}}, starts=False))
         for page in pages:
-            exact = self._derivations(derived_key, dict(page))
-            unread = [t for t, _ in page if t not in exact]
-            spans = {rows[0].trace_id: rows for rows in group_traces(self.rows_of(unread, batch_size))}
-            for trace_id, _ in page:
-                item = exact.get(trace_id) or spans.get(trace_id)
-                if item:
-                    yield item
+            yield from self._derived_page(derived_key, page, batch_size)
+
+    def _derived_page(self, derived_key: str, page: list[tuple[str, int]],
+                      batch_size: int) -> Iterator[list[SpanRow] | bytes]:
+        """A page of (trace id, span count now), in order: each trace's derivation made from that many spans, else
+        its spans."""
+        exact = self._derivations(derived_key, dict(page))
+        unread = [t for t, _ in page if t not in exact]
+        spans = {rows[0].trace_id: rows for rows in group_traces(self.rows_of(unread, batch_size))}
+        for trace_id, _ in page:
+            item = exact.get(trace_id) or spans.get(trace_id)
+            if item:
+                yield item
 
     def traces_of(self, derived_key: str | None, trace_ids: list[str],
                   batch_size: int = 10_000) -> Iterator[list[SpanRow] | bytes]:
@@ -763,14 +769,8 @@ class ElasticStore(Store):
             return
         ids = sorted({t.lower() for t in trace_ids})
         for i in range(0, len(ids), _MAX_TERMS):
-            page = ids[i:i + _MAX_TERMS]
-            exact = self._derivations(derived_key, {t: count for t, (_, count) in self._firsts(page).items()})
-            unread = [t for t in page if t not in exact]
-            spans = {rows[0].trace_id: rows for rows in group_traces(self.rows_of(unread, batch_size))}
-            for trace_id in page:
-                item = exact.get(trace_id) or spans.get(trace_id)
-                if item:
-                    yield item
+            counted = self._firsts(ids[i:i + _MAX_TERMS])  # the stored ones, with their span counts now
+            yield from self._derived_page(derived_key, sorted((t, n) for t, (_, n) in counted.items()), batch_size)
 
     def _derivations(self, derived_key: str, counts: dict[str, int], bodies: bool = True) -> dict[str, bytes]:
         """The bodies (without ``bodies``, empty values) of those traces' derivations under ``derived_key`` that
