@@ -6,7 +6,7 @@ import importlib
 import sys
 
 NAMES = ["collector", "analyzer", "compare", "logs", "linking", "tui", "instrumentation", "relay", "elasticsearch",
-         "sidecar", "store"]
+         "sidecar", "store", "nezha"]
 
 
 def main() -> None:
