@@ -10,6 +10,7 @@ what the id-linked lines teach applies to all of them.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from payscope.collector.store import Store
@@ -17,7 +18,7 @@ from payscope.collector.store.api import LogQuery
 from payscope.model import LogRecord, SpanRow
 from payscope.semconv import normalise_trace_id
 
-from .templates import Templates
+from .templates import Lessons, Templates
 
 DEFAULT_KEY_PATTERNS = (
     r"(?i)\border[_ -]?(?:id|no|number)?\s*[=:#]?\s*[\"']?([A-Za-z]*[-_]?\d[\w-]{2,})",
@@ -49,15 +50,17 @@ class Linker:
     """Links records against what a store holds; caches what it looked up."""
 
     def __init__(self, store: Store, key_patterns: tuple[str, ...] = DEFAULT_KEY_PATTERNS,
-                 time_window: bool = True) -> None:
+                 time_window: bool = True, traced_services: Iterable[str] | None = None,
+                 lessons: Lessons | None = None) -> None:
         self.store = store
         self.patterns = [re.compile(p) for p in key_patterns]
         self.time_window = time_window
         self.stats = LinkStats()
         self._known: dict[str, bool] = {}
         self._by_key: dict[str, list[str]] = {}
-        self._traced_services: set[str] | None = None
+        self._traced_services: set[str] | None = None if traced_services is None else set(traced_services)
         self.templates = Templates()
+        self.lessons = lessons  # given: what id-linked lines teach is kept there for another linker, not learned
         self._pending: list[LogRecord] = []
         self._rows: dict[str, list[SpanRow]] = {}
         self._learned_stored: set[str] = set()
@@ -86,9 +89,29 @@ class Linker:
         if keys:
             found_keys = self.store.traces_by_keys(sorted(keys))
             self._by_key.update({k: found_keys.get(k, []) for k in keys})
+        self.traced_services()
+
+    def traced_services(self) -> set[str]:
+        """The services with server spans in the store, read once: a line of any other falls in no span."""
         if self._traced_services is None:
             self._traced_services = set(self.store.server_services())
+        return self._traced_services
 
+    def by_ids(self) -> IdLinking:
+        """Linking by ids as this linker does it, to run elsewhere (a worker process, on its own handle of the
+        store): the lines it cannot link wait for this linker's time window (:meth:`take`)."""
+        return IdLinking(tuple(p.pattern for p in self.patterns), self.time_window,
+                         frozenset(self.traced_services()))
+
+    def take(self, linked: IdLinked) -> list[LogRecord]:
+        """What :class:`IdLinking` did elsewhere, as if this linker had linked those lines: its counts, what its
+        id-linked lines teach (in their order), and its waiting lines held for the time window. Returns the
+        held lines decided early (MAX_PENDING), to be stored."""
+        for method, count in linked.counts.items():
+            self.stats.by_method[method] = self.stats.by_method.get(method, 0) + count
+        for lesson in linked.lessons:
+            self.templates.learn(*lesson)
+        return self._hold(linked.waiting)
     def _keys(self, record: LogRecord) -> list[str]:
         found = [str(record.attributes[k]) for k in KEY_FIELDS if record.attributes.get(k)]
         for pattern in self.patterns:
@@ -107,19 +130,31 @@ class Linker:
     def link_batch(self, records: list[LogRecord]) -> list[LogRecord]:
         """Link what ids can link now and return those records; hold the lines that need the time window
         until ``finish`` (or until MAX_PENDING of them are held, when the oldest half is decided)."""
+        ready, waiting = self.decide_by_id(records)
+        return ready + self._hold(waiting)
+
+    def decide_by_id(self, records: list[LogRecord]) -> tuple[list[LogRecord], list[LogRecord]]:
+        """(the records linked now: by an id, or to nothing when their service has no spans to fall in, or with
+        no time window; the lines that need the time window)."""
         keys_of = [self._keys(r) for r in records]
         self.prefetch(records, keys_of)
-        ready = []
+        traced = self.traced_services()
+        ready, waiting = [], []
         for record, keys in zip(records, keys_of, strict=True):
             decision = self._by_id(record, keys)
-            if decision is None and self.time_window:
-                self._pending.append(record)
+            if decision is None and self.time_window and record.service in traced:
+                waiting.append(record)
             else:
                 ready.append(self._apply(record, decision or ("none", None, 0.0, [])))
-        if len(self._pending) > MAX_PENDING:
-            early, self._pending = self._pending[:MAX_PENDING // 2], self._pending[MAX_PENDING // 2:]
-            ready += self._decide_by_time(early)
-        return ready
+        return ready, waiting
+
+    def _hold(self, waiting: list[LogRecord]) -> list[LogRecord]:
+        """Hold lines for the time window; past MAX_PENDING held, the oldest half is decided now and returned."""
+        self._pending += waiting
+        if len(self._pending) <= MAX_PENDING:
+            return []
+        early, self._pending = self._pending[:MAX_PENDING // 2], self._pending[MAX_PENDING // 2:]
+        return self._decide_by_time(early)
 
     def finish(self) -> list[LogRecord]:
         """The held lines, decided by time window with every template learned."""
@@ -153,7 +188,7 @@ class Linker:
     def _apply(self, record: LogRecord, decision: tuple[str, str | None, float, list[str]]) -> LogRecord:
         method, trace_id, confidence, candidates = decision
         if method in CONFIDENCE and trace_id:
-            self.templates.learn(record.service, record.message, trace_id, record.time_ns)
+            (self.lessons or self.templates).learn(record.service, record.message, trace_id, record.time_ns)
         record.link_method = method
         record.link_confidence = confidence
         if method in ("none", "ambiguous"):
@@ -227,6 +262,31 @@ class Linker:
                 r.attributes["link.position"] = anchor.at
                 return "time_window", placed.pop(), WINDOW_CONFIDENCE_POSITION, []
         return "ambiguous", None, 0.0, traces
+
+
+@dataclass(frozen=True)
+class IdLinked:
+    """What linking a batch by ids did, for the linker that holds the time window (:meth:`Linker.take`)."""
+
+    counts: dict[str, int]
+    lessons: list[tuple[str, str, str, int]]
+    waiting: list[LogRecord]
+
+
+@dataclass(frozen=True)
+class IdLinking:
+    """:meth:`Linker.by_ids`: a linker's settings, sent with a batch to link it where it was parsed."""
+
+    key_patterns: tuple[str, ...]
+    time_window: bool
+    traced_services: frozenset[str]
+
+    def __call__(self, store: Store, records: list[LogRecord]) -> tuple[list[LogRecord], IdLinked]:
+        """(the records linked now, to be stored; what the holder of the time window takes)."""
+        linker = Linker(store, self.key_patterns, self.time_window, self.traced_services, Lessons())
+        ready, waiting = linker.decide_by_id(records)
+        assert linker.lessons is not None
+        return ready, IdLinked(dict(linker.stats.by_method), linker.lessons.lines, waiting)
 
 
 def _route_matches(operation: str, path: str) -> bool:

@@ -78,6 +78,23 @@ def anchor_of(offsets: list[tuple[int, int, int]]) -> Anchor | None:
     return best
 
 
+class Lessons:
+    """The id-linked lines a :class:`Templates` learns from, kept in order to be taught to one in another process:
+    of each message shape, the first SAMPLES_PER_TEMPLATE, since a template keeps no more samples than that and
+    its first line of a shape is all the miner sees of it."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, str, int]] = []
+        self._kept: dict[tuple[str, str], int] = {}
+
+    def learn(self, service: str, message: str, trace_id: str, time_ns: int) -> None:
+        key = (service, shape(message))
+        kept = self._kept.get(key, 0)
+        if kept < SAMPLES_PER_TEMPLATE:
+            self._kept[key] = kept + 1
+            self.lines.append((service, message, trace_id, time_ns))
+
+
 class Templates:
     """Per service: the templates of id-linked lines, and their anchors."""
 

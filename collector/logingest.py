@@ -17,7 +17,7 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import IO, Any
 
-from payscope.collector.store import Store
+from payscope.collector.store import Store, open_store
 from payscope.collector.store.api import LogQuery
 from payscope.errors import InputError
 from payscope.model import LogRecord
@@ -28,10 +28,9 @@ from .files import check_text
 from .otlp import OTLP_SOURCE
 from .redaction import redact_log, redact_text, text_may_need_redaction
 
-BATCH = 5000
-CHUNK_LINES = 20_000  # lines a worker process parses at a time
+CHUNK_LINES = 20_000  # lines a worker process parses, links by their ids and stores at a time
 CLEAN_BLOCK_LINES = 128  # lines asked at once whether they hold anything to mask
-PARSE_AHEAD = 4       # chunks parsed ahead of the one being linked and stored
+PARSE_AHEAD = 4       # chunks worked on ahead of the one whose result is being taken
 SAMPLE_LINES = 50
 MAX_LINE_BYTES = 64 * 1024  # a longer line is reported and skipped, and the rest of the file read
 _MIN_NS, _MAX_NS = -(2**63), 2**63 - 1  # what the store's time column holds: the years 1677 to 2262
@@ -143,6 +142,15 @@ def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_o
     """The records of one file, in order. With ``pool``, a file longer than CHUNK_LINES is parsed in chunks by
     its workers, each chunk starting on a line that starts a record; the records and the problems reported
     are those of parsing it here."""
+    for parsed in _chunk_results(source, service, fmt, tz, clock_offset_ns, report, nginx_format, pool, None):
+        yield from parsed.records
+
+
+def _chunk_results(source: str, service: str | None, fmt: str, tz: tzinfo, clock_offset_ns: int,
+                   report: FileReport, nginx_format: str | None, pool: WorkerPool | None,
+                   storing: _Storing | None) -> Iterator[_ChunkResult]:
+    """One file read in chunks, each parsed (and with ``storing``, stored) here or by ``pool``'s workers, the
+    results in order; every problem and record is counted in ``report``."""
     stream = _open(source)
     try:
         lines = _decoded_lines(stream, report)
@@ -176,16 +184,20 @@ def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_o
         chunks = _chunks(itertools.chain(sample, lines), lambda line: parser(line.rstrip("\r\n")) is not None)
         first = next(chunks, [])
         second = next(chunks, None)
-        parsed: Iterator[tuple[list[LogRecord], list[tuple[str, str]]]]
+        results: Iterator[_ChunkResult]
         if second is None or pool is None:
-            parsed = (job.parse(chunk) for chunk in itertools.chain([first], [second] if second else [], chunks))
+            results = (job.run(chunk, storing) for chunk in itertools.chain([first], [second] if second else [],
+                                                                            chunks))
         else:
-            parsed = _in_order(pool, job, itertools.chain([first, second], chunks))
-        for records, problems in parsed:
-            for where, reason in problems:
+            results = _in_order(pool, job, storing, itertools.chain([first, second], chunks))
+        for result in results:
+            if storing is not None and result.records:
+                result = _store(result, storing)  # parsed by a worker that could not open the store
+            for where, reason in result.problems:
                 report.bad(where, reason)
-            report.records += len(records)
-            yield from records
+            report.records += result.count
+            report.joined += result.joined
+            yield result
     finally:
         if stream is not sys.stdin.buffer:
             stream.close()
@@ -204,26 +216,84 @@ def _chunks(lines: Iterator[tuple[int, str]], starts_record: Callable[[str], boo
         yield chunk
 
 
-def _in_order(pool: WorkerPool, job: _Chunk, chunks: Iterator[list[tuple[int, str]]]) -> Iterator[Any]:
-    """Each chunk's result, in order, with a few chunks parsed ahead by the pool's workers. A chunk whose
-    worker died (killed, out of memory) is parsed here, and new workers take the chunks after it."""
-    ahead: collections.deque[tuple[list[tuple[int, str]], Any]] = collections.deque()
+def _in_order(pool: WorkerPool, job: _Chunk, storing: _Storing | None,
+              chunks: Iterator[list[tuple[int, str]]]) -> Iterator[_ChunkResult]:
+    """Each chunk's result, in order, with a few chunks parsed (and stored) ahead by the pool's workers. A chunk
+    whose worker died (killed, out of memory) is done here, and new workers take the chunks after it: storing
+    is idempotent, so what the dead worker had stored is not stored twice."""
+    ahead: collections.deque[tuple[list[tuple[int, str]], Future[_ChunkResult]]] = collections.deque()
+    sent = storing and storing.sent()  # a worker opens the store again by its URL
 
-    def result() -> Any:
+    def result() -> _ChunkResult:
         chunk, future = ahead.popleft()
-        return pool.answer(future, lambda: job.parse(chunk))
+        return pool.answer(future, lambda: job.run(chunk, storing))
 
     for chunk in chunks:
         try:
-            ahead.append((chunk, pool.submit(job.parse, chunk)))
+            ahead.append((chunk, pool.submit(_run_chunk, job, chunk, sent)))
         except BrokenProcessPool:
-            here: Future[Any] = Future()
-            here.set_result(job.parse(chunk))
+            here: Future[_ChunkResult] = Future()
+            here.set_result(job.run(chunk, storing))
             ahead.append((chunk, here))
         if len(ahead) > PARSE_AHEAD:
             yield result()
     while ahead:
         yield result()
+
+
+@dataclass(frozen=True)
+class _Storing:
+    """Where a chunk's records go once parsed: the store (``url``: how a worker process opens it again), and how
+    they are linked by their ids first (a linker's :meth:`~payscope.analyzers.correlate.Linker.by_ids`; None:
+    stored unlinked)."""
+
+    url: str | None  # None: the store cannot be opened elsewhere, and workers only parse
+    linking: Any
+    store: Store | None = None  # here; a worker opens its own
+
+    def sent(self) -> _Storing | None:
+        return _Storing(self.url, self.linking) if self.url is not None else None
+
+
+@dataclass
+class _ChunkResult:
+    """What became of a chunk: its records (when they were not stored), the problems of its lines, how many
+    records it held, how many of them were already stored from OTLP, how many were new, and what linking them
+    by their ids left for the time window (``IdLinked``)."""
+
+    records: list[LogRecord]
+    problems: list[tuple[str, str]]
+    count: int
+    joined: int = 0
+    stored: int = 0
+    linked: Any = None
+
+
+def _store(parsed: _ChunkResult, storing: _Storing) -> _ChunkResult:
+    """Leave out the records of ``parsed`` already stored from OTLP, link the rest by their ids and store them,
+    all but those that wait for the time window (in the result's ``linked``)."""
+    assert storing.store is not None
+    store, records = storing.store, parsed.records
+    fresh = join_twins(store, records)  # on the ids the lines carried, before linking changes them
+    joined = len(records) - len(fresh)
+    linked = None
+    if storing.linking is not None:
+        fresh, linked = storing.linking(store, fresh)
+    stored = store.write(logs=fresh)[1] if fresh else 0
+    return _ChunkResult([], parsed.problems, parsed.count, joined, stored, linked)
+
+
+_OPENED: dict[str, Store] = {}  # in a worker process: the stores it opened, by URL
+
+
+def _run_chunk(job: _Chunk, chunk: list[tuple[int, str]], storing: _Storing | None) -> _ChunkResult:
+    """In a worker process: :meth:`_Chunk.run` on the store named by ``storing``, opened once."""
+    if storing is not None and storing.store is None and storing.url is not None:
+        store = _OPENED.get(storing.url)
+        if store is None:
+            store = _OPENED[storing.url] = open_store(storing.url)
+        storing = _Storing(storing.url, storing.linking, store)
+    return job.run(chunk, storing)
 
 
 @dataclass(frozen=True)
@@ -257,6 +327,12 @@ class _Chunk:
             record.identity()  # fixed now, on the ids the line carried, before linking adds any
             out.append(record)
         return out, problems
+
+    def run(self, chunk: list[tuple[int, str]], storing: _Storing | None) -> _ChunkResult:
+        """Parse ``chunk``; with ``storing`` that holds a store, store its records as :func:`_store` does."""
+        records, problems = self.parse(chunk)
+        parsed = _ChunkResult(records, problems, len(records))
+        return _store(parsed, storing) if storing is not None and storing.store is not None else parsed
 
     def clean_blocks(self, chunk: list[tuple[int, str]]) -> tuple[list[int], list[bool]]:
         """For each CLEAN_BLOCK_LINES lines of ``chunk``, the number of its last line and whether none of its
@@ -343,16 +419,18 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
            clock_offset_ns: int = 0, nginx_format: str | None = None, linker: Any = None,
            on_progress: Callable[[str, int], None] | None = None, workers: int = 0) -> IngestReport:
     """Parse, link (with ``linker``, an analyzers.correlate.Linker) and store every record; with ``workers``,
-    files longer than CHUNK_LINES are parsed by that many worker processes while this one links and stores."""
+    files longer than CHUNK_LINES are parsed, linked by their ids and stored by that many worker processes,
+    each on its own handle of the store, while this one holds the lines that wait for the time window."""
     report = IngestReport()
     sources = expand(inputs)
     for source in sources:  # every file checked before any is stored
         if source != "-":
             check_text(Path(source))
     pool = WorkerPool(workers)  # started only when a file turns out long enough to need it
+    storing = _Storing(store.address(), linker.by_ids() if linker else None, store)
     try:
         _ingest_all(store, sources, report, service, fmt, tz, clock_offset_ns, nginx_format, linker, on_progress,
-                    pool)
+                    pool, storing)
     finally:
         pool.close()
         if linker:  # the held lines are stored even when a later file is refused
@@ -363,29 +441,19 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
 
 def _ingest_all(store: Store, sources: list[str], report: IngestReport, service: str | None, fmt: str,
                 tz: tzinfo | None, clock_offset_ns: int, nginx_format: str | None, linker: Any,
-                on_progress: Callable[[str, int], None] | None, pool: WorkerPool) -> None:
+                on_progress: Callable[[str, int], None] | None, pool: WorkerPool, storing: _Storing) -> None:
     for source in sources:
         file_report = FileReport(source)
         report.files.append(file_report)
-        batch: list[LogRecord] = []
-
-        def flush(batch: list[LogRecord] = batch, file_report: FileReport = file_report) -> None:
-            fresh = join_twins(store, batch)  # on the ids the lines carried, before linking changes them
-            file_report.joined += len(batch) - len(fresh)
-            if linker:
-                fresh = linker.link_batch(fresh)  # lines that need the time window wait for linker.finish
-            report.stored += store.write(logs=fresh)[1]
-            batch.clear()
-
-        for record in read_records(source, service, fmt, tz or logparse.parse_tz(None), clock_offset_ns,
-                                   file_report, nginx_format, pool if pool.workers > 0 else None):
-            batch.append(record)
-            if len(batch) >= BATCH:
-                flush()
-                if on_progress:
-                    on_progress(source, file_report.records)
-        if batch:
-            flush()
+        for result in _chunk_results(source, service, fmt, tz or logparse.parse_tz(None), clock_offset_ns,
+                                     file_report, nginx_format, pool if pool.workers > 0 else None, storing):
+            report.stored += result.stored
+            if linker is not None and result.linked is not None:
+                early = linker.take(result.linked)  # held for the time window; past a bound, decided now
+                if early:
+                    report.stored += store.write(logs=early)[1]
+            if on_progress:
+                on_progress(source, file_report.records)
         if on_progress:
             on_progress(source, file_report.records)
         if not file_report.records and file_report.unparsed:

@@ -441,3 +441,31 @@ def test_a_parsing_process_killed_mid_file_loses_no_line(tmp_path: Path, monkeyp
     killer.join()
     assert killed, "no parsing process was seen to kill"
     assert got == expected
+
+
+def test_lines_linked_and_stored_by_worker_processes_are_linked_as_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Workers link by ids and store their chunks; the lines without ids wait for one time window here, with what
+    every id-linked line taught, so that the links do not depend on how the file was cut."""
+    from payscope.analyzers import correlate
+    from payscope.collector import logingest
+
+    # nothing learned from the store's lines: what the lines linked by their ids teach comes from the workers
+    monkeypatch.setattr(correlate.Linker, "_learn_stored", lambda self, service, times: None)
+    results = {}
+    for workers in (0, 2):
+        store_path = tmp_path / f"w{workers}.db"
+        text, truth = _busy_service(store_path, seconds=20.0, seed=7)
+        log = tmp_path / f"payment-{workers}.log"
+        log.write_text(text)
+        monkeypatch.setattr(logingest, "CHUNK_LINES", 61 if workers else 10**9)
+        with open_store(str(store_path)) as store:
+            report = ingest(store, [str(log)], service="payment", linker=Linker(store), workers=workers).to_json()
+            records = sorted((r.source.rsplit(":", 1)[1], r.trace_id, r.link_method, r.link_confidence,
+                              r.attributes) for _, r in store.search_logs(LogQuery(limit=None)))
+        results[workers] = (report["linked"], report["stored"], records)
+    assert results[2] == results[0]
+    linked, stored, records = results[2]
+    assert stored == len(records) > 1000
+    assert linked["trace_id"] > 200 and linked["time_window"] > 100 and linked["none"] > 50
+    assert any(r[4].get("link.position") for r in records)  # taught by id-linked lines of other chunks

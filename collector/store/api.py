@@ -127,6 +127,11 @@ class Store(abc.ABC):
 
     keeps_derivations = False  # whether write_derived keeps anything
 
+    def address(self) -> str | None:
+        """What opens this store again in another process (``open_store``) with the same data and settings, or
+        None when it cannot be (a worker process then hands what it made to this one to write)."""
+        return None
+
     def underived(self, derived_key: str, after: Cursor, limit: int) -> tuple[list[str], Cursor]:
         """The traces that have no exact derivation under ``derived_key``, looked for in one bounded step from
         ``after`` (None: the first stored trace): at most ``limit`` of them, and where the next step goes on

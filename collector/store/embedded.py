@@ -528,6 +528,9 @@ class EmbeddedStore(Store):
             conn.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
             conn.execute("COMMIT")
 
+    def address(self) -> str | None:
+        return None if self._readonly else self.url
+
     # --- reading -------------------------------------------------------------
     def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
         return self._conn().execute(sql, params).fetchall()
