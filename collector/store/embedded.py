@@ -115,6 +115,12 @@ def _window(column: str, since_ns: int | None, until_ns: int | None, where: str 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
 
 
+def _log_rows(logs: Iterable[LogRecord]) -> list[tuple[Any, ...]]:
+    """The rows of the logs table for these records."""
+    return [(r.identity(), r.time_ns, r.service, r.host, r.severity, r.message, _dumps(r.attributes), r.source,
+             r.trace_id, r.span_id, r.link_method, r.link_confidence) for r in logs]
+
+
 def _span_from_row(row: tuple[Any, ...]) -> Span:
     return decode_body(row[1], row[0], json.loads(row[2]))
 
@@ -426,14 +432,14 @@ class EmbeddedStore(Store):
         if self._readonly:
             raise StoreError("this store was opened read-only")
         encoded = [s if isinstance(s, EncodedSpan) else encode_span(s) for s in spans]
-        logs = list(logs)
+        log_rows = _log_rows(logs)  # made before the store is locked: other writers wait only for the insert
         with self._write_lock:
             conn = self._conn()
             staged: dict[str, int] = {}
             try:
                 conn.execute("BEGIN IMMEDIATE")
                 new_spans = self._write_spans(conn, encoded, staged) if encoded else 0
-                new_logs = self._write_logs(conn, logs) if logs else 0
+                new_logs = self._write_logs(conn, log_rows) if log_rows else 0
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -490,13 +496,11 @@ class EmbeddedStore(Store):
                 out[row[1]] = _Summary.of(row)
         return out
 
-    def _write_logs(self, conn: sqlite3.Connection, logs: list[LogRecord]) -> int:
+    def _write_logs(self, conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> int:
         before = conn.total_changes
         conn.executemany(
             "INSERT OR IGNORE INTO logs(uid, time_ns, service, host, severity, message, attributes, "
-            "source, trace_id, span_id, link_method, link_confidence) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-            [(r.identity(), r.time_ns, r.service, r.host, r.severity, r.message, _dumps(r.attributes),
-              r.source, r.trace_id, r.span_id, r.link_method, r.link_confidence) for r in logs])
+            "source, trace_id, span_id, link_method, link_confidence) VALUES(?,?,?,?,?,?,?,?,?,?,?,?)", rows)
         return conn.total_changes - before
 
     def update_log_links(self, links: Iterable[tuple[int, str | None, str | None, str, float]]) -> None:
