@@ -379,7 +379,8 @@ def ingest_logs(
         help="How far this host's clock runs ahead (e.g. 150ms); subtracted from every time.")] = None,
     no_link: Annotated[bool, typer.Option("--no-link", help="Store without linking to traces.")] = False,
     workers: Annotated[Optional[int], typer.Option(
-        help="Processes that parse long files (default: one per core; 0: parse here).", min=0, max=64)] = None,
+        help="Processes that parse, link and store long files (default: one per core; 0: all here).", min=0,
+        max=64)] = None,
     store: StoreOption = None,
     output_format: FormatOption = "table",
 ) -> None:
