@@ -154,7 +154,8 @@ class Receiver:
         self.token = token
         self.bodies = Budget(BODIES_IN_MEMORY_BYTES)
         self.decoder = decoder or DecodePool(0)
-        self._decoding = threading.BoundedSemaphore(max(DECODE_SLOTS, self.decoder.workers))
+        # two per decoding process: while one request's spans cross back from a worker, the next is already there
+        self._decoding = threading.BoundedSemaphore(max(DECODE_SLOTS, 2 * self.decoder.workers))
 
     def authorized(self, header: str | None) -> bool:
         """Whether an Authorization header carries the bearer token (compared in constant time)."""
@@ -167,7 +168,7 @@ class Receiver:
         """A request body decoded (in a worker process when it is large), once the write queue has room.
 
         InputError when it cannot be read or holds too much, OverloadedError when the queue is full. At
-        most one request per decoding process (and at least DECODE_SLOTS) is decoded at once, whatever the
+        most two requests per decoding process (and at least DECODE_SLOTS) are decoded at once, whatever the
         number of clients; the writer checks room again for what the request turned out to hold.
         """
         self.writer.check_room(1)
