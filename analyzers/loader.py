@@ -49,14 +49,21 @@ def _proxy_calls(store: Store, window: Window | None, traces: set[str] | None = 
 _END_NS = 2**63 - 1  # the last time a store can hold: a sample of "every trace" is drawn over [0, this)
 
 
-def load(store: Store, *, window: Window | None = None, sample: int | None = None) -> Analysis:
+def load(store: Store, *, window: Window | None = None, sample: int | None = None,
+         including: list[str] | None = None) -> Analysis:
     """The whole-store analysis of ``store``. With ``window`` (from, to in ns; either may be None), only the
     traces that start in it (chosen in the store: nothing else is read), and the log lines written in it. With
     ``sample``, at most that many of those traces: the store's sample (``Store.sample_traces``, as a trace-id
     ratio sampler keeps them), read whole, with the log lines of those traces only; a window that holds no more
-    is read as without it."""
+    is read as without it. ``including``: stored traces read whatever the window and the sample (the window
+    widened to the moments they start, so that their log lines are read too; the sample says it read them)."""
+    if window and including:
+        window = _holding(store, window, including)
     since, until = window if window else (None, None)
     drawn = store.sample_traces(since or 0, _END_NS if until is None else until, sample) if sample else None
+    if drawn is not None and not drawn.complete and including:
+        extra = [t for t in store.known_traces(including) if t not in set(drawn.trace_ids)]
+        drawn = Sample(drawn.trace_ids + extra, drawn.in_window, drawn.limit)
     rules = configured_rules()
     chosen = None if drawn is None or drawn.complete else set(drawn.trace_ids)  # None: every trace of the window
     with paused_cycle_collection():
@@ -66,6 +73,15 @@ def load(store: Store, *, window: Window | None = None, sample: int | None = Non
     analysis.window = window
     analysis.sample = drawn
     return analysis
+
+
+def _holding(store: Store, window: Window, trace_ids: list[str]) -> Window:
+    """``window`` widened, where it is bounded, to the start of each of ``trace_ids`` that is stored."""
+    starts = [summary.start_ns for t in trace_ids if (summary := store.trace_summary(t)) is not None]
+    if not starts:
+        return window
+    since, until = window
+    return (None if since is None else min(since, min(starts)), None if until is None else max(until, max(starts) + 1))
 
 
 def load_sampled(store: Store, windows: list[tuple[int, int]], limit: int | None) -> tuple[Analysis, list[Sample]]:

@@ -39,6 +39,16 @@ def resolve_trace_ids(store: Store, ident: str) -> list[str]:
     raise InputError(f"no transaction {ident!r} in {store.url}: not a stored trace id, order id or payment id")
 
 
+def journey_trace_ids(store: Store, trace_ids: list[str]) -> list[str]:
+    """``trace_ids`` and every trace that shares a business key (an order or payment id) with one of them: what
+    judging their orders reads, when an analysis reads only part of a store."""
+    keys = {k for t in trace_ids for r in store.trace_rows(t) for k in r.keys if not k.startswith("rid:")}
+    found = set(trace_ids)
+    for ids in store.traces_by_keys(sorted(keys)).values():
+        found.update(ids)
+    return sorted(found)
+
+
 FAILURE_OUTCOMES = ("timeout", "failed", "declined", "late_success", "duplicate_charge", "recovered", "injected")
 # what can be inconsistent about an order (orders.problems); "any" is every one of them
 PROBLEMS = (*MISMATCHES, *ANOMALIES, "compensation_missing", "any")
@@ -194,7 +204,7 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
             if belongs is not None and order is None and len(belongs.trace_ids) > len(trace_ids) else None,
             "start": format_ns(t0), "duration_ms": round((max(s.end_ns for s in spans) - t0) / 1e6, 3),
             "spans": rows, "logs": logs, "findings": found,
-            "clock_skew": [o.to_json() for o in analysis.offsets]}
+            "clock_skew": [o.to_json() for o in analysis.offsets], "window": window_json(analysis)}
 
 
 def window_json(analysis: Analysis) -> dict[str, Any] | None:

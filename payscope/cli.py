@@ -555,14 +555,23 @@ def show(
     traces_index: TracesIndexOption = None,
     logs_index: LogsIndexOption = None,
     output_format: FormatOption = "table",
+    since: WindowSince = None,
+    until: WindowUntil = None,
+    sample: AnalysisSample = None,
 ) -> None:
-    """One transaction: a waterfall of its spans with status and errors."""
+    """One transaction: a waterfall of its spans with status and errors, and the findings it is evidence of (of
+    the whole store, or of the window and sample given: as `tui` with the same options shows it)."""
     from payscope.analyzers.loader import load
-    from payscope.analyzers.views import transaction_view
+    from payscope.analyzers.views import journey_trace_ids, resolve_trace_ids, transaction_view
 
     _check_format(output_format, ("table", "json"))
+    window, limit = _window(since, until), _sample(sample)
     with _open_for_analysis(store, traces_index, logs_index) as opened:
-        view = transaction_view(opened, load(opened), transaction)
+        trace_ids = resolve_trace_ids(opened, transaction)  # an unknown id is refused before anything is read
+        _say_whole_read(opened, window, limit)
+        # with a window or a sample, the transaction's orders are still judged on every trace of theirs
+        including = journey_trace_ids(opened, trace_ids) if window or limit else None
+        view = transaction_view(opened, load(opened, window=window, sample=limit, including=including), transaction)
     if output_format == "json":
         _emit_json(view)
         return

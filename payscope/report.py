@@ -306,7 +306,8 @@ def render_waterfall(view: dict[str, Any], width: int = 32) -> str:
                          f"({rec['source']}, linked by {rec['link']['method']} {rec['link']['confidence']:.2f})")
     if view["findings"]:
         lines.append("")
-        lines.append("findings (of the whole store, with this transaction as evidence):")
+        read = window_text(view.get("window")) or "of the whole store"
+        lines.append(f"findings ({read}, with this transaction as evidence):")
         for f in view["findings"]:
             lines.append(f"  [{f['severity']}] {f['kind']}: {f['summary']}")
             lines.append(f"    fix: {fix_text(f)}")

@@ -132,6 +132,75 @@ def test_analyze_and_recommend_read_the_traces_of_a_window_and_say_so(tmp_path: 
     assert proc.returncode == 2 and "--since 'yesterday'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_show_reads_the_window_and_sample_it_is_given_and_always_its_transaction(tmp_path: Path) -> None:
+    """``show ID --sample N`` (or ``--since``) gives the transaction as the analysis of that sample gives it, as
+    the TUI with the same options shows it; a transaction the sample or the window leaves out is read beside it,
+    and the output says what was read. An unknown id is refused before anything is read."""
+    from payscope.collector.store import open_store
+    from payscope.timeparse import format_ns
+    from tests.helpers import payscope_json
+
+    store = str(tmp_path / "s.db")
+    payscope("import", "traces", str(SCENARIOS / "marketplace.otlp.jsonl.gz"), "--store", store, check=True)
+    with open_store(store, readonly=True) as opened:
+        summaries = opened.traces(limit=None)
+        every, limit = len(summaries), len(summaries) // 3
+        chosen = set(opened.sample_traces(0, 2**63 - 1, limit).trace_ids)
+    sampled = payscope_json("analyze", "--store", store, "--sample", str(limit))
+    cited = [t for f in sampled["findings"] for t in f["evidence"]["trace_ids"] if t in chosen]
+    inside = payscope_json("show", cited[0], "--store", store, "--sample", str(limit))
+    assert inside["window"] == sampled["stats"]["window"]
+    assert inside["findings"] and all(f in sampled["findings"] for f in inside["findings"])
+
+    whole = payscope_json("analyze", "--store", store)
+    left_out = next(t for f in whole["findings"] for t in f["evidence"]["trace_ids"] if t not in chosen)
+    beside = payscope_json("show", left_out, "--store", store, "--sample", str(limit))
+    assert beside["trace_ids"] == [left_out] and beside["spans"]
+    assert beside["window"]["sample"] == {"traces_read": limit + 1, "traces_in_window": every, "limit": limit,
+                                          "complete": False}
+    table = payscope("show", left_out, "--store", store, "--sample", str(limit), check=True).stdout
+    if beside["findings"]:
+        assert f"findings (of a sample of {limit + 1:,} of {every:,} traces" in table
+
+    first = min(summaries, key=lambda s: s.start_ns)
+    later = format_ns(max(s.start_ns for s in summaries))
+    widened = payscope_json("show", first.trace_id, "--store", store, "--since", later)
+    assert widened["window"]["from"] == format_ns(first.start_ns) and widened["spans"]
+
+    proc = payscope("show", "f" * 32, "--store", store, "--sample", "5")
+    assert proc.returncode == 2 and "no transaction" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_show_with_a_sample_judges_the_transactions_order_on_every_trace_of_it(tmp_path: Path) -> None:
+    """An order paid in two traces (a first try, then the customer's retry), one in the store's sample and one out
+    of it: `show` of the first with `--sample` still sees the journey of two traces, as without a sample."""
+    import random
+
+    from payscope.collector.store import open_store
+    from payscope.model import Span
+    from tests.helpers import payscope_json
+
+    rng = random.Random(11)
+    trace_ids = [format(rng.getrandbits(128), "032x") for _ in range(300)]
+    by_sample_key = sorted(trace_ids, key=lambda t: (int(t[-14:], 16), t))  # the store's sample: the least first
+    inside, outside = by_sample_key[0], by_sample_key[-1]
+    spans = []
+    for n, trace in enumerate(trace_ids):
+        order = "ord-shared" if trace in (inside, outside) else f"ord-{n}"
+        start = 1_800_000_000_000_000_000 + n * 50_000_000 + (3_000_000_000 if trace == outside else 0)
+        spans.append(Span(trace, format(2 * n + 1, "016x"), None, "gateway", "POST /orders/{order_id}", "server",
+                          start, start + 20_000_000, 1, "", {"http.route": "/orders/{order_id}", "order_id": order},
+                          [], {"service.name": "gateway"}))
+    store = str(tmp_path / "s.db")
+    with open_store(store) as opened:
+        opened.write(spans)
+    whole = payscope_json("show", inside, "--store", store)
+    assert whole["journey"] == {"order": "ord-shared", "traces": 2}
+    sampled = payscope_json("show", inside, "--store", store, "--sample", "100")
+    assert sampled["journey"] == whole["journey"] and sampled["transactions"] == whole["transactions"]
+    assert sampled["window"]["sample"]["traces_read"] == 101  # the sample, and the order's other trace beside it
+
+
 def test_analyze_and_recommend_read_a_sample_of_the_traces_and_say_so(tmp_path: Path) -> None:
     """``--sample N`` reads the store's sample of N traces and nothing else: its analysis is the whole analysis of
     a store that holds only those traces, and every output says how many of how many were read."""
