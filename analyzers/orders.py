@@ -29,7 +29,10 @@ from payscope.errors import InputError
 from .calls import Call
 from .engine import Analysis, order_of
 
-CHARGE = re.compile(r"charge|capture|authori[sz]|payment|\bpay\b", re.IGNORECASE)
+# "authorize" names a card authorization only beside a word of money (an OAuth authorization is no charge)
+CHARGE = re.compile(r"charge|capture|payment|\bpay\b|"
+                    r"^(?=.*(?:pay|card|bank|psp|acquir|issuer|checkout|billing|wallet|merchant)).*authori[sz]",
+                    re.IGNORECASE)
 REFUND = re.compile(r"refund|revers|void|cancel", re.IGNORECASE)
 MISMATCHES = ("charged_but_failed", "charged_twice", "paid_without_charge")
 

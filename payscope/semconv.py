@@ -199,6 +199,12 @@ class _Plan(NamedTuple):
 _plans: dict[tuple[str, ...], _Plan] = {}
 
 
+# A span named after its request's method and path ("GET /orders/{id}"; Zipkin's "delete /code/{code}"), or as
+# older HTTP instrumentations named them ("HTTP POST"): what a span without a method attribute says its method is.
+_NAMED_METHOD = re.compile(r"(?i)(?:(GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS|TRACE|CONNECT) /|"
+                           r"HTTP (GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS|TRACE|CONNECT)$)")
+
+
 def _plan(keys: tuple[str, ...]) -> _Plan:
     """The plan for attributes with these keys, made the first time a set of keys is seen (spans of one kind
     from one instrumentation share theirs; :func:`derive` looks it up first). Only which keys are there goes
@@ -225,6 +231,8 @@ def derive(trace_id: str, span_id: str, parent_id: str | None, service: str, nam
     http_status = _int(first(attrs, plan.http_status))
     rpc_status = _int(first(attrs, plan.rpc_status))
     method_value = first(attrs, plan.method)
+    if method_value is None and (named := _NAMED_METHOD.match(name)) is not None:
+        method_value = named.group(1) or named.group(2)  # no method attribute, but the name says it
     method = str(method_value).upper() if method_value is not None else None
     text = error_text(status_message, attrs, events) if status_code == STATUS_ERROR or (
         http_status or 0) >= 400 or rpc_status else ""

@@ -103,3 +103,33 @@ def test_analyze_and_the_demo_point_at_the_order_most_at_risk(demo_store: Path) 
     stats = json.loads(payscope("analyze", "--store", str(demo_store), "-f", "json", check=True).stdout)["stats"]
     assert stats["order_most_at_risk"] == first
     assert f"e.g. payscope show {first}" in (demo_store.parent / "demo.stdout").read_text()
+
+
+def test_an_oauth_authorization_is_no_charge(tmp_path: Path) -> None:
+    """A real production trace of an OAuth authorization (Zipkin, no method attributes: `post /authorization/code`,
+    then `delete /authorization/code/_code_`) holds no payment: no order to reconcile, nothing charged twice."""
+    from tests.helpers import REALDATA
+
+    store = str(tmp_path / "s.db")
+    payscope("import", "traces", str(REALDATA / "zipkin_smartthings-oauth-authorization.zipkinv2.json"),
+             "--store", store, check=True)
+    found = json.loads(payscope("reconcile", "--store", store, "--format", "json", check=True).stdout)
+    assert found["orders"] == [] and not any(found["counts"].values())
+    stats = json.loads(payscope("analyze", "--store", store, "--format", "json", check=True).stdout)["stats"]
+    assert stats["orders_charged_twice"] == 0 and stats["calls"] > 50
+
+
+def test_what_counts_as_a_charge_and_a_method_named_only_in_the_span_name() -> None:
+    from payscope.analyzers.orders import CHARGE, _says
+    from payscope.semconv import derive
+
+    def method(name: str, **attrs: object) -> str | None:
+        return derive("a" * 32, "b" * 16, None, "svc", name, "client", 0, 1, 0, "", dict(attrs), []).method
+
+    assert method("delete /authorization/code/{code}") == "DELETE"
+    assert method("HTTP POST") == "POST" and method("GET /orders/{id}") == "GET"
+    assert method("GET /orders", **{"http.request.method": "POST"}) == "POST"  # the attribute speaks first
+    assert method("DELETE orders") is None and method("SELECT payments") is None and method("get_user") is None
+    assert not _says(CHARGE, "auth", "post /authorization/code") and not _says(CHARGE, "datamgmt", "authorize")
+    assert _says(CHARGE, "acquirer", "POST /authorize") and _says(CHARGE, "psp", "POST /v1/authorisations")
+    assert _says(CHARGE, "bank", "POST /charges") and _says(CHARGE, "payments", "Authorize")
