@@ -195,6 +195,8 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
                               "operation": tx.failing_hop[2]},
                              "business_keys": tx.facts.keys})
     order = analysis.orders().get(ident.strip())  # an order id: its charges and what its customer was told
+    if order is not None and order.key in trace_ids and not (order.attempted or order.refunds):
+        order = None  # a trace with no business key that charged nothing is no order (a route lookup, a login)
     first = analysis.transactions.get(trace_ids[0])
     belongs = analysis.orders().get(order_of(first.facts)) if first is not None else None
     return {"id": ident, "trace_ids": trace_ids, "transactions": transactions,

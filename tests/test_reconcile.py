@@ -133,3 +133,18 @@ def test_what_counts_as_a_charge_and_a_method_named_only_in_the_span_name() -> N
     assert not _says(CHARGE, "auth", "post /authorization/code") and not _says(CHARGE, "datamgmt", "authorize")
     assert _says(CHARGE, "acquirer", "POST /authorize") and _says(CHARGE, "psp", "POST /v1/authorisations")
     assert _says(CHARGE, "bank", "POST /charges") and _says(CHARGE, "payments", "Authorize")
+
+
+def test_a_trace_that_charged_nothing_and_names_no_order_is_shown_as_no_order(tmp_path: Path) -> None:
+    """HotROD's dispatch (a real capture: a customer lookup, a driver search, route lookups) is no payment: `show`
+    says what became of the trace, and no "the customer was told paid"."""
+    from tests.helpers import REALDATA
+
+    store = str(tmp_path / "s.db")
+    payscope("import", "traces", str(REALDATA / "hotrod_redis-timeout_retries.otlp.json"), "--store", store,
+             check=True)
+    trace = "fe65c5beefbe4e96119efbba3da07e99"
+    view = json.loads(payscope("show", trace, "--store", store, "--format", "json", check=True).stdout)
+    assert view["order"] is None and [t["outcome"] for t in view["transactions"]] == ["ok"]
+    table = payscope("show", trace, "--store", store, check=True).stdout
+    assert table.startswith(f"trace {trace}: ok") and "told paid" not in table
