@@ -166,6 +166,12 @@ class Order:
         return self.final == "paid"
 
     @property
+    def is_order(self) -> bool:
+        """Whether this is an order at all: one a business key names, or a trace without one that attempted a
+        charge or a refund (a route lookup or a login is a trace, not an order)."""
+        return self.key not in self.trace_ids or bool(self.attempted or self.refunds)
+
+    @property
     def mismatches(self) -> list[str]:
         through = len(self.charges) - self.refunds
         out = []

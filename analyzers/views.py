@@ -195,8 +195,8 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
                               "operation": tx.failing_hop[2]},
                              "business_keys": tx.facts.keys})
     order = analysis.orders().get(ident.strip())  # an order id: its charges and what its customer was told
-    if order is not None and order.key in trace_ids and not (order.attempted or order.refunds):
-        order = None  # a trace with no business key that charged nothing is no order (a route lookup, a login)
+    if order is not None and not order.is_order:
+        order = None
     first = analysis.transactions.get(trace_ids[0])
     belongs = analysis.orders().get(order_of(first.facts)) if first is not None else None
     return {"id": ident, "trace_ids": trace_ids, "transactions": transactions,
@@ -229,7 +229,6 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
     outcomes: dict[str, int] = {}
     for tx in analysis.transactions.values():
         outcomes[tx.outcome] = outcomes.get(tx.outcome, 0) + 1
-    orders = {k for tx in analysis.transactions.values() for k in tx.facts.keys[:1]}
     return {
         "findings": [f.to_json() for f in found],
         "edges": [{**e.to_json(), "recommended_timeout_ms": analysis.recommended_ms(key)}
@@ -241,7 +240,8 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
                             sorted(e.injected.items())],
         "stats": {"window": window_json(analysis), "traces": len(analysis.traces),
                   "transactions": len(analysis.transactions),
-                  "calls": len(analysis.calls), "edges": len(analysis.edges), "orders": len(orders),
+                  "calls": len(analysis.calls), "edges": len(analysis.edges),
+                  "orders": sum(order.is_order for order in analysis.orders().values()),
                   "outcomes": outcomes, "orders_charged_twice": len(analysis.orders_charged_twice()),
                   "orders_to_reconcile": {kind: sum(kind in o.mismatches for o in analysis.orders().values())
                                           for kind in MISMATCHES},

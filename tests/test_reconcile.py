@@ -148,3 +148,5 @@ def test_a_trace_that_charged_nothing_and_names_no_order_is_shown_as_no_order(tm
     assert view["order"] is None and [t["outcome"] for t in view["transactions"]] == ["ok"]
     table = payscope("show", trace, "--store", store, check=True).stdout
     assert table.startswith(f"trace {trace}: ok") and "told paid" not in table
+    stats = json.loads(payscope("analyze", "--store", store, "--format", "json", check=True).stdout)["stats"]
+    assert stats["orders"] == 0 and stats["transactions"] == 1  # counted as a transaction, not as an order
