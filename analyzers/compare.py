@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ MIN_REQUESTS = 5       # fewer requests of a kind than this in a window say noth
 # a large store is never read whole (the store chooses them: Store.sample_traces).
 SAMPLE = 5_000
 HELD_BY = 3            # the hops named as what held a queued service's workers
+FLOOR_SHARE = 1 / 3  # a gap whose fastest tenth moved less than this share of its mean's growth: not the wire
 
 
 @dataclass
@@ -218,12 +220,14 @@ def _summary(stats: WindowStats, sample: Sample | None) -> dict[str, Any]:
 
 
 def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: float,
-                    ends: dict[str, float]) -> dict[HopKey, HopKey]:
+                    ends: dict[str, float], unshifted: AbstractSet[HopKey] = frozenset()) -> dict[HopKey, HopKey]:
     """Network hops renamed after the service they share: a delay on one service's network shows on every
     edge into and out of it, and the ranking must name that service, not the one beside it: of an edge's two
     ends, the one whose network hops grew the more over every kind of request (``ends``). Gaps that grow
     only on calls out of a service whose own time grew too are that service's own slowness (a starved CPU
-    makes its client spans long), not the network."""
+    makes its client spans long), not the network; so are the gaps of ``unshifted`` hops (whose fastest calls
+    lost nothing, :func:`_floor_moved`) at a service whose own time grew: a slow wire delays every call, a
+    starved service picks up and answers some late."""
     touching: dict[str, list[HopKey]] = defaultdict(list)
     for key in keys:
         edge = key[2]
@@ -239,6 +243,9 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
         # growth, so what decides is the growth of their other edges (a few milliseconds of drift on a third
         # edge does not outweigh a second edge that carries the delay)
         common = max((callee, caller), key=lambda s: ends.get(s, 0.0))  # a tie goes to the callee
+        if key in unshifted and own_growth.get(common, 0.0) > noise:
+            renamed[key] = (common, "service", None)
+            continue
         if common == caller:
             into = [k for k in touching[caller] if k[2] is not None and k[2][1] == caller]
             if not into and own_growth.get(caller, 0.0) > noise:
@@ -248,13 +255,25 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
     return renamed
 
 
-def _merged(explained: dict[HopKey, float], noise: float,
-            ends: dict[str, float]) -> tuple[dict[HopKey, float], dict[HopKey, list[HopKey]]]:
+def _floor_moved(base: list[float], incident: list[float]) -> bool:
+    """Whether a hop's fastest tenth of requests (its 10th percentile) lost at least FLOOR_SHARE of what its mean
+    grew by, as a delay on the wire makes every request lose (sorted samples; a hop that did not grow: True)."""
+    if not base or not incident:
+        return True
+    growth = sum(incident) / len(incident) - sum(base) / len(base)
+    if growth <= 0:
+        return True
+    return (percentile(incident, 10) or 0.0) - (percentile(base, 10) or 0.0) >= FLOOR_SHARE * growth
+
+
+def _merged(explained: dict[HopKey, float], noise: float, ends: dict[str, float],
+            unshifted: AbstractSet[HopKey] = frozenset()) -> tuple[dict[HopKey, float], dict[HopKey, list[HopKey]]]:
     """Hops of one kind of entry request after network gaps are put on the service they share (the end with the
-    more ``ends`` growth), and the queues in front of a service on each of its edges are one."""
+    more ``ends`` growth; ``unshifted``: as :func:`_common_service`), and the queues in front of a service on
+    each of its edges are one."""
     own_growth = {key[0]: value for key, value in explained.items() if key[1] == "service"}
     grown_network = [k for k, v in explained.items() if k[1] == "network" and v > noise]
-    renamed = _common_service(grown_network, own_growth, noise, ends)
+    renamed = _common_service(grown_network, own_growth, noise, ends, unshifted)
     renamed.update({k: (k[0], "queue", None) for k in explained if k[1] == "queue"})  # one queue a service
     merged: dict[HopKey, float] = defaultdict(float)
     members: dict[HopKey, list[HopKey]] = defaultdict(list)
@@ -320,9 +339,11 @@ def _ranked(analysis: Analysis, windows: tuple[Window, Window],
             if k[1] == "network" and k[2] is not None and v > noises[g]:
                 ends[k[2][0]] += v
                 ends[k[2][1]] += v
+    unshifted = {k for k in inc.pieces if k[1] == "network" and k in base.pieces
+                 and not _floor_moved(base.pieces[k].samples, inc.pieces[k].samples)}
     for g in groups:
         noise, grown = noises[g], grown_in[g]
-        merged, members = _merged({k: v for k, (v, _) in grown.items()}, noise, ends)
+        merged, members = _merged({k: v for k, (v, _) in grown.items()}, noise, ends, unshifted)
         for key, value in merged.items():
             chance = math.sqrt(sum(grown[k][1] ** 2 for k in members[key]))
             if value > max(noise, chance) and (key not in best or value > best[key][0]):

@@ -131,3 +131,35 @@ def test_a_gap_that_grew_is_judged_on_the_calls_it_grew_in(tmp_path: Path) -> No
     assert [(f["edge"]["caller"], f["edge"]["callee"]) for f in found] == [("web", "ledger")], found
     assert found[0]["metrics"]["cause"] == "link", found[0]
     assert "The gap grew from" in found[0]["explanation"]
+
+
+def test_a_starved_service_is_told_from_its_slow_network_by_the_fastest_calls(tmp_path: Path) -> None:
+    """ledger is starved of CPU: its own work takes longer, and a third of the calls to it wait 100-200 ms before it
+    picks them up (the gap grows) while the others are picked up as fast as before. A delay on the wire would have
+    slowed every call; the fastest did not slow, so the gaps are ledger's own slowness."""
+    flows = {"api": ["ledger", "cache"], "web": ["ledger"]}
+
+    def starved(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        if callee != "ledger":
+            return _healthy(caller, callee, rng)
+        late = rng.uniform(100, 200) if rng.random() < 1 / 3 else 0.0
+        return rng.uniform(0.8, 1.2) + late, rng.uniform(30, 50)
+
+    hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": starved})
+    assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "service"), hops
+    assert not any(h["component"] == "network" and h["service"] == "ledger" for h in hops), hops
+
+
+def test_a_slow_service_behind_a_slow_wire_is_both(tmp_path: Path) -> None:
+    """ledger's own work grows (it is slower under load) and every answer loses 100 ms on the wire as well: the
+    fastest calls lost the 100 ms too, so the gaps stay the network's, and ledger's own time is listed beside."""
+    flows = {"api": ["ledger", "cache"], "web": ["ledger"]}
+
+    def both(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        if callee != "ledger":
+            return _healthy(caller, callee, rng)
+        return rng.uniform(95, 105), rng.uniform(30, 50)
+
+    hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": both})
+    assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "network"), hops
+    assert ("ledger", "service") in {(h["service"], h["component"]) for h in hops}, hops
