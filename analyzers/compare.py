@@ -26,7 +26,7 @@ from payscope.collector.store import Sample
 
 from .calls import Call
 from .engine import Analysis, Edge
-from .gaps import Occupancy, occupancies, usual_gap_ms, waited_for_workers
+from .gaps import Occupancy, floor_moved, occupancies, usual_gap_ms, waited_for_workers
 from .stats import p50_p99 as _pct
 from .stats import percentile
 
@@ -43,7 +43,6 @@ MIN_REQUESTS = 5       # fewer requests of a kind than this in a window say noth
 # a large store is never read whole (the store chooses them: Store.sample_traces).
 SAMPLE = 5_000
 HELD_BY = 3            # the hops named as what held a queued service's workers
-FLOOR_SHARE = 1 / 3  # a gap whose fastest tenth moved less than this share of its mean's growth: not the wire
 
 
 @dataclass
@@ -226,7 +225,7 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
     ends, the one whose network hops grew the more over every kind of request (``ends``). Gaps that grow
     only on calls out of a service whose own time grew too are that service's own slowness (a starved CPU
     makes its client spans long), not the network; so are the gaps of ``unshifted`` hops (whose fastest calls
-    lost nothing, :func:`_floor_moved`) at a service whose own time grew: a slow wire delays every call, a
+    lost nothing, :func:`gaps.floor_moved`) at a service whose own time grew: a slow wire delays every call, a
     starved service picks up and answers some late."""
     touching: dict[str, list[HopKey]] = defaultdict(list)
     for key in keys:
@@ -255,15 +254,18 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
     return renamed
 
 
-def _floor_moved(base: list[float], incident: list[float]) -> bool:
-    """Whether a hop's fastest tenth of requests (its 10th percentile) lost at least FLOOR_SHARE of what its mean
-    grew by, as a delay on the wire makes every request lose (sorted samples; a hop that did not grow: True)."""
-    if not base or not incident:
-        return True
-    growth = sum(incident) / len(incident) - sum(base) / len(base)
-    if growth <= 0:
-        return True
-    return (percentile(incident, 10) or 0.0) - (percentile(base, 10) or 0.0) >= FLOOR_SHARE * growth
+def _unshifted(analysis: Analysis, windows: tuple[Window, Window], keys: list[HopKey]) -> set[HopKey]:
+    """The network hops among ``keys`` whose gap grew without its fastest calls slowing (:func:`gaps.floor_moved`,
+    on the answered calls of the hop's edge in each window: what `network_latency` judges too)."""
+    wanted = {k[2] for k in keys}
+    gaps: dict[tuple[str, str, str], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
+    for c in analysis.calls:
+        edge = (c.caller, c.callee, c.operation)  # as the critical path names it
+        if c.error_class is None and (gap := c.gap_ms) is not None and edge in wanted:
+            for side, (lo, hi) in zip(gaps[edge], windows, strict=True):
+                if lo <= c.start_ns < hi:
+                    side.append(gap)
+    return {k for k in keys if k[2] is not None and not floor_moved(*(sorted(side) for side in gaps[k[2]]))}
 
 
 def _merged(explained: dict[HopKey, float], noise: float, ends: dict[str, float],
@@ -339,8 +341,7 @@ def _ranked(analysis: Analysis, windows: tuple[Window, Window],
             if k[1] == "network" and k[2] is not None and v > noises[g]:
                 ends[k[2][0]] += v
                 ends[k[2][1]] += v
-    unshifted = {k for k in inc.pieces if k[1] == "network" and k in base.pieces
-                 and not _floor_moved(base.pieces[k].samples, inc.pieces[k].samples)}
+    unshifted = _unshifted(analysis, windows, [k for k in inc.pieces if k[1] == "network"])
     for g in groups:
         noise, grown = noises[g], grown_in[g]
         merged, members = _merged({k: v for k, (v, _) in grown.items()}, noise, ends, unshifted)

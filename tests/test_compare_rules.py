@@ -163,3 +163,26 @@ def test_a_slow_service_behind_a_slow_wire_is_both(tmp_path: Path) -> None:
     hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": both})
     assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "network"), hops
     assert ("ledger", "service") in {(h["service"], h["component"]) for h in hops}, hops
+
+
+def test_analyze_and_compare_put_a_starved_services_gaps_on_it_alike(tmp_path: Path) -> None:
+    """ledger is starved: 60% of the calls to it wait 100-200 ms to be picked up, the others none, and its own work
+    slows. `compare` says `[service] ledger`; `analyze`'s network_latency on the calls into it says where the time
+    went the same way: `callee_starved`, ledger, not the link."""
+    flows = {"api": ["ledger", "cache"], "web": ["ledger"]}
+
+    def starved(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        if callee != "ledger":
+            return _healthy(caller, callee, rng)
+        late = rng.uniform(100, 200) if rng.random() < 0.6 else 0.0
+        return rng.uniform(0.8, 1.2) + late, rng.uniform(30, 50)
+
+    hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": starved})
+    assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "service"), hops
+    found = [f for f in payscope_json("analyze", "--store", str(tmp_path / "s.db"))["findings"]
+             if f["kind"] == "network_latency"]
+    into = {f["edge"]["caller"]: f for f in found if f["edge"]["callee"] == "ledger"}
+    assert set(into) == {"api", "web"}, found
+    for f in into.values():
+        assert (f["metrics"]["cause"], f["metrics"]["common_cause"]) == ("callee_starved", "ledger"), f
+        assert "ledger is slow to pick its calls up" in f["summary"] and "CPU" in f["recommendation"]["action"]
