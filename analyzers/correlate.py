@@ -112,6 +112,7 @@ class Linker:
         for lesson in linked.lessons:
             self.templates.learn(*lesson)
         return self._hold(linked.waiting)
+
     def _keys(self, record: LogRecord) -> list[str]:
         found = [str(record.attributes[k]) for k in KEY_FIELDS if record.attributes.get(k)]
         for pattern in self.patterns:
@@ -283,10 +284,10 @@ class IdLinking:
 
     def __call__(self, store: Store, records: list[LogRecord]) -> tuple[list[LogRecord], IdLinked]:
         """(the records linked now, to be stored; what the holder of the time window takes)."""
-        linker = Linker(store, self.key_patterns, self.time_window, self.traced_services, Lessons())
+        lessons = Lessons()
+        linker = Linker(store, self.key_patterns, self.time_window, self.traced_services, lessons)
         ready, waiting = linker.decide_by_id(records)
-        assert linker.lessons is not None
-        return ready, IdLinked(dict(linker.stats.by_method), linker.lessons.lines, waiting)
+        return ready, IdLinked(dict(linker.stats.by_method), lessons.lines, waiting)
 
 
 def _route_matches(operation: str, path: str) -> bool:

@@ -136,21 +136,13 @@ def _decoded_lines(stream: IO[bytes], report: FileReport) -> Iterator[tuple[int,
     report.lines = lineno
 
 
-def read_records(source: str, service: str | None, fmt: str, tz: tzinfo, clock_offset_ns: int,
-                 report: FileReport, nginx_format: str | None = None,
-                 pool: WorkerPool | None = None) -> Iterator[LogRecord]:
-    """The records of one file, in order. With ``pool``, a file longer than CHUNK_LINES is parsed in chunks by
-    its workers, each chunk starting on a line that starts a record; the records and the problems reported
-    are those of parsing it here."""
-    for parsed in _chunk_results(source, service, fmt, tz, clock_offset_ns, report, nginx_format, pool, None):
-        yield from parsed.records
-
-
 def _chunk_results(source: str, service: str | None, fmt: str, tz: tzinfo, clock_offset_ns: int,
                    report: FileReport, nginx_format: str | None, pool: WorkerPool | None,
                    storing: _Storing | None) -> Iterator[_ChunkResult]:
     """One file read in chunks, each parsed (and with ``storing``, stored) here or by ``pool``'s workers, the
-    results in order; every problem and record is counted in ``report``."""
+    results in order; every problem and record is counted in ``report``. With ``pool``, a file longer than
+    CHUNK_LINES is cut into chunks that each start on a line that starts a record, so that the records and the
+    problems reported are those of reading it whole."""
     stream = _open(source)
     try:
         lines = _decoded_lines(stream, report)
