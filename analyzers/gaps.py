@@ -249,6 +249,7 @@ def _starved(edge: Edge, slow: list[Call], grew_ms: float) -> str | None:
     slow = [c for c in slow if c.error_class is None]
     if floor_moved(sorted(c.gap_ms or 0.0 for c in rest), sorted(c.gap_ms or 0.0 for c in slow)):
         return None
+
     def own(calls: list[Call]) -> float:
         return median([(c.server_end_ns - c.server_start_ns) / 1e6 for c in calls
                        if c.server_start_ns is not None and c.server_end_ns is not None]) or 0.0

@@ -62,7 +62,8 @@ def load(store: Store, *, window: Window | None = None, sample: int | None = Non
     since, until = window if window else (None, None)
     drawn = store.sample_traces(since or 0, _END_NS if until is None else until, sample) if sample else None
     if drawn is not None and not drawn.complete and including:
-        extra = [t for t in store.known_traces(including) if t not in set(drawn.trace_ids)]
+        drawn_ids = set(drawn.trace_ids)
+        extra = [t for t in store.known_traces(including) if t not in drawn_ids]
         drawn = Sample(drawn.trace_ids + extra, drawn.in_window, drawn.limit)
     rules = configured_rules()
     chosen = None if drawn is None or drawn.complete else set(drawn.trace_ids)  # None: every trace of the window
