@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,7 @@ from payscope.collector.store import Sample
 
 from .calls import Call
 from .engine import Analysis, Edge
-from .gaps import Occupancy, floor_moved, occupancies, usual_gap_ms, waited_for_workers
+from .gaps import Occupancy, occupancies, usual_gap_ms, waited_for_workers
 from .stats import p50_p99 as _pct
 from .stats import percentile
 
@@ -219,14 +218,12 @@ def _summary(stats: WindowStats, sample: Sample | None) -> dict[str, Any]:
 
 
 def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: float,
-                    ends: dict[str, float], unshifted: AbstractSet[HopKey] = frozenset()) -> dict[HopKey, HopKey]:
+                    ends: dict[str, float]) -> dict[HopKey, HopKey]:
     """Network hops renamed after the service they share: a delay on one service's network shows on every
     edge into and out of it, and the ranking must name that service, not the one beside it: of an edge's two
     ends, the one whose network hops grew the more over every kind of request (``ends``). Gaps that grow
     only on calls out of a service whose own time grew too are that service's own slowness (a starved CPU
-    makes its client spans long), not the network; so are the gaps of ``unshifted`` hops (whose fastest calls
-    lost nothing, :func:`gaps.floor_moved`) at a service whose own time grew: a slow wire delays every call, a
-    starved service picks up and answers some late."""
+    makes its client spans long), not the network."""
     touching: dict[str, list[HopKey]] = defaultdict(list)
     for key in keys:
         edge = key[2]
@@ -242,9 +239,6 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
         # growth, so what decides is the growth of their other edges (a few milliseconds of drift on a third
         # edge does not outweigh a second edge that carries the delay)
         common = max((callee, caller), key=lambda s: ends.get(s, 0.0))  # a tie goes to the callee
-        if key in unshifted and own_growth.get(common, 0.0) > noise:
-            renamed[key] = (common, "service", None)
-            continue
         if common == caller:
             into = [k for k in touching[caller] if k[2] is not None and k[2][1] == caller]
             if not into and own_growth.get(caller, 0.0) > noise:
@@ -254,28 +248,13 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
     return renamed
 
 
-def _unshifted(analysis: Analysis, windows: tuple[Window, Window], keys: list[HopKey]) -> set[HopKey]:
-    """The network hops among ``keys`` whose gap grew without its fastest calls slowing (:func:`gaps.floor_moved`,
-    on the answered calls of the hop's edge in each window: what `network_latency` judges too)."""
-    wanted = {k[2] for k in keys}
-    gaps: dict[tuple[str, str, str], tuple[list[float], list[float]]] = defaultdict(lambda: ([], []))
-    for c in analysis.calls:
-        edge = (c.caller, c.callee, c.operation)  # as the critical path names it
-        if c.error_class is None and (gap := c.gap_ms) is not None and edge in wanted:
-            for side, (lo, hi) in zip(gaps[edge], windows, strict=True):
-                if lo <= c.start_ns < hi:
-                    side.append(gap)
-    return {k for k in keys if k[2] is not None and not floor_moved(*(sorted(side) for side in gaps[k[2]]))}
-
-
-def _merged(explained: dict[HopKey, float], noise: float, ends: dict[str, float],
-            unshifted: AbstractSet[HopKey] = frozenset()) -> tuple[dict[HopKey, float], dict[HopKey, list[HopKey]]]:
+def _merged(explained: dict[HopKey, float], noise: float,
+            ends: dict[str, float]) -> tuple[dict[HopKey, float], dict[HopKey, list[HopKey]]]:
     """Hops of one kind of entry request after network gaps are put on the service they share (the end with the
-    more ``ends`` growth; ``unshifted``: as :func:`_common_service`), and the queues in front of a service on
-    each of its edges are one."""
+    more ``ends`` growth), and the queues in front of a service on each of its edges are one."""
     own_growth = {key[0]: value for key, value in explained.items() if key[1] == "service"}
     grown_network = [k for k, v in explained.items() if k[1] == "network" and v > noise]
-    renamed = _common_service(grown_network, own_growth, noise, ends, unshifted)
+    renamed = _common_service(grown_network, own_growth, noise, ends)
     renamed.update({k: (k[0], "queue", None) for k in explained if k[1] == "queue"})  # one queue a service
     merged: dict[HopKey, float] = defaultdict(float)
     members: dict[HopKey, list[HopKey]] = defaultdict(list)
@@ -341,10 +320,9 @@ def _ranked(analysis: Analysis, windows: tuple[Window, Window],
             if k[1] == "network" and k[2] is not None and v > noises[g]:
                 ends[k[2][0]] += v
                 ends[k[2][1]] += v
-    unshifted = _unshifted(analysis, windows, [k for k in inc.pieces if k[1] == "network"])
     for g in groups:
         noise, grown = noises[g], grown_in[g]
-        merged, members = _merged({k: v for k, (v, _) in grown.items()}, noise, ends, unshifted)
+        merged, members = _merged({k: v for k, (v, _) in grown.items()}, noise, ends)
         for key, value in merged.items():
             chance = math.sqrt(sum(grown[k][1] ** 2 for k in members[key]))
             if value > max(noise, chance) and (key not in best or value > best[key][0]):

@@ -29,25 +29,11 @@ QUEUE_P = 0.01             # ... and were fast less often than the others, beyon
 SIBLING_SHARE = 0.25       # a neighbour edge grew too when its gap rose by this share of the hop's own growth
 SIBLING_MIN_MS = 5.0       # ... and by at least this much: a busy host's jitter stays below
 SIBLING_MIN_CALLS = 3      # a neighbour edge with fewer answered calls in the stretch says nothing
-FLOOR_SHARE = 1 / 3        # the wire: the fastest tenth of calls lost at least this share of what the mean grew by
-
-
-def floor_moved(before: list[float], after: list[float]) -> bool:
-    """Whether the fastest tenth of ``after`` (its 10th percentile) lost at least FLOOR_SHARE of what the mean grew
-    by since ``before`` (both sorted): as a delay on the wire makes every call lose it (a call that pays it on two or
-    three round trips adds more to the mean). A starved service picks some calls up late and others at once: its
-    fastest calls lose nothing. True when there is nothing to compare, or nothing grew."""
-    if not before or not after:
-        return True
-    growth = sum(after) / len(after) - sum(before) / len(before)
-    if growth <= 0:
-        return True
-    return (percentile(after, 10) or 0.0) - (percentile(before, 10) or 0.0) >= FLOOR_SHARE * growth
 
 
 @dataclass(frozen=True)
 class GapCause:
-    where: str                # link | caller | callee | callee_queue | callee_starved
+    where: str                # link | caller | callee | callee_queue
     service: str | None       # the service it is on (None for the link)
     because: str              # one sentence of evidence
 
@@ -239,28 +225,6 @@ def usual_gap_ms(edge: Edge) -> float:
     return min((stretch_gap_ms(part) for part in stretches(edge)), default=0.0)
 
 
-def _starved(edge: Edge, slow: list[Call], grew_ms: float) -> str | None:
-    """Why the gap that grew on ``slow`` calls (by ``grew_ms`` at the median) is the callee's own slowness, or None:
-    the fastest of those calls lost nothing (:func:`floor_moved`), and the callee's own time on them grew too."""
-    chosen = {id(c) for c in slow}
-    # answered calls only: a call given up on lost at least what its gap says, and says nothing of the answer it
-    # did not wait for, which a slow link holds as long as every other
-    rest = [c for c in edge.calls if id(c) not in chosen and c.gap_ms is not None and c.error_class is None]
-    slow = [c for c in slow if c.error_class is None]
-    if floor_moved(sorted(c.gap_ms or 0.0 for c in rest), sorted(c.gap_ms or 0.0 for c in slow)):
-        return None
-
-    def own(calls: list[Call]) -> float:
-        return median([(c.server_end_ns - c.server_start_ns) / 1e6 for c in calls
-                       if c.server_start_ns is not None and c.server_end_ns is not None]) or 0.0
-    before, after = own(rest), own(slow)
-    if after - before < max(SIBLING_MIN_MS, SIBLING_SHARE * grew_ms):
-        return None
-    return (f"the fastest calls lost nothing while the others waited, and {edge.callee}'s own time grew from "
-            f"{before:.0f} to {after:.0f} ms at the median: {edge.callee} picked its calls up and answered them "
-            "late (a starved CPU or runtime), where a slow wire would have slowed every call")
-
-
 def gap_cause(analysis: Analysis, edge: Edge, slow: list[Call], *, grown: bool,
               busy: dict[str, Occupancy]) -> GapCause:
     """The one answer to where ``edge``'s lost time went, judged on its ``slow`` calls: those of the stretch in
@@ -277,8 +241,6 @@ def gap_cause(analysis: Analysis, edge: Edge, slow: list[Call], *, grown: bool,
                         f"{waited.free_ms:.0f} ms for the others: they waited for a free worker")
     window = (min(c.start_ns for c in slow), max(c.start_ns for c in slow)) if slow else (0, 0)
     own = (median([c.gap_ms or 0.0 for c in slow]) or 0.0) - usual_ms
-    if grown and (starved := _starved(edge, slow, own)) is not None:
-        return GapCause("callee_starved", edge.callee, starved)
     bar = max(SIBLING_MIN_MS, SIBLING_SHARE * own)
 
     def grew(side: str) -> list[str] | None:

@@ -168,18 +168,13 @@ def node_server(script: str, directory: Path) -> Iterator[int]:
 
 
 def demo_bank_link_leads(hops: list[dict[str, Any]]) -> bool:
-    """Whether `compare` on the demo's sale peak names the bank's slowed link first: as the first hop, or second
-    right behind the bank's own slowdown (both are planted, at about the same size: 200 ms on the wire, and a bank
-    two and a half times slower, whose share grows with every call the payment service gives up on, since such a
-    call waited on the bank's work and never on the answer the link held); or, when the entry requests gave up
-    waiting in order's queue and never reached the bank, as what held order's workers under that queue, which
-    then leads."""
-    def link(hop: dict[str, Any]) -> bool:
-        return (hop["component"], hop["service"], (hop["edge"] or {}).get("caller")) == ("network", "bank", "payment")
-
+    """Whether `compare` on the demo's sale peak names the bank's slowed link first: as the first hop, or, when
+    the entry requests gave up waiting in order's queue and never reached the bank, as what held order's workers
+    under that queue, which then leads."""
     first = hops[0]
     if (first["component"], first["service"]) == ("queue", "order"):
-        return bool(first["consequence"]) and any(link(h) for h in first.get("held_by") or ())
-    if (first["component"], first["service"]) == ("service", "bank") and len(hops) > 1:
-        return link(hops[1])
-    return link(first)
+        return bool(first["consequence"]) and any(
+            (h["component"], h["service"], (h["edge"] or {}).get("caller")) == ("network", "bank", "payment")
+            for h in first.get("held_by") or ())
+    return (first["component"], first["service"], (first["edge"] or {}).get("caller")) == ("network", "bank",
+                                                                                          "payment")
