@@ -7,6 +7,11 @@ one of a few worker processes and gets back exactly what decoding in-process wou
 Redaction happens in the worker, before anything reaches the writer, so nothing changes in what is
 stored. Small requests are decoded in the receiving thread: for them the round trip would cost more
 than it saves.
+
+When the store can be opened again in another process (the embedded store), a worker also stores what it
+decoded, in a transaction of its own, and sends back only how many items and which traces
+(:func:`decode_and_store`): the spans never cross back, and the collector's process is left with the HTTP
+threads. The request is acknowledged after that transaction commits, as after the writer's.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Any, TypeVar
 from payscope.errors import InputError
 
 from .otlp import LOGS, TRACES, Decoded, count_items
+from .store import Store, open_store
+from .writer import blame
 
 T = TypeVar("T")
 INLINE_BELOW_BYTES = 64 * 1024  # a request smaller than this is decoded where it arrived
@@ -52,6 +59,27 @@ def decode_request(signal_name: str, body: bytes, content_type: str, max_items: 
         raise InputError(f"{items} spans or log records in one request, more than {max_items}: "
                          "send smaller batches")
     return signal.convert(request, raw)
+
+
+_OPENED: dict[str, Store] = {}  # in a worker process: the stores it opened, by URL
+
+
+def decode_and_store(signal_name: str, body: bytes, content_type: str, max_items: int, store_url: str) -> Decoded:
+    """In a worker process: :func:`decode_request`, and what it gave written to the store at ``store_url`` (opened
+    once) in one transaction. Returns the request without its items, once they are durable (``Decoded.stored``).
+    A value the store cannot hold is the request's fault (RejectedError), as in the writer."""
+    decoded = decode_request(signal_name, body, content_type, max_items)
+    if not decoded.spans and not decoded.logs:
+        return decoded
+    store = _OPENED.get(store_url)
+    if store is None:
+        store = _OPENED[store_url] = open_store(store_url)
+    started = time.monotonic()
+    try:
+        store.write(decoded.spans, decoded.logs)
+    except Exception as exc:
+        raise blame(exc) from None
+    return decoded.stored_as(time.monotonic() - started)
 
 
 def _watch_parent(parent: int) -> None:
@@ -124,18 +152,23 @@ class WorkerPool:
 class DecodePool(WorkerPool):
     """Request bodies of INLINE_BELOW_BYTES or more decoded by the workers, smaller ones where they arrived."""
 
-    def decode(self, signal_name: str, body: bytes, content_type: str, max_items: int) -> Decoded:
+    def decode(self, signal_name: str, body: bytes, content_type: str, max_items: int,
+               store_url: str | None = None) -> Decoded:
+        """The request decoded; with ``store_url``, by a worker that also stores it there (``Decoded.stored``).
+        A request decoded here (small, or its worker gone) comes back with its items, for the writer."""
         if self.workers <= 0 or len(body) < INLINE_BELOW_BYTES:
             return decode_request(signal_name, body, content_type, max_items)
         def here() -> Decoded:
             return decode_request(signal_name, body, content_type, max_items)
 
         try:
-            future = self.submit(decode_request, signal_name, body, content_type, max_items)
+            future = (self.submit(decode_and_store, signal_name, body, content_type, max_items, store_url)
+                      if store_url is not None else self.submit(decode_request, signal_name, body, content_type,
+                                                                max_items))
         except BrokenProcessPool:  # a worker died (killed, out of memory): new ones start on the next request
             return here()
         return self.answer(future, here)
 
 
-__all__ = ["INLINE_BELOW_BYTES", "WORKER_ANSWER_S", "DecodePool", "WorkerPool", "decode_request", "default_workers",
-           "process_pool"]
+__all__ = ["INLINE_BELOW_BYTES", "WORKER_ANSWER_S", "DecodePool", "WorkerPool", "decode_and_store", "decode_request",
+           "default_workers", "process_pool"]

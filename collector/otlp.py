@@ -38,23 +38,41 @@ class Decoded:
     logs: list[LogRecord] = field(default_factory=list)
     rejected: int = 0
     reasons: list[str] = field(default_factory=list)
+    stored: Stored | None = None  # what a decoding process stored itself (then ``spans`` and ``logs`` are empty)
 
     def reject(self, reason: str) -> None:
         self.rejected += 1
         if len(self.reasons) < 5:
             self.reasons.append(reason)
 
+    def stored_as(self, seconds: float) -> Decoded:
+        """This request once its spans and records are durable in the store: what the collector still needs to
+        know of them (how many, and which traces they belong to), without the items themselves."""
+        trace_ids = list(dict.fromkeys(e.row.trace_id for e in self.spans))
+        return Decoded([], [], self.rejected, self.reasons, Stored(trace_ids, len(self.spans), len(self.logs), seconds))
+
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # sent back from a decoding process: spans as columns of plain tuples, the cheapest to pickle
         spans = self.spans
         return _rebuilt, ([row_fields(e.row) for e in spans], [e.body for e in spans], [e.resource for e in spans],
-                          self.logs, self.rejected, self.reasons)
+                          self.logs, self.rejected, self.reasons, self.stored)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """Spans and log records a decoding process stored (a committed transaction of its own): their traces, how
+    many there were, and how long storing them took."""
+
+    trace_ids: list[str]
+    spans: int
+    logs: int
+    seconds: float
 
 
 def _rebuilt(rows: list[tuple[Any, ...]], bodies: list[bytes], resources: list[dict[str, Any]],
-             logs: list[LogRecord], rejected: int, reasons: list[str]) -> Decoded:
+             logs: list[LogRecord], rejected: int, reasons: list[str], stored: Stored | None = None) -> Decoded:
     return Decoded([EncodedSpan(SpanRow(*r), b, res) for r, b, res in zip(rows, bodies, resources, strict=True)],
-                   logs, rejected, reasons)
+                   logs, rejected, reasons, stored)
 
 
 def _resource_service(resource: dict[str, Any]) -> str:

@@ -154,6 +154,8 @@ class Receiver:
         self.token = token
         self.bodies = Budget(BODIES_IN_MEMORY_BYTES)
         self.decoder = decoder or DecodePool(0)
+        # where decoding processes store what they decode themselves (None: they hand it to the writer)
+        self.store_url = writer.store.address() if self.decoder.workers > 0 else None
         # two per decoding process: while one request's spans cross back from a worker, the next is already there
         self._decoding = threading.BoundedSemaphore(max(DECODE_SLOTS, 2 * self.decoder.workers))
 
@@ -173,10 +175,14 @@ class Receiver:
         """
         self.writer.check_room(1)
         with self._decoding:
-            return self.decoder.decode(signal.name, body, content_type, MAX_ITEMS_PER_REQUEST)
+            return self.decoder.decode(signal.name, body, content_type, MAX_ITEMS_PER_REQUEST, self.store_url)
 
     def accept(self, decoded: Decoded) -> None:
-        if decoded.spans or decoded.logs:
+        """Return once the request's items are durable: stored already by a decoding process (the writer is
+        told which traces, for deriving them once settled), or queued for the writer and committed."""
+        if decoded.stored is not None:
+            self.writer.note(decoded.stored)
+        elif decoded.spans or decoded.logs:
             self.writer.submit(decoded.spans, decoded.logs).result(timeout=ACK_TIMEOUT_S)
 
 

@@ -7,11 +7,13 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any, Protocol
 
 from payscope.model import EncodedSpan, LogRecord, Span
 
+from .otlp import Stored
 from .store import Store
 from .store.api import Cursor
 
@@ -98,6 +100,18 @@ class BatchWriter:
         self._queue.put((spans, logs, future, items))
         return future
 
+    def note(self, stored: Stored) -> None:
+        """Count what a decoding process stored itself, and derive its traces once they settle, as if written
+        here; the time it took counts as this writer's, so that deriving waits while the store is busy."""
+        self._queue.put(stored)
+
+    def _noted(self, stored: Stored) -> None:
+        self.committed_spans += stored.spans
+        self.committed_logs += stored.logs
+        self._busy_s += stored.seconds
+        if self._deriver and stored.trace_ids:
+            self._written_traces(stored.trace_ids)
+
     def _run(self) -> None:
         while True:
             try:
@@ -107,6 +121,11 @@ class BatchWriter:
                 continue
             if first is _STOP:
                 return
+            if isinstance(first, Stored):
+                self._noted(first)
+                if self._deriver and self._queue.empty():
+                    self._settle()
+                continue
             work = [first]
             size = first[3]  # type: ignore[index]
             stop_after = False
@@ -118,6 +137,9 @@ class BatchWriter:
                 if item is _STOP:
                     stop_after = True
                     break
+                if isinstance(item, Stored):
+                    self._noted(item)
+                    continue
                 work.append(item)
                 size += item[3]  # type: ignore[index]
             started = time.monotonic()
@@ -164,9 +186,12 @@ class BatchWriter:
 
     def _written(self, spans: list[Any]) -> None:
         """Remember when the traces of ``spans`` were last written (the oldest first)."""
+        self._written_traces({s.row.trace_id if isinstance(s, EncodedSpan) else s.trace_id for s in spans})
+
+    def _written_traces(self, trace_ids: Iterable[str]) -> None:
         now = time.monotonic()
         touched = self._touched
-        for trace_id in {s.row.trace_id if isinstance(s, EncodedSpan) else s.trace_id for s in spans}:
+        for trace_id in trace_ids:
             touched.pop(trace_id, None)
             touched[trace_id] = now
         if len(touched) > _MAX_TOUCHED:
@@ -182,13 +207,13 @@ class BatchWriter:
         except BaseException as exc:
             if len(work) == 1 or not isinstance(exc, _DATA_ERRORS):
                 for w in work:
-                    w[2].set_exception(_blame(exc))
+                    w[2].set_exception(blame(exc))
                 return
             for w in work:
                 try:
                     self._write([w])
                 except BaseException as alone:
-                    w[2].set_exception(_blame(alone))
+                    w[2].set_exception(blame(alone))
 
     def _write(self, work: list[tuple[Any, Any, Future[None], int]]) -> None:
         spans = [s for w in work for s in w[0]]
@@ -211,7 +236,7 @@ class BatchWriter:
         self._thread.join()
 
 
-def _blame(exc: BaseException) -> BaseException:
+def blame(exc: BaseException) -> BaseException:
     """The error a request gets: RejectedError when its own data was at fault, else the store's error."""
     if isinstance(exc, _DATA_ERRORS):
         return RejectedError(f"a value in this request cannot be stored ({type(exc).__name__}: {str(exc)[:120]})")

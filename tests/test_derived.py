@@ -168,6 +168,54 @@ def test_the_collector_derives_traces_once_they_settle(tmp_path: Path) -> None:
     assert payscope_json("analyze", "--store", str(store_path)) == settled
 
 
+def test_traces_a_decoding_process_stored_are_derived_and_counted_as_the_writers(tmp_path: Path) -> None:
+    """A request large enough to be decoded and stored by a decoding process (not by the collector's writer): its
+    traces are derived once they settle all the same, and its spans are counted in what the collector stored."""
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from payscope.collector.decoding import INLINE_BELOW_BYTES
+
+    store_path = tmp_path / "s.db"
+    collector = CollectorProcess(store_path, grpc=False, extra=("--settle-seconds", "1.5", "--workers", "2"))
+    try:
+        exporter = OTLPSpanExporter(endpoint=f"{collector.http_url}/v1/traces")
+        provider = TracerProvider(resource=Resource.create({"service.name": "checkout"}))
+        provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=4096, max_export_batch_size=4096,
+                                                       schedule_delay_millis=60_000))
+        memory = InMemorySpanExporter()
+        provider.add_span_processor(SimpleSpanProcessor(memory))
+        tracer = provider.get_tracer("tests")
+        time.sleep(1.5)  # the collector's scan for traces stored before it started has found the store empty
+        for n in range(120):
+            with tracer.start_as_current_span("POST /checkout", kind=SpanKind.SERVER, attributes={
+                    "http.request.method": "POST", "http.route": "/checkout", "url.path": "/checkout",
+                    "user_agent.original": "python-requests/2.32.3 " + "x" * 40}):
+                for step in range(4):
+                    with tracer.start_as_current_span("POST", kind=SpanKind.CLIENT, attributes={
+                            "http.request.method": "POST", "server.address": "payment",
+                            "url.full": f"http://payment/pay/{n}/{step}"}):
+                        pass
+        provider.force_flush()
+        # the one request the exporter sent, as it encodes it: large enough for a decoding process to store
+        assert len(encode_spans(memory.get_finished_spans()).SerializeToString()) >= INLINE_BELOW_BYTES
+        assert _kinds(store_path) == (0, 120)
+        deadline = time.monotonic() + 20
+        while _kinds(store_path) != (120, 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _kinds(store_path) == (120, 0)
+        provider.shutdown()
+    finally:
+        said = collector.stop()
+    assert "600 spans and 0 log records stored this run" in said
+    assert "120 traces" in said
+
+
 @pytest.mark.parametrize("backend", ["embedded", "elasticsearch"])
 def test_a_collector_derives_the_traces_stored_before_it_started(backend: str, tmp_path: Path,
                                                                   request: pytest.FixtureRequest) -> None:
