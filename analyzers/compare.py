@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from payscope.collector.store import Sample
 
 from .calls import Call
 from .engine import Analysis, Edge
-from .gaps import Occupancy, occupancies, usual_gap_ms, waited_for_workers
+from .gaps import Occupancy, occupancies, picked_up_late, usual_gap_ms, waited_for_workers
 from .stats import p50_p99 as _pct
 from .stats import percentile
 
@@ -218,12 +219,15 @@ def _summary(stats: WindowStats, sample: Sample | None) -> dict[str, Any]:
 
 
 def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: float,
-                    ends: dict[str, float]) -> dict[HopKey, HopKey]:
+                    ends: dict[str, float], starved: AbstractSet[HopKey] = frozenset()) -> dict[HopKey, HopKey]:
     """Network hops renamed after the service they share: a delay on one service's network shows on every
     edge into and out of it, and the ranking must name that service, not the one beside it: of an edge's two
     ends, the one whose network hops grew the more over every kind of request (``ends``). Gaps that grow
     only on calls out of a service whose own time grew too are that service's own slowness (a starved CPU
-    makes its client spans long), not the network."""
+    makes its client spans long), not the network; so are the gaps of ``starved`` hops, whose fastest calls lost
+    little of what the others lost (:func:`gaps.picked_up_late`), when the end they share grew beyond the noise in
+    its own time: a starved callee picks its calls up late, a starved caller sends and reads late, and which of the
+    two is the end whose grown hops add up to more."""
     touching: dict[str, list[HopKey]] = defaultdict(list)
     for key in keys:
         edge = key[2]
@@ -239,6 +243,9 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
         # growth, so what decides is the growth of their other edges (a few milliseconds of drift on a third
         # edge does not outweigh a second edge that carries the delay)
         common = max((callee, caller), key=lambda s: ends.get(s, 0.0))  # a tie goes to the callee
+        if key in starved and own_growth.get(common, 0.0) > noise:
+            renamed[key] = (common, "service", None)
+            continue
         if common == caller:
             into = [k for k in touching[caller] if k[2] is not None and k[2][1] == caller]
             if not into and own_growth.get(caller, 0.0) > noise:
@@ -248,13 +255,28 @@ def _common_service(keys: list[HopKey], own_growth: dict[str, float], noise: flo
     return renamed
 
 
-def _merged(explained: dict[HopKey, float], noise: float,
-            ends: dict[str, float]) -> tuple[dict[HopKey, float], dict[HopKey, list[HopKey]]]:
+def _starved(analysis: Analysis, windows: tuple[Window, Window], keys: list[HopKey]) -> set[HopKey]:
+    """The network hops among ``keys`` whose gap grew because their callee picked its calls up late
+    (:func:`gaps.picked_up_late`, on the calls of the hop's edge in each window: what `network_latency` judges too)."""
+    wanted = {k[2] for k in keys}
+    calls: dict[tuple[str, str, str], tuple[list[Call], list[Call]]] = defaultdict(lambda: ([], []))
+    for c in analysis.calls:
+        edge = (c.caller, c.callee, c.operation)  # as the critical path names it
+        if edge in wanted:
+            for side, (lo, hi) in zip(calls[edge], windows, strict=True):
+                if lo <= c.start_ns < hi:
+                    side.append(c)
+    return {k for k in keys if k[2] is not None and picked_up_late(*calls[k[2]])}
+
+
+def _merged(explained: dict[HopKey, float], noise: float, ends: dict[str, float],
+            starved: AbstractSet[HopKey] = frozenset()) -> tuple[dict[HopKey, float], dict[HopKey, list[HopKey]]]:
     """Hops of one kind of entry request after network gaps are put on the service they share (the end with the
-    more ``ends`` growth), and the queues in front of a service on each of its edges are one."""
+    more ``ends`` growth; ``starved``: as :func:`_common_service`), and the queues in front of a service on
+    each of its edges are one."""
     own_growth = {key[0]: value for key, value in explained.items() if key[1] == "service"}
     grown_network = [k for k, v in explained.items() if k[1] == "network" and v > noise]
-    renamed = _common_service(grown_network, own_growth, noise, ends)
+    renamed = _common_service(grown_network, own_growth, noise, ends, starved)
     renamed.update({k: (k[0], "queue", None) for k in explained if k[1] == "queue"})  # one queue a service
     merged: dict[HopKey, float] = defaultdict(float)
     members: dict[HopKey, list[HopKey]] = defaultdict(list)
@@ -320,9 +342,10 @@ def _ranked(analysis: Analysis, windows: tuple[Window, Window],
             if k[1] == "network" and k[2] is not None and v > noises[g]:
                 ends[k[2][0]] += v
                 ends[k[2][1]] += v
+    starved = _starved(analysis, windows, [k for k in inc.pieces if k[1] == "network"])
     for g in groups:
         noise, grown = noises[g], grown_in[g]
-        merged, members = _merged({k: v for k, (v, _) in grown.items()}, noise, ends)
+        merged, members = _merged({k: v for k, (v, _) in grown.items()}, noise, ends, starved)
         for key, value in merged.items():
             chance = math.sqrt(sum(grown[k][1] ** 2 for k in members[key]))
             if value > max(noise, chance) and (key not in best or value > best[key][0]):

@@ -412,6 +412,9 @@ _GAP_WORDS = {
                                   "send and read); meanwhile size the timeout on what {caller} sees"),
     "callee": (": on {s}'s side", "look at {callee}'s host and network; meanwhile size the timeout on what "
                                   "{caller} sees"),
+    "callee_starved": (": {s} is slow to pick its calls up", "look at {callee}'s CPU and runtime (throttling, a "
+                                                             "noisy neighbour, pauses), not the network; meanwhile "
+                                                             "size the timeout on what {caller} sees"),
 }
 
 

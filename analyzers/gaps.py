@@ -29,11 +29,54 @@ QUEUE_P = 0.01             # ... and were fast less often than the others, beyon
 SIBLING_SHARE = 0.25       # a neighbour edge grew too when its gap rose by this share of the hop's own growth
 SIBLING_MIN_MS = 5.0       # ... and by at least this much: a busy host's jitter stays below
 SIBLING_MIN_CALLS = 3      # a neighbour edge with fewer answered calls in the stretch says nothing
+FLOOR_SHARE = 1 / 3        # the wire: the fastest tenth of calls lost at least this share of what grew
+LATE_STRETCH_CALLS = 5     # ... judged on stretches of at least this many calls
+
+
+def _own_ms(calls: list[Call]) -> float:
+    """The callee's own time on ``calls`` at the median (its server span)."""
+    return median([(c.server_end_ns - c.server_start_ns) / 1e6 for c in calls
+                   if c.server_start_ns is not None and c.server_end_ns is not None]) or 0.0
+
+
+def _answered(calls: list[Call]) -> list[Call]:
+    # a call given up on says nothing of the answer it did not wait for, which a slow link holds as long as every other
+    return [c for c in calls if c.error_class is None and c.gap_ms is not None]
+
+
+def picked_up_late(before: list[Call], after: list[Call]) -> bool:
+    """Whether the gap of one edge's answered calls grew from ``before`` to ``after`` the way a starved callee makes it
+    grow, not the way a slow wire does. A delay on the wire makes every call it acts on lose it, the fastest too, and
+    the typical call at most two or three times it (round trips, a new connection). A starved service picks some
+    calls up at once and others late: its fastest calls lose little of what the others lose.
+
+    Judged stretch by stretch (tenths of ``after`` in time, LATE_STRETCH_CALLS calls at least), on the stretches whose
+    median gap is above what nine calls in ten stayed under before (a delay that began or ended inside the window
+    leaves the stretches outside it as they were): the callee picked its calls up late when, in most of those
+    stretches, the fastest tenth of the calls (their 10th percentile) lost less than FLOOR_SHARE of what the stretch's
+    median lost. Per stretch, so that waits in front of a slow link (a connection pool whose connections the link
+    holds longer), which raise some stretches' medians far more than their floors, do not outvote the others."""
+    gaps_before = sorted(c.gap_ms or 0.0 for c in _answered(before))
+    if not gaps_before:
+        return False
+    bar = percentile(gaps_before, 90) or 0.0
+    usual_median, usual_floor = median(gaps_before) or 0.0, percentile(gaps_before, 10) or 0.0
+    calls = sorted(_answered(after), key=lambda c: c.start_ns)
+    parts = max(1, min(10, len(calls) // LATE_STRETCH_CALLS))  # as even as they come: no stretch of one or two
+    late = grown = 0
+    for k in range(parts):
+        gaps = sorted(c.gap_ms or 0.0 for c in calls[k * len(calls) // parts:(k + 1) * len(calls) // parts])
+        typical = median(gaps) or 0.0
+        if typical <= bar:
+            continue
+        grown += 1
+        late += (percentile(gaps, 10) or 0.0) - usual_floor < FLOOR_SHARE * (typical - usual_median)
+    return grown > 0 and late > grown / 2
 
 
 @dataclass(frozen=True)
 class GapCause:
-    where: str                # link | caller | callee | callee_queue
+    where: str                # link | caller | callee | callee_queue | callee_starved
     service: str | None       # the service it is on (None for the link)
     because: str              # one sentence of evidence
 
@@ -225,6 +268,22 @@ def usual_gap_ms(edge: Edge) -> float:
     return min((stretch_gap_ms(part) for part in stretches(edge)), default=0.0)
 
 
+def _starved(edge: Edge, slow: list[Call], grew_ms: float) -> str | None:
+    """Why the gap that grew on ``slow`` calls (by ``grew_ms`` at the median) is the callee's own slowness, or None:
+    the callee picked them up late (:func:`picked_up_late`, against the edge's other calls) and its own time on them
+    grew too."""
+    chosen = {id(c) for c in slow}
+    rest = [c for c in edge.calls if id(c) not in chosen]
+    if not picked_up_late(rest, slow):
+        return None
+    before, after = _own_ms(_answered(rest)), _own_ms(_answered(slow))
+    if after - before < max(SIBLING_MIN_MS, SIBLING_SHARE * grew_ms):
+        return None
+    return (f"the fastest calls lost little while the others waited, and {edge.callee}'s own time grew from "
+            f"{before:.0f} to {after:.0f} ms at the median: {edge.callee} picked its calls up and answered them "
+            "late (a starved CPU or runtime), where a slow wire would have slowed every call")
+
+
 def gap_cause(analysis: Analysis, edge: Edge, slow: list[Call], *, grown: bool,
               busy: dict[str, Occupancy]) -> GapCause:
     """The one answer to where ``edge``'s lost time went, judged on its ``slow`` calls: those of the stretch in
@@ -241,6 +300,8 @@ def gap_cause(analysis: Analysis, edge: Edge, slow: list[Call], *, grown: bool,
                         f"{waited.free_ms:.0f} ms for the others: they waited for a free worker")
     window = (min(c.start_ns for c in slow), max(c.start_ns for c in slow)) if slow else (0, 0)
     own = (median([c.gap_ms or 0.0 for c in slow]) or 0.0) - usual_ms
+    if grown and (starved := _starved(edge, slow, own)) is not None:
+        return GapCause("callee_starved", edge.callee, starved)
     bar = max(SIBLING_MIN_MS, SIBLING_SHARE * own)
 
     def grew(side: str) -> list[str] | None:

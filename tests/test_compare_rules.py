@@ -131,3 +131,102 @@ def test_a_gap_that_grew_is_judged_on_the_calls_it_grew_in(tmp_path: Path) -> No
     assert [(f["edge"]["caller"], f["edge"]["callee"]) for f in found] == [("web", "ledger")], found
     assert found[0]["metrics"]["cause"] == "link", found[0]
     assert "The gap grew from" in found[0]["explanation"]
+
+
+def test_a_starved_service_is_told_from_its_slow_network_by_the_fastest_calls(tmp_path: Path) -> None:
+    """ledger is starved of CPU: its own work takes longer, and a third of the calls to it wait 100-200 ms before it
+    picks them up (the gap grows) while the others are picked up as fast as before. A delay on the wire would have
+    slowed every call; the fastest did not slow, so the gaps are ledger's own slowness."""
+    flows = {"api": ["ledger", "cache"], "web": ["ledger"]}
+
+    def starved(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        if callee != "ledger":
+            return _healthy(caller, callee, rng)
+        late = rng.uniform(100, 200) if rng.random() < 1 / 3 else 0.0
+        return rng.uniform(0.8, 1.2) + late, rng.uniform(30, 50)
+
+    hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": starved})
+    assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "service"), hops
+    assert not any(h["component"] == "network" and h["service"] == "ledger" for h in hops), hops
+
+
+def test_a_slow_service_behind_a_slow_wire_is_both(tmp_path: Path) -> None:
+    """ledger's own work grows (it is slower under load) and every answer loses 100 ms on the wire as well: the
+    fastest calls lost the 100 ms too, so the gaps stay the network's, and ledger's own time is listed beside."""
+    flows = {"api": ["ledger", "cache"], "web": ["ledger"]}
+
+    def both(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        if callee != "ledger":
+            return _healthy(caller, callee, rng)
+        return rng.uniform(95, 105), rng.uniform(30, 50)
+
+    hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": both})
+    assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "network"), hops
+    assert ("ledger", "service") in {(h["service"], h["component"]) for h in hops}, hops
+
+
+def test_analyze_and_compare_put_a_starved_services_gaps_on_it_alike(tmp_path: Path) -> None:
+    """ledger is starved: 60% of the calls to it wait 100-200 ms to be picked up, the others none, and its own work
+    slows. `compare` says `[service] ledger`; `analyze`'s network_latency on the calls into it says where the time
+    went the same way: `callee_starved`, ledger, not the link."""
+    flows = {"api": ["ledger", "cache"], "web": ["ledger"]}
+
+    def starved(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        if callee != "ledger":
+            return _healthy(caller, callee, rng)
+        late = rng.uniform(100, 200) if rng.random() < 0.6 else 0.0
+        return rng.uniform(0.8, 1.2) + late, rng.uniform(30, 50)
+
+    hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": starved})
+    assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "service"), hops
+    found = [f for f in payscope_json("analyze", "--store", str(tmp_path / "s.db"))["findings"]
+             if f["kind"] == "network_latency"]
+    into = {f["edge"]["caller"]: f for f in found if f["edge"]["callee"] == "ledger"}
+    assert set(into) == {"api", "web"}, found
+    for f in into.values():
+        assert (f["metrics"]["cause"], f["metrics"]["common_cause"]) == ("callee_starved", "ledger"), f
+        assert "ledger is slow to pick its calls up" in f["summary"] and "CPU" in f["recommendation"]["action"]
+
+
+def test_a_slow_wire_with_waits_in_front_of_it_stays_the_wire(tmp_path: Path) -> None:
+    """Every call to ledger loses 100 ms on the wire, and 40% of them wait 300-900 ms more in front of it (a full
+    connection pool: a slow link holds every connection longer), while ledger's own work slows a little. The waits
+    raise the mean far more than the fastest calls, as a starved service's would, but the fastest calls lost the
+    whole delay, much more than ledger's own time grew: the gaps are the wire's, in `compare` and in `analyze`."""
+    flows = {"api": ["ledger", "cache"], "web": ["ledger"]}
+
+    def wire_and_pool(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        if callee != "ledger":
+            return _healthy(caller, callee, rng)
+        waited = rng.uniform(300, 900) if rng.random() < 0.4 else 0.0
+        return rng.uniform(98, 102) + waited, rng.uniform(30, 50)
+
+    hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": wire_and_pool})
+    assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "network"), hops
+    found = [f for f in payscope_json("analyze", "--store", str(tmp_path / "s.db"))["findings"]
+             if f["kind"] == "network_latency" and f["edge"]["callee"] == "ledger"]
+    assert {f["edge"]["caller"] for f in found} == {"api", "web"}, found
+    assert not any(f["metrics"]["cause"] == "callee_starved" for f in found), found
+
+
+def test_a_slow_wire_that_recovers_inside_the_window_stays_the_wire(tmp_path: Path) -> None:
+    """Every call to ledger loses 100 ms on the wire for the first four fifths of the incident, then none, while
+    ledger's own work slows. Over the whole window the fastest tenth of the calls (those after the wire recovered)
+    lost nothing, as a starved service's would; stretch by stretch, every stretch the delay acted on lost it at its
+    floor: the gaps are the wire's, in `compare` and in `analyze`."""
+    flows = {"api": ["ledger", "cache"], "web": ["ledger"]}
+    seen = {"ledger": 0}
+
+    def recovers(caller: str, callee: str, rng: random.Random) -> tuple[float, float]:
+        if callee != "ledger":
+            return _healthy(caller, callee, rng)
+        seen["ledger"] += 1
+        wire = rng.uniform(98, 102) if seen["ledger"] <= 160 else rng.uniform(0.8, 1.2)
+        return wire, rng.uniform(30, 50)
+
+    hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": recovers})
+    assert seen["ledger"] == 200
+    assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "network"), hops
+    found = [f for f in payscope_json("analyze", "--store", str(tmp_path / "s.db"))["findings"]
+             if f["kind"] == "network_latency" and f["edge"]["callee"] == "ledger"]
+    assert found and not any(f["metrics"]["cause"] == "callee_starved" for f in found), found
