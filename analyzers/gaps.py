@@ -30,7 +30,7 @@ SIBLING_SHARE = 0.25       # a neighbour edge grew too when its gap rose by this
 SIBLING_MIN_MS = 5.0       # ... and by at least this much: a busy host's jitter stays below
 SIBLING_MIN_CALLS = 3      # a neighbour edge with fewer answered calls in the stretch says nothing
 FLOOR_SHARE = 1 / 3        # the wire: the fastest tenth of calls lost at least this share of what grew
-LATE_STRETCH_CALLS = 5     # ... judged on stretches of at least this many calls
+LATE_STRETCH_CALLS = 5     # ... judged on stretches of at least this many calls, and never on fewer
 
 
 def _own_ms(calls: list[Call]) -> float:
@@ -57,11 +57,11 @@ def picked_up_late(before: list[Call], after: list[Call]) -> bool:
     median lost. Per stretch, so that waits in front of a slow link (a connection pool whose connections the link
     holds longer), which raise some stretches' medians far more than their floors, do not outvote the others."""
     gaps_before = sorted(c.gap_ms or 0.0 for c in _answered(before))
-    if not gaps_before:
-        return False
+    calls = sorted(_answered(after), key=lambda c: c.start_ns)
+    if len(gaps_before) < LATE_STRETCH_CALLS or len(calls) < LATE_STRETCH_CALLS:
+        return False  # too few calls to tell their fastest from the others: the wire, as without this rule
     bar = percentile(gaps_before, 90) or 0.0
     usual_median, usual_floor = median(gaps_before) or 0.0, percentile(gaps_before, 10) or 0.0
-    calls = sorted(_answered(after), key=lambda c: c.start_ns)
     parts = max(1, min(10, len(calls) // LATE_STRETCH_CALLS))  # as even as they come: no stretch of one or two
     late = grown = 0
     for k in range(parts):
