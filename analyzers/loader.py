@@ -14,7 +14,7 @@ from .diagnose import diagnose
 from .engine import Analysis, Window, read
 from .logcalls import log_calls
 from .memory import paused_cycle_collection
-from .orders import LoggedFacts, Rules, configured_rules
+from .orders import LoggedFacts, Rules, business_keys, configured_rules
 
 
 def _proxy_calls(store: Store, window: Window | None, traces: set[str] | None = None) -> Any:
@@ -65,15 +65,41 @@ def load(store: Store, *, window: Window | None = None, sample: int | None = Non
         drawn_ids = set(drawn.trace_ids)
         extra = [t for t in store.known_traces(including) if t not in drawn_ids]
         drawn = Sample(drawn.trace_ids + extra, drawn.in_window, drawn.limit)
+    analysis = _analysis(store, window, drawn)
+    if drawn is not None and not drawn.complete:
+        rest = _rest_of_orders(store, analysis, window, drawn.limit)
+        if rest:  # read again with them: an order is judged on all its traces, as without a sample
+            drawn = Sample(drawn.trace_ids + rest, drawn.in_window, drawn.limit)
+            analysis = _analysis(store, window, drawn)
+    analysis.window = window
+    analysis.sample = drawn
+    return analysis
+
+
+def _analysis(store: Store, window: Window | None, drawn: Sample | None) -> Analysis:
+    """The analysis of the traces that started in ``window``, or of those ``drawn`` when it is not all of them."""
+    since, until = window if window else (None, None)
     rules = configured_rules()
     chosen = None if drawn is None or drawn.complete else set(drawn.trace_ids)  # None: every trace of the window
     with paused_cycle_collection():
         traces = store.iter_traces(KEY, since, until) if chosen is None else store.traces_of(KEY, sorted(chosen))
-        analysis = diagnose(traces, declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window, chosen),
-                            order_rules=rules, order_logs=logged_facts(store, rules, window, chosen))
-    analysis.window = window
-    analysis.sample = drawn
-    return analysis
+        return diagnose(traces, declared=declared_timeouts(store), extra_calls=_proxy_calls(store, window, chosen),
+                        order_rules=rules, order_logs=logged_facts(store, rules, window, chosen))
+
+
+def _rest_of_orders(store: Store, analysis: Analysis, window: Window | None, bound: int | None) -> list[str]:
+    """The stored traces that share an order or payment id (:func:`orders.business_keys`) with a trace of
+    ``analysis``, a sample, and are not in it: those that started in ``window`` (as every trace of a read does), at
+    most ``bound`` of them (None: all), by trace id. A sample is drawn by trace; these complete its orders."""
+    keys = business_keys(k for facts in analysis.traces.values() for k in facts.keys)
+    if not keys:
+        return []
+    found = sorted({t for ids in store.traces_by_keys(sorted(keys)).values() for t in ids} - set(analysis.traces))
+    since, until = window if window else (None, None)
+    if since is not None or until is not None:  # a summary a trace: asked only when there is a window to hold
+        found = [t for t in found if (summary := store.trace_summary(t)) is not None
+                 and (since is None or summary.start_ns >= since) and (until is None or summary.start_ns < until)]
+    return found[:bound]
 
 
 def _holding(store: Store, window: Window, trace_ids: list[str]) -> Window:

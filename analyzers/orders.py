@@ -67,6 +67,12 @@ RULE_KEYS = ("charge", "refund", "answer", "charge_log", "failed_log", "paid_sta
 _PATTERNS = ("charge", "refund", "answer", "tcc_try", "tcc_confirm", "tcc_cancel")
 
 
+def business_keys(keys: Any) -> set[str]:
+    """The keys among ``keys`` that name an order or a payment, which several traces can share (a customer's retry,
+    a refund); a captured request id (``rid:``) names one request only."""
+    return {k for k in keys if not k.startswith("rid:")}
+
+
 def rules_from(table: dict[str, Any], where: str) -> Rules:
     """Rules from an ``[orders]`` table; InputError naming the setting that cannot be used."""
     unknown = sorted(set(table) - set(RULE_KEYS))

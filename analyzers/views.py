@@ -13,7 +13,7 @@ from . import findings, recommend
 from .calls import Call
 from .engine import Analysis, Transaction, clock_shift_ns, order_of
 from .memory import paused_cycle_collection
-from .orders import MISMATCHES, mismatched
+from .orders import MISMATCHES, business_keys, mismatched
 from .tcc import ANOMALIES
 
 
@@ -42,7 +42,7 @@ def resolve_trace_ids(store: Store, ident: str) -> list[str]:
 def journey_trace_ids(store: Store, trace_ids: list[str]) -> list[str]:
     """``trace_ids`` and every trace that shares a business key (an order or payment id) with one of them: what
     judging their orders reads, when an analysis reads only part of a store."""
-    keys = {k for t in trace_ids for r in store.trace_rows(t) for k in r.keys if not k.startswith("rid:")}
+    keys = business_keys(k for t in trace_ids for r in store.trace_rows(t) for k in r.keys)
     found = set(trace_ids)
     for ids in store.traces_by_keys(sorted(keys)).values():
         found.update(ids)

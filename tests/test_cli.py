@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,14 +172,14 @@ def test_show_reads_the_window_and_sample_it_is_given_and_always_its_transaction
     assert proc.returncode == 2 and "no transaction" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_show_with_a_sample_judges_the_transactions_order_on_every_trace_of_it(tmp_path: Path) -> None:
-    """An order paid in two traces (a first try, then the customer's retry), one in the store's sample and one out
-    of it: `show` of the first with `--sample` still sees the journey of two traces, as without a sample."""
+def _an_order_split_by_the_sample(tmp_path: Path) -> tuple[str, str, list[Any]]:
+    """A store of 300 one-span orders but one, "ord-shared", in two traces: the first, in the store's sample of 100,
+    charged the card at the bank and answered 504; the customer's retry, outside it and 3 s later, was told paid
+    without a second charge. The store, the first trace's id, and the first trace's spans."""
     import random
 
     from payscope.collector.store import open_store
     from payscope.model import Span
-    from tests.helpers import payscope_json
 
     rng = random.Random(11)
     trace_ids = [format(rng.getrandbits(128), "032x") for _ in range(300)]
@@ -187,13 +188,32 @@ def test_show_with_a_sample_judges_the_transactions_order_on_every_trace_of_it(t
     spans = []
     for n, trace in enumerate(trace_ids):
         order = "ord-shared" if trace in (inside, outside) else f"ord-{n}"
-        start = 1_800_000_000_000_000_000 + n * 50_000_000 + (3_000_000_000 if trace == outside else 0)
-        spans.append(Span(trace, format(2 * n + 1, "016x"), None, "gateway", "POST /orders/{order_id}", "server",
-                          start, start + 20_000_000, 1, "", {"http.route": "/orders/{order_id}", "order_id": order},
-                          [], {"service.name": "gateway"}))
+        at = trace_ids.index(inside) if trace == outside else n  # the retry: 3 s after the first try
+        start = 1_800_000_000_000_000_000 + at * 50_000_000 + (3_000_000_000 if trace == outside else 0)
+        status = 504 if trace == inside else 200
+        root = format(2 * n + 1, "016x")
+        spans.append(Span(trace, root, None, "gateway", "POST /orders/{order_id}", "server", start,
+                          start + 20_000_000, 2 if status >= 500 else 1, "",
+                          {"http.request.method": "POST", "http.route": "/orders/{order_id}", "order_id": order,
+                           "http.response.status_code": status}, [], {"service.name": "gateway"}))
+        if trace == inside:  # the charge that went through before the gateway answered 504
+            spans.append(Span(trace, format(2 * n + 2, "016x"), root, "gateway", "POST", "client",
+                              start + 1_000_000, start + 15_000_000, 0, "",
+                              {"http.request.method": "POST", "url.full": "http://bank/v1/charges",
+                               "server.address": "bank", "http.response.status_code": 200}, [],
+                              {"service.name": "gateway"}))
     store = str(tmp_path / "s.db")
     with open_store(store) as opened:
         opened.write(spans)
+    return store, inside, [s for s in spans if s.trace_id == inside]
+
+
+def test_show_with_a_sample_judges_the_transactions_order_on_every_trace_of_it(tmp_path: Path) -> None:
+    """An order paid in two traces (a first try, then the customer's retry), one in the store's sample and one out
+    of it: `show` of the first with `--sample` still sees the journey of two traces, as without a sample."""
+    from tests.helpers import payscope_json
+
+    store, inside, _ = _an_order_split_by_the_sample(tmp_path)
     whole = payscope_json("show", inside, "--store", store)
     assert whole["journey"] == {"order": "ord-shared", "traces": 2}
     sampled = payscope_json("show", inside, "--store", store, "--sample", "100")
@@ -201,9 +221,33 @@ def test_show_with_a_sample_judges_the_transactions_order_on_every_trace_of_it(t
     assert sampled["window"]["sample"]["traces_read"] == 101  # the sample, and the order's other trace beside it
 
 
+def test_a_sample_reads_the_other_traces_of_its_orders_and_judges_them_whole(tmp_path: Path) -> None:
+    """An order in two traces, split by the store's sample: the first charged the card at the bank and told the
+    customer it failed (a 504), the customer's retry was told paid without a second charge. Judged on the first
+    alone, the order was charged but failed; judged whole, it is consistent. `analyze --sample` reads the order's
+    other trace beside the sample and judges it whole, as without a sample, and says it read one trace more."""
+    from payscope.collector.store import open_store
+    from tests.helpers import payscope_json
+
+    store, inside, first = _an_order_split_by_the_sample(tmp_path)
+    whole = payscope_json("analyze", "--store", store)
+    assert whole["stats"]["orders_to_reconcile"]["charged_but_failed"] == 0
+    sampled = payscope_json("analyze", "--store", store, "--sample", "100")
+    assert sampled["stats"]["window"]["sample"]["traces_read"] == 101  # the sample, and the order's other trace
+    assert sampled["stats"]["orders_to_reconcile"] == whole["stats"]["orders_to_reconcile"]
+    shown = payscope_json("show", inside, "--store", store, "--sample", "100")
+    assert shown["journey"] == {"order": "ord-shared", "traces": 2}
+    # judged on the first trace alone, the order would be charged but failed: what the sample would say without it
+    alone = str(tmp_path / "alone.db")
+    with open_store(alone) as opened:
+        opened.write(first)
+    assert payscope_json("analyze", "--store", alone)["stats"]["orders_to_reconcile"]["charged_but_failed"] == 1
+
+
 def test_analyze_and_recommend_read_a_sample_of_the_traces_and_say_so(tmp_path: Path) -> None:
     """``--sample N`` reads the store's sample of N traces and nothing else: its analysis is the whole analysis of
-    a store that holds only those traces, and every output says how many of how many were read."""
+    a store that holds only those traces (and the other traces of their orders: none here), and every output says
+    how many of how many were read."""
     from payscope.collector.store import open_store
     from tests.helpers import payscope_json
 

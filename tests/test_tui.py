@@ -178,7 +178,7 @@ async def test_a_window_of_time_or_a_sample_lists_the_failures_of_the_traces_rea
         screen = app.screen
         assert isinstance(screen, FailuresScreen)
         assert [r["trace_id"] for r in screen.rows] == [r["trace_id"] for r in expected][:data.PAGE]
-        said = f"since {format_ns(split)}" if bound == "since" else f"a sample of at most {limit:,} traces"
+        said = f"since {format_ns(split)}" if bound == "since" else f"a sample of {limit:,} traces and their orders"
         assert screen.total == len(expected) and said in app.sub_title
 
 

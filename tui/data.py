@@ -45,9 +45,10 @@ class Source:
 
     def describe(self) -> str:
         """Which traces the analysis reads, for the title bar."""
-        return " ".join([*([f"since {self.since}"] if self.since else []),
-                         *([f"until {self.until}"] if self.until else []),
-                         *([f"a sample of at most {self.sample:,} traces"] if self.sample else [])]) or "every trace"
+        said = [*([f"since {self.since}"] if self.since else []), *([f"until {self.until}"] if self.until else [])]
+        if self.sample:
+            said.append(f"a sample of {self.sample:,} traces and their orders")
+        return " ".join(said) or "every trace"
 
 
 @dataclass
