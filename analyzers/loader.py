@@ -65,12 +65,10 @@ def load(store: Store, *, window: Window | None = None, sample: int | None = Non
         drawn_ids = set(drawn.trace_ids)
         extra = [t for t in store.known_traces(including) if t not in drawn_ids]
         drawn = Sample(drawn.trace_ids + extra, drawn.in_window, drawn.limit)
+    if drawn is not None and not drawn.complete:  # an order is judged on all its traces, as without a sample
+        drawn = Sample(drawn.trace_ids + _rest_of_orders(store, drawn.trace_ids, window, drawn.limit),
+                       drawn.in_window, drawn.limit)
     analysis = _analysis(store, window, drawn)
-    if drawn is not None and not drawn.complete:
-        rest = _rest_of_orders(store, analysis, window, drawn.limit)
-        if rest:  # read again with them: an order is judged on all its traces, as without a sample
-            drawn = Sample(drawn.trace_ids + rest, drawn.in_window, drawn.limit)
-            analysis = _analysis(store, window, drawn)
     analysis.window = window
     analysis.sample = drawn
     return analysis
@@ -87,14 +85,21 @@ def _analysis(store: Store, window: Window | None, drawn: Sample | None) -> Anal
                         order_rules=rules, order_logs=logged_facts(store, rules, window, chosen))
 
 
-def _rest_of_orders(store: Store, analysis: Analysis, window: Window | None, bound: int | None) -> list[str]:
-    """The stored traces that share an order or payment id (:func:`orders.business_keys`) with a trace of
-    ``analysis``, a sample, and are not in it: those that started in ``window`` (as every trace of a read does), at
-    most ``bound`` of them (None: all), by trace id. A sample is drawn by trace; these complete its orders."""
-    keys = business_keys(k for facts in analysis.traces.values() for k in facts.keys)
-    if not keys:
-        return []
-    found = sorted({t for ids in store.traces_by_keys(sorted(keys)).values() for t in ids} - set(analysis.traces))
+def order_mates(store: Store, trace_ids: list[str]) -> set[str]:
+    """``trace_ids`` and every stored trace that shares an order or payment id (:func:`orders.business_keys`) with
+    one of them: what judging their orders reads, when a read holds only part of a store."""
+    keys = business_keys(k for rows in store.rows_of(trace_ids) for r in rows for k in r.keys)
+    found = set(trace_ids)
+    for ids in store.traces_by_keys(sorted(keys)).values() if keys else ():
+        found.update(ids)
+    return found
+
+
+def _rest_of_orders(store: Store, trace_ids: list[str], window: Window | None, bound: int | None) -> list[str]:
+    """The traces of :func:`order_mates` that are not among ``trace_ids`` (a sample) and started in ``window`` (as
+    every trace of a read does): at most ``bound`` of them (None: all), by trace id. A sample is drawn by trace;
+    these complete its orders."""
+    found = sorted(order_mates(store, trace_ids) - set(trace_ids))
     since, until = window if window else (None, None)
     if since is not None or until is not None:  # a summary a trace: asked only when there is a window to hold
         found = [t for t in found if (summary := store.trace_summary(t)) is not None

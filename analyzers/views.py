@@ -12,8 +12,9 @@ from payscope.timeparse import format_duration_ns, format_ms, format_ns
 from . import findings, recommend
 from .calls import Call
 from .engine import Analysis, Transaction, clock_shift_ns, order_of
+from .loader import order_mates
 from .memory import paused_cycle_collection
-from .orders import MISMATCHES, business_keys, mismatched
+from .orders import MISMATCHES, mismatched
 from .tcc import ANOMALIES
 
 
@@ -40,13 +41,9 @@ def resolve_trace_ids(store: Store, ident: str) -> list[str]:
 
 
 def journey_trace_ids(store: Store, trace_ids: list[str]) -> list[str]:
-    """``trace_ids`` and every trace that shares a business key (an order or payment id) with one of them: what
-    judging their orders reads, when an analysis reads only part of a store."""
-    keys = business_keys(k for t in trace_ids for r in store.trace_rows(t) for k in r.keys)
-    found = set(trace_ids)
-    for ids in store.traces_by_keys(sorted(keys)).values():
-        found.update(ids)
-    return sorted(found)
+    """``trace_ids`` and every trace that shares a business key (an order or payment id) with one of them
+    (:func:`loader.order_mates`, which a sample's orders are read whole by), in order."""
+    return sorted(order_mates(store, trace_ids))
 
 
 FAILURE_OUTCOMES = ("timeout", "failed", "declined", "late_success", "duplicate_charge", "recovered", "injected")
