@@ -64,6 +64,14 @@ def decode_request(signal_name: str, body: bytes, content_type: str, max_items: 
 _OPENED: dict[str, Store] = {}  # in a worker process: the stores it opened, by URL
 
 
+def opened_here(url: str) -> Store:
+    """In a worker process: the store at ``url`` (``Store.address()``), opened the first time it is asked for."""
+    store = _OPENED.get(url)
+    if store is None:
+        store = _OPENED[url] = open_store(url)
+    return store
+
+
 def decode_and_store(signal_name: str, body: bytes, content_type: str, max_items: int, store_url: str) -> Decoded:
     """In a worker process: :func:`decode_request`, and what it gave written to the store at ``store_url`` (opened
     once) in one transaction. Returns the request without its items, once they are durable (``Decoded.stored``).
@@ -71,9 +79,7 @@ def decode_and_store(signal_name: str, body: bytes, content_type: str, max_items
     decoded = decode_request(signal_name, body, content_type, max_items)
     if not decoded.spans and not decoded.logs:
         return decoded
-    store = _OPENED.get(store_url)
-    if store is None:
-        store = _OPENED[store_url] = open_store(store_url)
+    store = opened_here(store_url)
     started = time.monotonic()
     try:
         store.write(decoded.spans, decoded.logs)
@@ -171,4 +177,4 @@ class DecodePool(WorkerPool):
 
 
 __all__ = ["INLINE_BELOW_BYTES", "WORKER_ANSWER_S", "DecodePool", "WorkerPool", "decode_and_store", "decode_request",
-           "default_workers", "process_pool"]
+           "default_workers", "opened_here", "process_pool"]

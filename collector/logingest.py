@@ -17,13 +17,13 @@ from datetime import tzinfo
 from pathlib import Path
 from typing import IO, Any
 
-from payscope.collector.store import Store, open_store
+from payscope.collector.store import Store
 from payscope.collector.store.api import LogQuery
 from payscope.errors import InputError
 from payscope.model import LogRecord
 
 from . import logparse
-from .decoding import WorkerPool
+from .decoding import WorkerPool, opened_here
 from .files import check_text
 from .otlp import OTLP_SOURCE
 from .redaction import redact_log, redact_text, text_may_need_redaction
@@ -275,16 +275,10 @@ def _store(parsed: _ChunkResult, storing: _Storing) -> _ChunkResult:
     return _ChunkResult([], parsed.problems, parsed.count, joined, stored, linked)
 
 
-_OPENED: dict[str, Store] = {}  # in a worker process: the stores it opened, by URL
-
-
 def _run_chunk(job: _Chunk, chunk: list[tuple[int, str]], storing: _Storing | None) -> _ChunkResult:
     """In a worker process: :meth:`_Chunk.run` on the store named by ``storing``, opened once."""
     if storing is not None and storing.store is None and storing.url is not None:
-        store = _OPENED.get(storing.url)
-        if store is None:
-            store = _OPENED[storing.url] = open_store(storing.url)
-        storing = _Storing(storing.url, storing.linking, store)
+        storing = _Storing(storing.url, storing.linking, opened_here(storing.url))
     return job.run(chunk, storing)
 
 
