@@ -73,6 +73,12 @@ def _compare(tmp_path: Path, flows: dict[str, list[str]], timing: dict[str, Timi
     return payscope_json("compare", "--store", store, "--baseline", window[0], "--incident", window[1])["hops"]
 
 
+def _gaps_into(tmp_path: Path, callee: str) -> list[dict[str, Any]]:
+    """`analyze`'s network_latency findings on the calls into ``callee``, of the store :func:`_compare` made."""
+    return [f for f in payscope_json("analyze", "--store", str(tmp_path / "s.db"))["findings"]
+            if f["kind"] == "network_latency" and f["edge"]["callee"] == callee]
+
+
 def _healthy(_: str, __: str, rng: random.Random) -> tuple[float, float]:
     return rng.uniform(0.8, 1.2), rng.uniform(1.5, 2.5)
 
@@ -179,9 +185,8 @@ def test_analyze_and_compare_put_a_starved_services_gaps_on_it_alike(tmp_path: P
 
     hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": starved})
     assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "service"), hops
-    found = [f for f in payscope_json("analyze", "--store", str(tmp_path / "s.db"))["findings"]
-             if f["kind"] == "network_latency"]
-    into = {f["edge"]["caller"]: f for f in found if f["edge"]["callee"] == "ledger"}
+    found = _gaps_into(tmp_path, "ledger")
+    into = {f["edge"]["caller"]: f for f in found}
     assert set(into) == {"api", "web"}, found
     for f in into.values():
         assert (f["metrics"]["cause"], f["metrics"]["common_cause"]) == ("callee_starved", "ledger"), f
@@ -203,8 +208,7 @@ def test_a_slow_wire_with_waits_in_front_of_it_stays_the_wire(tmp_path: Path) ->
 
     hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": wire_and_pool})
     assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "network"), hops
-    found = [f for f in payscope_json("analyze", "--store", str(tmp_path / "s.db"))["findings"]
-             if f["kind"] == "network_latency" and f["edge"]["callee"] == "ledger"]
+    found = _gaps_into(tmp_path, "ledger")
     assert {f["edge"]["caller"] for f in found} == {"api", "web"}, found
     assert not any(f["metrics"]["cause"] == "callee_starved" for f in found), found
 
@@ -227,6 +231,5 @@ def test_a_slow_wire_that_recovers_inside_the_window_stays_the_wire(tmp_path: Pa
     hops = _compare(tmp_path, flows, {"baseline": _healthy, "incident": recovers})
     assert seen["ledger"] == 200
     assert (hops[0]["service"], hops[0]["component"]) == ("ledger", "network"), hops
-    found = [f for f in payscope_json("analyze", "--store", str(tmp_path / "s.db"))["findings"]
-             if f["kind"] == "network_latency" and f["edge"]["callee"] == "ledger"]
+    found = _gaps_into(tmp_path, "ledger")
     assert found and not any(f["metrics"]["cause"] == "callee_starved" for f in found), found

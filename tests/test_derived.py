@@ -36,6 +36,14 @@ def _kinds(path: Path | str) -> tuple[int, int]:
     return sum(isinstance(i, bytes) for i in items), sum(not isinstance(i, bytes) for i in items)
 
 
+def _settled(path: Path | str, traces: int) -> bool:
+    """Whether all ``traces`` of the store are given to the analysis as derivations within 20 s."""
+    deadline = time.monotonic() + 20
+    while _kinds(path) != (traces, 0) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return _kinds(path) == (traces, 0)
+
+
 def _stored(source: Path, path: Path | str) -> Path | str:
     with open_store(str(path)) as store:
         for batch in read_trace_file(source, ImportReport(str(source))):
@@ -154,10 +162,7 @@ def test_the_collector_derives_traces_once_they_settle(tmp_path: Path) -> None:
                     pass
         provider.force_flush()
         assert _kinds(store_path) == (0, 5)  # just written: not settled yet
-        deadline = time.monotonic() + 20
-        while _kinds(store_path) != (5, 0) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _kinds(store_path) == (5, 0)
+        assert _settled(store_path, 5)
         provider.shutdown()
     finally:
         collector.stop()
@@ -205,10 +210,7 @@ def test_traces_a_decoding_process_stored_are_derived_and_counted_as_the_writers
         # the one request the exporter sent, as it encodes it: large enough for a decoding process to store
         assert len(encode_spans(memory.get_finished_spans()).SerializeToString()) >= INLINE_BELOW_BYTES
         assert _kinds(store_path) == (0, 120)
-        deadline = time.monotonic() + 20
-        while _kinds(store_path) != (120, 0) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert _kinds(store_path) == (120, 0)
+        assert _settled(store_path, 120)
         provider.shutdown()
     finally:
         said = collector.stop()
