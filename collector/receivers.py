@@ -156,7 +156,7 @@ class Receiver:
         self.decoder = decoder or DecodePool(0)
         # where decoding processes store what they decode themselves (None: they hand it to the writer)
         self.store_url = writer.store.address() if self.decoder.workers > 0 else None
-        # two per decoding process: while one request's spans cross back from a worker, the next is already there
+        # two per decoding process: while one request is stored (or its spans cross back), the next is already there
         self._decoding = threading.BoundedSemaphore(max(DECODE_SLOTS, 2 * self.decoder.workers))
 
     def authorized(self, header: str | None) -> bool:
