@@ -343,6 +343,10 @@ def run(scenario: Scenario, store_url: str, collector: str, say: Any = print) ->
     if not _reachable(scenario.upstream):
         raise InputError(f"[proxy] upstream {scenario.upstream[0]}:{scenario.upstream[1]} refuses connections: "
                          "start the service first")
+    from payscope.collector.store import open_store
+
+    with open_store(store_url, readonly=True):  # a store that is not there is said before the traffic, not after
+        pass
     sidecar = _SidecarThread(scenario, collector)
     sidecar.start()
     for line in sidecar.sidecar.faults.describe():
@@ -386,6 +390,9 @@ def report(scenario: Scenario, store_url: str, window: tuple[int, int], driven: 
     failures = [f"{name}: {found[name]} orders charged twice" if name == DUPLICATE_CHARGE else
                 f"{name}: found on {found[name]} edge{'s' if found[name] > 1 else ''}"
                 for name in scenario.absent if found[name]]
+    if not any(edge.callee == scenario.service and edge.calls for edge in analysis.edges.values()):
+        # no expectation can hold on calls that were never seen: passing would say the faults were survived
+        failures.append(f"no call to {scenario.service} was seen in the window: the faults were not exercised")
     failed_share = driven.failed / driven.sent if driven.sent else None
     if scenario.max_failed is not None and failed_share is not None and failed_share > scenario.max_failed:
         failures.append(f"{failed_share:.1%} of the requests failed, more than {scenario.max_failed:.0%}")

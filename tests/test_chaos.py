@@ -67,7 +67,7 @@ def _findings(doc: dict[str, Any]) -> set[str]:
 
 def test_the_shipped_timeouts_fail_the_experiment(experiments: dict[str, Any]) -> None:
     done, _ = experiments["shipped"]
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == 1, done.stdout[-3000:] + done.stderr[-2000:]
     doc = json.loads(done.stdout)
     assert {"non_idempotent_retry", "late_success"} <= _findings(doc)
     assert not doc["passed"] and any(f.startswith("late_success: found on") for f in doc["failures"])
@@ -144,3 +144,36 @@ def test_the_report_waits_for_spans_that_come_after_the_settle_time(tmp_path: Pa
     with open_store(path, readonly=True) as store:
         assert store.counts()["spans"] == 9
     assert waited >= 1.6 + 1.0  # the last batch, then a quiet second
+
+
+def test_an_experiment_that_reaches_no_call_of_the_service_does_not_pass(tmp_path: Path) -> None:
+    """Traffic that never reaches the service behind the proxy exercised no fault: the report says so and fails,
+    rather than passing on expectations that held over nothing. A store that is not there is said before any
+    traffic is sent."""
+    import http.server
+    import threading
+
+    from payscope.collector.store import open_store
+
+    bank = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=bank.serve_forever, daemon=True).start()
+    scenario = tmp_path / "s.toml"
+    scenario.write_text(SCENARIO.format(proxy=free_port(), bank=bank.server_address[1],
+                                        gateway=f"http://127.0.0.1:{free_port()}", label="none")
+                        .replace("requests = 40", "requests = 3").replace('settle = "2s"', 'settle = "0.2s"'))
+    store = tmp_path / "payscope.db"
+    try:
+        missing = payscope("chaos", str(scenario), "--store", str(store))
+        with open_store(str(store)):
+            pass
+        done = payscope("chaos", str(scenario), "--store", str(store), "--format", "json",
+                        "--collector", f"http://127.0.0.1:{free_port()}")
+    finally:
+        bank.shutdown()
+        bank.server_close()
+    assert missing.returncode == 2 and "no payscope store at" in missing.stderr, missing.stderr
+    assert "FAULT INJECTION" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    doc = json.loads(done.stdout)
+    assert doc["failures"] == ["no call to bank was seen in the window: the faults were not exercised"]
+    assert doc["traffic"]["sent"] == 3 and doc["traffic"]["failed"] == 3
