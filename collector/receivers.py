@@ -35,6 +35,10 @@ BODIES_IN_MEMORY_BYTES = 256 * 1024 * 1024  # request bodies read and not yet de
 DECODE_SLOTS = 2                        # requests decoded at once (one per core)
 MEMORY_BOUND_BYTES = 1536 * 1024 * 1024
 ACK_TIMEOUT_S = 60.0
+# The longest a request waits for a decode slot before it is answered 503 with Retry-After: under the SDK
+# exporters' own 10 s timeout, so that they back off when told to instead of giving up on a request that is
+# stored later anyway, and threads do not pile up behind the slots.
+DECODE_WAIT_S = 5.0
 READ_TIMEOUT_S = 15.0   # a client silent this long, mid-request or between requests, is dropped
 MAX_CONNECTIONS = 2048  # open at once; a connection past this is closed at once, so others still get in
 LISTEN_BACKLOG = 1024
@@ -149,8 +153,10 @@ class Receiver:
     """What both receivers share: decode (a few at a time, after checking there is room), queue for the
     writer, wait until durable."""
 
-    def __init__(self, writer: BatchWriter, token: str | None = None, decoder: DecodePool | None = None) -> None:
+    def __init__(self, writer: BatchWriter, token: str | None = None, decoder: DecodePool | None = None,
+                 decode_wait_s: float = DECODE_WAIT_S) -> None:
         self.writer = writer
+        self.decode_wait_s = decode_wait_s
         self.token = token
         self.bodies = Budget(BODIES_IN_MEMORY_BYTES)
         self.decoder = decoder or DecodePool(0)
@@ -169,13 +175,18 @@ class Receiver:
     def decode(self, signal: Signal, body: bytes, content_type: str) -> Decoded:
         """A request body decoded (in a worker process when it is large), once the write queue has room.
 
-        InputError when it cannot be read or holds too much, OverloadedError when the queue is full. At
-        most two requests per decoding process (and at least DECODE_SLOTS) are decoded at once, whatever the
-        number of clients; the writer checks room again for what the request turned out to hold.
+        InputError when it cannot be read or holds too much, OverloadedError when the queue is full or no
+        decode slot came free in ``decode_wait_s``. At most two requests per decoding process (and at least
+        DECODE_SLOTS) are decoded at once, whatever the number of clients; the writer checks room again for what
+        the request turned out to hold.
         """
         self.writer.check_room(1)
-        with self._decoding:
+        if not self._decoding.acquire(timeout=self.decode_wait_s):
+            raise OverloadedError(f"every decoder busy for {self.decode_wait_s:g} s")
+        try:
             return self.decoder.decode(signal.name, body, content_type, MAX_ITEMS_PER_REQUEST, self.store_url)
+        finally:
+            self._decoding.release()
 
     def accept(self, decoded: Decoded) -> None:
         """Return once the request's items are durable: stored already by a decoding process (the writer is

@@ -249,3 +249,39 @@ def test_concurrent_large_bodies_stay_under_the_memory_bound(collector: Collecto
     peak = int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))) * 1024
     assert set(answers) <= {200, 503} and 200 in answers, answers  # taken, or turned away to retry: never lost
     assert peak < MEMORY_BOUND_BYTES, f"peak RSS {peak / 2**20:.0f} MiB"
+
+
+def test_a_request_that_waits_too_long_for_a_decoder_is_told_to_retry(tmp_path: Path) -> None:
+    """Every decoder busy (held here, as a long burst of large requests holds them): a request waits a bounded
+    time and is answered 503 with Retry-After, so the exporter backs off instead of timing out; once a decoder is
+    free the same request is stored."""
+    from payscope.collector.receivers import HTTPReceiver, Receiver
+    from payscope.collector.writer import BatchWriter
+
+    with open_store(str(tmp_path / "payscope.db")) as store:
+        writer = BatchWriter(store)
+        receiver = Receiver(writer, decode_wait_s=0.5)
+        http_receiver = HTTPReceiver(receiver, "127.0.0.1", 0)
+        http_receiver.start()
+        held = 0
+        try:
+            while receiver._decoding.acquire(blocking=False):
+                held += 1
+            conn = http.client.HTTPConnection("127.0.0.1", http_receiver.port, timeout=10)
+            started = time.monotonic()
+            conn.request("POST", "/v1/traces", body=_request("busy", 7), headers=PB)
+            response = conn.getresponse()
+            body, waited = response.read(), time.monotonic() - started
+            assert response.status == 503 and response.getheader("Retry-After") == "1", body
+            assert b"every decoder busy" in body and 0.5 <= waited < 5
+            for _ in range(held):
+                receiver._decoding.release()
+            held = 0
+            assert _post(conn, _request("busy", 7))[0] == 200
+            conn.close()
+        finally:
+            for _ in range(held):
+                receiver._decoding.release()
+            http_receiver.stop()
+            writer.close()
+        assert store.counts()["spans"] == 5
