@@ -255,12 +255,19 @@ class Analysis:
 
 # --- reading -------------------------------------------------------------------
 
+def _trace_id(call: Call) -> str:
+    return call.trace_id
+
+
 def collect_calls(traces: Iterable[list[SpanRow] | bytes]) -> tuple[dict[str, TraceFacts], list[Call]]:
     """The calls and facts of every trace, each given as its spans or as its stored derivation
-    (``derived``), with calls to an address renamed after the service the votes of every trace put there."""
+    (``derived``), with calls to an address renamed after the service the votes of every trace put there.
+    The traces may come in any order (a store gives them in the order it reads fastest): the facts and the
+    calls come out by trace id, each trace's calls in the order its pass made them."""
     facts: dict[str, TraceFacts] = {}
     calls: list[Call] = []
     votes: dict[str, dict[str, int]] = {}
+    last, in_order = "", True
     for item in traces:
         if isinstance(item, bytes):
             trace_facts, trace_calls_, trace_votes = thaw(item)
@@ -272,7 +279,13 @@ def collect_calls(traces: Iterable[list[SpanRow] | bytes]) -> tuple[dict[str, Tr
             trace_facts, trace_calls_ = trace_calls(item, votes)
         facts[trace_facts.trace_id] = trace_facts
         calls.extend(trace_calls_)
-    resolve_aliases(calls, votes)
+        in_order = in_order and trace_facts.trace_id > last
+        last = trace_facts.trace_id
+    if not in_order:
+        facts = dict(sorted(facts.items()))
+        calls.sort(key=_trace_id)  # stable: a trace's calls keep their order
+    # of two services with as many votes at an address, the first by name, whatever order the traces came in
+    resolve_aliases(calls, {peer: dict(sorted(counts.items())) for peer, counts in votes.items()})
     for c in calls:
         c.edge_key = (c.caller, c.callee, c.operation)
     return facts, calls

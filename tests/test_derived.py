@@ -236,3 +236,86 @@ def test_a_collector_derives_the_traces_stored_before_it_started(backend: str, t
         said = collector.stop()
     assert _kinds(store) == (before[1], 0)
     assert f"{before[1]} traces derived for the analysis" in said  # the stop line counts them
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name.split(".")[0])
+def test_the_order_a_store_gives_its_traces_in_changes_nothing(source: Path, tmp_path: Path) -> None:
+    """A store gives its traces in the order it reads fastest (the embedded store: as first stored). Half of them
+    derived, the same store's traces given by trace id, in reverse and shuffled give one document, byte for byte:
+    the analysis puts them in trace id order itself, and an address two services answer equally often is named
+    the same whatever came first."""
+    import random
+
+    path = _stored(source, tmp_path / "store.db")
+    with open_store(str(path)) as store:
+        half = sorted(t.trace_id for t in store.traces(limit=None))[::2]
+        derived.derive(store, half)
+        stored = store.iter_traces
+        items = list(stored(derived.KEY))
+        assert any(isinstance(i, bytes) for i in items) or len(items) < 2
+        documents = set()
+        for order in ("by trace id", "reversed", "shuffled"):
+            def given(*args: Any, order: str = order, **kwargs: Any) -> Any:
+                found = list(stored(*args, **kwargs))
+                by_id = sorted(found, key=lambda i: derived.thaw(i)[0].trace_id if isinstance(i, bytes)
+                               else i[0].trace_id)
+                if order == "reversed":
+                    by_id.reverse()
+                elif order == "shuffled":
+                    random.Random(3).shuffle(by_id)
+                return iter(by_id)
+
+            store.iter_traces = given  # type: ignore[method-assign]
+            documents.add(json.dumps(analysis_document(load(store)), sort_keys=True, default=str))
+        store.iter_traces = stored  # type: ignore[method-assign]
+    assert len(documents) == 1
+
+
+def test_an_address_two_services_answer_equally_often_gets_one_name_in_any_order(tmp_path: Path) -> None:
+    """"pay.internal" answered once by pay-b and once by pay-a; a third call to it got no answer. Its callee is
+    named after the address's answerers, and with as many votes for each, the first by name, whichever trace is
+    read first."""
+    from payscope.analyzers.engine import collect_calls
+    from tests.test_store_conformance import span
+
+    def trace(n: int, answered_by: str | None) -> list[Any]:
+        trace_id, s = f"{n:032x}", 1000 * n
+        spans = [span(trace_id, "1000000000000001", None, "front", "server", s, s + 100),
+                 span(trace_id, "1000000000000002", "1000000000000001", "front", "client", s + 1, s + 90,
+                      **{"server.address": "pay.internal", "http.request.method": "POST"})]
+        if answered_by:
+            spans.append(span(trace_id, "1000000000000003", "1000000000000002", answered_by, "server", s + 2, s + 80))
+        return spans
+
+    with open_store(str(tmp_path / "s.db")) as store:
+        store.write(trace(1, "pay-b") + trace(2, "pay-a") + trace(3, None))
+        items = list(store.iter_traces(None))
+    named = set()
+    for order in (items, items[::-1], [items[1], items[0], items[2]]):
+        _, calls = collect_calls(order)
+        (unanswered,) = [c for c in calls if c.trace_id == f"{3:032x}"]
+        named.add(unanswered.callee)
+    assert named == {"pay-a"}
+
+
+@pytest.mark.parametrize("source", SOURCES[:2], ids=lambda p: p.name.split(".")[0])
+def test_the_traces_without_a_derivation_are_read_alone_or_in_one_pass_alike(
+        source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A settled store's few traces without an exact derivation are found first and their spans read alone; a
+    store with many reads every trace's spans in one pass. Both give each trace once, by trace id."""
+    from payscope.collector.store import embedded
+
+    path = _stored(source, tmp_path / "store.db")
+    with open_store(str(path)) as store:
+        ids = sorted(t.trace_id for t in store.traces(limit=None))
+        derived.derive(store, ids[::3])
+
+        def read() -> list[object]:
+            return [i if isinstance(i, bytes) else [(r.trace_id, r.span_id) for r in i]
+                    for i in store.iter_traces(derived.KEY, batch_size=7)]
+
+        apart = read()
+        monkeypatch.setattr(embedded, "_FEW_UNDERIVED", 1)  # "many": more than one
+        assert read() == apart
+    order = [derived.thaw(i)[0].trace_id if isinstance(i, bytes) else i[0][0] for i in apart]
+    assert order == ids and sum(isinstance(i, bytes) for i in apart) == len(ids[::3])

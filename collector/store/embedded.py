@@ -7,6 +7,7 @@ processes read while the collector writes without ever seeing half a batch, and
 
 from __future__ import annotations
 
+import itertools
 import json
 import marshal
 import os
@@ -75,6 +76,7 @@ _ROW_SELECT = "SELECT trace_id, span_id, facts FROM spans"
 _TRACE_ROWS = "SELECT s.trace_id, s.span_id, s.facts FROM traces t JOIN spans s ON s.trace_no = t.trace_no"
 _TRACE_NO = "(SELECT trace_no FROM traces WHERE trace_id = ?)"
 _EXACT = "d.trace_no = t.trace_no AND d.span_count = t.span_count AND d.key = ?"  # a derivation still true
+_FEW_UNDERIVED = 20_000  # traces without a derivation an analysis reads the spans of apart (see iter_traces)
 _ROOT_RANK = 4_000_000_000_000_000_000  # sorts spans with a parent after every root, within int64
 _V5_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, status_code, status_message, "
                "error_class, operation, peer, method, http_status, attempt, idempotency_key, timeout_connect_ms, "
@@ -592,13 +594,23 @@ class EmbeddedStore(Store):
             derived = conn.execute(f"SELECT t.trace_id, d.body FROM traces t JOIN derived d ON {_EXACT}{where} "
                                    "ORDER BY t.trace_id", (derived_key, *args))
             where, args = _window("t.start_ns", since_ns, until_ns, "d.trace_no IS NULL")
-            # the derivation looked up before the spans are (a third of the time when every trace has one)
-            spans = conn.execute(f"SELECT s.trace_id, s.span_id, s.facts FROM traces t LEFT JOIN derived d ON "
-                                 f"{_EXACT} JOIN spans s ON s.trace_no = t.trace_no{where} "
-                                 "ORDER BY t.trace_id, s.span_id", (derived_key, *args))
+            # The traces with no exact derivation, found front to back (a tenth of the time an order by trace id
+            # takes to visit every trace): on a settled store none or a few, whose spans are then read alone.
+            underived = conn.execute(f"SELECT t.trace_id, t.trace_no FROM traces t LEFT JOIN derived d ON "
+                                     f"{_EXACT}{where}", (derived_key, *args)).fetchmany(_FEW_UNDERIVED + 1)
+            if len(underived) <= _FEW_UNDERIVED:
+                underived.sort()
+                chunks = (underived[i:i + 500] for i in range(0, len(underived), 500))
+                spans: Iterator[Any] = (row for chunk in chunks for row in conn.execute(
+                    f"SELECT trace_id, span_id, facts FROM spans WHERE trace_no IN ({_marks(chunk)}) "
+                    "ORDER BY trace_id, span_id", [number for _, number in chunk]))
+            else:  # a store still deriving: one pass, by trace id, the derivation looked up before the spans
+                spans = conn.execute(f"SELECT s.trace_id, s.span_id, s.facts FROM traces t LEFT JOIN derived d ON "
+                                     f"{_EXACT} JOIN spans s ON s.trace_no = t.trace_no{where} "
+                                     "ORDER BY t.trace_id, s.span_id", (derived_key, *args))
 
             def span_batches() -> Iterator[list[SpanRow]]:
-                while found := spans.fetchmany(batch_size):
+                while found := list(itertools.islice(spans, batch_size)):
                     yield _rows(self.path, found)
 
             pending = next(derived, None)
