@@ -256,6 +256,11 @@ class Driven:
     statuses: Counter[str] = field(default_factory=Counter)
     command_exit: int | None = None
 
+    @property
+    def answered(self) -> int:
+        """The requests that got an HTTP answer (each one a trace, where the entry is traced)."""
+        return sum(n for status, n in self.statuses.items() if status.isdigit())
+
 
 def _drive_urls(traffic: Traffic, deadline: float) -> Driven:
     assert traffic.url is not None
@@ -317,20 +322,31 @@ def _reachable(address: tuple[str, int]) -> bool:
 
 
 SETTLE_LIMIT_S = 60.0  # the longest a report waits past the settle time for the services' last spans
+EXPECT_LIMIT_S = 15.0  # ... and, once quiet, for a trace of every request it answered (an entry without spans has none)
 
 
-def _settle(store_url: str, settle_s: float) -> None:
+def _settle(store_url: str, settle_s: float, since_ns: int = 0, expected: int = 0) -> None:
     """Wait the settle time, then until the store has taken no new span for as long again (at least a second, at
     most SETTLE_LIMIT_S): on a loaded machine the exporters' last batches come late, and a report read before they
-    arrive judges an experiment on calls it has not seen."""
+    arrive judges an experiment on calls it has not seen. A collector that stalls looks quiet too: so, once quiet,
+    until ``expected`` traces (one a request the traffic got an answer to) started since ``since_ns``, for at most
+    EXPECT_LIMIT_S more."""
     from payscope.collector.store import open_store
 
     time.sleep(settle_s)
     quiet_s = max(1.0, settle_s)
-    give_up = time.monotonic() + SETTLE_LIMIT_S
+    started = time.monotonic()
+    give_up = started + SETTLE_LIMIT_S
     with open_store(store_url, readonly=True) as opened:
+
+        def traced() -> int:
+            return opened.sample_traces(since_ns, 2**63 - 1, 1).in_window if expected else 0
+
         seen, since = opened.counts()["spans"], time.monotonic()
-        while time.monotonic() - since < quiet_s and time.monotonic() < give_up:
+        while time.monotonic() < give_up:
+            quiet = time.monotonic() - since >= quiet_s
+            if quiet and (traced() >= expected or time.monotonic() - started >= quiet_s + EXPECT_LIMIT_S):
+                return
             time.sleep(0.5)
             now = opened.counts()["spans"]
             if now != seen:
@@ -358,7 +374,7 @@ def run(scenario: Scenario, store_url: str, collector: str, say: Any = print) ->
     finally:
         sidecar.stop()
         say("faults off")
-    _settle(store_url, scenario.settle_s)
+    _settle(store_url, scenario.settle_s, since_ns, driven.answered)
     until_ns = time.time_ns()
     return report(scenario, store_url, (since_ns, until_ns), driven)
 

@@ -146,6 +146,41 @@ def test_the_report_waits_for_spans_that_come_after_the_settle_time(tmp_path: Pa
     assert waited >= 1.6 + 1.0  # the last batch, then a quiet second
 
 
+def test_the_report_waits_through_a_stalled_collector_for_a_trace_of_every_answered_request(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A collector that stalls (a loaded machine) stores nothing for longer than the quiet time: the report waits on,
+    since two requests were answered and only one of their traces is stored, until the second arrives."""
+    import threading
+    import time
+
+    from payscope import chaos
+    from payscope.chaos import _settle
+    from payscope.collector.store import open_store
+    from tests.test_store_conformance import sample_trace
+
+    monkeypatch.setattr(chaos, "EXPECT_LIMIT_S", 2.0)  # 15 s in use
+    path = str(tmp_path / "payscope.db")
+    since_ns = 1_000 * 1_000_000
+    with open_store(path) as store:
+        store.write(sample_trace("a" * 32, False, start_ms=1_500))
+
+    def stalled() -> None:  # the second trace 2.5 s later: more than a quiet second after the first
+        time.sleep(2.5)
+        with open_store(path) as writer:
+            writer.write(sample_trace("b" * 32, False, start_ms=1_600))
+
+    writer = threading.Thread(target=stalled)
+    started = time.monotonic()
+    writer.start()
+    _settle(path, 0.2, since_ns, expected=2)
+    waited = time.monotonic() - started
+    writer.join()
+    assert waited >= 2.5
+    started = time.monotonic()
+    _settle(path, 0.2, since_ns, expected=3)  # a request whose entry has no spans: waited for, within bounds
+    assert 0.2 + 1.0 + 2.0 <= time.monotonic() - started < 0.2 + 1.0 + 2.0 + 2.0
+
+
 def test_an_experiment_that_reaches_no_call_of_the_service_does_not_pass(tmp_path: Path) -> None:
     """Traffic that never reaches the service behind the proxy exercised no fault: the report says so and fails,
     rather than passing on expectations that held over nothing. A store that is not there is said before any
