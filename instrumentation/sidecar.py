@@ -99,6 +99,7 @@ class Sidecar:
         self.session: ClientSession | None = None
         self.runner: web.ServerRunner | None = None
         self.address = listen
+        self.handled = 0  # requests taken in (one event loop: no lock)
 
     async def start(self, admin: tuple[str, int] | None = None) -> None:
         self.session = ClientSession(
@@ -131,6 +132,7 @@ class Sidecar:
 
     # --- one request -----------------------------------------------------------------
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        self.handled += 1
         path, query = request.path, request.query_string
         id_header = self.propagator.header
         request_id = request.headers.get(id_header) or uuid.uuid4().hex

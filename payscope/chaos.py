@@ -246,6 +246,8 @@ class _SidecarThread:
             asyncio.run_coroutine_threadsafe(self.sidecar.close(), self.loop).result(60)
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(timeout=10)
+        if not self.thread.is_alive() and not self.loop.is_closed():
+            self.loop.close()
 
 
 @dataclass
@@ -255,6 +257,7 @@ class Driven:
     failed: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
     command_exit: int | None = None
+    proxied: int | None = None  # requests the fault-injecting proxy took in (None: not known)
 
     @property
     def answered(self) -> int:
@@ -374,6 +377,7 @@ def run(scenario: Scenario, store_url: str, collector: str, say: Any = print) ->
     finally:
         sidecar.stop()
         say("faults off")
+    driven.proxied = sidecar.sidecar.handled
     _settle(store_url, scenario.settle_s, since_ns, driven.answered)
     until_ns = time.time_ns()
     return report(scenario, store_url, (since_ns, until_ns), driven)
@@ -406,9 +410,14 @@ def report(scenario: Scenario, store_url: str, window: tuple[int, int], driven: 
     failures = [f"{name}: {found[name]} orders charged twice" if name == DUPLICATE_CHARGE else
                 f"{name}: found on {found[name]} edge{'s' if found[name] > 1 else ''}"
                 for name in scenario.absent if found[name]]
-    if not any(edge.callee == scenario.service and edge.calls for edge in analysis.edges.values()):
-        # no expectation can hold on calls that were never seen: passing would say the faults were survived
-        failures.append(f"no call to {scenario.service} was seen in the window: the faults were not exercised")
+    # no expectation can hold on calls that were never seen: passing would say the faults were survived
+    if driven.proxied == 0:
+        failures.append(f"no request went through the proxy in front of {scenario.service}: the faults were not "
+                        "exercised")
+    elif not any(edge.callee == scenario.service and edge.calls for edge in analysis.edges.values()) and not any(
+            facts.root_service == scenario.service for facts in analysis.traces.values()):
+        failures.append(f"the proxy took {driven.proxied} requests in front of {scenario.service}, and the store "
+                        "holds none of them in the window: their spans did not arrive")
     failed_share = driven.failed / driven.sent if driven.sent else None
     if scenario.max_failed is not None and failed_share is not None and failed_share > scenario.max_failed:
         failures.append(f"{failed_share:.1%} of the requests failed, more than {scenario.max_failed:.0%}")
@@ -419,7 +428,8 @@ def report(scenario: Scenario, store_url: str, window: tuple[int, int], driven: 
         "scenario": scenario.name, "window": {"from_ns": window[0], "to_ns": window[1]},
         "faults": [f.describe() for f in scenario.faults], "target": scenario.service,
         "traffic": {"sent": driven.sent, "ok": driven.ok, "failed": driven.failed,
-                    "statuses": dict(driven.statuses), "command_exit": driven.command_exit},
+                    "statuses": dict(driven.statuses), "command_exit": driven.command_exit,
+                    "proxied": driven.proxied},
         "transactions": document["stats"]["transactions"], "outcomes": document["stats"]["outcomes"],
         "orders_charged_twice": document["stats"]["orders_charged_twice"],
         "injected_faults": document["injected_faults"], "edges": edges, "findings": document["findings"],

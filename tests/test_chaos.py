@@ -181,28 +181,37 @@ def test_the_report_waits_through_a_stalled_collector_for_a_trace_of_every_answe
     assert 0.2 + 1.0 + 2.0 <= time.monotonic() - started < 0.2 + 1.0 + 2.0 + 2.0
 
 
-def test_an_experiment_that_reaches_no_call_of_the_service_does_not_pass(tmp_path: Path) -> None:
-    """Traffic that never reaches the service behind the proxy exercised no fault: the report says so and fails,
-    rather than passing on expectations that held over nothing. A store that is not there is said before any
-    traffic is sent."""
+def test_an_experiment_that_reaches_no_call_of_the_service_does_not_pass(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An experiment judged on no call says nothing of the timeouts: traffic that never reaches the proxy fails it
+    ("not exercised"), and so does traffic through the proxy whose spans never reach the store (here: no collector
+    listens). A store that is not there is said before any traffic is sent."""
     import http.server
     import threading
 
+    from payscope import chaos
     from payscope.collector.store import open_store
 
     bank = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
     threading.Thread(target=bank.serve_forever, daemon=True).start()
+    proxy = free_port()
     scenario = tmp_path / "s.toml"
-    scenario.write_text(SCENARIO.format(proxy=free_port(), bank=bank.server_address[1],
+    scenario.write_text(SCENARIO.format(proxy=proxy, bank=bank.server_address[1],
                                         gateway=f"http://127.0.0.1:{free_port()}", label="none")
                         .replace("requests = 40", "requests = 3").replace('settle = "2s"', 'settle = "0.2s"'))
     store = tmp_path / "payscope.db"
+    nowhere = f"http://127.0.0.1:{free_port()}"
     try:
         missing = payscope("chaos", str(scenario), "--store", str(store))
         with open_store(str(store)):
             pass
-        done = payscope("chaos", str(scenario), "--store", str(store), "--format", "json",
-                        "--collector", f"http://127.0.0.1:{free_port()}")
+        done = payscope("chaos", str(scenario), "--store", str(store), "--format", "json", "--collector", nowhere)
+        # the traffic through the proxy itself, and the proxy's spans sent where no collector listens
+        monkeypatch.setattr(chaos, "EXPECT_LIMIT_S", 1.0)
+        through = chaos.load_scenario(scenario)
+        assert through.traffic.url is not None
+        through.traffic.url = f"http://127.0.0.1:{proxy}/v1/charges?n={{n}}"
+        lost = chaos.run(through, str(store), nowhere, say=lambda line: None)
     finally:
         bank.shutdown()
         bank.server_close()
@@ -210,5 +219,8 @@ def test_an_experiment_that_reaches_no_call_of_the_service_does_not_pass(tmp_pat
     assert "FAULT INJECTION" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     doc = json.loads(done.stdout)
-    assert doc["failures"] == ["no call to bank was seen in the window: the faults were not exercised"]
-    assert doc["traffic"]["sent"] == 3 and doc["traffic"]["failed"] == 3
+    assert doc["failures"] == ["no request went through the proxy in front of bank: the faults were not exercised"]
+    assert doc["traffic"]["sent"] == 3 and doc["traffic"]["failed"] == 3 and doc["traffic"]["proxied"] == 0
+    assert lost["traffic"]["proxied"] == 3 and lost["traffic"]["sent"] == 3 and not lost["passed"]
+    assert lost["failures"] == ["the proxy took 3 requests in front of bank, and the store holds none of them in the "
+                                "window: their spans did not arrive"]
