@@ -213,6 +213,8 @@ def chaos_lines(document: dict[str, Any]) -> list[str]:
                      f"({statuses})")
     else:
         lines.append(f"traffic: the command exited {traffic['command_exit']}")
+    if traffic.get("proxied") is not None:
+        lines.append(f"through the proxy in front of {document['target']}: {traffic['proxied']} requests")
     outcomes = ", ".join(f"{k} {v}" for k, v in sorted(document["outcomes"].items())) or "none"
     lines.append(f"{document['transactions']} transactions recorded in the window: {outcomes}; "
                  f"orders charged twice: {document['orders_charged_twice']}")

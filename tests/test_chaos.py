@@ -206,6 +206,7 @@ def test_an_experiment_that_reaches_no_call_of_the_service_does_not_pass(
         with open_store(str(store)):
             pass
         done = payscope("chaos", str(scenario), "--store", str(store), "--format", "json", "--collector", nowhere)
+        table = payscope("chaos", str(scenario), "--store", str(store), "--collector", nowhere)
         # the traffic through the proxy itself, and the proxy's spans sent where no collector listens
         monkeypatch.setattr(chaos, "EXPECT_LIMIT_S", 1.0)
         through = chaos.load_scenario(scenario)
@@ -221,6 +222,8 @@ def test_an_experiment_that_reaches_no_call_of_the_service_does_not_pass(
     doc = json.loads(done.stdout)
     assert doc["failures"] == ["no request went through the proxy in front of bank: the faults were not exercised"]
     assert doc["traffic"]["sent"] == 3 and doc["traffic"]["failed"] == 3 and doc["traffic"]["proxied"] == 0
+    assert table.returncode == 1 and "through the proxy in front of bank: 0 requests" in table.stdout, table.stdout
+    assert "no request went through the proxy in front of bank" in table.stdout
     assert lost["traffic"]["proxied"] == 3 and lost["traffic"]["sent"] == 3 and not lost["passed"]
     assert lost["failures"] == ["the proxy took 3 requests in front of bank, and the store holds none of them in the "
                                 "window: their spans did not arrive"]
