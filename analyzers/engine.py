@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 from payscope.model import SpanRow
@@ -255,10 +256,6 @@ class Analysis:
 
 # --- reading -------------------------------------------------------------------
 
-def _trace_id(call: Call) -> str:
-    return call.trace_id
-
-
 def collect_calls(traces: Iterable[list[SpanRow] | bytes]) -> tuple[dict[str, TraceFacts], list[Call]]:
     """The calls and facts of every trace, each given as its spans or as its stored derivation
     (``derived``), with calls to an address renamed after the service the votes of every trace put there.
@@ -283,7 +280,7 @@ def collect_calls(traces: Iterable[list[SpanRow] | bytes]) -> tuple[dict[str, Tr
         last = trace_facts.trace_id
     if not in_order:
         facts = dict(sorted(facts.items()))
-        calls.sort(key=_trace_id)  # stable: a trace's calls keep their order
+        calls.sort(key=attrgetter("trace_id"))  # stable: a trace's calls keep their order
     # of two services with as many votes at an address, the first by name, whatever order the traces came in
     resolve_aliases(calls, {peer: dict(sorted(counts.items())) for peer, counts in votes.items()})
     for c in calls:
