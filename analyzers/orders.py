@@ -140,7 +140,7 @@ def charged(call: Call) -> bool:
     return call.server_ok if call.server_ok is not None else call.ok
 
 
-@dataclass
+@dataclass(slots=True)
 class Charge:
     trace_id: str
     span_id: str
@@ -157,7 +157,7 @@ class Charge:
                 "caller_saw": self.caller_saw}
 
 
-@dataclass
+@dataclass(slots=True)
 class Order:
     key: str
     trace_ids: list[str]                     # by start time
