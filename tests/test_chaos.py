@@ -48,7 +48,7 @@ def experiments(tmp_path_factory: pytest.TempPathFactory, demo_store: Path) -> d
         tmp = tmp_path_factory.mktemp(f"chaos-{label}")
         proxy = free_port()
         system = System(tmp / "payscope.db", tmp / "logs", settings, seed=5, bank_url=f"http://127.0.0.1:{proxy}")
-        system.start(peak=(0.0, 0.0))  # no sale peak: the only slowness is the injected one
+        system.start()  # no sale peak: the only slowness is the injected one
         try:
             scenario = tmp / "bank-slows.toml"
             scenario.write_text(SCENARIO.format(proxy=proxy, bank=system.ports["bank"], gateway=system.gateway,

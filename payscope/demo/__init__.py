@@ -66,15 +66,29 @@ class System:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     bank_link: DelayingRelay | None = None
     bank_url: str | None = None  # where payment calls the bank, when not the delaying link (a chaos sidecar)
+    peak: tuple[float, float] = (0.0, 0.0)  # the sale peak, seconds since the epoch: see set_peak
 
     @property
     def gateway(self) -> str:
         return f"http://127.0.0.1:{self.ports['gateway']}"
 
-    def start(self, peak: tuple[float, float]) -> None:
+    @property
+    def peak_file(self) -> Path:
+        return self.log_dir / "bank-peak.txt"
+
+    def set_peak(self, peak: tuple[float, float]) -> None:
+        """When the sale peak is: the bank slows and its link loses BANK_LINK_DELAY_MS between these times. Set
+        once the traffic starts, so that the two peaks are one however long the services took to start."""
+        self.peak = peak
+        written = self.peak_file.with_suffix(".tmp")
+        written.write_text(f"{peak[0]} {peak[1]}")
+        written.replace(self.peak_file)  # the bank reads it whole or not at all
+
+    def start(self, peak: tuple[float, float] = (0.0, 0.0)) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for old in self.log_dir.glob("*.log"):
             old.unlink()
+        self.set_peak(peak)
         self.ports = {name: _free_port() for name in ("collector", "bank-link", *SERVICES)}
         py = sys.executable
         self.procs["collector"] = subprocess.Popen(
@@ -88,7 +102,7 @@ class System:
                    PAYMENT_URL=f"http://127.0.0.1:{self.ports['payment']}",
                    INVENTORY_URL=f"http://127.0.0.1:{self.ports['inventory']}",
                    ORDER_URL=f"http://127.0.0.1:{self.ports['order']}",
-                   BANK_PEAK_START=str(peak[0]), BANK_PEAK_END=str(peak[1]))
+                   BANK_PEAK_FILE=str(self.peak_file))
         commands = {
             "bank": [py, "-m", "payscope.demo.services.bank", str(self.ports["bank"])],
             "payment": [py, "-m", "payscope.demo.services.payment", str(self.ports["payment"])],
@@ -108,7 +122,7 @@ class System:
             _wait_port(self.ports[name], name, self.procs[name])
 
         def link_delay_ms() -> float:
-            return BANK_LINK_DELAY_MS if peak[0] <= time.time() < peak[1] else 0.0
+            return BANK_LINK_DELAY_MS if self.peak[0] <= time.time() < self.peak[1] else 0.0
 
         self.bank_link = DelayingRelay(self.ports["bank-link"], self.ports["bank"], link_delay_ms).start()
 
@@ -227,12 +241,13 @@ def run_once(store: Path, log_dir: Path, settings: dict[str, str], duration: flo
              keep_running: bool, say: Any, progress: Any = None) -> dict[str, Any]:
     """Start the system, drive it, stop it (unless kept), ingest its logs; return what happened."""
     system = System(store, log_dir, settings, seed)
-    now = time.time()
-    peak = (now + 5 + 0.4 * duration, now + 5 + 0.7 * duration)
     try:
-        system.start(peak)  # a failed start stops what it started
+        system.start()  # a failed start stops what it started
         say(f"system up: gateway {system.gateway}, collector http://127.0.0.1:{system.ports['collector']}; "
             f"placing orders for {duration:.0f}s (sale peak in the middle)")
+        now = time.time()  # the traffic's peak (drive) and the bank's are one, however long the start took
+        peak = (now + 0.4 * duration, now + 0.7 * duration)
+        system.set_peak(peak)
         traffic = drive(system.gateway, duration, seed, progress)
         time.sleep(1.5)  # let the batch exporters send the last spans
         if keep_running:
@@ -257,7 +272,7 @@ def run_once(store: Path, log_dir: Path, settings: dict[str, str], duration: flo
                    if path.exists() and path.stat().st_size]
         opened.set_meta("demo_traffic", json.dumps({"sent": traffic.sent, "ok": traffic.ok, "failed": traffic.failed,
                                                     "retried": traffic.retried}))
-        opened.set_meta("demo_peak", json.dumps({"start": peak[0], "end": peak[1], "traffic_start": now + 5}))
+        opened.set_meta("demo_peak", json.dumps({"start": peak[0], "end": peak[1], "traffic_start": now}))
     return {"traffic": traffic, "log_lines": sum(r.stored + sum(f.joined for f in r.files) for r in reports),
             "linked": dict(linker.stats.by_method)}
 

@@ -24,16 +24,26 @@ log = logging.getLogger("bank")
 app = Flask(__name__)
 
 MEDIAN_MS = float(setting("BANK_MEDIAN_MS", "120"))
-PEAK_START = float(setting("BANK_PEAK_START", "0"))
-PEAK_END = float(setting("BANK_PEAK_END", "0"))
+PEAK_FILE = setting("BANK_PEAK_FILE", "")  # "START END" (seconds since the epoch), written when the traffic starts
 DECLINE_RATE = float(setting("BANK_DECLINE_RATE", "0.03"))
 _charges: dict[str, str] = {}
 _lock = threading.Lock()
 _rng = random.Random(int(setting("DEMO_SEED", "1")))
 
 
+def peak() -> tuple[float, float]:
+    """The sale peak as the peak file says it now (a few bytes read a request), none before it is written."""
+    try:
+        with open(PEAK_FILE) as f:
+            start, end = (float(v) for v in f.read().split())
+    except (OSError, ValueError):
+        return (0.0, 0.0)
+    return (start, end)
+
+
 def _latency_s() -> float:
-    median = MEDIAN_MS * (2.5 if PEAK_START <= time.time() < PEAK_END else 1.0)
+    start, end = peak()
+    median = MEDIAN_MS * (2.5 if start <= time.time() < end else 1.0)
     with _lock:
         value = _rng.lognormvariate(0, 0.55) * median
         if _rng.random() < 0.03:  # the slow path every PSP has: a fraud check, a card network retry
