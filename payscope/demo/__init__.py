@@ -84,11 +84,12 @@ class System:
         written.write_text(f"{peak[0]} {peak[1]}")
         written.replace(self.peak_file)  # the bank reads it whole or not at all
 
-    def start(self, peak: tuple[float, float] = (0.0, 0.0)) -> None:
+    def start(self) -> None:
+        """Start every service, with no sale peak until :meth:`set_peak` sets one."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for old in self.log_dir.glob("*.log"):
             old.unlink()
-        self.set_peak(peak)
+        self.set_peak((0.0, 0.0))
         self.ports = {name: _free_port() for name in ("collector", "bank-link", *SERVICES)}
         py = sys.executable
         self.procs["collector"] = subprocess.Popen(
