@@ -102,10 +102,17 @@ def provision() -> Path:
     return HOME
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free now: every socket is held until all are chosen, so that the system cannot hand
+    one port out twice (a node's HTTP port equal to another's transport port answers "not an HTTP port")."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _run_as() -> tuple[int, int] | None:
@@ -190,8 +197,8 @@ def start(name: str = "payscope-test", *, port: int | None = None, settings: dic
         os.chmod(workdir, 0o755)
         for path in [workdir, *workdir.rglob("*")]:
             os.chown(path, *owner)
-    port = port or _free_port()
-    transport = _free_port()
+    chosen = [p for p in _free_ports(3) if p != port]  # a port given (a node started again) is never its transport
+    port, transport = port or chosen[0], chosen[1]
     options = {
         "cluster.name": name, "node.name": f"{name}-{port}", "network.host": "127.0.0.1",
         "http.port": str(port), "transport.port": str(transport),
@@ -260,8 +267,8 @@ def _certificates(directory: Path) -> None:
 @contextmanager
 def cluster(size: int = 3, name: str = "payscope-cluster", heap: str = "384m") -> Iterator[list[Node]]:
     """``size`` nodes of one cluster on 127.0.0.1, every one master-eligible and a data node."""
-    http = [_free_port() for _ in range(size)]
-    transport = [_free_port() for _ in range(size)]
+    ports = _free_ports(2 * size)
+    http, transport = ports[:size], ports[size:]
     names = [f"{name}-{i}" for i in range(size)]
     common = {"discovery.type": "", "discovery.seed_hosts": ",".join(f"127.0.0.1:{t}" for t in transport),
               "cluster.initial_master_nodes": ",".join(names)}
