@@ -300,13 +300,13 @@ def test_embedded_records_schema_version_and_refuses_another(tmp_path: Path) -> 
         open_store(str(path))
 
 
-@pytest.mark.parametrize("version", [5, 6, 7])
+@pytest.mark.parametrize("version", [5, 6, 7, 8])
 def test_embedded_upgrades_a_store_written_by_an_earlier_version_to_what_this_version_writes(
         tmp_path: Path, version: int) -> None:
     from payscope.collector.logingest import ingest
     from tests.helpers import DATA
 
-    inputs = DATA / "stores"  # v5.db.gz, v6.db.gz and v7.db.gz were written from these by earlier versions (see README)
+    inputs = DATA / "stores"  # v5.db.gz ... v8.db.gz were written from these by earlier versions (see README)
     old = tmp_path / f"v{version}.db"
     old.write_bytes(gzip.decompress((inputs / f"v{version}.db.gz").read_bytes()))
     conn = sqlite3.connect(old)
@@ -337,8 +337,8 @@ def test_embedded_upgrades_a_store_written_by_an_earlier_version_to_what_this_ve
     assert upgraded == everything(fresh)
     conn = sqlite3.connect(old)
     assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
-    assert {r[0] for r in conn.execute("SELECT name FROM sqlite_master")} == \
-        {r[0] for r in sqlite3.connect(fresh).execute("SELECT name FROM sqlite_master")}  # no table of old left
+    schema = "SELECT name, sql FROM sqlite_master"  # no table of old left, every index as this version makes it
+    assert set(conn.execute(schema)) == set(sqlite3.connect(fresh).execute(schema))
     conn.close()
     late = span("7a" * 16, "1000000000000009", "1000000000000003", "payment", "client", 1767000100030,
                 1767000100031, STATUS_ERROR, **{"server.address": "ledger"})

@@ -24,8 +24,9 @@ from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 from .api import SAMPLE_DIGITS, Cursor, LogQuery, Sample, Store, group_traces
 from .codec import decode_body, encode_span
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 
+_TRACES_ID = "CREATE UNIQUE INDEX IF NOT EXISTS traces_id ON traces(trace_id, trace_no, span_count)"
 _DERIVED_TABLE = ("CREATE TABLE IF NOT EXISTS derived(trace_no INTEGER PRIMARY KEY, span_count INTEGER NOT NULL, "
                   "key TEXT NOT NULL, body BLOB NOT NULL)")
 
@@ -51,7 +52,11 @@ CREATE TABLE IF NOT EXISTS traces(
     error_class TEXT, error_service TEXT, services TEXT NOT NULL,
     root_rank INTEGER, error_rank INTEGER  -- how the root and the error were chosen: see _Summary
 );
-CREATE UNIQUE INDEX IF NOT EXISTS traces_id ON traces(trace_id);
+-- A trace by id. It holds the number and the span count too, so that the analysis pairs every trace with its
+-- derivation in trace id order without visiting the summaries themselves (2.8 -> 1.6 s for 500k traces). It
+-- costs no write of its own: a summary is replaced whole, entry and all. One id, one number: the writer
+-- numbers a trace under its write lock, after looking the id up (_write_spans).
+{_TRACES_ID};
 CREATE INDEX IF NOT EXISTS traces_start ON traces(start_ns);
 CREATE INDEX IF NOT EXISTS traces_failed ON traces(start_ns) WHERE error_count > 0;
 -- What the analysis derived from a trace's spans (its calls and facts, analyzers/derived.py), so that it need
@@ -232,6 +237,7 @@ _MIGRATIONS: dict[int, tuple[str, ...] | Callable[[sqlite3.Connection], None]] =
     5: _upgrade_5,
     6: _upgrade_6,
     7: (_DERIVED_TABLE,),
+    8: ("DROP INDEX traces_id", _TRACES_ID),  # version 8 indexed the trace id alone
 }
 
 
@@ -597,7 +603,8 @@ class EmbeddedStore(Store):
             # The traces with no exact derivation, found front to back (a tenth of the time an order by trace id
             # takes to visit every trace): on a settled store none or a few, whose spans are then read alone.
             underived = conn.execute(f"SELECT t.trace_id, t.trace_no FROM traces t LEFT JOIN derived d ON "
-                                     f"{_EXACT}{where}", (derived_key, *args)).fetchmany(_FEW_UNDERIVED + 1)
+                                     f"{_EXACT}{where} ORDER BY t.trace_no",  # not the id's index: front to back
+                                     (derived_key, *args)).fetchmany(_FEW_UNDERIVED + 1)
             if len(underived) <= _FEW_UNDERIVED:
                 underived.sort()
                 chunks = (underived[i:i + 500] for i in range(0, len(underived), 500))
