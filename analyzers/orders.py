@@ -114,14 +114,22 @@ def configured_rules() -> Rules:
     return rules_from(table, str(path))
 
 
-def _named(call: Call, pattern: re.Pattern[str]) -> bool:
-    return call.method in (None, "POST", "PUT") and _says(pattern, call.callee, call.operation)
+_CHARGE, _REFUND = 1, 2
+
+
+def _role(call: Call, rules: Rules) -> int:
+    """What a call is to an order: a refund (``_REFUND``), else a charge (``_CHARGE``), else nothing (0), by its
+    method and the rules' names for its callee and operation."""
+    if call.method not in (None, "POST", "PUT"):
+        return 0
+    return _role_of(rules.charge, rules.refund, call.callee, call.operation)
 
 
 @functools.lru_cache(maxsize=65536)
-def _says(pattern: re.Pattern[str], callee: str, operation: str) -> bool:
-    """Whether ``pattern`` names a call to ``callee``'s ``operation`` (asked once per edge, not per call)."""
-    return bool(pattern.search(f"{callee} {operation}"))
+def _role_of(charge: re.Pattern[str], refund: re.Pattern[str], callee: str, operation: str) -> int:
+    """``_role`` of a call to ``callee``'s ``operation`` (asked once per edge, not per call)."""
+    said = f"{callee} {operation}"
+    return _REFUND if refund.search(said) else _CHARGE if charge.search(said) else 0
 
 
 def charge_calls(calls: list[Call], rules: Rules | None = None) -> list[Call]:
@@ -129,7 +137,9 @@ def charge_calls(calls: list[Call], rules: Rules | None = None) -> list[Call]:
     them (order -> payment -> bank charges once, at the bank). Every attempt counts: a retried charge the
     charging service answered twice charged twice."""
     rules = rules or Rules()
-    named = [c for c in calls if _named(c, rules.charge) and not _named(c, rules.refund)]
+    named = [c for c in calls if _role(c, rules) == _CHARGE]
+    if len(named) < 2:
+        return named
     under = {c.upstream for c in named if c.upstream}
     return [c for c in named if c.span_id not in under]
 
@@ -221,7 +231,8 @@ def orders(analysis: Analysis) -> dict[str, Order]:
             charge_lines[owners.pop()].append((traces[0], span_id, service, time_ns))
     out: dict[str, Order] = {}
     for key, trace_ids in traces_of.items():
-        trace_ids.sort(key=lambda t: analysis.transactions[t].facts.start_ns)
+        if len(trace_ids) > 1:
+            trace_ids.sort(key=lambda t: analysis.transactions[t].facts.start_ns)
         order = Order(key, trace_ids, _told(analysis, trace_ids, rules, logged), amount=next(
             (analysis.transactions[t].facts.amount for t in trace_ids
              if analysis.transactions[t].facts.amount is not None), None))
@@ -233,7 +244,7 @@ def orders(analysis: Analysis) -> dict[str, Order]:
                     order.charges.append(Charge(c.trace_id, c.span_id, c.caller, c.callee, c.operation,
                                                 c.server_end_ns or c.end_ns, c.amount,
                                                 "late_success" if c.late_success else "ok" if c.ok else "failed"))
-            order.refunds += sum(1 for c in calls if _named(c, rules.refund) and charged(c))
+            order.refunds += sum(1 for c in calls if _role(c, rules) == _REFUND and charged(c))
         for trace_id, span_id, service, time_ns in charge_lines.get(key, []):  # the charging service's own word
             order.charges.append(Charge(trace_id, span_id, "", service, f"log: {rules.charge_log}", time_ns, None,
                                         "logged"))

@@ -120,7 +120,7 @@ def test_an_oauth_authorization_is_no_charge(tmp_path: Path) -> None:
 
 
 def test_what_counts_as_a_charge_and_a_method_named_only_in_the_span_name() -> None:
-    from payscope.analyzers.orders import CHARGE, _says
+    from payscope.analyzers.orders import _CHARGE, _REFUND, CHARGE, REFUND, _role_of
     from payscope.semconv import derive
 
     def method(name: str, **attrs: object) -> str | None:
@@ -130,9 +130,14 @@ def test_what_counts_as_a_charge_and_a_method_named_only_in_the_span_name() -> N
     assert method("HTTP POST") == "POST" and method("GET /orders/{id}") == "GET"
     assert method("GET /orders", **{"http.request.method": "POST"}) == "POST"  # the attribute speaks first
     assert method("DELETE orders") is None and method("SELECT payments") is None and method("get_user") is None
-    assert not _says(CHARGE, "auth", "post /authorization/code") and not _says(CHARGE, "datamgmt", "authorize")
-    assert _says(CHARGE, "acquirer", "POST /authorize") and _says(CHARGE, "psp", "POST /v1/authorisations")
-    assert _says(CHARGE, "bank", "POST /charges") and _says(CHARGE, "payments", "Authorize")
+
+    def role(callee: str, operation: str) -> int:
+        return _role_of(CHARGE, REFUND, callee, operation)
+
+    assert role("auth", "post /authorization/code") == role("datamgmt", "authorize") == 0
+    assert role("acquirer", "POST /authorize") == role("psp", "POST /v1/authorisations") == _CHARGE
+    assert role("bank", "POST /charges") == role("payments", "Authorize") == _CHARGE
+    assert role("bank", "POST /charges/{id}/refund") == role("psp", "CancelCharge") == _REFUND  # a refund first
 
 
 def test_a_trace_that_charged_nothing_and_names_no_order_is_shown_as_no_order(tmp_path: Path) -> None:
