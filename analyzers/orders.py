@@ -17,7 +17,6 @@ A refund-like call for the order after its charges (refund, reverse, void, cance
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from collections import defaultdict
@@ -117,27 +116,37 @@ def configured_rules() -> Rules:
 _CHARGE, _REFUND = 1, 2
 
 
-def _role(call: Call, rules: Rules) -> int:
+def _role_of(rules: Rules, method: str | None, callee: str, operation: str) -> int:
     """What a call is to an order: a refund (``_REFUND``), else a charge (``_CHARGE``), else nothing (0), by its
     method and the rules' names for its callee and operation."""
-    if call.method not in (None, "POST", "PUT"):
+    if method not in (None, "POST", "PUT"):
         return 0
-    return _role_of(rules.charge, rules.refund, call.callee, call.operation)
-
-
-@functools.lru_cache(maxsize=65536)
-def _role_of(charge: re.Pattern[str], refund: re.Pattern[str], callee: str, operation: str) -> int:
-    """``_role`` of a call to ``callee``'s ``operation`` (asked once per edge, not per call)."""
     said = f"{callee} {operation}"
-    return _REFUND if refund.search(said) else _CHARGE if charge.search(said) else 0
+    return _REFUND if rules.refund.search(said) else _CHARGE if rules.charge.search(said) else 0
 
 
-def charge_calls(calls: list[Call], rules: Rules | None = None) -> list[Call]:
+class _Roles(dict[tuple[str | None, str, str], int]):
+    """``_role_of`` for one set of rules, asked once per method, callee and operation rather than per call (a
+    compiled pattern hashes its whole program, so the patterns themselves make a slow cache key)."""
+
+    def __init__(self, rules: Rules) -> None:
+        super().__init__()
+        self.rules = rules
+
+    def of(self, call: Call) -> int:
+        key = (call.method, call.callee, call.operation)
+        role = self.get(key)
+        if role is None:
+            role = self[key] = _role_of(self.rules, *key)
+        return role
+
+
+def charge_calls(calls: list[Call], rules: Rules | None = None, roles: _Roles | None = None) -> list[Call]:
     """The charge-like calls of one trace that charge themselves: those with no charge-like call made under
     them (order -> payment -> bank charges once, at the bank). Every attempt counts: a retried charge the
-    charging service answered twice charged twice."""
-    rules = rules or Rules()
-    named = [c for c in calls if _role(c, rules) == _CHARGE]
+    charging service answered twice charged twice. ``roles`` keeps what each kind of call is across traces."""
+    roles = roles if roles is not None else _Roles(rules or Rules())
+    named = [c for c in calls if roles.of(c) == _CHARGE]
     if len(named) < 2:
         return named
     under = {c.upstream for c in named if c.upstream}
@@ -230,6 +239,7 @@ def orders(analysis: Analysis) -> dict[str, Order]:
         if len(owners) == 1:
             charge_lines[owners.pop()].append((traces[0], span_id, service, time_ns))
     out: dict[str, Order] = {}
+    roles = _Roles(rules)
     for key, trace_ids in traces_of.items():
         if len(trace_ids) > 1:
             trace_ids.sort(key=lambda t: analysis.transactions[t].facts.start_ns)
@@ -238,13 +248,13 @@ def orders(analysis: Analysis) -> dict[str, Order]:
              if analysis.transactions[t].facts.amount is not None), None))
         for trace_id in trace_ids:
             calls = analysis.calls_of(trace_id)
-            for c in charge_calls(calls, rules):
+            for c in charge_calls(calls, roles=roles):
                 order.attempted += 1
                 if charged(c) and rules.charge_log is None:
                     order.charges.append(Charge(c.trace_id, c.span_id, c.caller, c.callee, c.operation,
                                                 c.server_end_ns or c.end_ns, c.amount,
                                                 "late_success" if c.late_success else "ok" if c.ok else "failed"))
-            order.refunds += sum(1 for c in calls if _role(c, rules) == _REFUND and charged(c))
+            order.refunds += sum(1 for c in calls if roles.of(c) == _REFUND and charged(c))
         for trace_id, span_id, service, time_ns in charge_lines.get(key, []):  # the charging service's own word
             order.charges.append(Charge(trace_id, span_id, "", service, f"log: {rules.charge_log}", time_ns, None,
                                         "logged"))

@@ -120,7 +120,7 @@ def test_an_oauth_authorization_is_no_charge(tmp_path: Path) -> None:
 
 
 def test_what_counts_as_a_charge_and_a_method_named_only_in_the_span_name() -> None:
-    from payscope.analyzers.orders import _CHARGE, _REFUND, CHARGE, REFUND, _role_of
+    from payscope.analyzers.orders import _CHARGE, _REFUND, Rules, _role_of
     from payscope.semconv import derive
 
     def method(name: str, **attrs: object) -> str | None:
@@ -132,12 +132,13 @@ def test_what_counts_as_a_charge_and_a_method_named_only_in_the_span_name() -> N
     assert method("DELETE orders") is None and method("SELECT payments") is None and method("get_user") is None
 
     def role(callee: str, operation: str) -> int:
-        return _role_of(CHARGE, REFUND, callee, operation)
+        return _role_of(Rules(), "POST", callee, operation)
 
     assert role("auth", "post /authorization/code") == role("datamgmt", "authorize") == 0
     assert role("acquirer", "POST /authorize") == role("psp", "POST /v1/authorisations") == _CHARGE
     assert role("bank", "POST /charges") == role("payments", "Authorize") == _CHARGE
     assert role("bank", "POST /charges/{id}/refund") == role("psp", "CancelCharge") == _REFUND  # a refund first
+    assert _role_of(Rules(), "GET", "bank", "GET /charges") == 0 and _role_of(Rules(), None, "psp", "Charge") == _CHARGE
 
 
 def test_a_trace_that_charged_nothing_and_names_no_order_is_shown_as_no_order(tmp_path: Path) -> None:
