@@ -127,6 +127,8 @@ class Edge:
     duplicate_chains: list[list[Call]] = field(default_factory=list)
     self_ms: list[float] = field(default_factory=list)        # callee time not spent in its own calls
     injected: Counter[str] = field(default_factory=Counter)   # calls the sidecar injected a fault into, by kind
+    # gaps.stretched: (the number of calls it was made from, the stretches, their median gaps), made once
+    stretched: tuple[int, list[list[Call]], list[float]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def key(self) -> EdgeKey:

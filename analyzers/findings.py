@@ -10,7 +10,7 @@ from payscope.timeparse import format_ns
 
 from .calls import Call
 from .engine import Analysis, Edge, EdgeKey, is_business_failure
-from .gaps import Occupancy, gap_cause, occupancies, stretch_gap_ms, stretches
+from .gaps import Occupancy, gap_cause, occupancies, stretched
 from .recommend import connect_timeout_ms
 from .stats import fraction_above, percentile
 
@@ -420,11 +420,10 @@ _GAP_WORDS = {
 
 def _gap_growth(edge: Edge) -> tuple[float, float, str, list[Call]] | None:
     """(usual gap, grown gap, when it started, the grown stretches' calls) when the gap grew for part of the
-    period: two or more stretches (:func:`gaps.stretches`) run far above the quietest one."""
-    parts = stretches(edge)
+    period: two or more stretches (:func:`gaps.stretched`) run far above the quietest one."""
+    parts, medians = stretched(edge)
     if len(parts) < 2:
         return None
-    medians = [stretch_gap_ms(part) for part in parts]
     usual = min(medians)
     floor = max(usual + NETWORK_GROWTH_MIN_MS, NETWORK_GROWTH * max(usual, 1.0))
     grown = [part for part, m in zip(parts, medians, strict=True) if m >= floor]

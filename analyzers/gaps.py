@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import operator
 from dataclasses import dataclass
 
 from .calls import Call
@@ -251,21 +252,26 @@ def _excess_ms(edge: Edge, window: tuple[int, int], usual_ms: float) -> float | 
     return (median(gaps) or 0.0) - usual_ms
 
 
-def stretches(edge: Edge) -> list[list[Call]]:
-    """The edge's answered calls in time order, cut into stretches of a tenth of them (three at least)."""
-    answered = sorted((c for c in edge.calls if c.gap_ms is not None), key=lambda c: c.start_ns)
+def stretched(edge: Edge) -> tuple[list[list[Call]], list[float]]:
+    """The edge's answered calls in time order, cut into stretches of a tenth of them (three at least), and the
+    median gap of each; made once for an edge's calls (every edge's usual gap is asked for each edge whose gap
+    grew), and not to be changed by the caller."""
+    kept = edge.stretched
+    if kept is not None and kept[0] == len(edge.calls):
+        return kept[1], kept[2]
+    answered = sorted(((c.start_ns, gap, c) for c in edge.calls if (gap := c.gap_ms) is not None),
+                      key=operator.itemgetter(0))
     size = max(SIBLING_MIN_CALLS, len(answered) // 10)
-    return [answered[i:i + size] for i in range(0, len(answered) - size + 1, size)]
-
-
-def stretch_gap_ms(part: list[Call]) -> float:
-    """The median gap of a stretch of calls."""
-    return percentile(sorted(c.gap_ms or 0.0 for c in part), 50) or 0.0
+    cuts = range(0, len(answered) - size + 1, size)
+    parts = [[c for _, _, c in answered[i:i + size]] for i in cuts]
+    medians = [percentile(sorted(gap for _, gap, _ in answered[i:i + size]), 50) or 0.0 for i in cuts]
+    edge.stretched = (len(edge.calls), parts, medians)
+    return parts, medians
 
 
 def usual_gap_ms(edge: Edge) -> float:
     """The gap of the edge's quietest stretch of calls."""
-    return min((stretch_gap_ms(part) for part in stretches(edge)), default=0.0)
+    return min(stretched(edge)[1], default=0.0)
 
 
 def _starved(edge: Edge, slow: list[Call], grew_ms: float) -> str | None:
