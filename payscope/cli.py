@@ -624,20 +624,31 @@ def reconcile(
     traces_index: TracesIndexOption = None,
     logs_index: LogsIndexOption = None,
     output_format: Annotated[str, typer.Option("--format", "-f", help="table, csv or json.")] = "table",
+    since: WindowSince = None,
+    until: WindowUntil = None,
 ) -> None:
-    """The orders finance should look at: charged but failed, charged twice, paid without a charge."""
+    """The orders finance should look at: charged but failed, charged twice, paid without a charge (of the whole
+    store, or of the traces that started in a window of time: each order judged on its traces there, as `analyze`
+    and `failures` with the same window judge it)."""
     from payscope import report
     from payscope.analyzers.loader import load
     from payscope.analyzers.orders import mismatched
+    from payscope.analyzers.views import window_json
 
     _check_format(output_format, ("table", "csv", "json"))
+    window = _window(since, until)
     with _open_for_analysis(store, traces_index, logs_index) as opened:
-        found = [o.to_json() for o in mismatched(load(opened))]
+        _say_whole_read(opened, window, None, bound="--since 24h")
+        analysis = load(opened, window=window)
+        found = [o.to_json() for o in mismatched(analysis)]
+    read = window_json(analysis)
     if output_format == "json":
-        _emit_json({"orders": found, "counts": report.mismatch_counts(found)})
+        _emit_json({"orders": found, "counts": report.mismatch_counts(found), "window": read})
     elif output_format == "csv":
         sys.stdout.write(report.reconcile_csv(found))
     else:
+        if said := report.window_text(read):
+            out.print(said, markup=False)
         for line in report.reconcile_lines(found):
             out.print(line, markup=False)
 

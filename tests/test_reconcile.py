@@ -156,3 +156,26 @@ def test_a_trace_that_charged_nothing_and_names_no_order_is_shown_as_no_order(tm
     assert table.startswith(f"trace {trace}: ok") and "told paid" not in table
     stats = json.loads(payscope("analyze", "--store", store, "--format", "json", check=True).stdout)["stats"]
     assert stats["orders"] == 0 and stats["transactions"] == 1  # counted as a transaction, not as an order
+
+
+def test_reconcile_in_a_window_reads_its_traces_and_gives_the_answer_analyze_gives(demo_store: Path) -> None:
+    """``reconcile --since/--until`` judges the orders of the traces that started in the window, as ``analyze`` and
+    ``failures`` with the same window do, and says which traces it read."""
+    from payscope.collector.store import open_store
+    from payscope.timeparse import format_ns
+
+    with open_store(str(demo_store), readonly=True) as opened:
+        starts = sorted(s.start_ns for s in opened.traces(limit=None))
+    since, until = format_ns(starts[len(starts) // 3]), format_ns(starts[2 * len(starts) // 3])
+    window = ["--store", str(demo_store), "--since", since, "--until", until]
+    doc = json.loads(payscope("reconcile", *window, "-f", "json", check=True).stdout)
+    analysis = json.loads(payscope("analyze", *window, "-f", "json", check=True).stdout)
+    assert doc["window"] == analysis["stats"]["window"] == {"from": since, "to": until}
+    assert doc["counts"] == analysis["stats"]["orders_to_reconcile"] and doc["orders"]
+    whole = json.loads(payscope("reconcile", "--store", str(demo_store), "-f", "json", check=True).stdout)
+    assert whole["window"] is None and len(doc["orders"]) < len(whole["orders"])
+    with open_store(str(demo_store), readonly=True) as opened:
+        read = {t.trace_id for t in opened.traces(limit=None) if since <= format_ns(t.start_ns) < until}
+    assert all(set(o["trace_ids"]) <= read for o in doc["orders"])  # nothing from outside the window
+    table = payscope("reconcile", *window, check=True).stdout
+    assert table.startswith(f"of the traces that started from {since} and before {until}\n")
