@@ -82,18 +82,23 @@ def _resource_service(resource: dict[str, Any]) -> str:
 _MAX_NS = 2**63 - 1  # what a signed 64-bit store column holds: the year 2262
 
 
-def _problem(span: PbSpan) -> str | None:
-    if len(span.trace_id) != 16 or not any(span.trace_id):
+_NO_TRACE, _NO_SPAN = bytes(16), bytes(8)
+
+
+def _problem(trace_id: bytes, span_id: bytes, parent: bytes, start_ns: int, end_ns: int, events: Any) -> str | None:
+    """Why a span with these fields cannot be stored, or None (its fields read once by the caller: each read of a
+    protobuf field makes a new object)."""
+    if len(trace_id) != 16 or trace_id == _NO_TRACE:
         return "a span's trace id must be 16 non-zero bytes"
-    if len(span.span_id) != 8 or not any(span.span_id):
+    if len(span_id) != 8 or span_id == _NO_SPAN:
         return "a span's span id must be 8 non-zero bytes"
-    if span.parent_span_id and len(span.parent_span_id) != 8:
+    if parent and len(parent) != 8:
         return "a span's parent span id must be 8 bytes"
-    if span.end_time_unix_nano < span.start_time_unix_nano:
+    if end_ns < start_ns:
         return "a span ends before it starts"
-    if span.end_time_unix_nano > _MAX_NS:
-        return f"a span's time {span.end_time_unix_nano} ns is past the year 2262"
-    for event in span.events:
+    if end_ns > _MAX_NS:
+        return f"a span's time {end_ns} ns is past the year 2262"
+    for event in events:
         if event.time_unix_nano > _MAX_NS:
             return f"a span event's time {event.time_unix_nano} ns is past the year 2262"
     return None
@@ -259,10 +264,14 @@ def _spans(request: Any, read_wanted: Callable[[Any], dict[str, Any] | None],
         service = _resource_service(resource)
         for scope_spans in resource_spans.scope_spans:
             for span in scope_spans.spans:
-                wanted = None if span.events or span.links else read_wanted(span.attributes)
+                events = span.events
+                wanted = None if events or span.links else read_wanted(span.attributes)
                 if wanted is None:
                     span = whole(span)
-                problem = _problem(span)
+                    events = span.events
+                trace_id, span_id, parent = span.trace_id, span.span_id, span.parent_span_id
+                start_ns, end_ns = span.start_time_unix_nano, span.end_time_unix_nano
+                problem = _problem(trace_id, span_id, parent, start_ns, end_ns, events)
                 if problem:
                     out.reject(problem)
                     continue
@@ -270,12 +279,10 @@ def _spans(request: Any, read_wanted: Callable[[Any], dict[str, Any] | None],
                     append(encode_span(redact_span(decode_span(span, service, resource))))
                     continue
                 kind = span.kind
-                parent = span.parent_span_id
                 status = span.status
-                row = derive(span.trace_id.hex(), span.span_id.hex(), parent.hex() if parent else None, service,
+                row = derive(trace_id.hex(), span_id.hex(), parent.hex() if parent else None, service,
                              span.name, kinds[kind] if 0 <= kind < len(kinds) else "unspecified",
-                             span.start_time_unix_nano, span.end_time_unix_nano, status.code, status.message,
-                             wanted, [])
+                             start_ns, end_ns, status.code, status.message, wanted, [])
                 append(EncodedSpan(row, span.SerializeToString(), resource))
     return out
 
