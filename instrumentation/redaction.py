@@ -254,6 +254,17 @@ def redact_attributes(attrs: Any, text_clean: bool = False) -> dict[str, Any]:
 _SUSPECT_CHARS = "0123456789 \t+-%bBdD"  # digits and the separators of _SEP (%20, %2B and %2D spelled out)
 _SUSPECT_DIGITS = re.compile(f"[0-9][{re.escape(_SUSPECT_CHARS)}]{{11,}}[0-9]".encode())
 _SUSPECT_WORDS = (b"cvv", b"cvc", b"cvn", b"csc", b"security", b"verification", b"authorization", b"cookie")
+# Those that start with "c" are looked for with one pattern: a pattern whose every branch starts with the same letter
+# skips from one of that letter to the next at the speed of a find (four finds of three letters took 0.9 us a span
+# of a request, the pattern 0.13); a branch that starts with another letter would make it try every byte.
+_C_WORDS = re.compile(b"c(?:" + b"|".join(re.escape(w[1:]) for w in _SUSPECT_WORDS if w[:1] == b"c") + b")")
+_OTHER_WORDS = tuple(w for w in _SUSPECT_WORDS if w[:1] != b"c")
+
+
+def _has_suspect_word(lower: bytes) -> bool:
+    """Whether lower-cased bytes hold one of ``_SUSPECT_WORDS``."""
+    return any(word in lower for word in _OTHER_WORDS) or _C_WORDS.search(lower) is not None
+
 # Every byte of _SUSPECT_DIGITS' class as 1, every other as 0: a match needs 13 of them in a row, which
 # bytes.translate and a search for 13 ones find 15 times faster than the pattern tries each digit of a body
 # (random binary ids are full of them).
@@ -284,8 +295,7 @@ def may_need_redaction(raw: bytes) -> bool:
         return True                                                                # groups (random ids hold many)
     if b"\xef\xbc" in raw and _FULLWIDTH_DIGIT.search(raw) is not None:  # a fullwidth digit
         return True
-    lower = raw.lower()
-    return any(word in lower for word in _SUSPECT_WORDS)
+    return _has_suspect_word(raw.lower())
 
 
 def text_may_need_redaction(text: str) -> bool:
@@ -302,7 +312,7 @@ def text_may_need_redaction(text: str) -> bool:
                 and any(_card_window(m.group(0)) is not None for m in _DIGIT_RUN.finditer(text))
                 or _has_secret_word(text.lower()))
     lower = text.encode("ascii").lower()
-    if any(word in lower for word in _SUSPECT_WORDS):
+    if _has_suspect_word(lower):
         return True
     if _may_hold_card_digits(lower):  # then line by line (no run crosses a line end), the pattern where it may
         for line in lower.split(b"\n"):

@@ -189,7 +189,8 @@ def test_the_request_scan_never_misses_what_masking_would_change(parts: list[str
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.one_of(st.sampled_from([p.encode() for p in _PIECES]), st.binary(max_size=8),
                           st.sampled_from([b"\x00", b"\xc2", b"\xa0", b"b", b"D", b"\t", b"%", b"+", b"\xef\xbc",
-                                           b"\x90", b"\x99", b"\x9a", b"7"])), max_size=24))
+                                           b"\x90", b"\x99", b"\x9a", b"7", b"c", b"cv", b"CvN", b"cSc", b"coOKIE",
+                                           b"sEcurity", b"verificatioN", b"v"])), max_size=24))
 def test_the_request_scan_finds_what_the_digit_pattern_alone_finds(parts: list[bytes]) -> None:
     """The scan looks for a run of 13 bytes of the pattern's class before it runs the pattern: it must answer
     as the pattern (and the no-break space, and the words) alone would, on any bytes."""
