@@ -363,6 +363,25 @@ def test_embedded_upgrades_a_store_written_by_an_earlier_version_to_what_this_ve
         open_store(str(old), readonly=True)
 
 
+def test_embedded_pairs_traces_with_their_derivations_from_the_index_alone(tmp_path: Path) -> None:
+    """The analysis reads the derivations in trace id order from the trace id index alone (schema 9: it holds the
+    number and span count the pairing needs), and finds the traces without one front to back."""
+    from payscope.collector.store import embedded
+
+    path = tmp_path / "s.db"
+    open_store(str(path)).close()
+    conn = sqlite3.connect(path)
+
+    def plan(sql: str) -> str:
+        return " ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql))
+
+    paired = plan(embedded._derived_sql("").replace("?", "'k'"))
+    assert "SCAN t USING COVERING INDEX traces_id" in paired and "TEMP B-TREE" not in paired, paired
+    missing = plan(embedded._underived_sql(" WHERE d.trace_no IS NULL").replace("?", "'k'"))
+    assert "SCAN t" in missing and "INDEX traces_id" not in missing and "TEMP B-TREE" not in missing, missing
+    conn.close()
+
+
 def test_embedded_refuses_a_file_that_is_not_a_store(tmp_path: Path) -> None:
     path = tmp_path / "notes.txt"
     path.write_text("hello, not a database\n" * 100)
