@@ -141,11 +141,10 @@ class _Roles(dict[tuple[str | None, str, str], int]):
         return role
 
 
-def charge_calls(calls: list[Call], rules: Rules | None = None, roles: _Roles | None = None) -> list[Call]:
+def charge_calls(calls: list[Call], roles: _Roles) -> list[Call]:
     """The charge-like calls of one trace that charge themselves: those with no charge-like call made under
     them (order -> payment -> bank charges once, at the bank). Every attempt counts: a retried charge the
-    charging service answered twice charged twice. ``roles`` keeps what each kind of call is across traces."""
-    roles = roles if roles is not None else _Roles(rules or Rules())
+    charging service answered twice charged twice. ``roles``: what each kind of call is, by the run's rules."""
     named = [c for c in calls if roles.of(c) == _CHARGE]
     if len(named) < 2:
         return named
@@ -248,7 +247,7 @@ def orders(analysis: Analysis) -> dict[str, Order]:
              if analysis.transactions[t].facts.amount is not None), None))
         for trace_id in trace_ids:
             calls = analysis.calls_of(trace_id)
-            for c in charge_calls(calls, roles=roles):
+            for c in charge_calls(calls, roles):
                 order.attempted += 1
                 if charged(c) and rules.charge_log is None:
                     order.charges.append(Charge(c.trace_id, c.span_id, c.caller, c.callee, c.operation,
