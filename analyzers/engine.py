@@ -283,8 +283,8 @@ def collect_calls(traces: Iterable[list[SpanRow] | bytes]) -> tuple[dict[str, Tr
                 c.entry_span_id = c.parent_id
         facts[trace_id] = trace_facts
         calls.extend(trace_calls_)
-        in_order = in_order and trace_facts.trace_id > last
-        last = trace_facts.trace_id
+        in_order = in_order and trace_id > last
+        last = trace_id
     if not in_order:
         facts = dict(sorted(facts.items()))
         calls.sort(key=attrgetter("trace_id"))  # stable: a trace's calls keep their order

@@ -93,6 +93,8 @@ def _underived_sql(where: str) -> str:
     """The traces ``where`` keeps (it says ``d.trace_no IS NULL``) with no exact derivation, found front to back
     (a tenth of the time an order by trace id takes to visit every trace): on a settled store none or a few."""
     return f"SELECT t.trace_id, t.trace_no FROM traces t LEFT JOIN derived d ON {_EXACT}{where} ORDER BY t.trace_no"
+
+
 _ROOT_RANK = 4_000_000_000_000_000_000  # sorts spans with a parent after every root, within int64
 _V5_COLUMNS = ("trace_id, span_id, parent_id, service, name, kind, start_ns, end_ns, status_code, status_message, "
                "error_class, operation, peer, method, http_status, attempt, idempotency_key, timeout_connect_ms, "
