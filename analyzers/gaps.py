@@ -261,10 +261,12 @@ def stretched(edge: Edge) -> tuple[list[list[Call]], list[float]]:
         return kept[1], kept[2]
     answered = sorted(((c.start_ns, gap, c) for c in edge.calls if (gap := c.gap_ms) is not None),
                       key=operator.itemgetter(0))
+    calls = [c for _, _, c in answered]
+    gaps = [gap for _, gap, _ in answered]
     size = max(SIBLING_MIN_CALLS, len(answered) // 10)
     cuts = range(0, len(answered) - size + 1, size)
-    parts = [[c for _, _, c in answered[i:i + size]] for i in cuts]
-    medians = [percentile(sorted(gap for _, gap, _ in answered[i:i + size]), 50) or 0.0 for i in cuts]
+    parts = [calls[i:i + size] for i in cuts]
+    medians = [percentile(sorted(gaps[i:i + size]), 50) or 0.0 for i in cuts]
     edge.stretched = (len(edge.calls), parts, medians)
     return parts, medians
 

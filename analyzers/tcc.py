@@ -107,8 +107,11 @@ def anomalies_of(phases: list[tuple[str, Call]]) -> list[str]:
 def tcc_anomalies(analysis: Analysis) -> list[Finding]:
     """One finding per TCC resource where some order's phases went wrong, with the orders of each anomaly."""
     resources: dict[tuple[str, str], _Resource] = {}
+    phases: dict[str, tuple[str, str] | None] = {}  # asked once per operation: a store has few, and many calls
     for call in analysis.calls:
-        found = phase_of(call.operation, analysis.order_rules)
+        operation = call.operation
+        found = phases[operation] if operation in phases else phases.setdefault(
+            operation, phase_of(operation, analysis.order_rules))
         if found is None or call.server_service is None:
             continue
         phase, resource = found
