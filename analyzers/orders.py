@@ -239,6 +239,15 @@ def orders(analysis: Analysis) -> dict[str, Order]:
             charge_lines[owners.pop()].append((traces[0], span_id, service, time_ns))
     out: dict[str, Order] = {}
     roles = _Roles(rules)
+    # each call's role asked once, in one pass: most traces hold no charge and no refund
+    named: dict[str, list[Call]] = defaultdict(list)  # a trace's charge-like calls, in its calls' order
+    refunded: dict[str, int] = defaultdict(int)
+    for c in analysis.calls:
+        role = roles.of(c)
+        if role == _CHARGE:
+            named[c.trace_id].append(c)
+        elif role == _REFUND and charged(c):
+            refunded[c.trace_id] += 1
     for key, trace_ids in traces_of.items():
         if len(trace_ids) > 1:
             trace_ids.sort(key=lambda t: analysis.transactions[t].facts.start_ns)
@@ -246,14 +255,13 @@ def orders(analysis: Analysis) -> dict[str, Order]:
             (analysis.transactions[t].facts.amount for t in trace_ids
              if analysis.transactions[t].facts.amount is not None), None))
         for trace_id in trace_ids:
-            calls = analysis.calls_of(trace_id)
-            for c in charge_calls(calls, roles):
+            for c in charge_calls(named[trace_id], roles) if trace_id in named else ():
                 order.attempted += 1
                 if charged(c) and rules.charge_log is None:
                     order.charges.append(Charge(c.trace_id, c.span_id, c.caller, c.callee, c.operation,
                                                 c.server_end_ns or c.end_ns, c.amount,
                                                 "late_success" if c.late_success else "ok" if c.ok else "failed"))
-            order.refunds += sum(1 for c in calls if roles.of(c) == _REFUND and charged(c))
+            order.refunds += refunded.get(trace_id, 0)
         for trace_id, span_id, service, time_ns in charge_lines.get(key, []):  # the charging service's own word
             order.charges.append(Charge(trace_id, span_id, "", service, f"log: {rules.charge_log}", time_ns, None,
                                         "logged"))
