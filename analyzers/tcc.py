@@ -107,10 +107,10 @@ def anomalies_of(phases: list[tuple[str, Call]]) -> list[str]:
 def tcc_anomalies(analysis: Analysis) -> list[Finding]:
     """One finding per TCC resource where some order's phases went wrong, with the orders of each anomaly."""
     resources: dict[tuple[str, str], _Resource] = {}
-    phases: dict[str, tuple[str, str] | None] = {}  # asked once per operation: a store has few, and many calls
+    phase_by_operation: dict[str, tuple[str, str] | None] = {}  # asked once each: a store has few, and many calls
     for call in analysis.calls:
         operation = call.operation
-        found = phases[operation] if operation in phases else phases.setdefault(
+        found = phase_by_operation[operation] if operation in phase_by_operation else phase_by_operation.setdefault(
             operation, phase_of(operation, analysis.order_rules))
         if found is None or call.server_service is None:
             continue
