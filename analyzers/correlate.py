@@ -114,7 +114,8 @@ class Linker:
         return self._hold(linked.waiting)
 
     def _keys(self, record: LogRecord) -> list[str]:
-        found = [str(record.attributes[k]) for k in KEY_FIELDS if record.attributes.get(k)]
+        attrs = record.attributes
+        found = [str(attrs[k]) for k in KEY_FIELDS if attrs.get(k)] if attrs else []
         for pattern in self.patterns:
             found += pattern.findall(record.message)
         return list(dict.fromkeys(found))

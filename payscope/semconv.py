@@ -307,15 +307,22 @@ def row_of(span: Span) -> SpanRow:
                   span.start_ns, span.end_ns, span.status_code, span.status_message, span.attributes, span.events)
 
 
+_HEX_32 = re.compile(r"[0-9a-f]{32}")
+_HEX_16 = re.compile(r"[0-9a-f]{16}")
+_DECIMAL_ID = re.compile(r"\d{1,20}")
+
+
 def normalise_trace_id(value: Any) -> str | None:
     """32 lower-case hex digits from W3C, B3/Jaeger 16-hex, dashed or upper-case, or Datadog decimal ids."""
     if value is None:
         return None
+    if type(value) is str and _HEX_32.fullmatch(value):  # already the answer: asked of every log line
+        return value if value.strip("0") else None
     text = str(value).strip().lower().replace("-", "")
-    if re.fullmatch(r"[0-9a-f]{32}", text):
+    if _HEX_32.fullmatch(text):
         return text if text.strip("0") else None
-    if re.fullmatch(r"[0-9a-f]{16}", text):
+    if _HEX_16.fullmatch(text):
         return text.rjust(32, "0") if text.strip("0") else None
-    if re.fullmatch(r"\d{1,20}", text) and int(text) < 2**64:  # Datadog writes 64-bit ids in decimal
+    if _DECIMAL_ID.fullmatch(text) and int(text) < 2**64:  # Datadog writes 64-bit ids in decimal
         return format(int(text), "032x")
     return None

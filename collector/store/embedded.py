@@ -137,7 +137,8 @@ _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str
 
 def _log_rows(logs: Iterable[LogRecord]) -> list[tuple[Any, ...]]:
     """The rows of the logs table for these records."""
-    return [(r.identity(), r.time_ns, r.service, r.host, r.severity, r.message, _dumps(r.attributes), r.source,
+    return [(r.identity(), r.time_ns, r.service, r.host, r.severity, r.message,
+             _dumps(r.attributes) if r.attributes else "{}", r.source,
              r.trace_id, r.span_id, r.link_method, r.link_confidence) for r in logs]
 
 
