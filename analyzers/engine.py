@@ -439,11 +439,15 @@ def _captured_timeout(edge: Edge) -> TimeoutValue | None:
 
 # --- edges and transactions --------------------------------------------------
 
+_METHOD = attrgetter("method")
+_IDEMPOTENCY_KEY = attrgetter("idempotency_key")
+
+
 def build_edges(calls: list[Call], chains: list[list[Call]],
                 declared: dict[EdgeKey, TimeoutValue]) -> dict[EdgeKey, Edge]:
     edges: dict[EdgeKey, Edge] = {}
     by_span = {(c.trace_id, c.span_id): c for c in calls}
-    children: dict[tuple[str, str], list[Call]] = defaultdict(list)
+    children: dict[int, list[Call]] = defaultdict(list)  # by id() of the parent call: no key to build per call
     for c in calls:
         key = c.edge_key or c.edge
         edge = edges.get(key)
@@ -474,7 +478,7 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
             parent = by_span.get((c.trace_id, c.upstream))
             if parent is not None:
                 edge.upstream[parent.edge] += 1
-                children[(parent.trace_id, parent.span_id)].append(c)
+                children[id(parent)].append(c)
     under_server: dict[tuple[str, str], list[Call]] = defaultdict(list)
     if any(c.span_id.startswith("log") for c in calls):  # only a proxy seen in its log asks what ran under it
         for c in calls:
@@ -486,12 +490,13 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
             # a proxy seen only in its access log: what its callee did under that request is its downstream
             for k in under_server.get((c.trace_id, c.answered_by), ()):
                 edge.downstream[k.edge] += 1
-        kids = children.get((c.trace_id, c.span_id))
+        kids = children.get(id(c))
         if kids:
             for k in kids:
                 edge.downstream[k.edge] += 1
         if c.server_ok and c.fault is None and c.server_start_ns is not None and c.server_end_ns is not None:
-            busy = _union_ms([(k.start_ns, k.end_ns) for k in kids]) if kids else 0.0
+            busy = (0.0 if not kids else ms(kids[0].end_ns - kids[0].start_ns) if len(kids) == 1
+                    else _union_ms([(k.start_ns, k.end_ns) for k in kids]))
             edge.self_ms.append(max(0.0, (c.server_end_ns - c.server_start_ns) / 1e6 - busy))
     for chain in chains:
         edge = edges[chain[0].edge]
@@ -506,8 +511,8 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
         for values in (edge.healthy_ms, edge.observed_ms, edge.server_ms, edge.gap_ms, edge.censored_ms):
             values.sort()
         edge.instrumented_callee = any(c.server_service is not None for c in edge.calls)
-        method = Counter(c.method for c in edge.calls).most_common(1)[0][0]
-        edge.key_share = sum(c.idempotency_key for c in edge.calls) / len(edge.calls)
+        method = Counter(map(_METHOD, edge.calls)).most_common(1)[0][0]
+        edge.key_share = sum(map(_IDEMPOTENCY_KEY, edge.calls)) / len(edge.calls)
         edge.idempotent = is_idempotent(method, edge.key_share >= 0.99, edge.operation)
         edge.charge_like = is_charge_like(edge.operation, edge.callee) and method not in ("GET", "HEAD")
         edge.late_successes = [c for c in edge.calls if c.late_success]
