@@ -550,14 +550,17 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
     by_trace: dict[str, list[Call]] = defaultdict(list)
     for c in calls:
         by_trace[c.trace_id].append(c)
-    final_attempt: set[tuple[str, str]] = {(ch[-1].trace_id, ch[-1].span_id) for ch in chains}
+    # the last attempts that failed: only a failed call is asked whether it was its chain's last
+    final_attempt: set[tuple[str, str]] = {(ch[-1].trace_id, ch[-1].span_id) for ch in chains if not ch[-1].ok}
     duplicate = {chain[0].trace_id for chain in chains if is_duplicate_charge(chain)}
     depth_cache: dict[tuple[str, str], int] = {}
-    by_span = {(c.trace_id, c.span_id): c for c in calls}
+    by_span: dict[tuple[str, str], Call] = {}  # made when a failed call first asks its depth (many stores: never)
 
     def depth(c: Call) -> int:
         """How many calls lead to ``c`` (walked up, not recursed: a recursive closure would hold this
         function's tables in a reference cycle that only the cyclic collector frees)."""
+        if not by_span:
+            by_span.update(((k.trace_id, k.span_id), k) for k in calls)
         path: list[tuple[str, str]] = []
         cur: Call | None = c
         known = 0
@@ -575,9 +578,12 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
         return depth_cache[(c.trace_id, c.span_id)]
 
     out: dict[str, Transaction] = {}
+    with_failed = {trace_id for trace_id, _ in final_attempt}
+    with_late = {c.trace_id for c in calls if c.late_success}
     for trace_id, f in facts.items():
         trace_calls_ = by_trace.get(trace_id, [])
-        failed = [c for c in trace_calls_ if not c.ok and (c.trace_id, c.span_id) in final_attempt]
+        failed = [c for c in trace_calls_ if not c.ok and (c.trace_id, c.span_id) in final_attempt
+                  ] if trace_id in with_failed else []
         hop = max(failed, key=lambda c: (depth(c), c.start_ns)) if failed else None
         if hop is None and f.failing_entry is not None:
             # The entry failed with no failed call under it (a proxy that gave up, say): blame the call
@@ -585,7 +591,7 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
             under = [c for c in trace_calls_ if c.entry_span_id == f.failing_entry]
             if under:
                 hop = max(under, key=lambda c: c.duration_ns)
-        late = [c for c in trace_calls_ if c.late_success]
+        late = [c for c in trace_calls_ if c.late_success] if trace_id in with_late else []
         if late and hop is None:
             hop = late[0]
         if late and not f.root_ok:
