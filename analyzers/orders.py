@@ -273,10 +273,13 @@ def orders(analysis: Analysis) -> dict[str, Order]:
 def _told(analysis: Analysis, trace_ids: list[str], rules: Rules, logged: LoggedFacts) -> str:
     """What the customer was told last: by the last request someone waited for (a callback or event consumed
     from a queue joins the journey, and tells the customer nothing), of those the rules call an answer."""
-    facts = [analysis.transactions[t].facts for t in trace_ids]
-    asked = [f for f in facts if f.asked and (rules.answer is None or
-                                              rules.answer.search(f"{f.root_service} {f.root_operation}"))]
-    last = analysis.transactions[(asked or [f for f in facts if f.asked] or facts)[-1].trace_id]
+    if len(trace_ids) == 1:  # most orders: their one trace is the last whatever it answered
+        last = analysis.transactions[trace_ids[0]]
+    else:
+        facts = [analysis.transactions[t].facts for t in trace_ids]
+        asked = [f for f in facts if f.asked and (rules.answer is None or
+                                                  rules.answer.search(f"{f.root_service} {f.root_operation}"))]
+        last = analysis.transactions[(asked or [f for f in facts if f.asked] or facts)[-1].trace_id]
     if last.trace_id in logged.failed:
         return "failed"
     paid = last.facts.root_status in rules.paid_status if rules.paid_status else last.facts.root_ok
