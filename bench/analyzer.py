@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,15 +115,6 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 """
 
 
-RUN_CLI = """
-import resource, sys
-from payscope.cli import main
-sys.argv = ["payscope"] + sys.argv[1:]
-try:
-    main()
-finally:
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
-"""
 
 
 WINDOW_MINUTES = 10  # a store built by build() holds a few thousand traces a minute of its time, whatever its size
@@ -148,12 +141,18 @@ def settle_store(path: Path) -> float:
 
 
 def measure(args: list[str]) -> tuple[float, float]:
-    """Wall seconds and peak resident MiB of `payscope ARGS` in a child process."""
-    t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", RUN_CLI, *args], check=True, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-    wall = time.perf_counter() - t
-    return wall, int(proc.stderr.strip().splitlines()[-1]) / 1024
+    """Wall seconds and peak resident MiB of `payscope ARGS` in a child process (its own peak, as its parent is
+    told when it ends: a command may end the process without unwinding)."""
+    with tempfile.TemporaryFile() as errors:
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "payscope", *args], stdout=subprocess.DEVNULL, stderr=errors)
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            errors.seek(0)
+            raise SystemExit(f"payscope {' '.join(args)}: exit {proc.returncode}: {errors.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss / 1024
 
 
 def main(argv: list[str]) -> None:

@@ -94,7 +94,7 @@ def copy_store(source: str, es: str) -> tuple[float, int]:
 def large(source: str) -> None:
     """`analyze` on a large store copied into Elasticsearch: from its spans, then with every trace derived. Wall
     time, peak memory of the command, and the bytes Elasticsearch sent (gzipped, as a reader asks for them)."""
-    from bench.analyzer import RUN_CLI, measure
+    from bench.analyzer import measure
 
     base_wall, base_peak = measure(["analyze", "--store", source, "--format", "json"])
     with elastic.running(name="payscope-bench", heap="1g") as node:
@@ -109,12 +109,7 @@ def large(source: str) -> None:
                 print(f"derived {traces:,} traces in {seconds:.0f} s ({seconds / traces * 1e3:.2f} ms a trace)")
             port = free_port()
             with DelayingRelay(port, int(node.url.rsplit(":", 1)[1]), lambda: 0.0) as relay:
-                start = time.perf_counter()
-                done = subprocess.run([sys.executable, "-c", RUN_CLI, "analyze", "--store", f"es://127.0.0.1:{port}",
-                                       "--format", "json"], check=True, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.PIPE, text=True)
-                wall = time.perf_counter() - start
-                peak = int(done.stderr.strip().splitlines()[-1]) / 1024
+                wall, peak = measure(["analyze", "--store", f"es://127.0.0.1:{port}", "--format", "json"])
                 rows.append((label, wall, peak, relay.answered_bytes))
     print(f"payscope analyze on {spans:,} spans in Elasticsearch (one node, 1 GiB heap, this machine); the baseline "
           f"is the embedded store it was copied from, read from its spans: {base_wall:.1f} s, peak {base_peak:.0f} MiB")
@@ -155,17 +150,13 @@ def scale(template: str, sizes: list[int], sample: int, writers: int = 2) -> Non
     Elasticsearch sent (gzipped, as a reader asks for them). The baseline is the whole analysis at the first size."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from bench.analyzer import RUN_CLI
+    from bench.analyzer import measure
 
     def analyze(node: elastic.Node, *options: str) -> tuple[float, float, int]:
         port = free_port()
         with DelayingRelay(port, int(node.url.rsplit(":", 1)[1]), lambda: 0.0) as relay:
-            start = time.perf_counter()
-            done = subprocess.run([sys.executable, "-c", RUN_CLI, "analyze", "--store", f"es://127.0.0.1:{port}",
-                                   "--format", "json", *options], check=True, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.PIPE, text=True)
-            return (time.perf_counter() - start, int(done.stderr.strip().splitlines()[-1]) / 1024,
-                    relay.answered_bytes)
+            wall, peak = measure(["analyze", "--store", f"es://127.0.0.1:{port}", "--format", "json", *options])
+            return wall, peak, relay.answered_bytes
 
     rows = []
     with elastic.running(name="payscope-bench", heap="1g") as node:
