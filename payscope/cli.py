@@ -571,8 +571,8 @@ def show(
         _say_whole_read(opened, window, limit)
         # with a window or a sample, the transaction's orders are still judged on every trace of theirs
         including = journey_trace_ids(opened, trace_ids) if window or limit else None
-        view = transaction_view(opened, _held_until_exit(load(opened, window=window, sample=limit,
-                                                                              including=including)), transaction)
+        analysis = _held_until_exit(load(opened, window=window, sample=limit, including=including))
+        view = transaction_view(opened, analysis, transaction)
     if output_format == "json":
         _emit_json(view)
         return
