@@ -109,6 +109,10 @@ _JSON_MSG = ("message", "msg", "event", "log")
 _JSON_TRACE = ("trace_id", "traceId", "trace.id", "dd.trace_id", "traceid", "otelTraceID", "trace")
 _JSON_SPAN = ("span_id", "spanId", "span.id", "dd.span_id", "otelSpanID")
 _JSON_REQ = ("request_id", "x_request_id", "requestId", "req_id", "x-request-id")
+_JSON_USED = frozenset(_JSON_TIME + _JSON_LEVEL + _JSON_MSG + _JSON_TRACE + _JSON_SPAN + _JSON_REQ)
+
+
+_PARTS: dict[str, list[str]] = {}  # a dotted name's parts, split once
 
 
 def _get(doc: dict[str, Any], keys: tuple[str, ...]) -> Any:
@@ -116,8 +120,11 @@ def _get(doc: dict[str, Any], keys: tuple[str, ...]) -> Any:
         if key in doc:
             return doc[key]
         if "." in key:  # nested spelling of a dotted name
+            parts = _PARTS.get(key) or _PARTS.setdefault(key, key.split("."))
+            if parts[0] not in doc:  # nothing to walk
+                continue
             node: Any = doc
-            for part in key.split("."):
+            for part in parts:
                 node = node.get(part) if isinstance(node, dict) else None
             if node is not None:
                 return node
@@ -140,8 +147,7 @@ def parse_json(line: str) -> Fields | None:
                    "span_id": _get(doc, _JSON_SPAN), "request_id": _get(doc, _JSON_REQ)}
     if out["time"] is None:
         return None
-    used = set(_JSON_TIME + _JSON_LEVEL + _JSON_MSG + _JSON_TRACE + _JSON_SPAN + _JSON_REQ)
-    out["attributes"] = {k: v for k, v in doc.items() if k not in used}
+    out["attributes"] = {k: v for k, v in doc.items() if k not in _JSON_USED}
     if out["message"] is None:
         out["message"] = json.dumps(out["attributes"], default=str)
     return out

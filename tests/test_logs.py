@@ -48,6 +48,27 @@ def test_ids_inside_messages() -> None:
     assert normalise_trace_id("0" * 32) is None
 
 
+def test_json_lines_nested_as_ecs_writes_them_and_names_taken_in_their_order() -> None:
+    ecs = logparse.parse_json(json.dumps({
+        "@timestamp": "2026-11-19T10:00:00.250Z", "log": {"level": "warn"}, "message": "charge declined",
+        "trace": {"id": "4bf92f3577b34da6a3ce929d0e0e4736"}, "span": {"id": "00f067aa0ba902b7"},
+        "service": {"name": "payment"}}))
+    assert ecs is not None
+    assert (ecs["level"], ecs["trace_id"], ecs["span_id"]) == ("WARN", "4bf92f3577b34da6a3ce929d0e0e4736",
+                                                              "00f067aa0ba902b7")
+    # an earlier name in the list wins, nested or not: trace.id comes before traceid
+    both = logparse.parse_json(json.dumps({"time": "2026-11-19T10:00:00Z", "msg": "x", "traceid": "a" * 32,
+                                           "trace": {"id": "b" * 32}}))
+    assert both is not None and both["trace_id"] == "b" * 32
+    # a name that only looks nested (a top-level key with a dot) is read as it is, and what was read is no attribute
+    dotted = logparse.parse_json(json.dumps({"time": "2026-11-19T10:00:00Z", "msg": "x", "trace.id": "c" * 32,
+                                             "order_id": "ord-7"}))
+    assert dotted is not None and dotted["trace_id"] == "c" * 32
+    assert dotted["attributes"] == {"order_id": "ord-7"}
+    # a nested name whose first part is no object is passed over for the names after it
+    flat = logparse.parse_json(json.dumps({"time": "2026-11-19T10:00:00Z", "msg": "x", "trace": "not an object"}))
+    assert flat is not None and flat["trace_id"] == "not an object"
+
 def test_custom_nginx_log_format() -> None:
     fmt = '$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent rt=$request_time ' \
           'urt=$upstream_response_time rid=$request_id us=$upstream_status'
