@@ -290,8 +290,10 @@ def collect_calls(traces: Iterable[list[SpanRow] | bytes]) -> tuple[dict[str, Tr
         calls.sort(key=attrgetter("trace_id"))  # stable: a trace's calls keep their order
     # of two services with as many votes at an address, the first by name, whatever order the traces came in
     resolve_aliases(calls, {peer: dict(sorted(counts.items())) for peer, counts in votes.items()})
+    keys: dict[EdgeKey, EdgeKey] = {}  # one tuple an edge, shared by its calls (a million calls: 64 MB less)
     for c in calls:
-        c.edge_key = (c.caller, c.callee, c.operation)
+        key = (c.caller, c.callee, c.operation)
+        c.edge_key = keys.setdefault(key, key)
     return facts, calls
 
 
