@@ -497,8 +497,7 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
             for k in kids:
                 edge.downstream[k.edge] += 1
         if c.server_ok and c.fault is None and c.server_start_ns is not None and c.server_end_ns is not None:
-            busy = (0.0 if not kids else ms(kids[0].end_ns - kids[0].start_ns) if len(kids) == 1
-                    else _union_ms([(k.start_ns, k.end_ns) for k in kids]))
+            busy = _busy_ms(kids) if kids else 0.0
             edge.self_ms.append(max(0.0, (c.server_end_ns - c.server_start_ns) / 1e6 - busy))
     for chain in chains:
         edge = edges[chain[0].edge]
@@ -530,10 +529,13 @@ def build_edges(calls: list[Call], chains: list[list[Call]],
     return edges
 
 
-def _union_ms(intervals: list[tuple[int, int]]) -> float:
+def _busy_ms(calls: list[Call]) -> float:
+    """How long at least one of ``calls`` was under way: the union of their spans (most requests make one call)."""
+    if len(calls) == 1:
+        return ms(calls[0].end_ns - calls[0].start_ns)
     total = 0
     end = None
-    for s, e in sorted(intervals):
+    for s, e in sorted((c.start_ns, c.end_ns) for c in calls):
         if end is None or s > end:
             total += e - s
             end = e
