@@ -8,7 +8,7 @@ Redaction happens in the worker, before anything reaches the writer, so nothing 
 stored. Small requests are decoded in the receiving thread: for them the round trip would cost more
 than it saves.
 
-When the store can be opened again in another process (the embedded store), a worker also stores what it
+When the store can be opened again in another process (both backends), a worker also stores what it
 decoded, in a transaction of its own, and sends back only how many items and which traces
 (:func:`decode_and_store`): the spans never cross back, and the collector's process is left with the HTTP
 threads. The request is acknowledged after that transaction commits, as after the writer's.
@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from payscope.errors import InputError
 
 from .otlp import LOGS, TRACES, Decoded, count_items
-from .store import Store, open_store
+from .store import Store, UnavailableError, open_store
 from .writer import blame
 
 T = TypeVar("T")
@@ -75,14 +75,16 @@ def opened_here(url: str) -> Store:
 def decode_and_store(signal_name: str, body: bytes, content_type: str, max_items: int, store_url: str) -> Decoded:
     """In a worker process: :func:`decode_request`, and what it gave written to the store at ``store_url`` (opened
     once) in one transaction. Returns the request without its items, once they are durable (``Decoded.stored``).
-    A value the store cannot hold is the request's fault (RejectedError), as in the writer."""
+    A value the store cannot hold is the request's fault (RejectedError), as in the writer. A store that cannot
+    take the write now (Elasticsearch down) gets it back whole, for the writer, whose spool keeps it."""
     decoded = decode_request(signal_name, body, content_type, max_items)
     if not decoded.spans and not decoded.logs:
         return decoded
-    store = opened_here(store_url)
     started = time.monotonic()
     try:
-        store.write(decoded.spans, decoded.logs)
+        opened_here(store_url).write(decoded.spans, decoded.logs)
+    except UnavailableError:
+        return decoded  # the store cannot take it now: the collector's writer does, or keeps it in its spool
     except Exception as exc:
         raise blame(exc) from None
     return decoded.stored_as(time.monotonic() - started)

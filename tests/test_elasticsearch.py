@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from payscope.collector.decoding import INLINE_BELOW_BYTES
 from payscope.collector.store import open_store
 from payscope.timeparse import format_ns
 from tests.helpers import CollectorProcess, free_port, payscope, payscope_json
@@ -330,10 +331,72 @@ def _request(trace: int, spans: int = 5) -> bytes:
     return request.SerializeToString()
 
 
+def test_a_decoding_process_writes_to_elasticsearch_itself_and_hands_back_what_it_cannot(es_url: str) -> None:
+    """A collector's decoding process opens the store again at its address and bulk-writes what it decoded
+    (each process a bulk request at once), sending back only which traces; when Elasticsearch cannot take
+    the write, the request comes back whole for the collector's writer, whose spool keeps it."""
+    from payscope.collector.decoding import decode_and_store, opened_here
+
+    with open_store(es_url) as collector_store:
+        address = collector_store.address()
+        assert address == es_url
+        body = _request(7, 1_000)
+        assert len(body) >= INLINE_BELOW_BYTES
+        stored = decode_and_store("traces", body, "application/x-protobuf", 10_000, address)
+        assert stored.spans == [] and stored.stored is not None and stored.stored.spans == 1_000
+        assert stored.stored.trace_ids == [f"{7:032x}"]
+        # the collector's own handle reads what the decoding process wrote at once, as it reads its own writes
+        assert len(collector_store.trace(f"{7:032x}")) == 1_000
+        assert opened_here(address).counts()["spans"] == 1_000
+
+        unreachable = f"es://127.0.0.1:{free_port()}"
+        handed_back = decode_and_store("traces", _request(8, 1_000), "application/x-protobuf", 10_000, unreachable)
+        assert handed_back.stored is None and len(handed_back.spans) == 1_000
+    with open_store(es_url, readonly=True) as reader:
+        assert reader.address() is None
+    with open_store(es_url + "?traces=traces-generic.otel-default", readonly=False) as foreign:
+        assert foreign.address() is None  # another pipeline's indices are never written
+
+
+def test_log_lines_linked_and_stored_by_worker_processes_on_elasticsearch_are_linked_as_here(
+        es_url: str, elasticsearch_node: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`ingest logs` on Elasticsearch: workers open the store at its address, link their chunks by ids and store
+    them; the main process reads what they stored (the templates their lines taught, the report) as its own, so
+    the links are those of one process reading the file whole."""
+    from payscope.analyzers import correlate
+    from payscope.analyzers.correlate import Linker
+    from payscope.collector import logingest
+    from payscope.collector.logingest import ingest
+    from payscope.collector.store import LogQuery
+    from tests import elastic
+    from tests.test_logs import _busy_service
+
+    monkeypatch.setattr(correlate.Linker, "_learn_stored", lambda self, service, times: None)
+    results = {}
+    for workers in (0, 2):
+        elastic.wipe(elasticsearch_node)
+        text, _ = _busy_service(es_url, seconds=10.0, seed=7)
+        log = tmp_path / f"payment-{workers}.log"
+        log.write_text(text)
+        monkeypatch.setattr(logingest, "CHUNK_LINES", 61 if workers else 10**9)
+        with open_store(es_url) as store:
+            report = ingest(store, [str(log)], service="payment", linker=Linker(store), workers=workers).to_json()
+            records = sorted((r.source.rsplit(":", 1)[1], r.trace_id, r.link_method, r.link_confidence,
+                              r.attributes) for _, r in store.search_logs(LogQuery(limit=None)))
+        results[workers] = (report["linked"], report["stored"], records)
+    assert results[2] == results[0]
+    linked, stored, records = results[2]
+    assert stored == len(records) > 300
+    assert linked["trace_id"] > 50 and linked["time_window"] > 20
+
+
+@pytest.mark.parametrize("spans", [5, 1_000], ids=["small requests, the writer", "large, decoding processes"])
 def test_elasticsearch_stopped_under_load_loses_nothing_acknowledged(es_url: str, elasticsearch_node: Any,
-                                                                     tmp_path: Path) -> None:
+                                                                     tmp_path: Path, spans: int) -> None:
     """Elasticsearch is stopped while a client sends, and started again: the collector acknowledges from its
-    disk spool meanwhile, and every acknowledged span is stored once."""
+    disk spool meanwhile, and every acknowledged span is stored once. Small requests are decoded and written
+    in the collector's process; a large one (64 KiB or more) is decoded and written by a decoding process,
+    which hands it back to the writer, and so to the spool, while Elasticsearch cannot take it."""
     import itertools
     import threading
     import time
@@ -352,7 +415,9 @@ def test_elasticsearch_stopped_under_load_loses_nothing_acknowledged(es_url: str
         nonlocal refused
         for _ in range(count):
             trace = next(attempts)
-            req = urllib.request.Request(f"{collector.http_url}/v1/traces", data=_request(trace), method="POST",
+            body = _request(trace, spans)
+            assert (len(body) >= INLINE_BELOW_BYTES) == (spans > 5)
+            req = urllib.request.Request(f"{collector.http_url}/v1/traces", data=body, method="POST",
                                          headers={"Content-Type": "application/x-protobuf"})
             try:
                 with urllib.request.urlopen(req, timeout=30) as response:
@@ -365,11 +430,11 @@ def test_elasticsearch_stopped_under_load_loses_nothing_acknowledged(es_url: str
     outage = threading.Event()
 
     def send_during_outage() -> None:
-        while not outage.is_set() and len(acknowledged) < 5_000:  # bounded
+        while not outage.is_set() and len(acknowledged) < (5_000 if spans == 5 else 60):  # bounded
             send(1)
 
     try:
-        send(60)
+        send(60 if spans == 5 else 20)
         elasticsearch_node.stop()
         sender = threading.Thread(target=send_during_outage, daemon=True)
         sender.start()
@@ -378,7 +443,7 @@ def test_elasticsearch_stopped_under_load_loses_nothing_acknowledged(es_url: str
         elastic.restart(elasticsearch_node)
         outage.set()
         sender.join(timeout=60)
-        send(60)
+        send(60 if spans == 5 else 20)
         deadline = time.monotonic() + 90
         while list(spool.glob("*.batch*")) and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -388,7 +453,7 @@ def test_elasticsearch_stopped_under_load_loses_nothing_acknowledged(es_url: str
     assert spooled > 0, "nothing was spooled while Elasticsearch was down"
     with open_store(es_url, readonly=True) as store:
         counts = store.counts()
-        assert counts["spans"] == 5 * len(acknowledged), (counts, len(acknowledged), refused)
+        assert counts["spans"] == spans * len(acknowledged), (counts, len(acknowledged), refused)
         assert sorted(store.known_traces([f"{t:032x}" for t in acknowledged])) == \
             sorted(f"{t:032x}" for t in acknowledged)
 

@@ -257,7 +257,7 @@ def test_time_window_links_only_when_one_transaction_fits(store_path: Path) -> N
             assert r.source in r.attributes["link.candidates"] and r.trace_id is None
 
 
-def _busy_service(store_path: Path, seconds: float = 30.0, rate: float = 20.0,
+def _busy_service(store_path: Path | str, seconds: float = 30.0, rate: float = 20.0,
                   seed: int = 4) -> tuple[str, dict[int, str | None]]:
     """A payment service at ``rate`` requests/s, several in flight at once, and its logfmt file: request lines
     that carry the trace id on some lines and not on others, and background lines that never do.

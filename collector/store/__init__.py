@@ -7,12 +7,12 @@ from pathlib import Path
 
 from payscope.errors import StoreError
 
-from .api import SAMPLE_DIGITS, LogQuery, Sample, Store, UnsupportedError, group_traces
+from .api import SAMPLE_DIGITS, LogQuery, Sample, Store, UnavailableError, UnsupportedError, group_traces
 
 DEFAULT_STORE = "payscope.db"
 
-__all__ = ["DEFAULT_STORE", "SAMPLE_DIGITS", "LogQuery", "Sample", "Store", "UnsupportedError", "group_traces",
-           "open_store", "resolve_store_url"]
+__all__ = ["DEFAULT_STORE", "SAMPLE_DIGITS", "LogQuery", "Sample", "Store", "UnavailableError", "UnsupportedError",
+           "group_traces", "open_store", "resolve_store_url"]
 
 
 def resolve_store_url(url: str | None) -> str:

@@ -18,12 +18,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from payscope.errors import PayscopeError
+from payscope.errors import PayscopeError, StoreError
 from payscope.model import EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 
 
 class UnsupportedError(PayscopeError):
     """The backend does not implement this operation."""
+
+
+class UnavailableError(StoreError):
+    """The store cannot take a write now (unreachable, overloaded, no primary): worth trying again. A writer
+    with a spool keeps the write there (``docs/elasticsearch.md``)."""
 
 
 @dataclass(slots=True)

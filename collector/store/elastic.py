@@ -42,7 +42,7 @@ from payscope import semconv
 from payscope.errors import StoreError
 from payscope.model import STATUS_ERROR, STATUS_OK, STATUS_UNSET, EncodedSpan, LogRecord, Span, SpanRow, TraceSummary
 
-from .api import SAMPLE_DIGITS, Cursor, LogQuery, Sample, Store, UnsupportedError, group_traces
+from .api import SAMPLE_DIGITS, Cursor, LogQuery, Sample, Store, UnavailableError, UnsupportedError, group_traces
 from .codec import decode_body
 from .spool import Spool
 
@@ -109,10 +109,6 @@ _LOG_MAPPING: dict[str, Any] = {
         }},
     },
 }
-
-
-class UnavailableError(StoreError):
-    """Elasticsearch cannot take the write now (unreachable, overloaded, no primary): worth trying again."""
 
 
 def iso_ns(ns: int) -> str:
@@ -224,6 +220,8 @@ class ElasticStore(Store):
                                  max_retries=max(3, len(hosts)), http_compress=compress, **auth)
         self._readonly = readonly
         self._dirty = False
+        self._given_url = url
+        self._shared = False  # its address was handed out: other processes write here too (see address)
         self.traces_index = traces_index or query.get("traces") or env.get("PAYSCOPE_ES_TRACES_INDEX") or TRACES
         self.logs_index = logs_index or query.get("logs") or env.get("PAYSCOPE_ES_LOGS_INDEX") or LOGS
         self.foreign = self.traces_index != TRACES  # written by another pipeline: derive facts on read
@@ -304,10 +302,20 @@ class ElasticStore(Store):
                 raise StoreError(f"the index {index} maps trace_id as {found or 'nothing'}, not keyword: "
                                  "it was not made by payscope; pass --store with another cluster or remove it")
 
+    def address(self) -> str | None:
+        """The URL as given (its credentials, if any, and options with it), for a collector's decoding processes
+        to write what they decode themselves, a bulk request each at once. Not for another pipeline's indices,
+        which payscope never writes. Once it is handed out, every read here refreshes first, so that this
+        process reads what those processes wrote, as it reads its own writes."""
+        if self._readonly or self.foreign or self.foreign_logs:
+            return None
+        self._shared = True
+        return self._given_url
+
     def _refreshed(self) -> None:
-        """Read this process' own writes: what it wrote is made visible before it reads. Other readers see
-        a write within the refresh interval (1 s)."""
-        if self._dirty:
+        """Read this process' own writes (and, once its address was handed out, those of the processes it went
+        to): they are made visible before it reads. Other readers see a write within the refresh interval (1 s)."""
+        if self._dirty or self._shared:
             self._dirty = False
             self._call(self._es.indices.refresh, "refresh", index=f"{TRACES},{LOGS},{META},{KEYS},{DERIVED}",
                        ignore_unavailable=True, allow_no_indices=True)
