@@ -111,10 +111,25 @@ _LOG_MAPPING: dict[str, Any] = {
 }
 
 
+_last_second: list[Any] = [None, ""]  # the second iso_ns formatted last, and its text: spans come by the thousand
+
+
 def iso_ns(ns: int) -> str:
     """Nanoseconds since the epoch as the ISO-8601 text a ``date_nanos`` field takes, to the nanosecond."""
     seconds, frac = divmod(ns, 1_000_000_000)
-    return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
+    last = _last_second
+    if seconds != last[0]:
+        last[1] = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        last[0] = seconds
+    return f"{last[1]}.{frac:09d}Z"
+
+
+_encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str).encode
+
+
+def _line(value: Any) -> bytes:
+    """One line of a bulk request's body (NDJSON), as the client would encode it."""
+    return _encode(value).encode("utf-8", "surrogatepass") + b"\n"
 
 
 def parse_ns(value: Any) -> int:
@@ -337,9 +352,8 @@ class ElasticStore(Store):
         assert self._spool is not None
         while not self._stop.wait(1.0):
             for claimed, body in self._spool.claim():
-                actions = [json.loads(line) for line in body.splitlines() if line]
                 try:
-                    self._bulk(actions)
+                    self._bulk([line + b"\n" for line in body.splitlines() if line])
                 except UnavailableError:
                     self._spool.give_back(claimed)
                     break
@@ -353,12 +367,13 @@ class ElasticStore(Store):
                     return
 
     # --- writing ---------------------------------------------------------------------
-    def _bulk(self, actions: list[dict[str, Any]]) -> int:
-        """Create documents; return how many were new. A document that exists already (409) is not new; any
-        other refusal fails the write, so the caller does not acknowledge it."""
+    def _bulk(self, lines: list[bytes]) -> int:
+        """Create documents (``lines``: a bulk request's body, an action and its document each, :func:`_line`);
+        return how many were new. A document that exists already (409) is not new; any other refusal fails the
+        write, so the caller does not acknowledge it."""
         new = 0
-        for i in range(0, len(actions), 2 * _BULK_DOCS):
-            chunk = actions[i:i + 2 * _BULK_DOCS]
+        for i in range(0, len(lines), 2 * _BULK_DOCS):
+            chunk = b"".join(lines[i:i + 2 * _BULK_DOCS])
             result = self._call(self._es.bulk, "write", operations=chunk)
             self._dirty = True
             failed = []
@@ -383,26 +398,29 @@ class ElasticStore(Store):
             raise StoreError("this store was opened read-only")
         if self.foreign:
             raise UnsupportedError(f"payscope writes only to its own data streams, not to {self.traces_index}")
-        actions: list[dict[str, Any]] = []
+        lines: list[bytes] = []
+        resources: dict[int, bytes] = {}  # a request's spans share their resource: encoded once
         for item in spans:
             if isinstance(item, EncodedSpan):
                 span, row = decode_body(item.body, item.row.service, item.resource), item.row
             else:
                 span, row = item, semconv.row_of(item)
-            actions += [{"create": {"_index": TRACES, "_id": f"{row.trace_id}-{row.span_id}"}}, _span_doc(span, row)]
-        log_actions: list[dict[str, Any]] = []
+            resource = resources.get(id(span.resource))
+            if resource is None:
+                resource = resources[id(span.resource)] = _encode(span.resource).encode("utf-8", "surrogatepass")
+            lines += [_create(TRACES, f"{row.trace_id}-{row.span_id}"), _span_line(span, row, resource)]
+        log_lines: list[bytes] = []
         for record in logs:
             lid = log_id(record)
-            log_actions += [{"create": {"_index": LOGS, "_id": str(lid)}}, _log_doc(record, lid)]
+            log_lines += [_create(LOGS, str(lid)), _line(_log_doc(record, lid))]
         try:
-            return (self._bulk(actions) if actions else 0), (self._bulk(log_actions) if log_actions else 0)
+            return (self._bulk(lines) if lines else 0), (self._bulk(log_lines) if log_lines else 0)
         except UnavailableError:
             if self._spool is None:
                 raise
             # acknowledged once on disk; sent when Elasticsearch is back (how many were new is not known)
-            self._spool.put(b"".join(json.dumps(a, separators=(",", ":")).encode() + b"\n"
-                                     for a in actions + log_actions))
-            return len(actions) // 2, len(log_actions) // 2
+            self._spool.put(b"".join(lines + log_lines))
+            return len(lines) // 2, len(log_lines) // 2
 
     def _update_logs(self, changes: dict[int, dict[str, Any]]) -> None:
         if self.foreign_logs:
@@ -435,7 +453,7 @@ class ElasticStore(Store):
         for key, trace_id in pairs:
             actions += [{"index": {"_index": KEYS, "_id": f"{key}\x1f{trace_id}"}}, {"key": key, "trace_id": trace_id}]
         if actions:
-            self._bulk(actions)
+            self._bulk([_line(a) for a in actions])
 
     def set_meta(self, key: str, value: str) -> None:
         self._call(self._es.index, "write", index=META, id=key, document={"value": value})
@@ -819,7 +837,7 @@ class ElasticStore(Store):
             actions += [{"create": {"_index": DERIVED, "_id": f"{trace_id}-{span_count}-{derived_key}"}},
                         {"@timestamp": now, "trace_id": trace_id, "key": derived_key, "span_count": span_count,
                          "body": base64.b64encode(body).decode("ascii")}]
-        self._bulk(actions)
+        self._bulk([_line(a) for a in actions])
 
     def _server_query(self) -> dict[str, Any]:
         kinds = [v for k in ("server", "consumer") for v in (_KINDS[k], k, f"SPAN_KIND_{k.upper()}")]
@@ -947,12 +965,19 @@ _SAMPLE_KEY = (f"def f = doc['trace_id']; if (f.size() == 0) return; String t = 
                f"try {{ emit(Long.parseLong(tail, 16)); }} catch (NumberFormatException e) {{ emit({_NO_KEY}L); }}")
 
 
-def _span_doc(span: Span, row: SpanRow) -> dict[str, Any]:
+def _create(index: str, doc_id: str) -> bytes:
+    """The bulk action line that creates a document (ids are hex and digits: nothing in them to escape)."""
+    return f'{{"create":{{"_index":"{index}","_id":"{doc_id}"}}}}\n'.encode()
+
+
+def _span_line(span: Span, row: SpanRow, resource: bytes) -> bytes:
+    """A span's document as a line of a bulk request; ``resource``: its resource's attributes already encoded
+    (once for the spans of a request, which share them)."""
     doc: dict[str, Any] = {
         "@timestamp": iso_ns(span.start_ns), "trace_id": span.trace_id, "span_id": span.span_id,
         "name": span.name, "kind": _KINDS.get(span.kind, "Unspecified"), "duration": span.end_ns - span.start_ns,
         "status": {"code": _STATUS.get(span.status_code, "Unset")},
-        "attributes": span.attributes, "resource": {"attributes": span.resource},
+        "attributes": span.attributes,
         "payscope": {
             "service": row.service, "start_ns": row.start_ns, "end_ns": row.end_ns, "operation": row.operation,
             "attempt": row.attempt, "idempotency_key": row.idempotency_key,
@@ -971,7 +996,7 @@ def _span_doc(span: Span, row: SpanRow) -> dict[str, Any]:
         doc["status"]["message"] = span.status_message
     if span.events:
         doc["events"] = span.events
-    return doc
+    return _line(doc)[:-2] + b',"resource":{"attributes":' + resource + b"}}\n"  # before the document's last }
 
 
 def _span_of(source: dict[str, Any]) -> Span:
