@@ -101,15 +101,16 @@ def _rest_of_orders(store: Store, trace_ids: list[str], window: Window | None, b
     these complete its orders."""
     found = sorted(order_mates(store, trace_ids) - set(trace_ids))
     since, until = window if window else (None, None)
-    if since is not None or until is not None:  # a summary a trace: asked only when there is a window to hold
-        found = [t for t in found if (summary := store.trace_summary(t)) is not None
+    if since is not None or until is not None:  # their summaries: asked only when there is a window to hold
+        summaries = store.trace_summaries(found)
+        found = [t for t in found if (summary := summaries.get(t)) is not None
                  and (since is None or summary.start_ns >= since) and (until is None or summary.start_ns < until)]
     return found[:bound]
 
 
 def _holding(store: Store, window: Window, trace_ids: list[str]) -> Window:
     """``window`` widened, where it is bounded, to the start of each of ``trace_ids`` that is stored."""
-    starts = [summary.start_ns for t in trace_ids if (summary := store.trace_summary(t)) is not None]
+    starts = [summary.start_ns for summary in store.trace_summaries(trace_ids).values()]
     if not starts:
         return window
     since, until = window

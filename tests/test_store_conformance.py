@@ -91,6 +91,22 @@ def test_a_summary_is_the_same_however_its_spans_arrive(backend: Callable[[], St
     assert _summary_fields(store, T1) == expected
 
 
+def test_summaries_asked_together_are_those_asked_one_by_one(backend: Callable[[], Store]) -> None:
+    """``trace_summaries`` answers as ``trace_summary`` does for each trace, in any spelling of its id, and
+    leaves out the traces it does not know; past a thousand at once too (Elasticsearch asks in pages)."""
+    store = backend()
+    traces = [f"{n:032x}" for n in range(1, 1_203)]
+    store.write([s for n, t in enumerate(traces) for s in sample_trace(t, n % 3 == 0, 1000 + n)])
+    unknown = "f" * 32
+    got = store.trace_summaries([traces[5].upper(), *traces, unknown, traces[7]])
+    assert sorted(got) == sorted(traces)
+    for t in (traces[0], traces[5], traces[1_000], traces[-1]):
+        one = store.trace_summary(t)
+        assert one is not None and got[t] == one
+    assert got[traces[3]].error_count == 1 and got[traces[4]].error_count == 0
+    assert store.trace_summaries([]) == {} and store.trace_summaries([unknown]) == {}
+
+
 def test_trace_by_id_is_ordered_and_whole(backend: Callable[[], Store]) -> None:
     store = backend()
     spans = sample_trace(T1, True)

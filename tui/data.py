@@ -90,8 +90,8 @@ def failures(source: Source, flt: Filter, limit: int = PAGE) -> FailurePage:
         except PayscopeError:
             ids = []
         if ids:
-            rows = [views.failure_row(store, analysis, analysis.transactions[tid]) for tid in ids
-                    if tid in analysis.transactions]
+            rows = views.failure_rows_of(store, analysis, [(analysis.transactions[tid], None) for tid in ids
+                                                           if tid in analysis.transactions])
             return FailurePage(rows, len(rows), dict(Counter(r["outcome"] for r in rows)))
     # every outcome of the other filters, counted without building rows; rows only for the page shown
     outcomes = views.failure_outcomes(analysis, service=flt.service, problem=flt.problem)

@@ -101,6 +101,11 @@ class Store(abc.ABC):
         """The summary of one trace, or None."""
 
     @abc.abstractmethod
+    def trace_summaries(self, trace_ids: list[str]) -> dict[str, TraceSummary]:
+        """The summaries of those of ``trace_ids`` that are stored, by trace id (as ``trace_summary`` gives them,
+        in a few reads rather than one a trace)."""
+
+    @abc.abstractmethod
     def failed_traces(self, since_ns: int | None = None, until_ns: int | None = None,
                       limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:
         """Traces with an error span, newest first: a fast first look. Whether a trace failed, and how, is the

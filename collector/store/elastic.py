@@ -54,6 +54,7 @@ DERIVED = "payscope-derived"  # each settled trace's calls, derived once (analyz
 POLICY = "payscope-retention"
 _HEALTH_WAIT_S = 10  # how long a red index of ours may take to become yellow before it is refused
 _BULK_DOCS = 5_000
+_SUMMARIES_AT_ONCE = 1_000  # traces a summaries aggregation asks for (a bucket each, with a few under it)
 _PAGE = 5_000
 _MAX_TERMS = 10_000
 _MAX_BUCKETS = 60_000  # below the cluster's default search.max_buckets (65,536)
@@ -726,6 +727,13 @@ class ElasticStore(Store):
 
     def trace_summary(self, trace_id: str) -> TraceSummary | None:
         return self._summaries_of([trace_id.lower()]).get(trace_id.lower())
+
+    def trace_summaries(self, trace_ids: list[str]) -> dict[str, TraceSummary]:
+        wanted = sorted({t.lower() for t in trace_ids})
+        out: dict[str, TraceSummary] = {}
+        for i in range(0, len(wanted), _SUMMARIES_AT_ONCE):
+            out.update(self._summaries_of(wanted[i:i + _SUMMARIES_AT_ONCE]))
+        return out
 
     def failed_traces(self, since_ns: int | None = None, until_ns: int | None = None,
                       limit: int | None = 100, offset: int = 0) -> list[TraceSummary]:

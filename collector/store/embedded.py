@@ -574,6 +574,14 @@ class EmbeddedStore(Store):
         rows = self._read(f"SELECT {_TRACE_COLUMNS} FROM traces WHERE trace_id=?", (trace_id.lower(),))
         return _summary_from_row(rows[0]) if rows else None
 
+    def trace_summaries(self, trace_ids: list[str]) -> dict[str, TraceSummary]:
+        out = {}
+        for chunk in _chunks(sorted({t.lower() for t in trace_ids})):
+            for row in self._read(f"SELECT {_TRACE_COLUMNS} FROM traces WHERE trace_id IN ({_marks(chunk)})",
+                                  tuple(chunk)):
+                out[row[0]] = _summary_from_row(row)
+        return out
+
     def _summaries(self, where: str, since_ns: int | None, until_ns: int | None,
                    limit: int | None, offset: int) -> list[TraceSummary]:
         clauses, params = _window("start_ns", since_ns, until_ns, where)
