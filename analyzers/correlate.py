@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from payscope.collector.store import Store
 from payscope.collector.store.api import LogQuery
-from payscope.model import LogRecord, SpanRow
+from payscope.model import LogRecord, SpanRow, TraceSummary
 from payscope.semconv import normalise_trace_id
 
 from .templates import Lessons, Templates
@@ -29,6 +29,8 @@ KEY_FIELDS = ("order_id", "orderId", "order.id", "payment_id", "paymentId", "pay
 # differ), more after its end (access logs are written as the response leaves).
 WINDOW_SLACK_NS = 50_000_000
 WINDOW_LEAD_NS = 10_000_000
+LONGEST_SPAN_NS = 120_000_000_000  # a server span longer than this holds no line (how far back the search looks)
+AROUND_READ_NS = 1_000_000_000     # the server spans around this much of a service's lines are read at once
 
 CONFIDENCE = {"trace_id": 1.0, "request_id": 0.98, "business_key": 0.9}
 WINDOW_CONFIDENCE_ROUTE = 0.85
@@ -63,6 +65,8 @@ class Linker:
         self.lessons = lessons  # given: what id-linked lines teach is kept there for another linker, not learned
         self._pending: list[LogRecord] = []
         self._rows: dict[str, list[SpanRow]] = {}
+        self._summaries: dict[str, TraceSummary | None] = {}
+        self._around: dict[str, tuple[int, int, list[SpanRow]]] = {}  # service -> [from, to) and its spans
         self._learned_stored: set[str] = set()
 
     def _trace_known(self, trace_id: str) -> bool:
@@ -122,9 +126,15 @@ class Linker:
 
     def _closest(self, trace_ids: list[str], time_ns: int) -> list[str]:
         """Of several traces, those whose time span holds the line (a customer's retry is a new trace)."""
+        unread = [tid for tid in trace_ids if tid not in self._summaries]
+        if unread:
+            if len(self._summaries) > 200_000:
+                self._summaries.clear()
+            found = self.store.trace_summaries(unread)
+            self._summaries.update({tid: found.get(tid) for tid in unread})
         holding = []
         for tid in trace_ids:
-            summary = self.store.trace_summary(tid)
+            summary = self._summaries[tid]
             if summary and summary.start_ns - WINDOW_SLACK_NS <= time_ns <= summary.end_ns + WINDOW_SLACK_NS:
                 holding.append(tid)
         return holding
@@ -234,11 +244,25 @@ class Linker:
             self._rows[trace_id] = self.store.trace_rows(trace_id)
         return self._rows[trace_id]
 
+    def _spans_around(self, service: str, time_ns: int) -> list[SpanRow]:
+        """``store.server_spans_around(service, time_ns, WINDOW_SLACK_NS, LONGEST_SPAN_NS)``, cut from the spans
+        around AROUND_READ_NS of the service's lines from ``time_ns`` on, read once (lines come in time order:
+        one read a second of lines, not one a line). The spans read hold every span a line of that stretch asks
+        for, and it keeps exactly those, in their order."""
+        read = self._around.get(service)
+        if read is None or not read[0] <= time_ns < read[1]:
+            begin, end = time_ns, time_ns + AROUND_READ_NS
+            # in flight from begin - slack, started by end + slack (and at most the longest span before begin)
+            rows = self.store.server_spans_around(service, end, end - begin + WINDOW_SLACK_NS,
+                                                  LONGEST_SPAN_NS + end - begin)
+            read = self._around[service] = (begin, end, rows)
+        return [s for s in read[2] if time_ns - LONGEST_SPAN_NS <= s.start_ns <= time_ns + WINDOW_SLACK_NS
+                and s.end_ns >= time_ns - WINDOW_SLACK_NS]
+
     def _by_time(self, r: LogRecord) -> tuple[str, str | None, float, list[str]]:
         if self._traced_services is not None and r.service not in self._traced_services:
             return "none", None, 0.0, []  # no spans of this service at all: nothing to fall in
-        spans = [s for s in self.store.server_spans_around(r.service, r.time_ns, WINDOW_SLACK_NS)
-                 if s.start_ns - WINDOW_LEAD_NS <= r.time_ns]
+        spans = [s for s in self._spans_around(r.service, r.time_ns) if s.start_ns - WINDOW_LEAD_NS <= r.time_ns]
         if not spans:
             return "none", None, 0.0, []
         path = str(r.attributes.get("path") or "")

@@ -218,7 +218,10 @@ def _in_order(pool: WorkerPool, job: _Chunk, storing: _Storing | None,
 
     def result() -> _ChunkResult:
         chunk, future = ahead.popleft()
-        return pool.answer(future, lambda: job.run(chunk, storing))
+        done = pool.answer(future, lambda: job.run(chunk, storing))
+        if sent is not None and storing is not None and storing.store is not None:
+            storing.store.written_elsewhere()  # the worker stored its chunk: read here as if stored here
+        return done
 
     for chunk in chunks:
         try:
@@ -413,7 +416,7 @@ def ingest(store: Store, inputs: list[str], *, service: str | None = None, fmt: 
         if source != "-":
             check_text(Path(source))
     pool = WorkerPool(workers)  # started only when a file turns out long enough to need it
-    storing = _Storing(store.address(), linker.by_ids() if linker else None, store)
+    storing = _Storing(store.address() if workers > 0 else None, linker.by_ids() if linker else None, store)
     try:
         _ingest_all(store, sources, report, service, fmt, tz, clock_offset_ns, nginx_format, linker, on_progress,
                     pool, storing)

@@ -106,6 +106,7 @@ class BatchWriter:
         self._queue.put(stored)
 
     def _noted(self, stored: Stored) -> None:
+        self.store.written_elsewhere()  # what deriving reads next includes it
         self.committed_spans += stored.spans
         self.committed_logs += stored.logs
         self._busy_s += stored.seconds

@@ -345,7 +345,9 @@ def test_a_decoding_process_writes_to_elasticsearch_itself_and_hands_back_what_i
         stored = decode_and_store("traces", body, "application/x-protobuf", 10_000, address)
         assert stored.spans == [] and stored.stored is not None and stored.stored.spans == 1_000
         assert stored.stored.trace_ids == [f"{7:032x}"]
-        # the collector's own handle reads what the decoding process wrote at once, as it reads its own writes
+        # told (as the collector's writer is told of each request a decoding process stored), the collector's own
+        # handle reads what the decoding process wrote at once, as it reads its own writes
+        collector_store.written_elsewhere()
         assert len(collector_store.trace(f"{7:032x}")) == 1_000
         assert opened_here(address).counts()["spans"] == 1_000
 

@@ -142,6 +142,11 @@ class Store(abc.ABC):
         None when it cannot be (a worker process then hands what it made to this one to write)."""
         return None
 
+    def written_elsewhere(self) -> None:
+        """Another process, which opened this store at its ``address()``, has written to it: this handle's next read
+        sees that write, as it sees its own. Nothing to do where every read sees every committed write."""
+        return None
+
     def underived(self, derived_key: str, after: Cursor, limit: int) -> tuple[list[str], Cursor]:
         """The traces that have no exact derivation under ``derived_key``, looked for in one bounded step from
         ``after`` (None: the first stored trace): at most ``limit`` of them, and where the next step goes on

@@ -237,7 +237,6 @@ class ElasticStore(Store):
         self._readonly = readonly
         self._dirty = False
         self._given_url = url
-        self._shared = False  # its address was handed out: other processes write here too (see address)
         self.traces_index = traces_index or query.get("traces") or env.get("PAYSCOPE_ES_TRACES_INDEX") or TRACES
         self.logs_index = logs_index or query.get("logs") or env.get("PAYSCOPE_ES_LOGS_INDEX") or LOGS
         self.foreign = self.traces_index != TRACES  # written by another pipeline: derive facts on read
@@ -321,17 +320,18 @@ class ElasticStore(Store):
     def address(self) -> str | None:
         """The URL as given (its credentials, if any, and options with it), for a collector's decoding processes
         to write what they decode themselves, a bulk request each at once. Not for another pipeline's indices,
-        which payscope never writes. Once it is handed out, every read here refreshes first, so that this
-        process reads what those processes wrote, as it reads its own writes."""
+        which payscope never writes."""
         if self._readonly or self.foreign or self.foreign_logs:
             return None
-        self._shared = True
         return self._given_url
 
+    def written_elsewhere(self) -> None:
+        self._dirty = True  # refreshed before the next read, as after a write of this process
+
     def _refreshed(self) -> None:
-        """Read this process' own writes (and, once its address was handed out, those of the processes it went
-        to): they are made visible before it reads. Other readers see a write within the refresh interval (1 s)."""
-        if self._dirty or self._shared:
+        """Read this process' own writes (and those it was told of, ``written_elsewhere``): they are made
+        visible before it reads. Other readers see a write within the refresh interval (1 s)."""
+        if self._dirty:
             self._dirty = False
             self._call(self._es.indices.refresh, "refresh", index=f"{TRACES},{LOGS},{META},{KEYS},{DERIVED}",
                        ignore_unavailable=True, allow_no_indices=True)
