@@ -490,3 +490,32 @@ def test_lines_linked_and_stored_by_worker_processes_are_linked_as_here(
     assert stored == len(records) > 1000
     assert linked["trace_id"] > 200 and linked["time_window"] > 100 and linked["none"] > 50
     assert any(r[4].get("link.position") for r in records)  # taught by id-linked lines of other chunks
+
+
+def test_spans_around_a_line_are_those_the_store_gives_for_that_line(tmp_path: Path) -> None:
+    """The time window reads a service's server spans around a second of its lines at once and keeps, for each
+    line, exactly the spans the store gives for that line alone: lines in time order, out of order, far apart,
+    and spans long, short, and of other services and kinds."""
+    from payscope.analyzers import correlate
+
+    rng = random.Random(11)
+    spans = []
+    t0 = 1_800_000_000_000.0
+    for n in range(1_500):
+        start = t0 + rng.uniform(0, 60_000)
+        length = rng.choice([rng.uniform(1, 400), rng.uniform(1_000, 20_000), rng.uniform(100_000, 130_000)])
+        spans.append(_span(f"{n:032x}", f"{n:016x}", None, rng.choice(["payment", "payment", "bank"]),
+                           rng.choice(["server", "server", "consumer", "client"]), start, start + length))
+    store_path = tmp_path / "s.db"
+    with open_store(str(store_path)) as store:
+        store.write(spans)
+        linker = Linker(store)
+        times = sorted(int((t0 + rng.uniform(-2_000, 62_000)) * 1e6) for _ in range(400))
+        times += [int((t0 + rng.uniform(-200_000, 200_000)) * 1e6) for _ in range(100)]  # out of order, far
+        for service in ("payment", "bank", "gateway"):
+            for time_ns in times:
+                alone = store.server_spans_around(service, time_ns, correlate.WINDOW_SLACK_NS,
+                                                  correlate.LONGEST_SPAN_NS)
+                got = linker._spans_around(service, time_ns)
+                assert [s.span_id for s in got] == [s.span_id for s in alone], (service, time_ns)
+        assert sum(bool(linker._spans_around("payment", t)) for t in times) > 300
