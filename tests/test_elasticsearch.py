@@ -569,3 +569,21 @@ def test_failed_lists_beyond_one_aggregation_page_are_whole_and_ordered(es_url: 
         assert [s.trace_id for s in store.failed_traces(limit=3, offset=2)] == failed[::-1][2:5]
         assert [s.trace_id for s in store.traces(limit=None)] == ids[::-1]
         assert len(store.traces(limit=2, offset=9)) == 2
+
+
+def test_timestamps_are_written_to_the_nanosecond_whatever_their_order() -> None:
+    """``@timestamp`` text (each second's text is kept for the next span): the same as formatting each time, for
+    times in order, in the same second, out of order, and before 1970."""
+    import random
+    from datetime import datetime, timezone
+
+    from payscope.collector.store.elastic import iso_ns
+
+    def plain(ns: int) -> str:
+        seconds, frac = divmod(ns, 1_000_000_000)
+        return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S") + f".{frac:09d}Z"
+
+    rng = random.Random(3)
+    times = sorted(1_800_000_000_000_000_000 + rng.randint(0, 5 * 10**9) for _ in range(2_000))
+    times += [rng.randint(-10**18, 4 * 10**18) for _ in range(2_000)]
+    assert [iso_ns(t) for t in times] == [plain(t) for t in times]

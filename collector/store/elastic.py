@@ -112,16 +112,17 @@ _LOG_MAPPING: dict[str, Any] = {
 }
 
 
-_last_second: list[Any] = [None, ""]  # the second iso_ns formatted last, and its text: spans come by the thousand
+_last_second: tuple[int | None, str] = (None, "")  # the second iso_ns formatted last, and its text (one tuple:
+# a thread reads both of one second); spans come by the thousand, most of them within a second or two
 
 
 def iso_ns(ns: int) -> str:
     """Nanoseconds since the epoch as the ISO-8601 text a ``date_nanos`` field takes, to the nanosecond."""
+    global _last_second
     seconds, frac = divmod(ns, 1_000_000_000)
     last = _last_second
     if seconds != last[0]:
-        last[1] = datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-        last[0] = seconds
+        last = _last_second = (seconds, datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"))
     return f"{last[1]}.{frac:09d}Z"
 
 
