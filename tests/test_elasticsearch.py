@@ -587,3 +587,15 @@ def test_timestamps_are_written_to_the_nanosecond_whatever_their_order() -> None
     times = sorted(1_800_000_000_000_000_000 + rng.randint(0, 5 * 10**9) for _ in range(2_000))
     times += [rng.randint(-10**18, 4 * 10**18) for _ in range(2_000)]
     assert [iso_ns(t) for t in times] == [plain(t) for t in times]
+
+
+def test_a_bulk_action_line_holds_its_id_whatever_the_id_holds() -> None:
+    """A document id is written into the bulk body as JSON: an id from an imported file that holds a quote or a
+    line break stays one id of one action, and never ends the line to start another."""
+    from payscope.collector.store.elastic import _create
+
+    for doc_id in ("4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7", 'x"}}\n{"delete":{"_index":"payscope-meta"}}',
+                   "é\u2028\\"):
+        line = _create("traces-payscope.otel-default", doc_id)
+        assert line.endswith(b"\n") and line.count(b"\n") == 1
+        assert json.loads(line) == {"create": {"_index": "traces-payscope.otel-default", "_id": doc_id}}

@@ -975,8 +975,9 @@ _SAMPLE_KEY = (f"def f = doc['trace_id']; if (f.size() == 0) return; String t = 
 
 
 def _create(index: str, doc_id: str) -> bytes:
-    """The bulk action line that creates a document (ids are hex and digits: nothing in them to escape)."""
-    return f'{{"create":{{"_index":"{index}","_id":"{doc_id}"}}}}\n'.encode()
+    """The bulk action line that creates a document (the id encoded as JSON: an imported file's ids may hold
+    anything, and one must never end the line early)."""
+    return f'{{"create":{{"_index":"{index}","_id":{_encode(doc_id)}}}}}\n'.encode("utf-8", "surrogatepass")
 
 
 def _span_line(span: Span, row: SpanRow, resource: bytes) -> bytes:
