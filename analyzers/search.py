@@ -27,6 +27,7 @@ from payscope.errors import InputError
 from payscope.model import Span
 from payscope.timeparse import parse_duration_s
 
+_TRACES_AT_ONCE = 500  # transactions whose spans a search with conditions reads together
 _CONDITION = re.compile(r"^([\w.@/-]+?)(>=|<=|!=|=|>|<|:)(.*)$")
 _OPS: dict[str, Callable[[Any, Any], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
@@ -128,9 +129,14 @@ def matching(store: Store, rows: list[dict[str, Any]], query: Query) -> list[dic
         text = _row_text(row)
         if any(word.lower() not in text and tid not in logged[word] for word in query.words):
             continue
-        if query.needs_spans and not _conditions_hold(store.trace(tid), query.conditions):
-            continue
         out.append(row)
+    if query.needs_spans:  # the rows left, their traces read a page at a time
+        kept = []
+        for at in range(0, len(out), _TRACES_AT_ONCE):
+            page = out[at:at + _TRACES_AT_ONCE]
+            spans = store.traces_whole([row["trace_id"] for row in page])
+            kept += [row for row in page if _conditions_hold(spans.get(row["trace_id"], []), query.conditions)]
+        out = kept
     return out
 
 

@@ -107,6 +107,19 @@ def test_summaries_asked_together_are_those_asked_one_by_one(backend: Callable[[
     assert store.trace_summaries([]) == {} and store.trace_summaries([unknown]) == {}
 
 
+def test_whole_traces_asked_together_are_those_asked_one_by_one(backend: Callable[[], Store]) -> None:
+    """``traces_whole`` gives each stored trace's spans as ``trace`` does (the same order, every field), whatever
+    the spelling of its id, and leaves out the traces it does not know."""
+    store = backend()
+    traces = [f"{n:032x}" for n in range(1, 40)]
+    store.write([s for n, t in enumerate(traces) for s in reversed(sample_trace(t, n % 2 == 0, 1000 + n))])
+    got = store.traces_whole([traces[3].upper(), *traces[:30], "f" * 32])
+    assert sorted(got) == sorted(traces[:30])
+    for t in traces[:30]:
+        assert got[t] == store.trace(t) and len(got[t]) == 3
+    assert store.traces_whole([]) == {} and store.traces_whole(["f" * 32]) == {}
+
+
 def test_trace_by_id_is_ordered_and_whole(backend: Callable[[], Store]) -> None:
     store = backend()
     spans = sample_trace(T1, True)

@@ -96,6 +96,11 @@ class Store(abc.ABC):
     def trace(self, trace_id: str) -> list[Span]:
         """All spans of one trace ordered by start time; empty when unknown."""
 
+    def traces_whole(self, trace_ids: list[str]) -> dict[str, list[Span]]:
+        """``trace`` for each of ``trace_ids`` that is stored, by trace id (a backend may read them together)."""
+        found = {t.lower(): self.trace(t) for t in trace_ids}
+        return {t: spans for t, spans in found.items() if spans}
+
     @abc.abstractmethod
     def trace_summary(self, trace_id: str) -> TraceSummary | None:
         """The summary of one trace, or None."""

@@ -54,7 +54,7 @@ DERIVED = "payscope-derived"  # each settled trace's calls, derived once (analyz
 POLICY = "payscope-retention"
 _HEALTH_WAIT_S = 10  # how long a red index of ours may take to become yellow before it is refused
 _BULK_DOCS = 5_000
-_SUMMARIES_AT_ONCE = 1_000  # traces a summaries aggregation asks for (a bucket each, with a few under it)
+_SUMMARIES_AT_ONCE = 1_000  # traces asked for at once: summaries (a bucket each) or whole traces
 _PAGE = 5_000
 _MAX_TERMS = 10_000
 _MAX_BUCKETS = 60_000  # below the cluster's default search.max_buckets (65,536)
@@ -549,6 +549,14 @@ class ElasticStore(Store):
 
     def trace_rows(self, trace_id: str) -> list[SpanRow]:
         return [row for _, row in self._spans_of([trace_id.lower()], self._row_source())]
+
+    def traces_whole(self, trace_ids: list[str]) -> dict[str, list[Span]]:
+        wanted = sorted({t.lower() for t in trace_ids})
+        out: dict[str, list[Span]] = {}
+        for i in range(0, len(wanted), _SUMMARIES_AT_ONCE):  # each trace's spans stay in the order trace() gives
+            for span, _ in self._spans_of(wanted[i:i + _SUMMARIES_AT_ONCE]):
+                out.setdefault(span.trace_id, []).append(span)
+        return out
 
     def _failed_query(self) -> dict[str, Any]:
         return {"bool": {"should": [{"terms": {"status.code": _ERROR_CODES}},
