@@ -366,12 +366,9 @@ def test_log_lines_linked_and_stored_by_worker_processes_on_elasticsearch_are_li
     them; the main process reads what they stored (the templates their lines taught, the report) as its own, so
     the links are those of one process reading the file whole."""
     from payscope.analyzers import correlate
-    from payscope.analyzers.correlate import Linker
     from payscope.collector import logingest
-    from payscope.collector.logingest import ingest
-    from payscope.collector.store import LogQuery
     from tests import elastic
-    from tests.test_logs import _busy_service
+    from tests.test_logs import _busy_service, _linked_by
 
     monkeypatch.setattr(correlate.Linker, "_learn_stored", lambda self, service, times: None)
     results = {}
@@ -381,11 +378,7 @@ def test_log_lines_linked_and_stored_by_worker_processes_on_elasticsearch_are_li
         log = tmp_path / f"payment-{workers}.log"
         log.write_text(text)
         monkeypatch.setattr(logingest, "CHUNK_LINES", 61 if workers else 10**9)
-        with open_store(es_url) as store:
-            report = ingest(store, [str(log)], service="payment", linker=Linker(store), workers=workers).to_json()
-            records = sorted((r.source.rsplit(":", 1)[1], r.trace_id, r.link_method, r.link_confidence,
-                              r.attributes) for _, r in store.search_logs(LogQuery(limit=None)))
-        results[workers] = (report["linked"], report["stored"], records)
+        results[workers] = _linked_by(es_url, log, workers)
     assert results[2] == results[0]
     linked, stored, records = results[2]
     assert stored == len(records) > 300

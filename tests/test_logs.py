@@ -464,6 +464,16 @@ def test_a_parsing_process_killed_mid_file_loses_no_line(tmp_path: Path, monkeyp
     assert got == expected
 
 
+def _linked_by(store_url: str, log: Path, workers: int) -> tuple[dict[str, int], int, list[tuple[object, ...]]]:
+    """`ingest logs` of the payment service's ``log`` with ``workers``: how its lines were linked, how many were
+    stored, and each stored line's number, trace, link and attributes (in line number order as text)."""
+    with open_store(store_url) as store:
+        report = ingest(store, [str(log)], service="payment", linker=Linker(store), workers=workers).to_json()
+        records = sorted((r.source.rsplit(":", 1)[1], r.trace_id, r.link_method, r.link_confidence, r.attributes)
+                         for _, r in store.search_logs(LogQuery(limit=None)))
+    return report["linked"], report["stored"], records
+
+
 def test_lines_linked_and_stored_by_worker_processes_are_linked_as_here(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Workers link by ids and store their chunks; the lines without ids wait for one time window here, with what
@@ -480,11 +490,7 @@ def test_lines_linked_and_stored_by_worker_processes_are_linked_as_here(
         log = tmp_path / f"payment-{workers}.log"
         log.write_text(text)
         monkeypatch.setattr(logingest, "CHUNK_LINES", 61 if workers else 10**9)
-        with open_store(str(store_path)) as store:
-            report = ingest(store, [str(log)], service="payment", linker=Linker(store), workers=workers).to_json()
-            records = sorted((r.source.rsplit(":", 1)[1], r.trace_id, r.link_method, r.link_confidence,
-                              r.attributes) for _, r in store.search_logs(LogQuery(limit=None)))
-        results[workers] = (report["linked"], report["stored"], records)
+        results[workers] = _linked_by(str(store_path), log, workers)
     assert results[2] == results[0]
     linked, stored, records = results[2]
     assert stored == len(records) > 1000
