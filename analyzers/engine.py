@@ -205,6 +205,7 @@ class Analysis:
     _with_errors: set[str] | None = field(default=None, repr=False)
     _orders: dict[str, Any] | None = field(default=None, repr=False)
     _problems: dict[str, list[str]] | None = field(default=None, repr=False)
+    _mismatched: list[Any] | None = field(default=None, repr=False)
     _busy: dict[str, Any] | None = field(default=None, repr=False)  # gaps.occupancies, made once
     order_rules: Any = None  # orders.Rules: what counts as a charge and an answer (payscope.toml [orders])
     order_logs: Any = None   # orders.LoggedFacts: the log lines those rules name
@@ -246,10 +247,19 @@ class Analysis:
             self._problems = problems(self)
         return self._problems
 
+    def mismatched(self) -> list[Any]:
+        """The orders finance should look at, the most money first (``orders.mismatched``), made once: every
+        count and list of mismatched orders is taken from it."""
+        if self._mismatched is None:
+            from .orders import mismatched
+
+            self._mismatched = mismatched(self)
+        return self._mismatched
+
     def orders_charged_twice(self) -> set[str]:
         """The orders (or traces, where no order is known) that more than one charge went through for, in one
         transaction or across several (the customer's retry): the one answer of ``orders.Order.mismatches``."""
-        return {key for key, order in self.orders().items() if "charged_twice" in order.mismatches}
+        return {order.key for order in self.mismatched() if "charged_twice" in order.mismatches}
 
     def findings_of(self, trace_id: str) -> list[Finding]:
         """The whole-store findings this trace is evidence of."""

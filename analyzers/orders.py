@@ -248,24 +248,29 @@ def orders(analysis: Analysis) -> dict[str, Order]:
             named[c.trace_id].append(c)
         elif role == _REFUND and charged(c):
             refunded[c.trace_id] += 1
+    transactions = analysis.transactions
     for key, trace_ids in traces_of.items():
         if len(trace_ids) > 1:
-            trace_ids.sort(key=lambda t: analysis.transactions[t].facts.start_ns)
-        order = Order(key, trace_ids, _told(analysis, trace_ids, rules, logged), amount=next(
-            (analysis.transactions[t].facts.amount for t in trace_ids
-             if analysis.transactions[t].facts.amount is not None), None))
+            trace_ids.sort(key=lambda t: transactions[t].facts.start_ns)
+            amount = next((a for a in (transactions[t].facts.amount for t in trace_ids) if a is not None), None)
+        else:  # most orders: one trace, whose amount is the order's
+            amount = transactions[trace_ids[0]].facts.amount
+        order = Order(key, trace_ids, _told(analysis, trace_ids, rules, logged), amount=amount)
         for trace_id in trace_ids:
-            for c in charge_calls(named[trace_id], roles) if trace_id in named else ():
-                order.attempted += 1
-                if charged(c) and rules.charge_log is None:
-                    order.charges.append(Charge(c.trace_id, c.span_id, c.caller, c.callee, c.operation,
-                                                c.server_end_ns or c.end_ns, c.amount,
-                                                "late_success" if c.late_success else "ok" if c.ok else "failed"))
-            order.refunds += refunded.get(trace_id, 0)
-        for trace_id, span_id, service, time_ns in charge_lines.get(key, []):  # the charging service's own word
+            if trace_id in named:
+                for c in charge_calls(named[trace_id], roles):
+                    order.attempted += 1
+                    if charged(c) and rules.charge_log is None:
+                        order.charges.append(Charge(c.trace_id, c.span_id, c.caller, c.callee, c.operation,
+                                                    c.server_end_ns or c.end_ns, c.amount, "late_success"
+                                                    if c.late_success else "ok" if c.ok else "failed"))
+            if trace_id in refunded:
+                order.refunds += refunded[trace_id]
+        for trace_id, span_id, service, time_ns in charge_lines.get(key, ()):  # the charging service's own word
             order.charges.append(Charge(trace_id, span_id, "", service, f"log: {rules.charge_log}", time_ns, None,
                                         "logged"))
-        order.charges.sort(key=lambda c: c.time_ns)
+        if len(order.charges) > 1:
+            order.charges.sort(key=lambda c: c.time_ns)
         out[key] = order
     return out
 
@@ -292,7 +297,7 @@ def problems(analysis: Analysis) -> dict[str, list[str]]:
     which keeps the answer: the one filter of `payscope failures --problem` and the TUI."""
     out: dict[str, list[str]] = defaultdict(list)
     known = analysis.orders()
-    for order in known.values():
+    for order in analysis.mismatched():
         for trace_id in order.trace_ids:
             out[trace_id].extend(order.mismatches)
     for finding in analysis.findings:
@@ -307,6 +312,7 @@ def problems(analysis: Analysis) -> dict[str, list[str]]:
 
 
 def mismatched(analysis: Analysis) -> list[Order]:
-    """The orders finance should look at, the most money first."""
+    """The orders finance should look at, the most money first (use ``Analysis.mismatched``, which keeps the
+    answer)."""
     found = [o for o in analysis.orders().values() if o.mismatches]
     return sorted(found, key=lambda o: (-(o.at_risk or 0.0), o.key))

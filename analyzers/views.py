@@ -15,7 +15,7 @@ from .calls import Call
 from .engine import Analysis, Transaction, clock_shift_ns, order_of
 from .loader import order_mates
 from .memory import paused_cycle_collection
-from .orders import MISMATCHES, mismatched
+from .orders import MISMATCHES
 from .tcc import ANOMALIES
 
 
@@ -248,10 +248,10 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
                   "calls": len(analysis.calls), "edges": len(analysis.edges),
                   "orders": sum(order.is_order for order in analysis.orders().values()),
                   "outcomes": outcomes, "orders_charged_twice": len(analysis.orders_charged_twice()),
-                  "orders_to_reconcile": {kind: sum(kind in o.mismatches for o in analysis.orders().values())
+                  "orders_to_reconcile": {kind: sum(kind in o.mismatches for o in analysis.mismatched())
                                           for kind in MISMATCHES},
                   # the order with the most money at risk: where `payscope show` starts a journey
-                  "order_most_at_risk": next((o.key for o in mismatched(analysis)), None),
+                  "order_most_at_risk": next((o.key for o in analysis.mismatched()), None),
                   "findings_by_severity": {s: sum(f.severity == s for f in found) for s in findings.SEVERITIES
                                            if any(f.severity == s for f in found)}},
     }

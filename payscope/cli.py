@@ -633,7 +633,6 @@ def reconcile(
     and `failures` with the same window judge it)."""
     from payscope import report
     from payscope.analyzers.loader import load
-    from payscope.analyzers.orders import mismatched
     from payscope.analyzers.views import window_json
 
     _check_format(output_format, ("table", "csv", "json"))
@@ -641,7 +640,7 @@ def reconcile(
     with _open_for_analysis(store, traces_index, logs_index) as opened:
         _say_whole_read(opened, window, None, bound="--since 24h")
         analysis = _held_until_exit(load(opened, window=window))
-        found = [o.to_json() for o in mismatched(analysis)]
+        found = [o.to_json() for o in analysis.mismatched()]
     read = window_json(analysis)
     if output_format == "json":
         _emit_json({"orders": found, "counts": report.mismatch_counts(found), "window": read})
