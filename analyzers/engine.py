@@ -231,6 +231,11 @@ class Analysis:
             self._with_errors = {c.trace_id for c in self.calls if not c.ok}
         return self._with_errors
 
+    def outcome_of(self, tx: Transaction) -> str:
+        """The one outcome every command and screen shows for a transaction: the one :func:`classify` gave it,
+        but ``recovered`` for one that went well with a failed call inside (a retry or a fallback saved it)."""
+        return "recovered" if tx.outcome == "ok" and tx.trace_id in self.traces_with_errors() else tx.outcome
+
     def orders(self) -> dict[str, Any]:
         """Every order across its traces, with its charges and state (``orders.orders``), made once."""
         if self._orders is None:

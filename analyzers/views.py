@@ -57,17 +57,17 @@ def failure_outcomes(analysis: Analysis, *, since_ns: int | None = None, service
     """Trace id -> outcome of every failed transaction (``recovered``: it went well despite errors inside), as
     the whole-store analysis judged them. With ``problem`` (one of :data:`PROBLEMS`), only the transactions of
     orders with that problem, and all of them: an order told "paid" that nothing charged went wrong too."""
-    errored = analysis.traces_with_errors()
     problems = analysis.problems() if problem is not None else {}
     out = {}
     for tx in analysis.transactions.values():
-        shown = tx.outcome if tx.outcome != "ok" else ("recovered" if tx.trace_id in errored else None)
-        if problem is not None:
+        shown = analysis.outcome_of(tx)
+        if problem is not None:  # a transaction that went well is listed for its order's problem
             found = problems.get(tx.trace_id, [])
             if not found or (problem != "any" and problem not in found):
                 continue
-            shown = shown or "ok"
-        if shown is None or (since_ns is not None and tx.facts.start_ns < since_ns):
+        elif shown == "ok":
+            continue
+        if since_ns is not None and tx.facts.start_ns < since_ns:
             continue
         if service is not None and service not in tx.facts.services:
             continue
@@ -193,7 +193,8 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
     transactions = []
     for tx in sorted((analysis.transactions[t] for t in trace_ids if t in analysis.transactions),
                      key=lambda tx: tx.facts.start_ns):  # a journey in time order
-        transactions.append({"trace_id": tx.trace_id, "start": format_ns(tx.facts.start_ns), "outcome": tx.outcome,
+        transactions.append({"trace_id": tx.trace_id, "start": format_ns(tx.facts.start_ns),
+                             "outcome": analysis.outcome_of(tx),
                              "error_class": tx.error_class,
                              "failing_hop": None if not tx.failing_hop else
                              {"caller": tx.failing_hop[0], "callee": tx.failing_hop[1],
@@ -233,7 +234,8 @@ def analysis_document(analysis: Analysis) -> dict[str, Any]:
     found = analysis.findings
     outcomes: dict[str, int] = {}
     for tx in analysis.transactions.values():
-        outcomes[tx.outcome] = outcomes.get(tx.outcome, 0) + 1
+        shown = analysis.outcome_of(tx)
+        outcomes[shown] = outcomes.get(shown, 0) + 1
     return {
         "findings": [f.to_json() for f in found],
         "edges": [{**e.to_json(), "recommended_timeout_ms": analysis.recommended_ms(key)}

@@ -10,7 +10,7 @@ import pytest
 
 from payscope.timeparse import format_ms
 from payscope.tui.app import TransactionScreen, build
-from tests.helpers import SCENARIOS, payscope, payscope_json
+from tests.helpers import REALDATA, SCENARIOS, payscope, payscope_json
 
 TIMEOUT_KINDS = {"timeout_inversion", "timeout_below_tail", "timeout_missing", "late_success",
                  "connect_timeout_too_long", "retry_budget_overrun", "deadline_not_propagated"}
@@ -20,7 +20,8 @@ def _edge(d: dict[str, Any]) -> tuple[str, str, str]:
     return (d["caller"], d["callee"], d["operation"])
 
 
-async def _tui_findings(store: str, trace_id: str) -> str:
+async def _tui_text(store: str, trace_id: str, widget: str) -> str:
+    """What the TUI's screen of one transaction shows in ``widget``."""
     app = build(store, refresh_seconds=3600)
     async with app.run_test(size=(160, 50)) as pilot:
         await app.push_screen(TransactionScreen(trace_id))
@@ -30,7 +31,7 @@ async def _tui_findings(store: str, trace_id: str) -> str:
             if isinstance(screen, TransactionScreen) and screen.view is not None:
                 break
         await pilot.pause(0.3)
-        return str(app.screen.query_one("#findings").render())
+        return str(app.screen.query_one(widget).render())
 
 
 def _check_one_answer(store: str) -> int:
@@ -58,7 +59,7 @@ def _check_one_answer(store: str) -> int:
         shown = payscope_json("show", trace_id, "--store", store)
         same = [f for f in shown["findings"] if f["kind"] == finding["kind"] and _edge(f["edge"]) == key]
         assert same and same[0]["recommendation"]["timeout_ms"] == value
-        text = pytest.importorskip("anyio").run(_tui_findings, store, trace_id)
+        text = pytest.importorskip("anyio").run(_tui_text, store, trace_id, "#findings")
         assert f"recommended timeout {format_ms(value)}" in text, text
     return len(compared)
 
@@ -88,3 +89,19 @@ def test_a_declined_card_is_declined_and_no_timeout_problem(demo_store: Path) ->
     analysis = payscope_json("analyze", "--store", str(demo_store))
     evidence = {t for f in analysis["findings"] if f["kind"] in TIMEOUT_KINDS for t in f["evidence"]["trace_ids"]}
     assert not evidence & {r["trace_id"] for r in declined}
+
+
+def test_a_transaction_saved_by_retries_is_recovered_everywhere(tmp_path: Path) -> None:
+    """HotROD's dispatch (real spans): three Redis calls time out and are retried, and the request succeeds. Every
+    command and screen calls it what the failures list calls it: recovered, not a failure and not plain ok."""
+    store = str(tmp_path / "h.db")
+    payscope("import", "traces", str(REALDATA / "hotrod_redis-timeout_retries.otlp.json"), "--store", store,
+             check=True)
+    trace_id = "fe65c5beefbe4e96119efbba3da07e99"
+    rows = payscope_json("failures", "--store", store, "--limit", "0")["failures"]
+    assert [(r["trace_id"], r["outcome"]) for r in rows] == [(trace_id, "recovered")]
+    assert payscope_json("analyze", "--store", store)["stats"]["outcomes"] == {"recovered": 1}
+    assert [t["outcome"] for t in payscope_json("show", trace_id, "--store", store)["transactions"]] == ["recovered"]
+    assert f"trace {trace_id}: recovered" in payscope("show", trace_id, "--store", store, check=True).stdout
+    summary = pytest.importorskip("anyio").run(_tui_text, store, trace_id, "#summary")
+    assert f"trace {trace_id}: recovered" in summary, summary
