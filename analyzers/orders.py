@@ -239,15 +239,7 @@ def orders(analysis: Analysis) -> dict[str, Order]:
             charge_lines[owners.pop()].append((traces[0], span_id, service, time_ns))
     out: dict[str, Order] = {}
     roles = _Roles(rules)
-    # each call's role asked once, in one pass: most traces hold no charge and no refund
-    named: dict[str, list[Call]] = defaultdict(list)  # a trace's charge-like calls, in its calls' order
-    refunded: dict[str, int] = defaultdict(int)
-    for c in analysis.calls:
-        role = roles.of(c)
-        if role == _CHARGE:
-            named[c.trace_id].append(c)
-        elif role == _REFUND and charged(c):
-            refunded[c.trace_id] += 1
+    named, refunded = _named(analysis, roles)
     transactions = analysis.transactions
     for key, trace_ids in traces_of.items():
         if len(trace_ids) > 1:
@@ -273,6 +265,29 @@ def orders(analysis: Analysis) -> dict[str, Order]:
             order.charges.sort(key=lambda c: c.time_ns)
         out[key] = order
     return out
+
+
+def _named(analysis: Analysis, roles: _Roles) -> tuple[dict[str, list[Call]], dict[str, int]]:
+    """Each trace's charge-like calls, in its calls' order, and how many refunds went through in it: each call's
+    role asked once, in one pass (most traces hold no charge and no refund)."""
+    named: dict[str, list[Call]] = defaultdict(list)
+    refunded: dict[str, int] = defaultdict(int)
+    for c in analysis.calls:
+        role = roles.of(c)
+        if role == _CHARGE:
+            named[c.trace_id].append(c)
+        elif role == _REFUND and charged(c):
+            refunded[c.trace_id] += 1
+    return named, refunded
+
+
+def charging_calls(analysis: Analysis) -> set[tuple[str, str]]:
+    """(trace id, span id) of every call that charges (``charge_calls``, by ``analysis.order_rules``), through or
+    not: the calls an order's charges are counted from, in the orders and in the replay of
+    ``recommend.replay``."""
+    roles = _Roles(analysis.order_rules or Rules())
+    named, _ = _named(analysis, roles)
+    return {(c.trace_id, c.span_id) for calls in named.values() for c in charge_calls(calls, roles)}
 
 
 def _told(analysis: Analysis, trace_ids: list[str], rules: Rules, logged: LoggedFacts) -> str:

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .calls import Call
-from .engine import Analysis, Edge, EdgeKey, call_budget_ms, order_of
+from .engine import Analysis, Edge, EdgeKey, call_budget_ms
+from .orders import charging_calls
 from .stats import fraction_above, median, ms, nice_ceil_ms, percentile
 
 MARGIN = 1.25          # over the healthy p99
@@ -262,8 +263,9 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
     for key, edge in analysis.edges.items():
         back_ms[key] = (median(edge.gap_ms) or 0.0) / 2
 
-    def run_chain(chain: list[Call]) -> tuple[float, bool, bool, bool]:
-        """(time the caller spent, success, a late success happened, a duplicate happened)."""
+    def run_chain(chain: list[Call]) -> tuple[float, bool, bool, int, int]:
+        """(time the caller spent, success, a late success happened, attempts the callee carried out (answered
+        well, in time or after the caller gave up), attempts made)."""
         edge = analysis.edges[chain[0].edge]
         setting = settings.get(edge.key) or current_setting(edge)
         spent = 0.0
@@ -278,16 +280,13 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
             if limit is None or latency <= limit:
                 spent += latency
                 if server_ok:
-                    server_successes += 1
-                    dup = server_successes >= 2 and not edge.idempotent
-                    return spent, True, late, dup
+                    return spent, True, late, server_successes + 1, i + 1
                 continue
             spent += limit
             if server_ok:
                 server_successes += 1
                 late = True
-        dup = server_successes >= 2 and not edge.idempotent
-        return spent, False, late, dup
+        return spent, False, late, server_successes, setting.attempts
 
     def attempt_latency(edge: Edge, call: Call | None) -> tuple[float, bool]:
         """How long the caller would wait for this attempt with no timeout, and whether it would succeed:
@@ -306,7 +305,7 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
         replayed = 0.0
         children_ok = True
         for ch in children:
-            spent, child_ok, _, _ = run_chain(ch)
+            spent, child_ok, _, _, _ = run_chain(ch)
             replayed += spent
             if not child_ok:
                 children_ok = False
@@ -316,38 +315,59 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
         ok = children_ok and (bool(call.server_ok) or failed_by_child)
         return max(0.0, client - recorded_children + replayed), ok
 
+    charging = charging_calls(analysis)
     failed = late_total = 0
-    duplicated: set[str] = set()
+    told_failed: dict[str, bool] = {}
+    charges: dict[str, int] = {}
     for trace_id, facts in analysis.traces.items():
         top = chains_by_parent.get((trace_id, None), [])
-        any_fail = any_late = any_dup = False
+        any_fail = any_late = False
+        through = 0
         for ch in top:
-            _, ok, late, dup = _walk(ch, run_chain, chains_by_parent)
+            ok, late, charged = _walk(ch, run_chain, chains_by_parent, charging)
             any_fail |= not ok
             any_late |= late
-            any_dup |= dup
+            through += charged
         if not top and not facts.root_ok:
             any_fail = True
         failed += any_fail
         late_total += any_late and any_fail
-        if any_dup:
-            duplicated.add(order_of(facts))
-    return ReplayResult(len(analysis.traces), failed, late_total, len(duplicated))
+        told_failed[trace_id], charges[trace_id] = any_fail, through
+    twice = sum(_charged_twice(analysis, order, told_failed, charges) for order in analysis.orders().values())
+    return ReplayResult(len(analysis.traces), failed, late_total, twice)
 
 
-def _walk(chain: list[Call], run_chain: Any, chains_by_parent: dict[tuple[str, str | None], list[list[Call]]]
-          ) -> tuple[float, bool, bool, bool]:
-    """Run a top-level chain and gather late/duplicate flags from every call below it."""
-    spent, ok, late, dup = run_chain(chain)
-    stack = [c for c in chain]
+def _charged_twice(analysis: Analysis, order: Any, told_failed: dict[str, bool], charges: dict[str, int]) -> bool:
+    """Whether two charges of ``order`` go through in the replay, across its traces as the orders count them
+    (``orders.Order.mismatches``): a customer told it failed asks again, and both attempts may charge. Once the
+    replay tells the customer it is paid, the customer's later requests of the order are not made (a callback or
+    consumed event still is); refunds are as recorded."""
+    through, paid = 0, False
+    for trace_id in order.trace_ids:  # in time order
+        asked = analysis.traces[trace_id].asked
+        if paid and asked:
+            continue
+        through += charges.get(trace_id, 0)
+        paid = paid or (asked and not told_failed.get(trace_id, False))
+    return bool(through - order.refunds >= 2)
+
+
+def _walk(chain: list[Call], run_chain: Any, chains_by_parent: dict[tuple[str, str | None], list[list[Call]]],
+          charging: set[tuple[str, str]]) -> tuple[bool, bool, int]:
+    """Run a top-level chain and every chain below the attempts it made: (success, a late success happened, charges
+    that went through)."""
+    _, ok, late, through, made = run_chain(chain)
+    charged = through if (chain[0].trace_id, chain[0].span_id) in charging else 0
+    stack = chain[:made]
     while stack:
         call = stack.pop()
         for child in chains_by_parent.get((call.trace_id, call.span_id), []):
-            _, _, child_late, child_dup = run_chain(child)
+            _, _, child_late, child_through, child_made = run_chain(child)
             late |= child_late
-            dup |= child_dup
-            stack.extend(child)
-    return spent, ok, late, dup
+            if (child[0].trace_id, child[0].span_id) in charging:
+                charged += child_through
+            stack.extend(child[:child_made])
+    return ok, late, charged
 
 
 def simulate(analysis: Analysis, recommendations: list[Recommendation]) -> dict[str, Any]:
