@@ -151,9 +151,10 @@ def test_a_trace_that_charged_nothing_and_names_no_order_is_shown_as_no_order(tm
              check=True)
     trace = "fe65c5beefbe4e96119efbba3da07e99"
     view = json.loads(payscope("show", trace, "--store", store, "--format", "json", check=True).stdout)
-    assert view["order"] is None and [t["outcome"] for t in view["transactions"]] == ["ok"]
+    # it went well, its Redis timeouts retried: recovered, as `failures` lists it (test_one_answer.py)
+    assert view["order"] is None and [t["outcome"] for t in view["transactions"]] == ["recovered"]
     table = payscope("show", trace, "--store", store, check=True).stdout
-    assert table.startswith(f"trace {trace}: ok") and "told paid" not in table
+    assert table.startswith(f"trace {trace}: recovered") and "told paid" not in table
     stats = json.loads(payscope("analyze", "--store", store, "--format", "json", check=True).stdout)["stats"]
     assert stats["orders"] == 0 and stats["transactions"] == 1  # counted as a transaction, not as an order
 
