@@ -596,13 +596,29 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
             known += 1
         return depth_cache[(c.trace_id, c.span_id)]
 
+    def answered_too_late(c: Call) -> bool:
+        """An error answer (not a timeout) that came back after a call above it had given up: it did not make
+        that call fail (a decline after the gateway's timeout is not why the customer saw a timeout)."""
+        if c.error_class == "timeout":
+            return False
+        if not by_span:
+            by_span.update(((k.trace_id, k.span_id), k) for k in calls)
+        seen = set()
+        above = by_span.get((c.trace_id, c.upstream)) if c.upstream else None
+        while above is not None and above.span_id not in seen:
+            if above.gave_up and c.end_ns > above.end_ns:
+                return True
+            seen.add(above.span_id)
+            above = by_span.get((above.trace_id, above.upstream)) if above.upstream else None
+        return False
+
     out: dict[str, Transaction] = {}
     with_failed = {trace_id for trace_id, _ in final_attempt}
     with_late = {c.trace_id for c in calls if c.late_success}
     for trace_id, f in facts.items():
         trace_calls_ = by_trace.get(trace_id, [])
         failed = [c for c in trace_calls_ if not c.ok and (c.trace_id, c.span_id) in final_attempt
-                  ] if trace_id in with_failed else []
+                  and not answered_too_late(c)] if trace_id in with_failed else []
         hop = max(failed, key=lambda c: (depth(c), c.start_ns)) if failed else None
         if hop is None and f.failing_entry is not None:
             # The entry failed with no failed call under it (a proxy that gave up, say): blame the call

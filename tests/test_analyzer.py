@@ -309,3 +309,39 @@ def test_the_collector_stays_paused_until_the_last_build_in_any_thread_ends() ->
     first_out.set()
     worker.join(5)
     assert seen == {"after the first ended": False} and gc.isenabled()
+
+
+def _checkout(gateway_waits_ms: float) -> list[SpanRow]:
+    """One checkout: gateway -> order -> payment -> bank, the bank declines at 1045 ms and the decline travels back
+    up; the gateway's call to order lasts ``gateway_waits_ms``, with no answer if it ends before order's does
+    (its timeout fired) or with order's 402 if after."""
+    ms = 1_000_000
+    answered = gateway_waits_ms > 1120
+
+    def row(span_id: str, parent: str | None, service: str, kind: str, start: float, end: float,
+            error: str | None, peer: str | None = None, status: int | None = None) -> SpanRow:
+        return SpanRow("ab" * 16, span_id, parent, service, f"POST /{service}", kind, int(start * ms), int(end * ms),
+                       2 if error else 0, "", error, f"POST /{peer or service}", peer,
+                       "POST" if kind == "client" else None, status, 0, False)
+
+    return [
+        row("01" * 8, None, "gateway", "server", 0, gateway_waits_ms + 10, "business" if answered else "timeout",
+            status=402 if answered else 504),
+        row("02" * 8, "01" * 8, "gateway", "client", 5, gateway_waits_ms, "business" if answered else "timeout",
+            "order", 402 if answered else None),
+        row("03" * 8, "02" * 8, "order", "server", 700, 1120, "business", status=402),
+        row("04" * 8, "03" * 8, "order", "client", 720, 1060, "business", "payment", 402),
+        row("05" * 8, "04" * 8, "payment", "server", 725, 1055, "business", status=402),
+        row("06" * 8, "05" * 8, "payment", "client", 730, 1050, "business", "bank", 402),
+        row("07" * 8, "06" * 8, "bank", "server", 735, 1045, "business", status=402),
+    ]
+
+
+@pytest.mark.parametrize(("gateway_waits_ms", "outcome", "hop", "error_class"), [
+    (1020, "timeout", ("gateway", "order"), "timeout"),  # the gateway gave up before the decline came back
+    (1130, "declined", ("payment", "bank"), "business"),  # the decline came back in time: the bank said no
+])
+def test_a_decline_that_comes_back_after_the_caller_gave_up_is_not_its_failing_hop(
+        gateway_waits_ms: float, outcome: str, hop: tuple[str, str], error_class: str) -> None:
+    (tx,) = _analysis_of(_checkout(gateway_waits_ms)).transactions.values()
+    assert (tx.outcome, tx.failing_hop[:2] if tx.failing_hop else None, tx.error_class) == (outcome, hop, error_class)
