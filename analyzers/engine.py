@@ -599,12 +599,12 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
     def answered_too_late(c: Call) -> bool:
         """An error answer (not a timeout) that came back after a call above it had given up: it did not make
         that call fail (a decline after the gateway's timeout is not why the customer saw a timeout)."""
-        if c.error_class == "timeout":
+        if c.error_class == "timeout" or not c.upstream:
             return False
         if not by_span:
             by_span.update(((k.trace_id, k.span_id), k) for k in calls)
         seen = set()
-        above = by_span.get((c.trace_id, c.upstream)) if c.upstream else None
+        above = by_span.get((c.trace_id, c.upstream))
         while above is not None and above.span_id not in seen:
             if above.gave_up and c.end_ns > above.end_ns:
                 return True
@@ -619,7 +619,7 @@ def classify(facts: dict[str, TraceFacts], calls: list[Call], chains: list[list[
         trace_calls_ = by_trace.get(trace_id, [])
         failed = [c for c in trace_calls_ if not c.ok and (c.trace_id, c.span_id) in final_attempt
                   and not answered_too_late(c)] if trace_id in with_failed else []
-        hop = max(failed, key=lambda c: (depth(c), c.start_ns)) if failed else None
+        hop = (failed[0] if len(failed) == 1 else max(failed, key=lambda c: (depth(c), c.start_ns))) if failed else None
         if hop is None and f.failing_entry is not None:
             # The entry failed with no failed call under it (a proxy that gave up, say): blame the call
             # that used up its time.
