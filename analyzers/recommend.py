@@ -341,7 +341,8 @@ def _charged_twice(analysis: Analysis, order: Any, told_failed: dict[str, bool],
     """Whether two charges of ``order`` go through in the replay, across its traces as the orders count them
     (``orders.Order.mismatches``): a customer told it failed asks again, and both attempts may charge. Once the
     replay tells the customer it is paid, the customer's later requests of the order are not made (a callback or
-    consumed event still is); refunds are as recorded."""
+    consumed event still is); refunds are as recorded. The replay knows calls only: where the rules count an order's
+    charges from the provider's log lines (``[orders] charge_log``), it still counts the calls that charge."""
     through, paid = 0, False
     for trace_id in order.trace_ids:  # in time order
         asked = analysis.traces[trace_id].asked
