@@ -8,7 +8,7 @@ from typing import Any
 
 from .calls import Call
 from .engine import Analysis, Edge, EdgeKey, call_budget_ms
-from .orders import charging_calls
+from .orders import Order, charging_calls
 from .stats import fraction_above, median, ms, nice_ceil_ms, percentile
 
 MARGIN = 1.25          # over the healthy p99
@@ -337,7 +337,7 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
     return ReplayResult(len(analysis.traces), failed, late_total, twice)
 
 
-def _charged_twice(analysis: Analysis, order: Any, told_failed: dict[str, bool], charges: dict[str, int]) -> bool:
+def _charged_twice(analysis: Analysis, order: Order, told_failed: dict[str, bool], charges: dict[str, int]) -> bool:
     """Whether two charges of ``order`` go through in the replay, across its traces as the orders count them
     (``orders.Order.mismatches``): a customer told it failed asks again, and both attempts may charge. Once the
     replay tells the customer it is paid, the customer's later requests of the order are not made (a callback or
