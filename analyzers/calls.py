@@ -123,6 +123,15 @@ class Call:
         return None  # failed, and not given up
 
     @property
+    def left_waiting_ms(self) -> float | None:
+        """For a call its caller gave up on before the callee's span began (a request left in the callee's queue,
+        or on the wire, past the caller's timeout): how long it waited before the callee picked it up, of which
+        ``gap_ms`` counts only what the caller waited. None for any other call."""
+        if self.gave_up and self.server_start_ns is not None and self.server_start_ns >= self.end_ns:
+            return (self.server_start_ns - self.start_ns) / 1e6
+        return None
+
+    @property
     def timed_out(self) -> bool:
         return self.error_class == "timeout"
 

@@ -10,7 +10,7 @@ from payscope.timeparse import format_ns
 
 from .calls import Call
 from .engine import Analysis, Edge, EdgeKey, is_business_failure
-from .gaps import Occupancy, gap_cause, occupancies, stretched
+from .gaps import Occupancy, gap_cause, left_waiting, occupancies, stretched
 from .recommend import connect_timeout_ms
 from .stats import fraction_above, percentile
 
@@ -381,19 +381,33 @@ def network_latency(analysis: Analysis) -> list[Finding]:
         busy = busy if busy is not None else occupancies(analysis)
         cause = gap_cause(analysis, edge, slow, grown=bool(growth), busy=busy)
         client50 = percentile(edge.observed_ms, 50) or 0.0
+        # late successes count in what the caller's calls take as long as the callee took (Call.observed_ms)
+        until = (f" until {edge.callee} answers (counting those {edge.caller} gave up on)"
+                 if len(edge.observed_ms) > len(edge.healthy_ms) else "")
+        unseen = left_waiting(slow)
+        beyond = ""
+        if unseen is not None:
+            beyond = (f"{unseen.calls} of the {len(slow)} calls {'since then' if growth else 'that lost time'} "
+                      f"were still waiting for {edge.callee} to pick them up when "
+                      f"{edge.caller} gave up: they waited {_ms(unseen.wait_ms)} at the median before it did, so "
+                      f"they lost more than is counted here, which stops where {edge.caller} stopped waiting.")
         where, action = _GAP_WORDS[cause.where]
         out.append(Finding(
             "network_latency", "high" if edge.charge_like else "medium", edge.key,
-            f"{_name(edge)} loses {_ms(gap50)} per call between {edge.caller} and {edge.callee} "
+            f"{_name(edge)} loses {'at least ' if unseen is not None and unseen.most else ''}{_ms(gap50)} per "
+            f"call between {edge.caller} and {edge.callee} "
             f"({edge.callee}'s own time {_ms(server50)}){where.format(s=cause.service)}",
-            f"{edge.caller} waits {_ms(client50)} at the median for {edge.callee}, which spends {_ms(server50)} on "
-            f"the request itself: {_ms(gap50)} is lost between caller and callee (the network, a proxy, a queue "
-            f"or a connection pool), not in {edge.callee}'s code. {growth} Where: {cause.because}. Timeouts on "
-            f"this call must cover what {edge.caller} sees, not what {edge.callee}'s spans say.".replace("  ", " "),
+            f"{edge.caller}'s calls to {edge.callee} take {_ms(client50)} at the median{until}, and {edge.callee} "
+            f"spends {_ms(server50)} on the request itself: {_ms(gap50)} is lost between caller and callee (the "
+            f"network, a proxy, a queue or a connection pool), not in {edge.callee}'s code. {growth} {beyond} "
+            f"Where: {cause.because}. Timeouts on this call must cover what {edge.caller} sees, not what "
+            f"{edge.callee}'s spans say.".replace("   ", " ").replace("  ", " "),
             {"client_ms": {"p50": round(client50, 2), "p99": round(percentile(edge.observed_ms, 99) or 0.0, 2)},
              "server_ms": {"p50": round(server50, 2), "p99": round(percentile(edge.server_ms, 99) or 0.0, 2)},
              "gap_ms": {"p50": round(gap50, 2), "p99": round(percentile(edge.gap_ms, 99) or 0.0, 2)},
-             "calls": len(edge.gap_ms), "cause": cause.where, "common_cause": cause.service},
+             "calls": len(edge.gap_ms), "cause": cause.where, "common_cause": cause.service,
+             "picked_up_after_give_up": None if unseen is None else {
+                 "calls": unseen.calls, "of": len(slow), "wait_ms_p50": round(unseen.wait_ms, 2)}},
             # the calls that lost the most on the wire first
             [c.trace_id for c in sorted((c for c in edge.calls if c.gap_ms is not None),
                                         key=lambda c: -(c.gap_ms or 0.0))][:EVIDENCE_IDS],

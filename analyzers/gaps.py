@@ -40,6 +40,25 @@ def _own_ms(calls: list[Call]) -> float:
                    if c.server_start_ns is not None and c.server_end_ns is not None]) or 0.0
 
 
+@dataclass(frozen=True, slots=True)
+class LeftWaiting:
+    """Calls their caller gave up on before the callee picked them up (``Call.left_waiting_ms``)."""
+
+    calls: int
+    wait_ms: float   # how long they waited before the callee picked them up, at the median
+    most: bool       # they are at least half of the calls judged: a median gap of those is a lower bound
+
+
+def left_waiting(calls: list[Call]) -> LeftWaiting | None:
+    """The calls of ``calls`` that were still waiting for their callee when the caller gave up, or None when fewer
+    than SIBLING_MIN_CALLS: what they lost runs past what the caller saw, so a gap counted on them is a lower
+    bound, and their wait is what the callee's queue (or the wire) really held them."""
+    waits = [w for c in calls if (w := c.left_waiting_ms) is not None]
+    if len(waits) < SIBLING_MIN_CALLS:
+        return None
+    return LeftWaiting(len(waits), median(waits) or 0.0, 2 * len(waits) >= len(calls))
+
+
 def _answered(calls: list[Call]) -> list[Call]:
     # a call given up on says nothing of the answer it did not wait for, which a slow link holds as long as every other
     return [c for c in calls if c.error_class is None and c.gap_ms is not None]

@@ -5,8 +5,12 @@ finding's `callee_queue` and `compare`'s `[queue]` hops both ask it."""
 from __future__ import annotations
 
 from payscope.analyzers.calls import Call
+from payscope.analyzers.diagnose import diagnose
 from payscope.analyzers.engine import Analysis, Edge
+from payscope.analyzers.findings import find
 from payscope.analyzers.gaps import Occupancy, gap_cause, waited_for_workers
+from payscope.collector.store import group_traces
+from payscope.model import SpanRow
 
 MS = 1_000_000
 SERVER_MS = 20
@@ -99,3 +103,49 @@ def test_a_queue_is_found_though_some_free_calls_waited_as_it_drained() -> None:
     assert waited is not None and waited.calls == 16 and waited.full_ms == 394.0
     cause = gap_cause(analysis, edge, slow, grown=True, busy=busy)
     assert (cause.where, cause.service) == ("callee_queue", "bank"), cause
+
+
+def _queued_past_the_timeout(i: int, queue_ms: float) -> list[SpanRow]:
+    """gateway -> order at ``i`` seconds: order's request waits ``queue_ms`` for a worker and takes 50 ms; the
+    gateway gives up after one second (its own timer: a timeout with no answer) when the wait is longer."""
+    start = i * 1000 * MS
+    given_up = queue_ms + 50 > 1000
+    end = start + (1000 if given_up else queue_ms + 52) * MS
+    trace = f"{i + 1:032x}"
+
+    def row(span_id: str, parent: str | None, service: str, kind: str, begin: int, finish: int,
+            error: str | None) -> SpanRow:
+        return SpanRow(trace, span_id, parent, service, f"POST /{service}", kind, begin, finish,
+                       2 if error else 0, "", error, "POST /orders", "order" if kind == "client" else None,
+                       "POST" if kind == "client" else None, None if error else 200, 0, False)
+
+    picked_up = start + int((queue_ms + 1) * MS)
+    return [row("01" * 8, None, "gateway", "server", start, end + MS, "timeout" if given_up else None),
+            row("02" * 8, "01" * 8, "gateway", "client", start, end, "timeout" if given_up else None),
+            row("03" * 8, "02" * 8, "order", "server", picked_up, picked_up + 50 * MS, None)]
+
+
+def test_calls_left_in_the_callees_queue_past_the_timeout_say_how_long_they_really_waited() -> None:
+    """Twenty quiet calls, then twenty that waited three seconds in order's queue, past the gateway's one-second
+    timeout. What the gateway lost on them stops at its timeout (the gap is a lower bound there), so the finding says
+    "at least", and how long they waited before order picked them up: three seconds, not one."""
+    rows = [r for i in range(20) for r in _queued_past_the_timeout(i, 1.0)]
+    rows += [r for i in range(20, 40) for r in _queued_past_the_timeout(i, 3000.0)]
+    analysis = diagnose(group_traces([sorted(rows, key=lambda r: r.trace_id)]))
+    (finding,) = [f for f in find(analysis) if f.kind == "network_latency"]
+    assert finding.metrics["picked_up_after_give_up"] == {"calls": 20, "of": 20, "wait_ms_p50": 3001.0}
+    assert "loses at least 1.00s per call" in finding.summary, finding.summary
+    assert "they waited 3.00s at the median before it did" in finding.explanation, finding.explanation
+    # what the gateway's calls take until order answers counts the given-up ones as long as order took
+    assert finding.metrics["client_ms"]["p99"] >= 3000
+    assert "until order answers (counting those gateway gave up on)" in finding.explanation
+
+
+def test_a_slow_answer_the_caller_waited_for_is_not_counted_as_left_waiting() -> None:
+    """The same stretch, but order picks the calls up after 600 ms and the gateway waits: nothing is a lower bound."""
+    rows = [r for i in range(20) for r in _queued_past_the_timeout(i, 1.0)]
+    rows += [r for i in range(20, 40) for r in _queued_past_the_timeout(i, 600.0)]
+    analysis = diagnose(group_traces([sorted(rows, key=lambda r: r.trace_id)]))
+    (finding,) = [f for f in find(analysis) if f.kind == "network_latency"]
+    assert finding.metrics["picked_up_after_give_up"] is None
+    assert "at least" not in finding.summary and "loses 602ms per call" in finding.summary, finding.summary
