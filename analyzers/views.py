@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -142,14 +143,16 @@ def _depths(spans: list[Span]) -> list[tuple[Span, int]]:
     return out
 
 
-def _call_json(call: Call) -> dict[str, Any]:
-    """The three times of one call kept apart: what the caller saw, what the callee spent, and the gap."""
+def _call_json(call: Call, attempts: int = 1) -> dict[str, Any]:
+    """The three times of one call kept apart: what the caller saw, what the callee spent, and the gap. ``attempts``:
+    how many calls its client span holds (it retried inside itself); ``call`` is the last of them."""
     server, gap = call.server_ms, call.gap_ms
     return {"callee": call.callee, "operation": call.operation, "client_ms": round(call.duration_ns / 1e6, 3),
             "server_ms": None if server is None else round(server, 3),
             "gap_ms": None if gap is None else round(gap, 3),
             "gap_at_least": gap is not None and call.error_class is not None,  # given up: what it waited at least
-            "late_success": call.late_success, "attempt": call.attempt, "error_class": call.error_class}
+            "late_success": call.late_success, "attempt": call.attempt, "error_class": call.error_class,
+            "attempts_in_span": attempts}
 
 
 @paused_cycle_collection()
@@ -161,9 +164,11 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
     span_rows = {tid: store.trace_rows(tid) for tid in trace_ids}
     error_classes = {(r.trace_id, r.span_id): r.error_class for rs in span_rows.values() for r in rs}
     calls: dict[tuple[str, str], Call] = {}
+    attempts: Counter[tuple[str, str]] = Counter()  # a client span that retried inside itself holds several calls
     for tid in trace_ids:
         for c in analysis.calls_of(tid):
             calls[(c.trace_id, c.span_id.split("#")[0])] = c  # a span's last attempt speaks for it
+            attempts[(c.trace_id, c.span_id.split("#")[0])] += 1
     seen: set[int] = set()
     found = []
     for tid in trace_ids:
@@ -186,7 +191,8 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
             "status": {0: "unset", 1: "ok", 2: "error"}.get(span.status_code, "unset"),
             "error_class": error_classes.get((span.trace_id, span.span_id)), "message": span.status_message,
             "timeout_ms": _timeout_of(span.attributes), "attributes": span.attributes,
-            "events": span.events, "call": _call_json(call) if call is not None else None,
+            "events": span.events,
+            "call": _call_json(call, attempts[(span.trace_id, span.span_id)]) if call is not None else None,
         })
     logs = sorted((log_json(rec) for tid in trace_ids for rec in store.logs_of_trace(tid)),
                   key=lambda r: r["time"])

@@ -254,6 +254,8 @@ def call_times(call: dict[str, Any] | None) -> str:
     if not call:
         return ""
     parts = [f"client {format_ms(call['client_ms'])}"]
+    if call.get("attempts_in_span", 1) > 1:  # the span retried inside itself: its last attempt's times
+        parts[0] = f"last of {call['attempts_in_span']} attempts: " + parts[0]
     if call["server_ms"] is not None:
         parts.append(f"server {format_ms(call['server_ms'])}")
     if call["gap_ms"] is not None:

@@ -114,6 +114,24 @@ def test_demo_store_holds_real_failures_and_linked_logs(demo_run: tuple[Path, su
     assert {r["service"] for r in shown["logs"]} >= {"gateway", "order", "payment"}
 
 
+def test_a_span_that_retried_inside_itself_shows_its_last_attempts_times_and_says_so(
+        demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    """payment's client retries the bank inside one span (urllib3's Retry): one row, several calls. Its times are
+    the last attempt's, shorter than the row, and `show` says whose they are."""
+    store, _ = demo_run
+    failures = payscope_json("failures", "--store", str(store), "--limit", "400")["failures"]
+    duplicate = next(f["trace_id"] for f in failures if f["outcome"] == "duplicate_charge")
+    rows = payscope_json("show", duplicate, "--store", str(store))["spans"]
+    retried = [r for r in rows if r["call"] and r["call"]["attempts_in_span"] > 1]
+    assert retried, "a duplicate charge is two attempts of one call"
+    for row in retried:
+        answers = [r for r in rows if r["parent_id"] == row["span_id"] and r["kind"] == "server"]
+        assert row["call"]["attempts_in_span"] == len(answers) >= 2
+        assert row["call"]["client_ms"] < row["duration_ms"]
+    text = payscope("show", duplicate, "--store", str(store), check=True).stdout
+    assert f"[last of {retried[0]['call']['attempts_in_span']} attempts: client " in text
+
+
 def test_fixed_sets_each_client_to_cover_every_operation_it_serves(
         demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     """order's one inventory client makes the TCC try, confirm and cancel calls: the timeout --fixed gives it is the
