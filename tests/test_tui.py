@@ -440,3 +440,35 @@ async def test_a_transaction_opens_its_orders_journey(demo_store: Path, tmp_path
         await pilot.press("escape")
         await _settle(app, pilot)
         assert app.screen is tx
+
+
+@pytest.mark.anyio
+async def test_a_span_that_retried_inside_itself_gives_its_last_attempts_times_in_the_details(
+        demo_store: Path) -> None:
+    """payment's client retries the bank inside one span: selected, its details give the call's times as `show`
+    does, and say they are the last attempt's."""
+    failures = payscope_json("failures", "--store", str(demo_store), "--limit", "0")["failures"]
+    found = None
+    for failure in failures[:60]:
+        rows = payscope_json("show", failure["trace_id"], "--store", str(demo_store))["spans"]
+        retried = [r for r in rows if r["call"] and r["call"]["attempts_in_span"] > 1]
+        if retried:
+            found = failure["trace_id"], retried[0]
+            break
+    assert found is not None, "the demo's payment service retries the bank within one span"
+    trace_id, row = found
+    app = build(str(demo_store), refresh_seconds=3600)
+    async with app.run_test(size=(160, 48)) as pilot:
+        await _settle(app, pilot)
+        await pilot.press("slash", *trace_id, "enter")
+        await _settle(app, pilot)
+        await pilot.press("enter")
+        await _settle(app, pilot)
+        waterfall = app.screen.query_one(Waterfall)
+        while waterfall.selected is not None and waterfall.selected["span_id"] != row["span_id"]:
+            before = waterfall.cursor
+            await pilot.press("down")
+            assert waterfall.cursor == before + 1
+        await _settle(app, pilot)
+        details = str(app.screen.query_one("#details").render())
+        assert f"call to bank: [last of {row['call']['attempts_in_span']} attempts: client " in details, details

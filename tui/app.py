@@ -17,7 +17,7 @@ from textual.worker import Worker, WorkerState
 from payscope.analyzers.views import fix_text
 from payscope.collector.store import Store
 from payscope.errors import PayscopeError
-from payscope.report import hop_lines, journey_lines
+from payscope.report import call_times, hop_lines, journey_lines
 from payscope.timeparse import format_ms, format_ns, parse_window
 
 from . import data
@@ -308,7 +308,10 @@ class TransactionScreen(Loading):
                  f"status {row['status']}" + (f" [{row['error_class']}]" if row["error_class"] else "")
                  + (f" {row['message']}" if row["message"] else ""),
                  f"start +{row['offset_ms']:.1f} ms, duration {row['duration_ms']:.1f} ms"
-                 + (f", timeout {row['timeout_ms']:.0f} ms" if row.get("timeout_ms") else ""), ""]
+                 + (f", timeout {row['timeout_ms']:.0f} ms" if row.get("timeout_ms") else "")]
+        if row.get("call"):  # the call's own times, as `show` gives them (a span that retried: its last attempt's)
+            lines.append(f"call to {row['call']['callee']}: {call_times(row['call'])}")
+        lines.append("")
         for key, value in sorted((row.get("attributes") or {}).items()):
             lines.append(f"{key} = {value}")
         for event_row in row.get("events") or []:

@@ -165,8 +165,6 @@ class Waterfall(ScrollView, can_focus=True):
             if 0 <= at < bar_width:
                 cells[at] = TIMEOUT_MARK
                 gap_cells.discard(at)
-        if (row.get("call") or {}).get("attempts_in_span", 1) > 1:  # retried inside one span: its last attempt's gap
-            marks = f" (last of {row['call']['attempts_in_span']} attempts)" + marks
         if gap and (row.get("call") or {}).get("gap_at_least"):
             marks += f" gap>={gap:.1f}ms"  # given up: what it waited at least, after the error it ended in
         elif gap:
