@@ -824,8 +824,8 @@ def demo(
                                    keep_running, say, progress)
         t = result["traffic"]
         say(f"{label}: {t.sent} orders placed: {t.ok} paid, {t.failed} failed for the customer "
-            f"({t.retried} of all the orders paid again after an error); {result['log_lines']} log lines ingested "
-            f"({', '.join(f'{n} by {m}' for m, n in sorted(result['linked'].items()))})")
+            f"(on {t.retried} of them the customer pressed \"pay\" again after an error); {result['log_lines']} log "
+            f"lines ingested ({', '.join(f'{n} by {m}' for m, n in sorted(result['linked'].items()))})")
         return result
 
     if not fixed:
