@@ -44,6 +44,7 @@ class Recommendation:
     timeout_rate_before: float
     timeout_rate_after: float
     notes: list[str] = field(default_factory=list)
+    timeout_rate_after_queued: float | None = None  # of timeout_rate_after, the calls only the queue fails
 
     def to_json(self) -> dict[str, Any]:
         e = self.edge
@@ -60,7 +61,9 @@ class Recommendation:
                             "budget_ms": self.recommended.budget_ms()},
             "idempotent": e.idempotent,
             "expected_timeout_rate": {"before": round(self.timeout_rate_before, 4),
-                                      "after": round(self.timeout_rate_after, 4)},
+                                      "after": round(self.timeout_rate_after, 4),
+                                      "after_queued": None if self.timeout_rate_after_queued is None
+                                      else round(self.timeout_rate_after_queued, 4)},
             "reason": self.reason, "notes": self.notes,
             "snippets": snippets(e, self.recommended),
         }
@@ -127,11 +130,16 @@ def recommend(analysis: Analysis) -> list[Recommendation]:
         cur = current_setting(edge)
         before = timeout_rate(edge, cur.per_try_ms)
         after = timeout_rate(edge, rec.per_try_ms)
+        # of one try's failures, those of the queue (with retries, a queued try may be followed by one that is not)
+        queued_after = queued_timeout_rate(edge, rec.per_try_ms) if rec.attempts == 1 else None
         notes = []
         if edge.queued:
-            notes.append(f"{edge.queued} calls that waited for a free worker of "
-                         f"{edge.callee} (its queue, not its work) are left out of the tail: a timeout that covers "
-                         "a queue only lets it grow")
+            note = (f"{edge.queued} calls that waited for a free worker of {edge.callee} (its queue, not its work) "
+                    "are left out of the tail: a timeout that covers a queue only lets it grow")
+            if queued_after:
+                note += (f"; {queued_after:.2%} of the calls time out after only because they waited there (of "
+                         f"the {after:.2%}): more workers for {edge.callee}, or less held by each, fix those")
+            notes.append(note)
         cut = fraction_above(edge.tail(), rec.per_try_ms) if rec.per_try_ms is not None else 0.0
         if cut:
             notes.append(f"cuts {cut:.2%} of the successful calls the caller saw (outliers beyond "
@@ -144,7 +152,8 @@ def recommend(analysis: Analysis) -> list[Recommendation]:
         if not edge.instrumented_callee and edge.timed_out_ms:
             notes.append(f"{edge.callee} has no spans: latency above the current timeout was never observed, "
                          "so the tail may be longer than shown")
-        out.append(Recommendation(edge, cur, rec, budgets.reasons[key], before, after ** rec.attempts, notes))
+        out.append(Recommendation(edge, cur, rec, budgets.reasons[key], before, after ** rec.attempts, notes,
+                                  queued_after))
     return out
 
 
@@ -174,6 +183,18 @@ def timeout_rate(edge: Edge, per_try_ms: float | None) -> float:
         return 0.0
     slow = fraction_above(observed, per_try_ms) * len(observed) if per_try_ms is not None else 0.0
     return (slow + len(edge.censored_ms)) / total
+
+
+def queued_timeout_rate(edge: Edge, per_try_ms: float | None) -> float:
+    """The share of :func:`timeout_rate`'s calls that a per-try timeout fails only because they waited in the
+    callee's queue: slower than it in :meth:`Edge.latency`, and left out of :meth:`Edge.tail` as queued."""
+    observed, tail = edge.latency(), edge.tail()
+    total = len(observed) + len(edge.censored_ms)
+    if per_try_ms is None or not total or tail is observed:
+        return 0.0
+    slow = fraction_above(observed, per_try_ms) * len(observed)
+    slow_unqueued = fraction_above(tail, per_try_ms) * len(tail)
+    return max(0.0, slow - slow_unqueued) / total
 
 
 def tail_timeout(edge: Edge) -> float | None:

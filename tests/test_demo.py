@@ -132,6 +132,20 @@ def test_a_span_that_retried_inside_itself_shows_its_last_attempts_times_and_say
     assert f"[last of {retried[0]['call']['attempts_in_span']} attempts: client " in text
 
 
+def test_the_timeouts_a_recommendation_leaves_to_the_queue_are_said_where_they_are_counted(
+        demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
+    store, _ = demo_run
+    for rec in payscope_json("recommend", "timeouts", "--store", str(store), "--format", "json")["recommendations"]:
+        rate = rec["expected_timeout_rate"]
+        queued = rate["after_queued"]
+        assert queued is None or 0.0 <= queued <= rate["after"], rec
+        said = [n for n in rec["notes"] if "only because they waited there" in n]
+        assert bool(said) == bool(queued), rec
+        if queued:
+            share = re.search(r"; ([0-9.]+)% of the calls time out after only", said[0])
+            assert share and abs(float(share.group(1)) - 100 * queued) <= 0.011, said[0]
+
+
 def test_fixed_sets_each_client_to_cover_every_operation_it_serves(
         demo_run: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
     """order's one inventory client makes the TCC try, confirm and cancel calls: the timeout --fixed gives it is the

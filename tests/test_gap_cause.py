@@ -4,6 +4,7 @@ finding's `callee_queue` and `compare`'s `[queue]` hops both ask it."""
 
 from __future__ import annotations
 
+from payscope.analyzers import recommend
 from payscope.analyzers.calls import Call
 from payscope.analyzers.diagnose import diagnose
 from payscope.analyzers.engine import Analysis, Edge
@@ -149,3 +150,16 @@ def test_a_slow_answer_the_caller_waited_for_is_not_counted_as_left_waiting() ->
     (finding,) = [f for f in find(analysis) if f.kind == "network_latency"]
     assert finding.metrics["picked_up_after_give_up"] is None
     assert "at least" not in finding.summary and "loses 602ms per call" in finding.summary, finding.summary
+
+
+def test_the_calls_a_recommended_timeout_still_fails_only_because_they_queued_are_told_apart() -> None:
+    """Ten calls: five fast, one slow of its own (4 s), four that waited for a free worker (5 s, left out of the tail).
+    Under a 3.5 s timeout half of them fail, and four tenths only because they queued."""
+    edge = Edge("gateway", "order", "POST /orders")
+    edge.observed_ms = sorted([100.0] * 5 + [4000.0] + [5000.0] * 4)
+    edge.tail_ms = sorted([100.0] * 5 + [4000.0])
+    assert recommend.timeout_rate(edge, 3500.0) == 0.5
+    assert recommend.queued_timeout_rate(edge, 3500.0) == 0.4
+    assert recommend.queued_timeout_rate(edge, 6000.0) == 0.0
+    edge.tail_ms = None  # no queue found: nothing is the queue's
+    assert recommend.queued_timeout_rate(edge, 3500.0) == 0.0
