@@ -42,6 +42,16 @@ def counts_line(stats: dict[str, Any]) -> str:
             f"orders charged twice: {stats['orders_charged_twice']}")
 
 
+def no_findings_line(stats: dict[str, Any]) -> str:
+    """What to say when no rule is met: that nothing failed, or where the failures that did are listed."""
+    failed = sum(n for outcome, n in stats["outcomes"].items() if outcome not in ("ok", "recovered"))
+    if not failed:
+        return "no findings: no timeout, retry or network problem shows in this data"
+    them = "them, each" if failed > 1 else "it"
+    return (f"no findings: {failed} transaction{'s' if failed > 1 else ''} did not succeed (payscope failures lists "
+            f"{them} with its failing hop), but no timeout, retry or network rule is met by the calls seen")
+
+
 def print_table(document: dict[str, Any], console: Console) -> None:
     console.print(counts_line(document["stats"]), markup=False)
     mismatched = {k: v for k, v in document["stats"].get("orders_to_reconcile", {}).items() if v}
@@ -57,7 +67,7 @@ def print_table(document: dict[str, Any], console: Console) -> None:
     for line in injected_lines(document):
         console.print(line, markup=False)
     if not document["findings"]:
-        console.print("no findings: no timeout, retry or network problem shows in this data")
+        console.print(no_findings_line(document["stats"]), markup=False)
         return
     for f in document["findings"]:
         edge = f["edge"]
@@ -83,7 +93,7 @@ def markdown(document: dict[str, Any]) -> str:
     lines = ["# payscope findings", "", counts_line(document["stats"]), ""]
     lines += [f"- {line}" for line in injected_lines(document)] + ([""] if injected_lines(document) else [])
     if not document["findings"]:
-        lines.append("No findings.")
+        lines.append(no_findings_line(document["stats"]).capitalize() + ".")
     for f in document["findings"]:
         edge = f["edge"]
         lines += [f"## {f['severity']}: {f['kind']} — {edge['caller']} → {edge['callee']} ({edge['operation']})",
