@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from payscope.collector.store import Sample
+from payscope.timeparse import format_ms
 
 from .calls import Call
 from .engine import Analysis, Edge
-from .gaps import Occupancy, occupancies, picked_up_late, usual_gap_ms, waited_for_workers
+from .gaps import Occupancy, left_waiting, occupancies, picked_up_late, usual_gap_ms, waited_for_workers
 from .stats import p50_p99 as _pct
 from .stats import percentile
 
@@ -374,6 +375,16 @@ def _ranked(analysis: Analysis, windows: tuple[Window, Window],
             "sentence": sentence(service, component, edge, value, added[g], g, _pct(base_samples),
                                  _pct(inc_samples), held_ms, consequence(key, g)),
         }
+        if component == "queue":
+            # what the entry requests lost stops where their callers gave up; how deep the queue was does not
+            left = left_waiting([c for c in analysis.calls if c.callee == service
+                                 and incident[0] <= c.start_ns < incident[1]])
+            hop["left_waiting"] = None if left is None else {"calls": left.calls,
+                                                             "wait_ms_p50": round(left.wait_ms, 2)}
+            if left is not None:
+                hop["sentence"] += (f"; {left.calls} calls into {service} were still in its queue when their "
+                                    f"caller gave up, and waited {format_ms(left.wait_ms)} at the median before it "
+                                    "picked them up")
         if queued is not None and hop["consequence"]:
             # what held the workers: the requests the service answered, ranked the same way (one level deep)
             into = (_requests_into(analysis, service, baseline, queued[0]),

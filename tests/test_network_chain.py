@@ -247,6 +247,10 @@ def test_requests_that_give_up_in_a_queue_are_led_to_what_held_its_workers(tmp_p
     assert (held["service"], held["component"], held["edge"]["caller"]) == ("ledger", "network", "api"), first
     assert held["explains_ms"] == pytest.approx(DELAY_MS, rel=0.3)
     assert not [h for h in doc["hops"] if h["component"] == "network" and h["service"] == "api"], doc["hops"]
+    # what the entry requests lost stops at frontend's 300 ms; how long they sat in api's queue is said beside it
+    left = first["left_waiting"]
+    assert left is not None and left["calls"] >= 3 and left["wait_ms_p50"] > 300, first
+    assert f"{left['calls']} calls into api were still in its queue when their caller gave up" in first["sentence"]
     found = payscope_json("analyze", "--store", str(store))["findings"]
     causes = {(f["edge"]["caller"], f["edge"]["callee"]): f["metrics"]["cause"] for f in found
               if f["kind"] == "network_latency"}
