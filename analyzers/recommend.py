@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from .calls import Call
 from .engine import Analysis, Edge, EdgeKey, call_budget_ms
+from .gaps import occupancies, usual_gap_ms
 from .orders import Order, charging_calls
 from .stats import fraction_above, median, ms, nice_ceil_ms, percentile
 
@@ -19,6 +21,8 @@ MIN_TIMEOUT_MS = 10.0
 RETRANSMIT_MS = 200.0
 OUTLIER_FACTOR = 4.0   # a success slower than this many p99s is an outlier, not the tail to cover
 MIN_TAIL_SAMPLES = 20  # fewer successes than this give no tail: cover the longest one seen
+QUEUE_PASSES = 8        # the replay of a queue stops when what it counts no longer changes, or after these passes
+GAVE_UP_PAST_MS = 0.001  # an attempt its caller gave up on lasted longer than the timeout: replayed this much past
 
 
 @dataclass
@@ -264,14 +268,42 @@ class ReplayResult:
                 "duplicate_charge": self.duplicate_charge}
 
 
+def _queue_waits(arrivals: list[tuple[float, float, int]], workers: int) -> dict[int, float]:
+    """How long each call waits for a worker of a service that has ``workers``: ``arrivals`` are (when the call
+    reaches it, ms; the work it holds a worker for, ms; the call's id), taken first come, first served, each by the
+    first worker free, whether or not its caller still waits."""
+    free_at = [0.0] * max(1, workers)  # a heap of the moments each worker is free again
+    waits = {}
+    for arrival, work, key in sorted(arrivals):
+        start = max(arrival, free_at[0])
+        heapq.heapreplace(free_at, start + work)
+        waits[key] = start - arrival
+    return waits
+
+
 def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult:
-    """Replay each recorded transaction's latencies under ``settings``.
+    """Replay each recorded transaction's latencies under ``settings``, transactions in the order they began.
 
     A callee's time is its recorded server time with its own downstream calls
     replayed in turn. Retries past the recorded attempts take the edge's median
     healthy latency. A timed-out call whose callee has no spans is assumed to
     have taken longer than any timeout (its real latency was never seen).
+
+    A customer the replay tells "failed" asks again as recorded; once told "paid", the order's later asked
+    traces are not made (a callback or consumed event still is), so they add no load and count nowhere.
+
+    A callee whose calls queued for a free worker (``gaps.leave_out_queues`` left them out of an edge's tail) is
+    replayed with its workers, as many as it ever had requests in flight: each call made into it arrives when it
+    was sent (plus half the edge's usual gap, the wire), waits for the first free worker (:func:`_queue_waits`)
+    and holds it for its replayed work. So its queue grows or drains with the work the settings give each request
+    and with the requests the replay makes, not as recorded. Which requests are made depends on the waits and the
+    waits on them: the replay starts from the recorded waits, and replays again with the waits the last pass's
+    requests make until what it counts stays the same (at most QUEUE_PASSES passes).
     """
+    busy = occupancies(analysis)
+    workers = {edge.callee: busy[edge.callee].ceiling for edge in analysis.edges.values()
+               if edge.tail_ms is not None and edge.callee in busy}
+    wire_ms = {edge.key: usual_gap_ms(edge) for edge in analysis.edges.values() if edge.callee in workers}
     chains_by_parent: dict[tuple[str, str | None], list[list[Call]]] = defaultdict(list)
     groups: dict[tuple[str, str | None, str, str], list[Call]] = defaultdict(list)
     for c in analysis.calls:
@@ -283,95 +315,126 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
     back_ms: dict[EdgeKey, float] = {}  # the answer's way back: half the gap of a successful call
     for key, edge in analysis.edges.items():
         back_ms[key] = (median(edge.gap_ms) or 0.0) / 2
-
-    def run_chain(chain: list[Call]) -> tuple[float, bool, bool, int, int]:
-        """(time the caller spent, success, a late success happened, attempts the callee carried out (answered
-        well, in time or after the caller gave up), attempts made)."""
-        edge = analysis.edges[chain[0].edge]
-        setting = settings.get(edge.key) or current_setting(edge)
-        spent = 0.0
-        server_successes = 0
-        late = False
-        for i in range(setting.attempts):
-            if i:
-                spent += setting.backoff_ms
-            recorded = chain[i] if i < len(chain) else None
-            latency, server_ok = attempt_latency(edge, recorded)
-            limit = setting.per_try_ms
-            if limit is None or latency <= limit:
-                spent += latency
-                if server_ok:
-                    return spent, True, late, server_successes + 1, i + 1
-                continue
-            spent += limit
-            if server_ok:
-                server_successes += 1
-                late = True
-        return spent, False, late, server_successes, setting.attempts
-
-    def attempt_latency(edge: Edge, call: Call | None) -> tuple[float, bool]:
-        """How long the caller would wait for this attempt with no timeout, and whether it would succeed:
-        what the caller saw, with the callee's own calls replayed in place of what they took."""
-        if call is None:
-            return (percentile(edge.latency(), 50) or 0.0), True
-        if call.server_start_ns is None or call.server_end_ns is None:
-            if call.gave_up:  # no answer: how long it would have taken was never seen
-                return float("inf"), False
-            return ms(call.duration_ns), call.ok
-        client = ms(call.duration_ns)
-        if call.gave_up:  # cut short: it would have lasted until the callee finished and its answer came back
-            client = max(client, ms(call.server_end_ns - call.start_ns) + back_ms.get(edge.key, 0.0))
-        children = chains_by_parent.get((call.trace_id, call.span_id), [])
-        recorded_children = sum(ms(ch[-1].end_ns - ch[0].start_ns) for ch in children)
-        replayed = 0.0
-        children_ok = True
-        for ch in children:
-            spent, child_ok, _, _, _ = run_chain(ch)
-            replayed += spent
-            if not child_ok:
-                children_ok = False
-                break
-        # A callee that failed only because one of its own calls failed succeeds when that call now does.
-        failed_by_child = any(not ch[-1].ok for ch in children)
-        ok = children_ok and (bool(call.server_ok) or failed_by_child)
-        return max(0.0, client - recorded_children + replayed), ok
-
     charging = charging_calls(analysis)
-    failed = late_total = 0
-    told_failed: dict[str, bool] = {}
-    charges: dict[str, int] = {}
-    for trace_id, facts in analysis.traces.items():
-        top = chains_by_parent.get((trace_id, None), [])
-        any_fail = any_late = False
-        through = 0
-        for ch in top:
-            ok, late, charged = _walk(ch, run_chain, chains_by_parent, charging)
-            any_fail |= not ok
-            any_late |= late
-            through += charged
-        if not top and not facts.root_ok:
-            any_fail = True
-        failed += any_fail
-        late_total += any_late and any_fail
-        told_failed[trace_id], charges[trace_id] = any_fail, through
-    twice = sum(_charged_twice(analysis, order, told_failed, charges) for order in analysis.orders().values())
-    return ReplayResult(len(analysis.traces), failed, late_total, twice)
+    orders = analysis.orders()
+    order_of_trace = {t: order.key for order in orders.values() for t in order.trace_ids}
+    in_order = sorted(analysis.traces.items(), key=lambda item: item[1].start_ns)
+    recorded_waits = {id(c): max(0.0, ms(c.server_start_ns - c.start_ns) - wire_ms[c.edge] / 2)
+                      for c in analysis.calls if c.edge in wire_ms and c.server_start_ns is not None}
+
+    def one_pass(waits: dict[int, float], arrivals: dict[str, list[tuple[float, float, int]]]) -> ReplayResult:
+        done: dict[int, tuple[float, bool]] = {}  # each recorded attempt replayed once: it arrives once
+
+        def run_chain(chain: list[Call]) -> tuple[float, bool, bool, int, int]:
+            """(time the caller spent, success, a late success happened, attempts the callee carried out (answered
+            well, in time or after the caller gave up), attempts made)."""
+            edge = analysis.edges[chain[0].edge]
+            setting = settings.get(edge.key) or current_setting(edge)
+            spent = 0.0
+            server_successes = 0
+            late = False
+            for i in range(setting.attempts):
+                if i:
+                    spent += setting.backoff_ms
+                recorded = chain[i] if i < len(chain) else None
+                latency, server_ok = attempt_latency(edge, recorded)
+                limit = setting.per_try_ms
+                if limit is None or latency <= limit:
+                    spent += latency
+                    if server_ok:
+                        return spent, True, late, server_successes + 1, i + 1
+                    continue
+                spent += limit
+                if server_ok:
+                    server_successes += 1
+                    late = True
+            return spent, False, late, server_successes, setting.attempts
+
+        def attempt_latency(edge: Edge, call: Call | None) -> tuple[float, bool]:
+            if call is None:
+                return (percentile(edge.latency(), 50) or 0.0), True
+            if id(call) not in done:
+                done[id(call)] = replayed_attempt(edge, call)
+            return done[id(call)]
+
+        def replayed_attempt(edge: Edge, call: Call) -> tuple[float, bool]:
+            """How long the caller would wait for this attempt with no timeout, and whether it would succeed:
+            what the caller saw, with the callee's own calls replayed in place of what they took."""
+            if call.server_start_ns is None or call.server_end_ns is None:
+                if call.gave_up:  # no answer: how long it would have taken was never seen
+                    return float("inf"), False
+                return ms(call.duration_ns), call.ok
+            client = ms(call.duration_ns)
+            if call.gave_up:  # cut short: it would have lasted until the callee finished and its answer came back,
+                # and longer than the timeout its caller gave up at (an attempt's own length may be inferred shorter)
+                fired = edge.timeout.value_ms + GAVE_UP_PAST_MS if edge.timeout.known and edge.timeout.value_ms else 0.0
+                client = max(client, fired, ms(call.server_end_ns - call.start_ns) + back_ms.get(edge.key, 0.0))
+            children = chains_by_parent.get((call.trace_id, call.span_id), [])
+            recorded_children = sum(ms(ch[-1].end_ns - ch[0].start_ns) for ch in children)
+            replayed = 0.0
+            children_ok = True
+            for ch in children:
+                spent, child_ok, _, _, _ = run_chain(ch)
+                replayed += spent
+                if not child_ok:
+                    children_ok = False
+                    break
+            # A callee that failed only because one of its own calls failed succeeds when that call now does.
+            failed_by_child = any(not ch[-1].ok for ch in children)
+            ok = children_ok and (bool(call.server_ok) or failed_by_child)
+            if edge.callee in workers:  # its own time replayed, and the wait for a worker the replayed load makes
+                work = max(0.0, ms(call.server_end_ns - call.server_start_ns) - recorded_children + replayed)
+                wire = wire_ms[edge.key]
+                arrivals[edge.callee].append((call.start_ns / 1e6 + wire / 2, work, id(call)))
+                wait = waits.get(id(call), recorded_waits.get(id(call), 0.0))
+                return wire + wait + work, ok
+            return max(0.0, client - recorded_children + replayed), ok
+
+        paid: set[str] = set()
+        made = failed = late_total = 0
+        charges: dict[str, int] = {}
+        for trace_id, facts in in_order:
+            order_key = order_of_trace.get(trace_id)
+            if facts.asked and order_key in paid:
+                continue  # told paid, the customer asks no more
+            made += 1
+            top = chains_by_parent.get((trace_id, None), [])
+            any_fail = any_late = False
+            through = 0
+            for ch in top:
+                ok, late, charged = _walk(ch, run_chain, chains_by_parent, charging)
+                any_fail |= not ok
+                any_late |= late
+                through += charged
+            if not top and not facts.root_ok:
+                any_fail = True
+            failed += any_fail
+            late_total += any_late and any_fail
+            charges[trace_id] = through
+            if facts.asked and not any_fail and order_key is not None:
+                paid.add(order_key)
+        twice = sum(_charged_twice(order, charges) for order in orders.values())
+        return ReplayResult(made, failed, late_total, twice)
+
+    waits: dict[int, float] = {}
+    result = None
+    for _ in range(QUEUE_PASSES if workers else 1):
+        arrivals: dict[str, list[tuple[float, float, int]]] = defaultdict(list)
+        last, result = result, one_pass(waits, arrivals)
+        if result == last:
+            break
+        waits = {key: wait for service, found in arrivals.items()
+                 for key, wait in _queue_waits(found, workers[service]).items()}
+    assert result is not None
+    return result
 
 
-def _charged_twice(analysis: Analysis, order: Order, told_failed: dict[str, bool], charges: dict[str, int]) -> bool:
-    """Whether two charges of ``order`` go through in the replay, across its traces as the orders count them
-    (``orders.Order.mismatches``): a customer told it failed asks again, and both attempts may charge. Once the
-    replay tells the customer it is paid, the customer's later requests of the order are not made (a callback or
-    consumed event still is); refunds are as recorded. The replay knows calls only: where the rules count an order's
-    charges from the provider's log lines (``[orders] charge_log``), it still counts the calls that charge."""
-    through, paid = 0, False
-    for trace_id in order.trace_ids:  # in time order
-        asked = analysis.traces[trace_id].asked
-        if paid and asked:
-            continue
-        through += charges.get(trace_id, 0)
-        paid = paid or (asked and not told_failed.get(trace_id, False))
-    return bool(through - order.refunds >= 2)
+def _charged_twice(order: Order, charges: dict[str, int]) -> bool:
+    """Whether two charges of ``order`` go through in the replay (``charges``: of each trace made), across its traces
+    as the orders count them (``orders.Order.mismatches``): a customer told it failed asks again, and both attempts
+    may charge; refunds are as recorded. The replay knows calls only: where the rules count an order's charges from
+    the provider's log lines (``[orders] charge_log``), it still counts the calls that charge."""
+    return sum(charges.get(trace_id, 0) for trace_id in order.trace_ids) - order.refunds >= 2
 
 
 def _walk(chain: list[Call], run_chain: Any, chains_by_parent: dict[tuple[str, str | None], list[list[Call]]],
@@ -392,17 +455,22 @@ def _walk(chain: list[Call], run_chain: Any, chains_by_parent: dict[tuple[str, s
     return ok, late, charged
 
 
+def recorded(analysis: Analysis) -> ReplayResult:
+    """What was recorded, counted as the replay counts."""
+    outcomes = Counter(t.outcome for t in analysis.transactions.values())
+    return ReplayResult(len(analysis.transactions),
+                        sum(outcomes.get(k, 0) for k in ("failed", "timeout", "late_success", "declined")),
+                        outcomes.get("late_success", 0), len(analysis.orders_charged_twice()))
+
+
 def simulate(analysis: Analysis, recommendations: list[Recommendation]) -> dict[str, Any]:
     before = replay(analysis, {r.edge.key: r.current for r in recommendations})
     after = replay(analysis, {r.edge.key: r.recommended for r in recommendations})
-    recorded = Counter(t.outcome for t in analysis.transactions.values())
     return {
-        "recorded": {"transactions": len(analysis.transactions),
-                     "failed": sum(recorded.get(k, 0) for k in ("failed", "timeout", "late_success", "declined")),
-                     "late_success": recorded.get("late_success", 0),
-                     "duplicate_charge": len(analysis.orders_charged_twice())},
+        "recorded": recorded(analysis).to_json(),
         "before": before.to_json(), "after": after.to_json(),
         "counts": "transactions are traces; duplicate_charge counts orders charged twice, once per order",
         "model": "what each caller saw, replayed through each call tree under the current and recommended "
-                 "settings",
+                 "settings, transactions in the order they began; a callee whose calls queued is replayed with its "
+                 "workers; a customer told paid asks no more",
     }

@@ -144,6 +144,9 @@ def print_recommendations(document: dict[str, Any], console: Console, *, snippet
             row = sim[label]
             console.print(f"  {label:<9} {row['transactions']} transactions: {row['failed']} failed, "
                           f"{row['late_success']} late successes; {row['duplicate_charge']} orders charged twice")
+        if len({sim[label]["transactions"] for label in ("recorded", "before", "after")}) > 1:
+            console.print("  (fewer transactions: a customer the replay tells \"paid\" does not ask again)",
+                          markup=False)
 
 
 def compare_lines(document: dict[str, Any]) -> list[str]:

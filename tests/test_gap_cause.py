@@ -163,3 +163,14 @@ def test_the_calls_a_recommended_timeout_still_fails_only_because_they_queued_ar
     assert recommend.queued_timeout_rate(edge, 6000.0) == 0.0
     edge.tail_ms = None  # no queue found: nothing is the queue's
     assert recommend.queued_timeout_rate(edge, 3500.0) == 0.0
+
+
+def test_a_replayed_queue_serves_its_calls_in_the_order_they_came_whatever_order_they_are_given_in() -> None:
+    """Two workers, three calls of 100 ms 10 ms apart: the third waits for the first worker to be free (80 ms). The
+    replay walks transactions one by one, so calls reach the queue out of time order: the waits must not depend on
+    it."""
+    arrivals = [(0.0, 100.0, 1), (10.0, 100.0, 2), (20.0, 100.0, 3), (500.0, 50.0, 4)]
+    expected = {1: 0.0, 2: 0.0, 3: 80.0, 4: 0.0}
+    assert recommend._queue_waits(arrivals, 2) == expected
+    assert recommend._queue_waits(list(reversed(arrivals)), 2) == expected
+    assert recommend._queue_waits(arrivals, 1) == {1: 0.0, 2: 90.0, 3: 180.0, 4: 0.0}

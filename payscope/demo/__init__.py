@@ -302,20 +302,43 @@ def outcomes(store: Path) -> Counter[str]:
         "transactions declined": by.get("declined", 0), "transactions late_success": by.get("late_success", 0)})
 
 
-def fixed_settings(store: Path) -> dict[str, str]:
-    """The demo's settings as payscope recommends them, from what the store recorded."""
+def _clients(store: Path) -> tuple[Any, dict[tuple[str, str], Any]]:
+    """The analysis of ``store`` and the one setting of each client it recommends (``recommend.per_client``): what
+    ``--fixed`` applies."""
     from payscope.analyzers import recommend
     from payscope.analyzers.loader import load
     from payscope.collector.store import open_store
 
     with open_store(str(store), readonly=True) as opened:
-        clients = recommend.per_client(list(load(opened).recommendations.values()))
+        analysis = load(opened)
+    return analysis, {pair: setting for pair, (_, setting) in
+                      recommend.per_client(list(analysis.recommendations.values())).items()}
+
+
+def replayed_fix(before: Path, after: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """What the replay of the first run's recorded transactions said the settings ``--fixed`` applies would do, and
+    what the run under them recorded, counted alike (``recommend.replay``, ``recommend.recorded``)."""
+    from payscope.analyzers import recommend
+    from payscope.analyzers.loader import load
+    from payscope.collector.store import open_store
+
+    analysis, clients = _clients(before)
+    settings = {key: clients[key[:2]] for key in analysis.edges if key[:2] in clients}
+    predicted = recommend.replay(analysis, settings).to_json()
+    with open_store(str(after), readonly=True) as opened:
+        measured = recommend.recorded(load(opened)).to_json()
+    return predicted, measured
+
+
+def fixed_settings(store: Path) -> dict[str, str]:
+    """The demo's settings as payscope recommends them, from what the store recorded."""
+    _, clients = _clients(store)
     settings = dict(FAULTY)
 
     def put(name: str, edge: tuple[str, str]) -> None:
         # one client in each service serves every operation on its callee (order's inventory client makes the TCC
         # try, confirm and cancel calls): the client's one value (recommend.per_client)
-        setting = clients[edge][1] if edge in clients else None
+        setting = clients.get(edge)
         if setting is not None and setting.per_try_ms is not None:
             settings[name] = f"{setting.per_try_ms / 1000:g}"
 
@@ -324,5 +347,5 @@ def fixed_settings(store: Path) -> dict[str, str]:
     put("ORDER_INVENTORY_TIMEOUT", ("order", "inventory"))
     put("PAYMENT_BANK_TIMEOUT", ("payment", "bank"))
     bank = clients.get(("payment", "bank"))
-    settings["PAYMENT_BANK_RETRIES"] = str(max(0, (bank[1].attempts if bank else 1) - 1))
+    settings["PAYMENT_BANK_RETRIES"] = str(max(0, (bank.attempts if bank else 1) - 1))
     return settings
