@@ -320,7 +320,7 @@ def replay(analysis: Analysis, settings: dict[EdgeKey, Setting]) -> ReplayResult
     order_of_trace = {t: order.key for order in orders.values() for t in order.trace_ids}
     in_order = sorted(analysis.traces.items(), key=lambda item: item[1].start_ns)
     recorded_waits = {id(c): max(0.0, ms(c.server_start_ns - c.start_ns) - wire_ms[c.edge] / 2)
-                      for c in analysis.calls if c.edge in wire_ms and c.server_start_ns is not None}
+                      for c in analysis.calls if c.edge in wire_ms and c.server_start_ns is not None} if workers else {}
 
     def one_pass(waits: dict[int, float], arrivals: dict[str, list[tuple[float, float, int]]]) -> ReplayResult:
         done: dict[int, tuple[float, bool]] = {}  # each recorded attempt replayed once: it arrives once

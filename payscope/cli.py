@@ -857,7 +857,8 @@ def demo(
         return
     if not store_path.exists() or open_store(str(store_path), readonly=True).counts()["spans"] == 0:
         one_run(store_path, demo_mod.FAULTY, "before (as configured)")
-    settings = demo_mod.fixed_settings(store_path)
+    first_run, clients = demo_mod.recommended_clients(store_path)
+    settings = demo_mod.fixed_settings(store_path, clients)
     changed = {k: v for k, v in settings.items() if demo_mod.FAULTY.get(k) != v}
     say("after: applying " + ", ".join(f"{k}={v}" for k, v in sorted(changed.items())))
     fixed_path = store_path.with_name(store_path.stem + "-fixed.db")
@@ -868,7 +869,7 @@ def demo(
     for label in demo_mod.OUTCOME_ROWS:
         out.print(f"{label:<40} {before.get(label, 0):>8} {after.get(label, 0):>8}", markup=False)
     out.print(f"(before: {store_path}; after: {fixed_path})", markup=False)
-    predicted, measured = demo_mod.replayed_fix(store_path, fixed_path)
+    predicted, measured = demo_mod.replayed_fix(first_run, clients, fixed_path)
     out.print(f"\n{'the replay of the first run under these settings':<48} {'said':>8} {'measured':>8}", markup=False)
     for key, label in (("transactions", "transactions (traces)"), ("failed", "transactions that did not succeed"),
                        ("late_success", "... of them late successes"), ("duplicate_charge", "orders charged twice")):

@@ -30,10 +30,16 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from payscope.demo.netdelay import DelayingRelay
 from payscope.errors import PayscopeError
+
+if TYPE_CHECKING:
+    from payscope.analyzers.engine import Analysis
+    from payscope.analyzers.recommend import Setting
+
+    Clients = dict[tuple[str, str], Setting]
 
 NEEDS = ("flask", "gunicorn", "uvicorn", "fastapi", "httpx", "requests", "loguru", "opentelemetry.sdk")
 FAULTY = {"GATEWAY_TIMEOUT": "1.0", "ORDER_PAYMENT_TIMEOUT": "2.5", "ORDER_INVENTORY_TIMEOUT": "none",
@@ -302,7 +308,7 @@ def outcomes(store: Path) -> Counter[str]:
         "transactions declined": by.get("declined", 0), "transactions late_success": by.get("late_success", 0)})
 
 
-def _clients(store: Path) -> tuple[Any, dict[tuple[str, str], Any]]:
+def recommended_clients(store: Path) -> tuple[Analysis, Clients]:
     """The analysis of ``store`` and the one setting of each client it recommends (``recommend.per_client``): what
     ``--fixed`` applies."""
     from payscope.analyzers import recommend
@@ -315,14 +321,14 @@ def _clients(store: Path) -> tuple[Any, dict[tuple[str, str], Any]]:
                       recommend.per_client(list(analysis.recommendations.values())).items()}
 
 
-def replayed_fix(before: Path, after: Path) -> tuple[dict[str, int], dict[str, int]]:
-    """What the replay of the first run's recorded transactions said the settings ``--fixed`` applies would do, and
-    what the run under them recorded, counted alike (``recommend.replay``, ``recommend.recorded``)."""
+def replayed_fix(analysis: Analysis, clients: Clients, after: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """What the replay of the first run's recorded transactions (``analysis``) said the settings ``--fixed`` applies
+    (``clients``) would do, and what the run under them recorded (``after``), counted alike (``recommend.replay``,
+    ``recommend.recorded``)."""
     from payscope.analyzers import recommend
     from payscope.analyzers.loader import load
     from payscope.collector.store import open_store
 
-    analysis, clients = _clients(before)
     settings = {key: clients[key[:2]] for key in analysis.edges if key[:2] in clients}
     predicted = recommend.replay(analysis, settings).to_json()
     with open_store(str(after), readonly=True) as opened:
@@ -330,9 +336,11 @@ def replayed_fix(before: Path, after: Path) -> tuple[dict[str, int], dict[str, i
     return predicted, measured
 
 
-def fixed_settings(store: Path) -> dict[str, str]:
-    """The demo's settings as payscope recommends them, from what the store recorded."""
-    _, clients = _clients(store)
+def fixed_settings(store: Path, clients: Clients | None = None) -> dict[str, str]:
+    """The demo's settings as payscope recommends them, from what the store recorded (``clients``: its
+    :func:`recommended_clients`, when already made)."""
+    if clients is None:
+        _, clients = recommended_clients(store)
     settings = dict(FAULTY)
 
     def put(name: str, edge: tuple[str, str]) -> None:
