@@ -141,8 +141,9 @@ def recommend(analysis: Analysis) -> list[Recommendation]:
             note = (f"{edge.queued} calls that waited for a free worker of {edge.callee} (its queue, not its work) "
                     "are left out of the tail: a timeout that covers a queue only lets it grow")
             if queued_after:
-                note += (f"; {queued_after:.2%} of the calls time out after only because they waited there (of "
-                         f"the {after:.2%}): more workers for {edge.callee}, or less held by each, fix those")
+                note += (f"; {queued_after:.2%} of the recorded calls time out after only because they waited "
+                         f"there (of the {after:.2%}): more workers for {edge.callee}, or less held by each, fix "
+                         "those (the replay, --simulate, serves that queue again under the settings)")
             notes.append(note)
         cut = fraction_above(edge.tail(), rec.per_try_ms) if rec.per_try_ms is not None else 0.0
         if cut:

@@ -142,7 +142,7 @@ def test_the_timeouts_a_recommendation_leaves_to_the_queue_are_said_where_they_a
         said = [n for n in rec["notes"] if "only because they waited there" in n]
         assert bool(said) == bool(queued), rec
         if queued:
-            share = re.search(r"; ([0-9.]+)% of the calls time out after only", said[0])
+            share = re.search(r"; ([0-9.]+)% of the recorded calls time out after only", said[0])
             assert share and abs(float(share.group(1)) - 100 * queued) <= 0.011, said[0]
 
 
