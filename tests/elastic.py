@@ -306,7 +306,7 @@ def wipe(node: Node, headers: dict[str, str] | None = None) -> None:
     """Delete every data stream and index a test may have made (templates and policies stay)."""
     for path in ("/_data_stream/*?expand_wildcards=all", "/*,-.*?expand_wildcards=open,closed"):
         try:
-            node.request("DELETE", path, headers=headers)
+            node.request("DELETE", path, headers=headers, timeout=60)  # a loaded node deletes slowly
         except urllib.error.HTTPError as exc:
             if exc.code != 404:
                 raise
