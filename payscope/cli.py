@@ -870,10 +870,10 @@ def demo(
         out.print(f"{label:<40} {before.get(label, 0):>8} {after.get(label, 0):>8}", markup=False)
     out.print(f"(before: {store_path}; after: {fixed_path})", markup=False)
     predicted, measured = demo_mod.replayed_fix(first_run, clients, fixed_path)
-    out.print(f"\n{'the replay of the first run under these settings':<48} {'said':>8} {'measured':>8}", markup=False)
+    out.print(f"\n{'the replay of the first run under these settings':<52} {'said':>8} {'measured':>8}", markup=False)
     for key, label in (("transactions", "transactions (traces)"), ("failed", "transactions that did not succeed"),
                        ("late_success", "... of them late successes"), ("duplicate_charge", "orders charged twice")):
-        out.print(f"{label:<48} {predicted[key]:>8} {measured[key]:>8}", markup=False)
+        out.print(f"{label:<52} {predicted[key]:>8} {measured[key]:>8}", markup=False)
 
 
 # What typer shows beside an option, by its type: a word, never a `<type>` placeholder.
