@@ -471,6 +471,8 @@ def logs(
     if output_format == "json":
         _emit_json({"records": records})
         return
+    if not records:  # said apart from the lines, so that a pipe reads none
+        err.print(f"payscope logs: no log line in {opened.url} matches", markup=False)
     for r in records:
         link = r["link"]
         how = link["method"]

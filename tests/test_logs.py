@@ -332,6 +332,8 @@ def test_logs_cli_json_contract(tmp_path: Path, store_path: Path) -> None:
     assert rec["service"] == "order-svc" and rec["level"] == "ERROR" and rec["source"] == "order-svc.log:3"
     assert rec["trace_id"] == truth[2]["trace"] and rec["link"] == {"method": "business_key", "confidence": 0.9}
     assert len(payscope_json("logs", "--store", str(store_path), "--limit", "0")["records"]) == 4
+    none = payscope("logs", "--store", str(store_path), "--grep", "no line says this", check=True)
+    assert none.stdout == "" and "no log line in" in none.stderr and "matches" in none.stderr
 
 
 def _iso(ms: float) -> str:
