@@ -275,7 +275,8 @@ def _queue_waits(arrivals: list[tuple[float, float, int]], workers: int) -> dict
     first worker free, whether or not its caller still waits."""
     free_at = [0.0] * max(1, workers)  # a heap of the moments each worker is free again
     waits = {}
-    for arrival, work, key in sorted(arrivals):
+    # calls that arrive at the same moment are taken in the order the replay made them, never by their ids
+    for arrival, _, work, key in sorted((arrival, i, work, key) for i, (arrival, work, key) in enumerate(arrivals)):
         start = max(arrival, free_at[0])
         heapq.heapreplace(free_at, start + work)
         waits[key] = start - arrival

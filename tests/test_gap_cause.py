@@ -174,3 +174,5 @@ def test_a_replayed_queue_serves_its_calls_in_the_order_they_came_whatever_order
     assert recommend._queue_waits(arrivals, 2) == expected
     assert recommend._queue_waits(list(reversed(arrivals)), 2) == expected
     assert recommend._queue_waits(arrivals, 1) == {1: 0.0, 2: 90.0, 3: 180.0, 4: 0.0}
+    # two calls at the same moment: the one the replay made first is served first, whatever their ids
+    assert recommend._queue_waits([(0.0, 100.0, 8), (0.0, 100.0, 7)], 1) == {8: 0.0, 7: 100.0}
