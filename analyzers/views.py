@@ -167,8 +167,9 @@ def transaction_view(store: Store, analysis: Analysis, ident: str) -> dict[str, 
     attempts: Counter[tuple[str, str]] = Counter()  # a client span that retried inside itself holds several calls
     for tid in trace_ids:
         for c in analysis.calls_of(tid):
-            calls[(c.trace_id, c.span_id.split("#")[0])] = c  # a span's last attempt speaks for it
-            attempts[(c.trace_id, c.span_id.split("#")[0])] += 1
+            key = (c.trace_id, c.span_id.split("#")[0])
+            calls[key] = c  # a span's last attempt speaks for it
+            attempts[key] += 1
     seen: set[int] = set()
     found = []
     for tid in trace_ids:
